@@ -1,0 +1,216 @@
+"""Hugging Face folders: config.json + safetensors in, and back out.
+
+Our parameter paths mirror the HF names, so the table is derived, not typed out:
+  ("layers_3", "self_attn", "q_proj", "kernel")  <->  "model.layers.3.self_attn.q_proj.weight" (transposed)
+  ("embed_tokens", "embedding")                  <->  "model.embed_tokens.weight"
+  ("norm", "scale")                              <->  "model.norm.weight"
+  ("lm_head", "kernel")                          <->  "lm_head.weight" (transposed)
+Every tensor is shape-checked against `jax.eval_shape` of the module before it is placed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from ..config import ModelConfig, resolve_dtype
+from ..models import registry
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says which file/tensor and why."""
+
+
+# --- name table ----------------------------------------------------------------------------
+def hf_name(path: tuple[str, ...]) -> str:
+    """Our param path -> HF tensor name."""
+    *mods, leaf = path
+    leaf = "bias" if leaf == "bias" else "weight"
+    mods = [m.replace("layers_", "layers.") if re.fullmatch(r"layers_\d+", m) else m for m in mods]
+    prefix = "" if mods[0] == "lm_head" else "model."
+    return prefix + ".".join(mods + [leaf])
+
+
+def is_transposed(path: tuple[str, ...]) -> bool:
+    """Dense kernels are [in, out] here and [out, in] in HF."""
+    return path[-1] == "kernel"
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Param path -> shape of a freshly initialised model, computed without allocating."""
+    module = registry.build(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
+    flat = traverse_util.flatten_dict(jax.tree.map(lambda x: x, shapes["params"],
+                                                   is_leaf=lambda x: hasattr(x, "unbox")))
+    return {k: tuple(v.unbox().shape if hasattr(v, "unbox") else v.shape) for k, v in flat.items()}
+
+
+def to_ours(path, array: np.ndarray) -> np.ndarray:
+    return array.T if is_transposed(path) else array
+
+
+# --- loading -------------------------------------------------------------------------------
+def read_config(folder: Path) -> tuple[dict, ModelConfig]:
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{folder} has no config.json; an HF model folder needs config.json + *.safetensors")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    try:
+        return hf, registry.config_from_hf(hf)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(
+                f"{folder} holds only pickle weights ({', '.join(pickles)}); jaxaccel never unpickles "
+                "checkpoints. Convert them once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+        raise CheckpointError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, callable, tuple[int, ...]]]:
+    """Yields (name, load() -> np.ndarray, shape) lazily, so shapes are checked before reading data."""
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="numpy")
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                yield name, (lambda h=handle, n=name, f=f: _get(h, n, f)), shape
+        except SafetensorError as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _get(handle, name, f):
+    try:
+        return handle.get_tensor(name)
+    except SafetensorError as e:
+        raise CheckpointError(f"{f}: tensor {name!r} cannot be read (truncated or corrupt?): {e}") from None
+
+
+def load_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, callable, tuple[int, ...]]],
+                 dtype="float32", source: str = "checkpoint", placer=None) -> dict:
+    """Stream (HF name, loader, HF shape) into our nested params dict, one tensor at a time.
+
+    Names and shapes are all validated before any tensor data is read; errors name the tensor
+    and both shapes. `placer(path, np_array)` puts an array on devices (default: device_put).
+    """
+    dtype = resolve_dtype(dtype)
+    want = expected_shapes(cfg)
+    by_name = {hf_name(p): p for p in want}
+    pending, unexpected, bad = [], [], []
+    seen = set()
+    for name, load, shape in tensors:
+        path = by_name.get(name)
+        if path is None:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # some exporters keep a copy of the tied embedding
+            unexpected.append(name)
+            continue
+        ours = tuple(reversed(shape)) if is_transposed(path) else tuple(shape)
+        if ours != want[path]:
+            bad.append(f"{name}: checkpoint shape {tuple(shape)} -> {ours} here, model expects {want[path]}")
+        seen.add(name)
+        pending.append((path, name, load))
+    missing = sorted(set(by_name) - seen)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+    if bad:
+        problems.append("shape mismatch: " + "; ".join(bad))
+    if problems:
+        raise CheckpointError(f"{source} does not match the {cfg.family} config: " + " | ".join(problems))
+    placer = placer or (lambda path, a: jax.device_put(a))
+    flat = {}
+    for path, name, load in pending:
+        array = to_ours(path, np.asarray(load()))
+        if not np.issubdtype(array.dtype, np.floating):
+            raise CheckpointError(f"{source}: tensor {name!r} has non-float dtype {array.dtype}")
+        flat[path] = placer(path, np.ascontiguousarray(array, dtype=dtype))
+        del array
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_tokenizer(folder: Path):
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((folder / n).exists() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_folder(folder, dtype="float32", placer=None):
+    """HF folder -> (ModelConfig, params, tokenizer | None)."""
+    folder = Path(folder)
+    _, cfg = read_config(folder)
+    files = safetensors_files(folder)
+    params = load_tensors(cfg, iter_safetensors(files), dtype, source=str(folder), placer=placer)
+    return cfg, params, load_tokenizer(folder)
+
+
+# --- export --------------------------------------------------------------------------------
+def hf_state_dict(params: dict) -> Iterator[tuple[str, np.ndarray]]:
+    for path, value in traverse_util.flatten_dict(params).items():
+        array = np.asarray(jax.device_get(value))
+        yield hf_name(path), np.ascontiguousarray(array.T if is_transposed(path) else array)
+
+
+def save_folder(out_dir, cfg: ModelConfig, params: dict, tokenizer=None) -> Path:
+    """Write model.safetensors + config.json (+ tokenizer) atomically: a temp folder renamed into place."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = dict(hf_state_dict(params))
+        dtypes = {str(a.dtype) for a in tensors.values()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = registry.config_to_hf(cfg)
+        hf["torch_dtype"] = "bfloat16" if dtypes == {"bfloat16"} else ("float16" if dtypes == {"float16"} else "float32")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,316 @@
+"""The only home of the building blocks: embedding, Dense, RMSNorm, RoPE, attention, MLP.
+
+Dimension legend (used in einsum strings and shape comments):
+  B batch            T query length       S key length (= cache slots when decoding)
+  D hidden size      N query heads        K key/value heads    G = N // K heads per group
+  H head dim         F MLP hidden size    V vocabulary
+
+Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`,
+`vocab`, `norm`); `sharding.py` maps them onto mesh axes. Every matmul goes through the
+`dot_general` of a `Dense` (or `Embed.attend`), built by an injectable `dot_general_cls`
+factory: quantization swaps that factory and nothing else.
+
+The KV cache is an explicit pytree (see `init_cache`), threaded through `__call__`:
+`cache=None` trains / scores full sequences; with a cache the same code prefills (T > 1)
+or decodes (T == 1), writing new keys/values at per-row slots `cache["index"]`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .config import ModelConfig, RopeConfig
+
+Array = jax.Array
+DotGeneralCls = Callable[[], Callable] | None
+NEG_INF = float(np.finfo(np.float32).min)
+
+# Initialisers only matter for random init (tests, presets); loaded checkpoints replace them.
+_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias). kernel: [in, out] with logical names `axes`."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: DotGeneralCls = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel", logical(_kernel_init, self.axes), (x.shape[-1], self.features), self.param_dtype
+        )
+        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
+        x = x.astype(self.dtype)
+        y = dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D]; `attend` gives tied-embedding logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: DotGeneralCls = None
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            logical(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """x [B, T, D] -> float32 logits [B, T, V]."""
+        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
+        x = x.astype(self.dtype)
+        emb = self.embedding.astype(self.dtype)
+        return dot_general(x, emb, (((x.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, or * (1 + w) for Gemma (`plus_one`); statistics in float32."""
+
+    eps: float = 1e-6
+    plus_one: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", logical(init, ("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = scale.astype(jnp.float32)
+        if self.plus_one:
+            return (y * (1.0 + w)).astype(self.dtype)
+        # Llama casts the normalised value back before scaling; keep that order for parity.
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+# --- rotary position embedding ------------------------------------------------------------
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with linear or Llama 3 scaling applied."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+    if rope.kind == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.kind == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate-half RoPE. x [B, T, N, H], positions [B, T] -> [B, T, N, H]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# --- KV cache -------------------------------------------------------------------------------
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """Preallocated KV cache pytree.
+
+    {"index": int32 [B] next slot to write per row,
+     "layers": tuple over layers of {"k": [B, S, K, H], "v": [B, S, K, H]}} with S = length.
+    Slot s of a row holds the token at position s of that row.
+    """
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layer() for _ in range(cfg.num_layers))}
+
+
+def _write_rows(buf: Array, new: Array, index: Array) -> Array:
+    """buf [B, S, K, H] <- new [B, T, K, H] at slots index[b] .. index[b] + T - 1."""
+    write = lambda b, n, i: lax.dynamic_update_slice(b, n.astype(b.dtype), (i, 0, 0))
+    return jax.vmap(write)(buf, new, index)
+
+
+def attention_mask(q_slot: Array, k_slot: Array, window: int | None,
+                   q_seg: Array | None = None, k_seg: Array | None = None) -> Array:
+    """Boolean [B, T, S]: causal over slots, optional sliding window and segment equality.
+
+    q_slot [B, T], k_slot [B, S]; segments (0 = padding) [B, T] / [B, S].
+    """
+    q, k = q_slot[:, :, None], k_slot[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window  # a window of W sees the current token and W - 1 before it
+    if q_seg is not None:
+        mask &= (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention of layer `layer` of `cfg`."""
+
+    cfg: ModelConfig
+    layer: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: DotGeneralCls = None
+
+    def _dense(self, features, axes, bias, name):
+        return Dense(features, axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     dot_general_cls=self.dot_general_cls, name=name)
+
+    def _norm(self, name):
+        return RMSNorm(self.cfg.rms_norm_eps, self.cfg.norm_plus_one, self.dtype, self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None = None,
+                 cache: dict | None = None, index: Array | None = None):
+        """x [B, T, D], positions [B, T] -> ([B, T, D], updated layer cache or None)."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self._dense(N * H, ("embed", "heads"), cfg.attention_bias, "q_proj")(x).reshape(B, T, N, H)
+        k = self._dense(K * H, ("embed", "kv_heads"), cfg.attention_bias, "k_proj")(x).reshape(B, T, K, H)
+        v = self._dense(K * H, ("embed", "kv_heads"), cfg.attention_bias, "v_proj")(x).reshape(B, T, K, H)
+        if cfg.qk_norm:
+            q, k = self._norm("q_norm")(q), self._norm("k_norm")(k)
+        inv_freq = rope_inv_freq(cfg.rope_for(self.layer), H)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+        q_slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if cache is None:
+            keys, values, k_slot = k, v, q_slot
+            mask = attention_mask(q_slot, k_slot, cfg.window(self.layer), segment_ids, segment_ids)
+            new_cache = None
+        else:
+            keys = _write_rows(cache["k"], k, index)
+            values = _write_rows(cache["v"], v, index)
+            new_cache = {"k": keys, "v": values}
+            S = keys.shape[1]
+            q_slot = q_slot + index[:, None]
+            k_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            mask = attention_mask(q_slot, k_slot, cfg.window(self.layer))
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+
+        q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]: query head n = k * G + g
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=jnp.float32)
+        scores = scores * cfg.attn_scale
+        if cfg.attn_logit_softcap:
+            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(B, T, N * H)
+        out = self._dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); act = SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: DotGeneralCls = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        dense = lambda f, axes, name: Dense(f, axes, use_bias=cfg.mlp_bias, dtype=self.dtype,
+                                            param_dtype=self.param_dtype,
+                                            dot_general_cls=self.dot_general_cls, name=name)
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        h = nn.with_logical_constraint(act * up, ("batch", "length", "mlp"))
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderLM(nn.Module):
+    """Embedding -> blocks -> final norm -> logits; the block comes from the family file.
+
+    `block_cls(cfg, layer, dtype, param_dtype, dot_general_cls, name)` must be a module with
+    `__call__(x, positions, segment_ids, cache, index) -> (x, cache)`.
+    """
+
+    cfg: ModelConfig
+    block_cls: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: DotGeneralCls = None
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, cache: dict | None = None,
+                 segment_ids: Array | None = None):
+        """tokens [B, T] int -> (float32 logits [B, T, V], cache advanced by T or None).
+
+        positions default to 0..T-1 (shifted by cache["index"] when decoding);
+        segment_ids [B, T] (0 = padding, equal ids attend to each other) apply without cache.
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        index = None if cache is None else cache["index"]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            if index is not None:
+                positions = positions + index[:, None]
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, self.param_dtype,
+                      self.dot_general_cls, name="embed_tokens")
+        x = embed(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        new_layers = []
+        for i in range(cfg.num_layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, layer_cache = self.block_cls(cfg, i, self.dtype, self.param_dtype, self.dot_general_cls,
+                                            name=f"layers_{i}")(x, positions, segment_ids, layer_cache, index)
+            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            new_layers.append(layer_cache)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, self.param_dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
+                           dot_general_cls=self.dot_general_cls, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        if cache is not None:
+            cache = {"index": index + T, "layers": tuple(new_layers)}
+        return logits, cache

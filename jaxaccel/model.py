@@ -1,0 +1,105 @@
+"""The public `Model`: config + params + tokenizer + the jitted pure function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig, resolve_dtype
+from .models import registry
+
+
+@dataclass
+class Model:
+    """A loaded language model.
+
+    config: frozen `ModelConfig`; params: pytree of arrays; tokenizer: HF tokenizer or None.
+    `module.apply({"params": params}, tokens, positions, cache=..., segment_ids=...)` is the
+    single pure function used for training, prefill and decode.
+    """
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    dtype: str = "float32"
+    dot_general_cls: Any = field(default=None, repr=False)
+
+    @cached_property
+    def module(self):
+        return registry.build(self.config, self.dtype, dot_general_cls=self.dot_general_cls)
+
+    @cached_property
+    def _forward(self):
+        def forward(params, tokens, positions, segment_ids):
+            logits, _ = self.module.apply({"params": params}, tokens, positions, segment_ids=segment_ids)
+            return logits
+
+        return jax.jit(forward)
+
+    def check_tokens(self, input_ids) -> np.ndarray:
+        """Validate token ids on the host: int [B, T] (or [T]), all in [0, V), T within positions."""
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"input_ids must be integers, got dtype {ids.dtype}")
+        V = self.config.vocab_size
+        bad = np.argwhere((ids < 0) | (ids >= V))
+        if len(bad):
+            b, t = bad[0]
+            raise ValueError(
+                f"token id {int(ids[b, t])} at [row {b}, position {t}] is outside the vocabulary [0, {V}) "
+                f"({len(bad)} bad id(s) in total)")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {ids.shape[1]} exceeds the model's max_position_embeddings "
+                f"{self.config.max_position_embeddings}; split or truncate the input")
+        return ids.astype(np.int32)
+
+    def logits(self, input_ids, attention_mask=None) -> jax.Array:
+        """input_ids int [B, T] -> float32 logits [B, T, V].
+
+        attention_mask [B, T] (1 = token, 0 = padding, left or right): padding never affects
+        real tokens, and positions count real tokens only, so a padded row gives the same
+        logits as the row alone. Logits at padded positions are meaningless.
+        """
+        ids = self.check_tokens(input_ids)
+        if attention_mask is None:
+            mask = np.ones_like(ids)
+        else:
+            mask = np.asarray(attention_mask).reshape(ids.shape).astype(np.int32)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        return self._forward(self.params, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask))
+
+    def save_hf(self, out_dir) -> Path:
+        """Export as an HF folder (model.safetensors + config.json + tokenizer) that transformers loads."""
+        from .checkpoints.hf import save_folder
+
+        return save_folder(out_dir, self.config, self.params, self.tokenizer)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+    @property
+    def params_bytes(self) -> int:
+        return sum(int(x.nbytes) for x in jax.tree.leaves(self.params))
+
+
+def init_random(config: ModelConfig, seed: int = 0, dtype="float32") -> Model:
+    """A randomly initialised model (tests, benchmarks, shape presets)."""
+    module = registry.build(config, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.jit(module.init)(jax.random.PRNGKey(seed), tokens)
+    params = jax.tree.map(lambda x: x, variables["params"])
+    from flax.core import meta
+
+    return Model(config, meta.unbox(params), None, dtype)

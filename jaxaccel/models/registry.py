@@ -1,0 +1,53 @@
+"""Family registry: HF `model_type` -> (block, config mapping)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from ..config import ModelConfig, resolve_dtype
+from ..layers import DecoderLM
+from . import gemma3, llama
+
+
+@dataclass(frozen=True)
+class Family:
+    block: Any
+    from_hf: Callable[[dict], ModelConfig]
+    to_hf: Callable[[ModelConfig], dict]
+
+
+FAMILIES = {
+    "llama": Family(llama.LlamaBlock, llama.from_hf, llama.to_hf),
+    "mistral": Family(llama.LlamaBlock, llama.from_hf, llama.to_hf),
+    "qwen2": Family(llama.LlamaBlock, llama.from_hf, llama.to_hf),
+    "gemma3": Family(gemma3.Gemma3Block, gemma3.from_hf, gemma3.to_hf),
+}
+MODEL_TYPES = {**llama.MODEL_TYPES, **gemma3.MODEL_TYPES}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """HF config.json dict -> ModelConfig; unknown model_type -> ValueError listing supported."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    try:
+        return FAMILIES[MODEL_TYPES[model_type]].from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"config.json for model_type {model_type!r} lacks required key {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return FAMILIES[cfg.family].to_hf(cfg)
+
+
+def build(cfg: ModelConfig, dtype="float32", param_dtype=None, dot_general_cls=None) -> DecoderLM:
+    """The Flax module of `cfg` (compute in `dtype`; params stored in `param_dtype` or `dtype`)."""
+    dtype = resolve_dtype(dtype)
+    return DecoderLM(cfg, FAMILIES[cfg.family].block, dtype=dtype,
+                     param_dtype=resolve_dtype(param_dtype) if param_dtype else dtype,
+                     dot_general_cls=dot_general_cls)
