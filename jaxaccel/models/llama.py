@@ -47,10 +47,15 @@ def rope_from_hf(hf: dict, params: dict | None = None) -> RopeConfig:
     kind = p.get("rope_type", p.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+    theta = float(p.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return RopeConfig(theta=theta, kind=kind, factor=float(p["factor"]))
     return RopeConfig(
-        theta=float(p.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+        theta=theta,
         kind=kind,
-        factor=float(p.get("factor", 1.0)),
+        factor=float(p["factor"]),
         low_freq_factor=float(p.get("low_freq_factor", 1.0)),
         high_freq_factor=float(p.get("high_freq_factor", 4.0)),
         original_max_position=int(p.get("original_max_position_embeddings",
