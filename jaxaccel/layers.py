@@ -276,11 +276,13 @@ class DecoderLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, cache: dict | None = None,
-                 segment_ids: Array | None = None):
+                 segment_ids: Array | None = None, logit_index: Array | None = None):
         """tokens [B, T] int -> (float32 logits [B, T, V], cache advanced by T or None).
 
         positions default to 0..T-1 (shifted by cache["index"] when decoding);
-        segment_ids [B, T] (0 = padding, equal ids attend to each other) apply without cache.
+        segment_ids [B, T] (0 = padding, equal ids attend to each other) apply without cache;
+        logit_index [B, P] picks the positions whose logits are computed (logits [B, P, V]),
+        so a prefill need not materialise [B, T, V].
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -302,6 +304,8 @@ class DecoderLM(nn.Module):
                                             name=f"layers_{i}")(x, positions, segment_ids, layer_cache, index)
             x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
             new_layers.append(layer_cache)
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[..., None], axis=1)  # [B, P, D]
         x = RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, self.dtype, self.param_dtype, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)

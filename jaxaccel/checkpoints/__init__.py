@@ -15,15 +15,15 @@ def load(path, dtype="float32"):
     if not p.exists():
         raise FileNotFoundError(f"no model at {p}: pass an HF folder (config.json + *.safetensors) or a .gguf file")
     if p.is_file() and p.suffix == ".gguf":
-        from . import gguf_load
+        from . import gguf
 
-        cfg, params, tok = gguf_load.load_file(p, dtype)
+        cfg, params, tok = gguf.load_file(p, dtype)
     elif p.is_dir():
         ggufs = sorted(p.glob("*.gguf"))
         if not (p / "config.json").exists() and len(ggufs) == 1:
-            from . import gguf_load
+            from . import gguf
 
-            cfg, params, tok = gguf_load.load_file(ggufs[0], dtype)
+            cfg, params, tok = gguf.load_file(ggufs[0], dtype)
         else:
             from . import hf
 

@@ -40,6 +40,8 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType, GGML_QUANT_SIZES, GGUFValueType
 
+from .hf import CheckpointError
+
 __all__ = [
     "SUPPORTED_QUANT_TYPES",
     "SUPPORTED_ARCHS",
@@ -78,7 +80,7 @@ _GEMMA3_ROPE_LOCAL_BASE_FREQ = 10000.0
 _GEMMA3_27B_BLOCK_COUNT = 62
 
 
-class GGUFError(ValueError):
+class GGUFError(CheckpointError):
     """A GGUF file that we cannot read or translate faithfully."""
 
 
@@ -204,7 +206,12 @@ class _Cursor:
         if fmt is None:
             raise GGUFError(f"unknown GGUF value type {vtype}")
         value = self.unpack(fmt)
-        return bool(value) if vtype == GGUFValueType.BOOL else value
+        if vtype == GGUFValueType.BOOL:
+            return bool(value)
+        if vtype == GGUFValueType.FLOAT32:
+            # shortest decimal that round-trips in float32: 1e-06, not 9.999999974752427e-07
+            return float(str(np.float32(value)))
+        return value
 
 
 def _tensor_nbytes(ne: tuple[int, ...], ggml_type: int, name: str, path: Path) -> int:
@@ -293,8 +300,8 @@ def _parse_header(path: Path) -> _Header:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_header(path: str, size: int, mtime_ns: int) -> _Header:
-    del size, mtime_ns  # cache key only
+def _cached_header(path: str, inode: int, size: int, mtime_ns: int) -> _Header:
+    del inode, size, mtime_ns  # cache key only: a rewritten file is parsed again
     return _parse_header(Path(path))
 
 
@@ -306,7 +313,7 @@ def _header(path: str | os.PathLike) -> _Header:
         raise GGUFError(f"GGUF file not found: {p}") from None
     except OSError as e:
         raise GGUFError(f"cannot stat GGUF file {p}: {e}") from e
-    return _cached_header(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return _cached_header(str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -662,6 +669,27 @@ def _dequantize(mm: np.memmap, info: _TensorInfo, path: Path) -> np.ndarray:
             f"{path}: tensor {info.name!r} dequantized to shape {list(out.shape)}, expected {list(info.shape)}"
         )
     return out
+
+
+def gguf_tensor_specs(path: str | os.PathLike, config: dict | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """(hf_name, HF shape) of every tensor, validated against the config; reads the header only."""
+    header = _header(path)
+    return [(hf, info.shape) for info, hf in _plan(header, config or _config_from_header(header))]
+
+
+def load_file(path: str | os.PathLike, dtype="float32", placer=None):
+    """A .gguf file -> (ModelConfig, params, tokenizer | None), streaming tensor by tensor."""
+    from ..models import registry
+    from .hf import load_tensors
+
+    config = read_gguf_config(path)
+    try:
+        cfg = registry.config_from_hf(config)
+    except ValueError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    specs = gguf_tensor_specs(path, config)
+    params = load_tensors(cfg, specs, iter_gguf_tensors(path, config), dtype, source=str(path), placer=placer)
+    return cfg, params, load_gguf_tokenizer(path)
 
 
 def iter_gguf_tensors(path: str | os.PathLike, config: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:

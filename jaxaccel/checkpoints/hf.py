@@ -100,49 +100,53 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, callable, tuple[int, ...]]]:
-    """Yields (name, load() -> np.ndarray, shape) lazily, so shapes are checked before reading data."""
+def safetensors_specs(files: Iterable[Path]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor, read from the headers only."""
+    specs = []
     for f in files:
         try:
-            handle = safe_open(str(f), framework="numpy")
-            for name in handle.keys():
-                shape = tuple(handle.get_slice(name).get_shape())
-                yield name, (lambda h=handle, n=name, f=f: _get(h, n, f)), shape
+            with safe_open(str(f), framework="numpy") as handle:
+                specs += [(n, tuple(handle.get_slice(n).get_shape())) for n in handle.keys()]
         except SafetensorError as e:
             raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return specs
 
 
-def _get(handle, name, f):
-    try:
-        return handle.get_tensor(name)
-    except SafetensorError as e:
-        raise CheckpointError(f"{f}: tensor {name!r} cannot be read (truncated or corrupt?): {e}") from None
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) one tensor at a time (memory-mapped reads)."""
+    for f in files:
+        with safe_open(str(f), framework="numpy") as handle:
+            for name in handle.keys():
+                try:
+                    yield name, handle.get_tensor(name)
+                except SafetensorError as e:
+                    raise CheckpointError(f"{f}: tensor {name!r} cannot be read (truncated or corrupt?): {e}") from None
 
 
-def load_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, callable, tuple[int, ...]]],
-                 dtype="float32", source: str = "checkpoint", placer=None) -> dict:
-    """Stream (HF name, loader, HF shape) into our nested params dict, one tensor at a time.
+def load_tensors(cfg: ModelConfig, specs: Iterable[tuple[str, tuple[int, ...]]],
+                 data: Iterator[tuple[str, np.ndarray]], dtype="float32", source: str = "checkpoint",
+                 placer=None) -> dict:
+    """Stream HF-named tensors into our nested params dict, one tensor at a time.
 
-    Names and shapes are all validated before any tensor data is read; errors name the tensor
-    and both shapes. `placer(path, np_array)` puts an array on devices (default: device_put).
+    `specs` (HF name, HF shape) are all validated first, before `data` is read: errors name
+    the tensor and both shapes. `placer(path, np_array)` puts an array on devices (default:
+    jax.device_put); sharded loading passes its own.
     """
     dtype = resolve_dtype(dtype)
     want = expected_shapes(cfg)
     by_name = {hf_name(p): p for p in want}
-    pending, unexpected, bad = [], [], []
-    seen = set()
-    for name, load, shape in tensors:
+    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # some exporters keep the tied copy
+    unexpected, bad, seen = [], [], set()
+    for name, shape in specs:
         path = by_name.get(name)
         if path is None:
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # some exporters keep a copy of the tied embedding
-            unexpected.append(name)
+            if name not in skip:
+                unexpected.append(name)
             continue
         ours = tuple(reversed(shape)) if is_transposed(path) else tuple(shape)
         if ours != want[path]:
             bad.append(f"{name}: checkpoint shape {tuple(shape)} -> {ours} here, model expects {want[path]}")
         seen.add(name)
-        pending.append((path, name, load))
     missing = sorted(set(by_name) - seen)
     problems = []
     if missing:
@@ -155,11 +159,13 @@ def load_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, callable, tuple[
         raise CheckpointError(f"{source} does not match the {cfg.family} config: " + " | ".join(problems))
     placer = placer or (lambda path, a: jax.device_put(a))
     flat = {}
-    for path, name, load in pending:
-        array = to_ours(path, np.asarray(load()))
+    for name, array in data:
+        if name in skip:
+            continue
+        path = by_name[name]
         if not np.issubdtype(array.dtype, np.floating):
             raise CheckpointError(f"{source}: tensor {name!r} has non-float dtype {array.dtype}")
-        flat[path] = placer(path, np.ascontiguousarray(array, dtype=dtype))
+        flat[path] = placer(path, np.ascontiguousarray(to_ours(path, array), dtype=dtype))
         del array
     return traverse_util.unflatten_dict(flat)
 
@@ -178,7 +184,8 @@ def load_folder(folder, dtype="float32", placer=None):
     folder = Path(folder)
     _, cfg = read_config(folder)
     files = safetensors_files(folder)
-    params = load_tensors(cfg, iter_safetensors(files), dtype, source=str(folder), placer=placer)
+    params = load_tensors(cfg, safetensors_specs(files), iter_safetensors(files), dtype,
+                          source=str(folder), placer=placer)
     return cfg, params, load_tokenizer(folder)
 
 

@@ -1,0 +1,368 @@
+"""KV-cache generation: bucketing, prefill, decode loop, sampling, batching.
+
+One compiled program per (batch bucket, prompt bucket, cache length, sampler kind): it runs
+`prefill` on the right-padded prompts, then `decode_step` inside a `lax.while_loop` until
+every row has stopped (EOS, `max_new_tokens`, or a stop string reported by the host). The
+preallocated KV cache is donated in and handed back, so its buffers are reused call to call.
+
+Streaming and stop strings go through one `io_callback` per step (host gets the new tokens,
+answers which rows hit a stop string); without them the loop never leaves the device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from .layers import init_cache
+
+MIN_PROMPT_BUCKET = 16
+NEW_TOKENS_QUANTUM = 64  # output buffer / cache tail is rounded up to this many tokens
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return 1 << max(math.ceil(math.log2(max(n, 1))), math.ceil(math.log2(minimum)))
+
+
+@flax.struct.dataclass
+class LoopState:
+    cache: dict
+    token: jax.Array  # [B] last sampled token
+    out: jax.Array  # [B, N] generated tokens (0 after a row stops)
+    step: jax.Array  # () tokens generated so far
+    done: jax.Array  # [B] row has stopped
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Static part of sampling (changes the program); temperature/top_p values are dynamic."""
+
+    greedy: bool = True
+    top_k: int | None = None
+    top_p: bool = False
+
+
+def sample(logits, keys, temperature, top_p, sampler: Sampler):
+    """logits [B, V] float32, keys [B] PRNG keys -> tokens [B] int32.
+
+    Order as in transformers: temperature, then top-k, then top-p (smallest set of tokens
+    whose probability mass reaches top_p; the most likely token is always kept).
+    """
+    if sampler.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    index = None
+    if sampler.top_k:
+        logits, index = jax.lax.top_k(logits, sampler.top_k)  # [B, k], descending
+    elif sampler.top_p:
+        index = jnp.argsort(-logits, axis=-1)
+        logits = jnp.take_along_axis(logits, index, axis=-1)
+    if sampler.top_p:
+        probs = jax.nn.softmax(logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(keys, logits)
+    if index is not None:
+        choice = jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0]
+    return choice.astype(jnp.int32)
+
+
+def _keys(seeds, step):
+    """Per-row keys: a row's randomness depends only on its own seed and the step."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seeds)
+
+
+def prefill(apply, params, tokens, lengths, cache):
+    """Right-padded prompts [B, T] -> (last-token logits [B, V], cache with index = lengths).
+
+    Writes slots 0..T-1 of every row; whatever a reused cache held there is overwritten, and
+    slots past a row's length are never attended to before they are rewritten.
+    """
+    cache = {**cache, "index": jnp.zeros_like(lengths)}
+    logits, cache = apply({"params": params}, tokens, cache=cache, logit_index=(lengths - 1)[:, None])
+    return logits[:, 0], {**cache, "index": lengths}
+
+
+def decode_step(apply, params, token, cache):
+    """One token per row [B] -> (logits [B, V], cache advanced by one)."""
+    logits, cache = apply({"params": params}, token[:, None], cache=cache)
+    return logits[:, 0], cache
+
+
+class Engine:
+    """Compiled generation programs and preallocated caches for one model.
+
+    One program per (sampler, batch bucket, prompt bucket, cache length). A call runs the
+    prefill (when `prefill_now`) and then decode steps until `stop_at`, `max_new` or every row
+    is done; the host calls it once (no streaming) or once per chunk of tokens (streaming,
+    stop strings). The loop state, KV cache included, is donated on every call.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._caches: dict[tuple[int, int], dict] = {}
+        self._programs: dict[tuple, Callable] = {}
+
+    def program(self, sampler: Sampler) -> Callable:
+        if sampler not in self._programs:
+            self._programs[sampler] = jax.jit(partial(self._step, sampler), donate_argnums=(1,))
+        return self._programs[sampler]
+
+    @property
+    def compiled_programs(self) -> int:
+        """How many XLA programs the generation functions have compiled so far."""
+        return sum(p._cache_size() for p in self._programs.values())
+
+    def _step(self, sampler, params, state: LoopState, tokens, lengths, active, seeds, max_new,
+              temperature, top_p, eos, prefill_now, stop_at, host_done):
+        apply = self.model.module.apply
+
+        def stopped(tok, step, done_before):
+            hit_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1)
+            return done_before | hit_eos | (step + 1 >= max_new)
+
+        def start(s: LoopState):
+            logits, cache = prefill(apply, params, tokens, lengths, s.cache)
+            first = jnp.where(active, sample(logits, _keys(seeds, 0), temperature, top_p, sampler), 0)
+            return LoopState(cache, first, s.out.at[:, 0].set(first), jnp.int32(1),
+                             stopped(first, 0, ~active))
+
+        def body(s: LoopState):
+            logits, cache = decode_step(apply, params, s.token, s.cache)
+            tok = sample(logits, _keys(seeds, s.step), temperature, top_p, sampler)
+            tok = jnp.where(s.done, 0, tok)
+            return LoopState(cache, tok, s.out.at[:, s.step].set(tok), s.step + 1,
+                             stopped(tok, s.step, s.done))
+
+        def cond(s: LoopState):
+            return (s.step < stop_at) & (s.step < max_new) & ~jnp.all(s.done)
+
+        state = state.replace(done=state.done | host_done)
+        state = jax.lax.cond(prefill_now, start, lambda s: s, state)
+        return jax.lax.while_loop(cond, body, state)
+
+    def _fresh_state(self, B: int, S: int, new_cap: int) -> LoopState:
+        cache = self._caches.pop((B, S), None)
+        if cache is None:
+            cache = init_cache(self.model.config, B, S, self.model.module.dtype)
+        zeros = jnp.zeros((B,), jnp.int32)
+        return LoopState(cache, zeros, jnp.zeros((B, new_cap), jnp.int32), jnp.int32(0),
+                         jnp.zeros((B,), bool))
+
+    def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
+            temperature: float, top_p: float | None, seeds: Sequence[int], eos: Sequence[int],
+            host_step: Callable | None = None, chunk: int = 1) -> np.ndarray:
+        """Generate for validated token-id prompts; returns tokens [n, steps] (0 after a stop).
+
+        host_step(tokens [B, k], first_step) -> bool [B] is called after every chunk of k new
+        tokens (streaming, stop strings); rows it flags stop.
+        """
+        n = len(prompts)
+        B, T = bucket(n), bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+        new_cap = NEW_TOKENS_QUANTUM * math.ceil(max_new_tokens / NEW_TOKENS_QUANTUM)
+        S = T + new_cap
+        tokens = np.zeros((B, T), np.int32)
+        lengths = np.ones((B,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        seed_arr = np.zeros((B,), np.int32)
+        seed_arr[:n] = seeds
+        fixed = (tokens, lengths, np.arange(B) < n, seed_arr, np.int32(max_new_tokens),
+                 np.float32(temperature if temperature > 0 else 1.0),
+                 np.float32(top_p if top_p is not None else 1.0),
+                 np.asarray(sorted(set(eos)) or [-1], np.int32))
+        program = self.program(sampler)
+        state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
+        while True:
+            stop_at = max_new_tokens if host_step is None else done_at + chunk
+            state = program(self.model.params, state, *fixed, np.bool_(done_at == 0),
+                            np.int32(stop_at), host_done)
+            step = int(state.step)
+            if host_step is not None:
+                host_done = host_done | np.asarray(host_step(np.asarray(state.out[:, done_at:step]), done_at))
+            done_at = step
+            if step >= max_new_tokens or bool(np.all(np.asarray(state.done) | host_done)):
+                break
+        out = np.asarray(state.out)[:n, :done_at]
+        self._caches[(B, S)] = state.cache
+        return out
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = float("nan")
+    total_time: float = float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.time_to_first_token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding."""
+        return max(self.generated_tokens - 1, 0) / max(self.total_time - self.time_to_first_token, 1e-9)
+
+
+# --- public API ---------------------------------------------------------------------------
+def _engine(model) -> Engine:
+    eng = model.__dict__.get("_engine")
+    if eng is None:
+        eng = model.__dict__["_engine"] = Engine(model)
+    return eng
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.config.eos_token_id
+    ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
+    tok = model.tokenizer
+    if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+        ids.append(int(tok.eos_token_id))
+    return sorted(set(ids))
+
+
+def encode_prompts(model, prompts) -> list[list[int]]:
+    """Strings (tokenized with the model's tokenizer, BOS added as it specifies) or id lists."""
+    if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        raise TypeError("prompts must be a list of prompts (strings or token-id lists), not a single prompt")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
+            ids = list(model.tokenizer(p)["input_ids"])
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        model.check_tokens(np.asarray(ids, np.int64))
+        out.append(ids)
+    return out
+
+
+def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed=0,
+                    host_step: Callable | None = None) -> list[list[int]]:
+    """Token-level generation: prompts (strings or id lists) -> generated ids per prompt.
+
+    The ids stop after the first EOS (which is included) or at `max_new_tokens`.
+    `seed` is an int for all rows or one int per prompt; a row's samples depend only on its
+    own seed, so the same seed gives the same tokens whatever else is in the batch.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    ids = encode_prompts(model, prompts)
+    limit = model.config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{len(p) + max_new_tokens} positions but the model has {limit}; shorten the prompt "
+                "or lower max_new_tokens")
+    seeds = [int(seed)] * len(ids) if np.isscalar(seed) else [int(s) for s in seed]
+    if len(seeds) != len(ids):
+        raise ValueError(f"got {len(seeds)} seeds for {len(ids)} prompts")
+    greedy = temperature == 0.0
+    top_k = None if greedy or top_k is None else min(int(top_k), model.config.vocab_size)
+    sampler = Sampler(greedy=greedy, top_k=top_k, top_p=(not greedy and top_p is not None and top_p < 1.0))
+    eos = _eos_ids(model)
+    out = _engine(model).run(ids, max_new_tokens, sampler, temperature, top_p, seeds, eos, host_step)
+    result = []
+    for row in out:
+        row = row.tolist()
+        stop = next((j for j, t in enumerate(row) if t in eos), None)
+        result.append(row if stop is None else row[: stop + 1])
+    return result
+
+
+class _TextStreamer:
+    """Host side of the decode loop: incremental detokenisation, stop strings, timing."""
+
+    def __init__(self, model, n, stop, stream, eos):
+        self.tok, self.n, self.stop, self.stream, self.eos = model.tokenizer, n, stop, stream, set(eos)
+        self.ids = [[] for _ in range(n)]
+        self.sent = [""] * n
+        self.finished = [False] * n
+        self.first_token_at = None
+
+    def text(self, i) -> str:
+        return self.tok.decode(self.ids[i], skip_special_tokens=True)
+
+    def __call__(self, tokens, first_step):
+        """tokens [B, k]: the k newest tokens of every row -> bool [B] rows that hit a stop string."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        hit = np.zeros(tokens.shape[0], bool)
+        for i in range(self.n):
+            if self.finished[i]:
+                continue
+            for t in tokens[i].tolist():
+                if t in self.eos:
+                    self.finished[i] = True
+                    break
+                self.ids[i].append(t)
+            text = self.text(i)
+            cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+            if cut >= 0:
+                text, hit[i], self.finished[i] = text[:cut], True, True
+            elif text.endswith("\ufffd") and not self.finished[i]:
+                continue  # an incomplete multi-byte character: wait for the next token
+            if self.stream is not None and len(text) > len(self.sent[i]):
+                self.stream(i, text[len(self.sent[i]):])
+            self.sent[i] = text
+        return hit
+
+
+def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed=0,
+             stop: Sequence[str] | str | None = None,
+             stream: Callable[[int, str], Any] | None = None,
+             stats: GenerationStats | None = None) -> list[str]:
+    """Generate continuations (prompt excluded) of each prompt.
+
+    prompts: list of strings or token-id lists. temperature 0 = greedy. stop: strings that end
+    a row (excluded from the text). stream(i, text) receives new text of prompt i as it is
+    produced. Pass a `GenerationStats` to get time to first token and throughput.
+    """
+    if model.tokenizer is None:
+        raise ValueError("generate() returns text and needs a tokenizer; this model has none. "
+                         "Use jaxaccel.generate_tokens() for token ids.")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stop):
+        raise ValueError("stop strings must be non-empty")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    ids = encode_prompts(model, prompts)
+    streamer = _TextStreamer(model, len(ids), stop, stream, _eos_ids(model))
+    start = time.perf_counter()
+    generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, seed, host_step=streamer)
+    end = time.perf_counter()
+    if stats is not None:
+        stats.prompt_tokens = sum(len(p) for p in ids)
+        stats.generated_tokens = sum(len(r) for r in streamer.ids)
+        stats.time_to_first_token = (streamer.first_token_at or end) - start
+        stats.total_time = end - start
+    return list(streamer.sent)
