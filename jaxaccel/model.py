@@ -10,8 +10,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
-from .config import ModelConfig, resolve_dtype
+from .config import ModelConfig
 from .models import registry
 
 
@@ -97,9 +98,5 @@ class Model:
 def init_random(config: ModelConfig, seed: int = 0, dtype="float32") -> Model:
     """A randomly initialised model (tests, benchmarks, shape presets)."""
     module = registry.build(config, dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(seed), tokens)
-    params = jax.tree.map(lambda x: x, variables["params"])
-    from flax.core import meta
-
-    return Model(config, meta.unbox(params), None, dtype)
+    variables = jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))
+    return Model(config, meta.unbox(variables["params"]), None, dtype)

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jaxaccel
-from jaxaccel.checkpoints import CheckpointError, hf
+from jaxaccel.checkpoints import CheckpointError
 
 
 @pytest.fixture

@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from jaxaccel.config import FULL, SLIDING, ModelConfig, RopeConfig
+from jaxaccel.config import SLIDING, ModelConfig, RopeConfig
 from jaxaccel.layers import Attention, attention_mask, rope_inv_freq
 
 

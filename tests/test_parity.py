@@ -127,8 +127,6 @@ def test_old_config_spelling_rope_theta_and_rope_scaling(hf_folder, tmp_path):
 
 
 def test_sharded_safetensors_index(hf_folder, tmp_path):
-    import transformers
-
     folder, ref_model = hf_folder("qwen2")
     ref_model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -55,9 +56,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     module = registry.build(cfg)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
-    flat = traverse_util.flatten_dict(jax.tree.map(lambda x: x, shapes["params"],
-                                                   is_leaf=lambda x: hasattr(x, "unbox")))
-    return {k: tuple(v.unbox().shape if hasattr(v, "unbox") else v.shape) for k, v in flat.items()}
+    flat = traverse_util.flatten_dict(meta.unbox(shapes["params"]))
+    return {k: tuple(v.shape) for k, v in flat.items()}
 
 
 def to_ours(path, array: np.ndarray) -> np.ndarray:
