@@ -680,7 +680,7 @@ def gguf_tensor_specs(path: str | os.PathLike, config: dict | None = None) -> li
 def load_file(path: str | os.PathLike, dtype="float32", placer=None):
     """A .gguf file -> (ModelConfig, params, tokenizer | None), streaming tensor by tensor."""
     from ..models import registry
-    from .hf import load_tensors
+    from .hf import load_tensors, with_tokenizer_in_background
 
     config = read_gguf_config(path)
     try:
@@ -688,8 +688,9 @@ def load_file(path: str | os.PathLike, dtype="float32", placer=None):
     except ValueError as e:
         raise GGUFError(f"{path}: {e}") from None
     specs = gguf_tensor_specs(path, config)
-    params = load_tensors(cfg, specs, iter_gguf_tensors(path, config), dtype, source=str(path), placer=placer)
-    return cfg, params, load_gguf_tokenizer(path)
+    return cfg, *with_tokenizer_in_background(
+        lambda: load_tensors(cfg, specs, iter_gguf_tensors(path, config), dtype, source=str(path), placer=placer),
+        lambda: load_gguf_tokenizer(path))
 
 
 def iter_gguf_tensors(path: str | os.PathLike, config: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:

@@ -184,9 +184,21 @@ def load_folder(folder, dtype="float32", placer=None):
     folder = Path(folder)
     _, cfg = read_config(folder)
     files = safetensors_files(folder)
-    params = load_tensors(cfg, safetensors_specs(files), iter_safetensors(files), dtype,
-                          source=str(folder), placer=placer)
-    return cfg, params, load_tokenizer(folder)
+    specs = safetensors_specs(files)
+    return cfg, *with_tokenizer_in_background(
+        lambda: load_tensors(cfg, specs, iter_safetensors(files), dtype, source=str(folder), placer=placer),
+        lambda: load_tokenizer(folder))
+
+
+def with_tokenizer_in_background(load_params, load_tok):
+    """Run load_params() here while load_tok() runs in a thread: the tokenizer's parsing and the
+    tensor copies overlap (both spend most of their time outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="jaxaccel-tokenizer") as pool:
+        tok = pool.submit(load_tok)
+        params = load_params()
+        return params, tok.result()
 
 
 # --- export --------------------------------------------------------------------------------
