@@ -1,4 +1,5 @@
-"""`jaxaccel generate | convert | info | bench` — flags map straight onto API arguments."""
+"""`jaxaccel generate | embed | fill-mask | classify | convert | info | bench` — flags map
+straight onto API arguments."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load(args):
+def _load(args, default=None):
     import jaxaccel
     from .embedded import default_model_path
 
-    path = args.model or default_model_path(_err)
+    path = args.model or (default() if default else default_model_path(_err))
     t = time.perf_counter()
     m = jaxaccel.load(path, dtype=args.dtype)
     _err(f"loaded {m.config.family} ({m.num_params / 1e6:.0f}M params, {args.dtype}) from {path} "
@@ -51,6 +52,80 @@ def cmd_info(args) -> int:
     for k, v in vars(m.config).items():
         print(f"{k:26s} {v}")
     print(f"{'params':26s} {m.num_params:,} ({m.params_bytes / 2**20:.1f} MiB)")
+    return 0
+
+
+# --- encoders: texts in (arguments or --input FILE), JSONL out ------------------------------
+def read_texts(args) -> tuple[list[str], object]:
+    """Texts from the arguments or --input (one per line, or JSONL of strings / {"text": ...});
+    returns (texts, where) with where(i) naming the source line of text i."""
+    import json
+    from pathlib import Path
+
+    if args.input and args.texts:
+        raise ValueError("give texts as arguments or with --input FILE, not both")
+    if not args.input:
+        if not args.texts:
+            raise ValueError("no input texts: pass them as arguments or with --input FILE")
+        return list(args.texts), (lambda i: f"argument {i + 1}")
+    path = Path(args.input)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} not found")
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline ends the last line; it does not start an empty one
+    if not lines:
+        raise ValueError(f"input file {path} is empty: no texts to read")
+    jsonl = args.format == "jsonl" or (args.format == "auto" and path.suffix in (".jsonl", ".ndjson"))
+    texts = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} line {n} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        if jsonl:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not valid JSON: {e}") from None
+            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                obj = obj["text"]
+            if not isinstance(obj, str):
+                raise ValueError(f"{path} line {n}: a JSONL line must be a string or an object with a \"text\" string")
+            line = obj
+        texts.append(line)
+    return texts, (lambda i: f"{path} line {i + 1}")
+
+
+def _encoder_task(args, task: str) -> int:
+    import json
+
+    from . import encoder
+
+    texts, where = read_texts(args)  # all input errors come before loading the model
+    m = _load(args, encoder.default_encoder_path if task == "embed" else None)
+    stats = encoder.EncodeStats()
+    kw = dict(truncate=args.truncate, batch_size=args.batch_size, progress=True, stats=stats, where=where)
+    t = time.perf_counter()
+    if task == "embed":
+        results = [{"embedding": [round(float(x), 7) for x in row]} for row in encoder.embed(m, texts, **kw)]
+    elif task == "fill-mask":
+        results = [{"predictions": [[{"token": tok, "prob": p} for tok, p in mask] for mask in per_text]}
+                   for per_text in encoder.fill_mask(m, texts, top_k=args.top_k, **kw)]
+    else:
+        results = [{"label": label, "prob": p} for label, p in encoder.classify(m, texts, **kw)]
+    dt = time.perf_counter() - t
+    truncated = set(stats.truncated_rows)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for i, (text, rec) in enumerate(zip(texts, results)):
+            rec = {"index": i, "text": text, **rec, **({"truncated": True} if i in truncated else {})}
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    _err(f"{task}: {stats.texts} texts ({stats.truncated} truncated) in {dt:.2f}s, {stats.texts / dt:.1f} texts/s; "
+         f"{stats.batches} batches, {stats.tokens / max(stats.padded_tokens, 1):.0%} of padded tokens real")
     return 0
 
 
@@ -93,8 +168,24 @@ def parser() -> argparse.ArgumentParser:
     i = with_model(sub.add_parser("info", help="print a model's config and size"))
     i.set_defaults(fn=cmd_info)
 
+    for name, help_ in (("embed", "sentence embeddings (default model: all-MiniLM-L6-v2)"),
+                        ("fill-mask", "top-k tokens for each [MASK] (BertForMaskedLM folder)"),
+                        ("classify", "top label per text (BertForSequenceClassification folder)")):
+        e = with_model(sub.add_parser(name, help=help_ + "; writes JSONL"))
+        e.add_argument("texts", nargs="*", help="texts (or use --input)")
+        e.add_argument("--input", help="file with one text per line, or JSONL (strings or {\"text\": ...})")
+        e.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"],
+                       help="--input format (auto: jsonl for .jsonl/.ndjson files)")
+        e.add_argument("--output", help="write JSONL here instead of stdout")
+        e.add_argument("--truncate", action="store_true", help="cut texts longer than the model's max length "
+                       "(counted in the output) instead of failing")
+        e.add_argument("--batch-size", type=int, default=32)
+        if name == "fill-mask":
+            e.add_argument("--top-k", type=int, default=5)
+        e.set_defaults(fn=lambda a, task=name: _encoder_task(a, task))
+
     b = sub.add_parser("bench", help="run a benchmark script from bench/ (e.g. jaxaccel bench decode --quick)")
-    b.add_argument("which", choices=["decode"])
+    b.add_argument("which", choices=["decode", "encoder"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -55,12 +55,12 @@ class RopeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of a decoder LM (Llama / Mistral / Qwen2 / Gemma 3 families).
+    """Architecture of a decoder LM (Llama / Mistral / Qwen2 / Gemma 3) or a BERT encoder.
 
     Shapes: D = hidden_size, N = num_heads, K = num_kv_heads, H = head_dim, F = intermediate_size.
     """
 
-    family: str  # registry key: "llama", "mistral", "qwen2", "gemma3"
+    family: str  # registry key: "llama", "mistral", "qwen2", "gemma3", "bert"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -69,11 +69,11 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     max_position_embeddings: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # epsilon of every norm (RMSNorm, or LayerNorm in encoders)
     # RMSNorm scale is (1 + w) (Gemma) instead of w (Llama).
     norm_plus_one: bool = False
     qk_norm: bool = False
-    activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU) | "gelu" (exact erf; BERT)
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     o_bias: bool = False
     mlp_bias: bool = False
@@ -91,6 +91,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # --- encoders (BERT) ---
+    causal: bool = True  # False: every token attends to every non-padding token
+    absolute_positions: bool = False  # learned position embeddings instead of RoPE
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0 = none
+    # Output head: "causal_lm" (decoders) | "encoder" (hidden states + pooler, HF BertModel)
+    # | "masked_lm" | "classifier" (pooler + classifier over `labels`).
+    head: str = "causal_lm"
+    labels: tuple[str, ...] = ()  # class names of a "classifier" head, index = class id
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -106,8 +114,12 @@ class ModelConfig:
             raise ValueError(f"unknown layer types {sorted(bad)}; use {FULL!r} or {SLIDING!r}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ValueError("sliding layers need sliding_window > 0")
-        if self.activation not in ("silu", "gelu_tanh"):
-            raise ValueError(f"unsupported activation {self.activation!r}; supported: silu, gelu_tanh")
+        if self.activation not in ("silu", "gelu_tanh", "gelu"):
+            raise ValueError(f"unsupported activation {self.activation!r}; supported: silu, gelu_tanh, gelu")
+        if self.head not in ("causal_lm", "encoder", "masked_lm", "classifier"):
+            raise ValueError(f"unknown head {self.head!r}; use causal_lm, encoder, masked_lm or classifier")
+        if self.head == "classifier" and not self.labels:
+            raise ValueError("a classifier head needs at least one label")
 
     # --- derived values -------------------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""The only home of the building blocks: embedding, Dense, RMSNorm, RoPE, attention, MLP.
+"""The only home of the building blocks: embedding, Dense, RMSNorm, LayerNorm, RoPE, attention, MLP.
 
 Dimension legend (used in einsum strings and shape comments):
   B batch            T query length       S key length (= cache slots when decoding)
@@ -116,6 +116,25 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+    """(x - mean) / std * w + b (BERT's post-LN); statistics in float32."""
+
+    eps: float = 1e-12
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        D = x.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (D,), self.param_dtype)
+        bias = self.param("bias", logical(nn.initializers.zeros, ("norm",)), (D,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
 # --- rotary position embedding ------------------------------------------------------------
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """Inverse frequencies [H/2] (float32), with linear or Llama 3 scaling applied."""
@@ -168,13 +187,14 @@ def _write_rows(buf: Array, new: Array, index: Array) -> Array:
 
 
 def attention_mask(q_slot: Array, k_slot: Array, window: int | None,
-                   q_seg: Array | None = None, k_seg: Array | None = None) -> Array:
-    """Boolean [B, T, S]: causal over slots, optional sliding window and segment equality.
+                   q_seg: Array | None = None, k_seg: Array | None = None, causal: bool = True) -> Array:
+    """Boolean [B, T, S]: causal over slots (bidirectional when not `causal`), optional
+    sliding window and segment equality.
 
     q_slot [B, T], k_slot [B, S]; segments (0 = padding) [B, T] / [B, S].
     """
     q, k = q_slot[:, :, None], k_slot[:, None, :]
-    mask = k <= q
+    mask = k <= q if causal else jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
     if window is not None:
         mask &= k > q - window  # a window of W sees the current token and W - 1 before it
     if q_seg is not None:
@@ -210,15 +230,18 @@ class Attention(nn.Module):
         v = self._dense(K * H, ("embed", "kv_heads"), cfg.attention_bias, "v_proj")(x).reshape(B, T, K, H)
         if cfg.qk_norm:
             q, k = self._norm("q_norm")(q), self._norm("k_norm")(k)
-        inv_freq = rope_inv_freq(cfg.rope_for(self.layer), H)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if not cfg.absolute_positions:  # encoders add learned positions to the embeddings instead
+            inv_freq = rope_inv_freq(cfg.rope_for(self.layer), H)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         q_slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if cache is None:
             keys, values, k_slot = k, v, q_slot
-            mask = attention_mask(q_slot, k_slot, cfg.window(self.layer), segment_ids, segment_ids)
+            mask = attention_mask(q_slot, k_slot, cfg.window(self.layer), segment_ids, segment_ids, cfg.causal)
             new_cache = None
         else:
+            if not cfg.causal:
+                raise ValueError("a KV cache needs causal attention; encoders score full sequences (cache=None)")
             keys = _write_rows(cache["k"], k, index)
             values = _write_rows(cache["v"], v, index)
             new_cache = {"k": keys, "v": values}

@@ -18,7 +18,7 @@ from .models import registry
 
 @dataclass
 class Model:
-    """A loaded language model.
+    """A loaded language model (decoder LM, or BERT encoder: `embed` / `fill_mask` / `classify`).
 
     config: frozen `ModelConfig`; params: pytree of arrays; tokenizer: HF tokenizer or None.
     `module.apply({"params": params}, tokens, positions, cache=..., segment_ids=...)` is the
@@ -38,8 +38,8 @@ class Model:
     @cached_property
     def _forward(self):
         def forward(params, tokens, positions, segment_ids):
-            logits, _ = self.module.apply({"params": params}, tokens, positions, segment_ids=segment_ids)
-            return logits
+            out = self.module.apply({"params": params}, tokens, positions, segment_ids=segment_ids)
+            return out["logits"] if isinstance(out, dict) else out[0]  # encoders return a dict
 
         return jax.jit(forward)
 
@@ -72,6 +72,9 @@ class Model:
         real tokens, and positions count real tokens only, so a padded row gives the same
         logits as the row alone. Logits at padded positions are meaningless.
         """
+        if self.config.head not in ("causal_lm", "masked_lm"):
+            raise ValueError(f"logits() needs a language-model head; this model has a {self.config.head!r} head "
+                             "(use embed() or classify())")
         ids = self.check_tokens(input_ids)
         if attention_mask is None:
             mask = np.ones_like(ids)
@@ -79,6 +82,26 @@ class Model:
             mask = np.asarray(attention_mask).reshape(ids.shape).astype(np.int32)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         return self._forward(self.params, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask))
+
+    # --- encoders (BERT): batched, bucketed; see encoder.py -----------------------------
+    def embed(self, texts, **kw) -> np.ndarray:
+        """texts (a list, or one string) -> float32 [N, D] unit-norm sentence embeddings."""
+        from . import encoder
+
+        return encoder.embed(self, [texts] if isinstance(texts, str) else texts, **kw)
+
+    def fill_mask(self, text: str, top_k: int = 5, **kw) -> list:
+        """A text with one [MASK] -> [(token, prob)] best first (several masks: one list per mask)."""
+        from . import encoder
+
+        per_mask = encoder.fill_mask(self, [text], top_k=top_k, **kw)[0]
+        return per_mask[0] if len(per_mask) == 1 else per_mask
+
+    def classify(self, texts, **kw) -> list:
+        """texts (a list, or one string) -> [(label, prob)] of the top class per text."""
+        from . import encoder
+
+        return encoder.classify(self, [texts] if isinstance(texts, str) else texts, **kw)
 
     def save_hf(self, out_dir) -> Path:
         """Export as an HF folder (model.safetensors + config.json + tokenizer) that transformers loads."""

@@ -5,6 +5,7 @@ Our parameter paths mirror the HF names, so the table is derived, not typed out:
   ("embed_tokens", "embedding")                  <->  "model.embed_tokens.weight"
   ("norm", "scale")                              <->  "model.norm.weight"
   ("lm_head", "kernel")                          <->  "lm_head.weight" (transposed)
+A family may supply its own table (`Family.hf_name`, e.g. BERT); `name_table(cfg)` picks it.
 Every tensor is shape-checked against `jax.eval_shape` of the module before it is placed.
 """
 
@@ -44,6 +45,21 @@ def hf_name(path: tuple[str, ...]) -> str:
     mods = [m.replace("layers_", "layers.") if re.fullmatch(r"layers_\d+", m) else m for m in mods]
     prefix = "" if mods[0] == "lm_head" else "model."
     return prefix + ".".join(mods + [leaf])
+
+
+def name_table(cfg: ModelConfig):
+    """The path -> HF name function of cfg's family (the generic `hf_name` by default)."""
+    family = registry.FAMILIES[cfg.family]
+    return (lambda path: family.hf_name(cfg, path)) if family.hf_name else hf_name
+
+
+def ignored_names(cfg: ModelConfig) -> set[str]:
+    """Checkpoint tensors that load skips (tied copies, buffers)."""
+    family = registry.FAMILIES[cfg.family]
+    skip = set(family.hf_ignored(cfg)) if family.hf_ignored else set()
+    if cfg.tie_word_embeddings:
+        skip.add("lm_head.weight")  # some exporters keep the tied copy
+    return skip
 
 
 def is_transposed(path: tuple[str, ...]) -> bool:
@@ -134,8 +150,9 @@ def load_tensors(cfg: ModelConfig, specs: Iterable[tuple[str, tuple[int, ...]]],
     """
     dtype = resolve_dtype(dtype)
     want = expected_shapes(cfg)
-    by_name = {hf_name(p): p for p in want}
-    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # some exporters keep the tied copy
+    name_of = name_table(cfg)
+    by_name = {name_of(p): p for p in want}
+    skip = ignored_names(cfg)
     unexpected, bad, seen = [], [], set()
     for name, shape in specs:
         path = by_name.get(name)
@@ -176,7 +193,13 @@ def load_tokenizer(folder: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    st = folder / "sentence_bert_config.json"  # sentence-transformers' own (shorter) length limit
+    if st.is_file():
+        limit = json.loads(st.read_text()).get("max_seq_length")
+        if limit:
+            tok.model_max_length = int(limit)
+    return tok
 
 
 def load_folder(folder, dtype="float32", placer=None):
@@ -202,10 +225,11 @@ def with_tokenizer_in_background(load_params, load_tok):
 
 
 # --- export --------------------------------------------------------------------------------
-def hf_state_dict(params: dict) -> Iterator[tuple[str, np.ndarray]]:
+def hf_state_dict(params: dict, cfg: ModelConfig | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    name_of = name_table(cfg) if cfg is not None else hf_name
     for path, value in traverse_util.flatten_dict(params).items():
         array = np.asarray(jax.device_get(value))
-        yield hf_name(path), np.ascontiguousarray(array.T if is_transposed(path) else array)
+        yield name_of(path), np.ascontiguousarray(array.T if is_transposed(path) else array)
 
 
 def save_folder(out_dir, cfg: ModelConfig, params: dict, tokenizer=None) -> Path:
@@ -214,7 +238,7 @@ def save_folder(out_dir, cfg: ModelConfig, params: dict, tokenizer=None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = dict(hf_state_dict(params))
+        tensors = dict(hf_state_dict(params, cfg))
         dtypes = {str(a.dtype) for a in tensors.values()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = registry.config_to_hf(cfg)

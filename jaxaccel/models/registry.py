@@ -1,4 +1,4 @@
-"""Family registry: HF `model_type` -> (block, config mapping)."""
+"""Family registry: HF `model_type` -> (block or module, config mapping, HF name table)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,21 @@ from typing import Any, Callable
 
 from ..config import ModelConfig, resolve_dtype
 from ..layers import DecoderLM
-from . import gemma3, llama
+from . import bert, gemma3, llama
 
 
 @dataclass(frozen=True)
 class Family:
+    """`block` goes into `DecoderLM`, unless the family builds its own module with
+    `build(cfg, dtype, param_dtype, dot_general_cls)`. `hf_name(cfg, path)` overrides the
+    generic HF name table (hf.py) and `hf_ignored(cfg)` names checkpoint tensors to read past."""
+
     block: Any
     from_hf: Callable[[dict], ModelConfig]
     to_hf: Callable[[ModelConfig], dict]
+    build: Callable | None = None
+    hf_name: Callable[[ModelConfig, tuple], str] | None = None
+    hf_ignored: Callable[[ModelConfig], set] | None = None
 
 
 FAMILIES = {
@@ -23,8 +30,9 @@ FAMILIES = {
     "mistral": Family(llama.LlamaBlock, llama.from_hf, llama.to_hf),
     "qwen2": Family(llama.LlamaBlock, llama.from_hf, llama.to_hf),
     "gemma3": Family(gemma3.Gemma3Block, gemma3.from_hf, gemma3.to_hf),
+    "bert": Family(None, bert.from_hf, bert.to_hf, bert.build, bert.hf_name, bert.hf_ignored),
 }
-MODEL_TYPES = {**llama.MODEL_TYPES, **gemma3.MODEL_TYPES}
+MODEL_TYPES = {**llama.MODEL_TYPES, **gemma3.MODEL_TYPES, **bert.MODEL_TYPES}
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -44,9 +52,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return FAMILIES[cfg.family].to_hf(cfg)
 
 
-def build(cfg: ModelConfig, dtype="float32", param_dtype=None, dot_general_cls=None) -> DecoderLM:
+def build(cfg: ModelConfig, dtype="float32", param_dtype=None, dot_general_cls=None):
     """The Flax module of `cfg` (compute in `dtype`; params stored in `param_dtype` or `dtype`)."""
     dtype = resolve_dtype(dtype)
-    return DecoderLM(cfg, FAMILIES[cfg.family].block, dtype=dtype,
-                     param_dtype=resolve_dtype(param_dtype) if param_dtype else dtype,
-                     dot_general_cls=dot_general_cls)
+    param_dtype = resolve_dtype(param_dtype) if param_dtype else dtype
+    family = FAMILIES[cfg.family]
+    if family.build is not None:
+        return family.build(cfg, dtype, param_dtype, dot_general_cls)
+    return DecoderLM(cfg, family.block, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls)

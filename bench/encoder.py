@@ -1,0 +1,259 @@
+"""Encoder benchmark: sentences/s for jaxaccel, transformers (PyTorch eager) and ONNX Runtime
+on the same weights, in the same process.
+
+Scenarios
+  bert-base 8x128  a randomly initialised BERT-base shape (12 layers, D=768, 110M params):
+                   one fixed [8, 128] batch of random token ids, all real tokens; the
+                   measured call is forward + mean pooling + L2 normalize (no tokenization).
+  minilm corpus    the embedded all-MiniLM-L6-v2 embedding 2,000 mixed-length sentences
+                   end to end (tokenization included): jaxaccel `Model.embed` (length-sorted,
+                   bucketed, fixed batch shapes); transformers and ONNX Runtime get the same
+                   courtesy sentence-transformers gives itself: batches of --batch texts sorted
+                   by length, padded to the longest text of each batch.
+ONNX: `torch.onnx.export` (TorchScript exporter, opset 17) of the same torch module (forward +
+mean pooling + normalize) with dynamic batch and length; CPUExecutionProvider.
+Every timing is the median of --repeats runs after a warm-up run (compilation excluded; the
+jaxaccel warm-up compile time is reported). Outputs of the three are compared (min cosine).
+
+Never part of the tests. Example:
+  python -m bench.encoder                # both scenarios, JSON in bench/results/encoder.json
+  python -m bench.encoder --quick        # smoke run: 200 sentences, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encoder.json"
+QUICK_OUT = Path(__file__).resolve().parent / "results" / "encoder_quick.json"
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+WORDS = ("the a of to and in is it that for on with as was at by an be this are from or have not but what all "
+         "were when we there can more if no out so said up its about into than them only other new some could "
+         "time these two may then do first any my now such like our over man me even most made after also did "
+         "many before must through back years where much your way well down should because each just those "
+         "machine learning vector embedding sentence café naïve 東京 données über encyclopedia ").split()
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """n sentences: ~70% short (1-24 words), ~25% medium (25-79), ~5% long (80-199), a few empty."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        u = rng.random()
+        k = 0 if u < 0.01 else int(rng.integers(1, 25) if u < 0.7 else rng.integers(25, 80) if u < 0.95
+                                   else rng.integers(80, 200))
+        out.append(" ".join(rng.choice(WORDS, k)).capitalize() + ("." if k else ""))
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """(warm-up seconds, median seconds, last result)."""
+    t = time.perf_counter()
+    out = fn()
+    warm = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return warm, statistics.median(times), out
+
+
+def Pooled(bert):
+    """torch module: BertModel -> mean pooling over real tokens -> L2 normalize."""
+    import torch
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            mean = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(mean, p=2, dim=-1)
+
+    return MeanPooled().eval()
+
+
+def export_onnx(module, path: Path) -> "object":
+    import onnxruntime as ort
+    import torch
+
+    ids = torch.ones((2, 8), dtype=torch.long)
+    torch.onnx.export(module, (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["embedding"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input_ids": {0: "B", 1: "T"}, "attention_mask": {0: "B", 1: "T"}})
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def sorted_batches(tok, texts: list[str], batch: int, limit: int):
+    """Length-sorted batches of (row indices, ids, mask), padded per batch (sentence-transformers' way)."""
+    lengths = [len(r) for r in tok(texts, truncation=True, max_length=limit)["input_ids"]]
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    for s in range(0, len(texts), batch):
+        rows = order[s:s + batch]
+        enc = tok([texts[r] for r in rows], padding=True, truncation=True, max_length=limit, return_tensors="np")
+        yield rows, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def run_corpus(tok, texts, batch, limit, dim, fn) -> np.ndarray:
+    out = np.zeros((len(texts), dim), np.float32)
+    for rows, ids, mask in sorted_batches(tok, texts, batch, limit):
+        out[rows] = fn(ids, mask)
+    return out
+
+
+def min_cos(a, b) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def bench_fixed(tmp: Path, repeats: int, B: int, T: int) -> dict:
+    import torch
+    import transformers
+
+    import jaxaccel
+    from jaxaccel import encoder
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(**BERT_BASE)).eval()
+    bert.save_pretrained(tmp / "bert-base", safe_serialization=True)
+    m = jaxaccel.load(tmp / "bert-base")
+    ids = np.random.default_rng(0).integers(1000, BERT_BASE["vocab_size"], (B, T))
+    mask = np.ones_like(ids)
+    fn = encoder.programs(m)["embed"]
+    jids, jmask = jaxaccel_inputs(ids, mask)
+    jw, jt, jout = timed(lambda: np.asarray(fn(m.params, jids, jmask)), repeats)
+    pooled = Pooled(bert)
+    with torch.inference_mode():
+        _, tt, tout = timed(lambda: pooled(torch.tensor(ids), torch.tensor(mask)).numpy(), repeats)
+    sess = export_onnx(pooled, tmp / "bert-base.onnx")
+    feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+    _, ot, oout = timed(lambda: sess.run(None, feed)[0], repeats)
+    return result("bert-base (random) 8x128", B, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
+                  jw, jout, tout, oout, m.num_params)
+
+
+def jaxaccel_inputs(ids, mask):
+    import jax.numpy as jnp
+
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+
+def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
+    import torch
+    import transformers
+
+    import jaxaccel
+    from jaxaccel import encoder
+
+    folder = encoder.default_encoder_path()
+    texts = corpus(n)
+    m = jaxaccel.load(folder)
+    limit = encoder.max_length(m)
+    jw, jt, jout = timed(lambda: m.embed(texts, truncate=True, batch_size=batch), repeats)
+    compiled = encoder.compiled_programs(m)
+    tok = m.tokenizer
+    pooled = Pooled(transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager").eval())
+    with torch.inference_mode():
+        run_t = lambda: run_corpus(tok, texts, batch, limit, 384,
+                                   lambda i, a: pooled(torch.tensor(i), torch.tensor(a)).numpy())
+        _, tt, tout = timed(run_t, repeats)
+    sess = export_onnx(pooled, tmp / "minilm.onnx")
+    run_o = lambda: run_corpus(tok, texts, batch, limit, 384,
+                               lambda i, a: sess.run(None, {"input_ids": i, "attention_mask": a})[0])
+    _, ot, oout = timed(run_o, repeats)
+    r = result(f"all-MiniLM-L6-v2, {n} mixed sentences", n, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
+               jw, jout, tout, oout, m.num_params)
+    lengths = [len(x) for x in tok(texts, truncation=True, max_length=limit)["input_ids"]]
+    r.update(compiled_programs=compiled, bucket_shapes=len(encoder.length_buckets(limit)) * len(encoder.batch_shapes(batch)),
+             tokens_mean=float(np.mean(lengths)), tokens_max=int(max(lengths)), batch=batch)
+    return r
+
+
+def result(name, sentences, secs, warm, jout, tout, oout, params) -> dict:
+    sps = {k: sentences / v for k, v in secs.items()}
+    return {"scenario": name, "sentences": sentences, "seconds": secs, "sentences_per_s": sps,
+            "ratio_jaxaccel_vs": {k: sps["jaxaccel"] / sps[k] for k in ("transformers", "onnxruntime")},
+            "jaxaccel_warmup_s": warm, "params": params,
+            "min_cosine_jaxaccel_vs": {"transformers": min_cos(jout, tout), "onnxruntime": min_cos(jout, oout)}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default="bert-base,minilm", help="comma list of: bert-base, minilm")
+    ap.add_argument("--sentences", type=int, default=None, help="MiniLM corpus size (default 2000)")
+    ap.add_argument("--batch", type=int, default=32, help="MiniLM batch size, all implementations (default 32)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs, median (default 3)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200 sentences, 1 repeat")
+    ap.add_argument("--out", default=None, help="JSON output (default bench/results/encoder.json)")
+    args = ap.parse_args(argv)
+    n = args.sentences or (200 if args.quick else 2000)
+    repeats = args.repeats or (1 if args.quick else 3)
+    out_path = Path(args.out) if args.out else (QUICK_OUT if args.quick else DEFAULT_OUT)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import jax
+    import onnxruntime
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": threads,
+               "python": platform.python_version(), "jax": jax.__version__, "jax_devices": str(jax.devices()),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "onnxruntime": onnxruntime.__version__}
+    print(f"machine: {machine}\nload average before: {os.getloadavg()}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-enc-") as tmp:
+        for s in args.scenarios.split(","):
+            if s.strip() == "bert-base":
+                results.append(bench_fixed(Path(tmp), repeats, 8, 128))
+            elif s.strip() == "minilm":
+                results.append(bench_minilm(Path(tmp), repeats, n, args.batch))
+            else:
+                raise SystemExit(f"unknown scenario {s!r}")
+            r = results[-1]
+            print(f"{r['scenario']}: " + ", ".join(f"{k} {v:.1f}/s" for k, v in r["sentences_per_s"].items()), flush=True)
+
+    header = ["scenario", "jaxaccel sent/s", "transformers sent/s", "onnxruntime sent/s", "jax/pt", "jax/ort",
+              "min cos pt", "min cos ort", "jax warm-up s"]
+    rows = [[r["scenario"], *(f"{r['sentences_per_s'][k]:.1f}" for k in ("jaxaccel", "transformers", "onnxruntime")),
+             f"{r['ratio_jaxaccel_vs']['transformers']:.2f}", f"{r['ratio_jaxaccel_vs']['onnxruntime']:.2f}",
+             f"{r['min_cosine_jaxaccel_vs']['transformers']:.6f}", f"{r['min_cosine_jaxaccel_vs']['onnxruntime']:.6f}",
+             f"{r['jaxaccel_warmup_s']:.1f}"] for r in results]
+    widths = [max(len(str(x[i])) for x in [header] + rows) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths]] + rows:
+        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    for r in results:
+        if "compiled_programs" in r:
+            print(f"{r['scenario']}: jaxaccel compiled {r['compiled_programs']} programs (bound "
+                  f"{r['bucket_shapes']}); tokens mean {r['tokens_mean']:.1f}, max {r['tokens_max']}")
+    doc = {"benchmark": "encoder", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
+           "settings": {"repeats": repeats, "statistic": "median", "dtype": "float32", "torch_num_threads": threads,
+                        "transformers_attn": "eager (module default)", "quick": args.quick},
+           "load_average_after": list(os.getloadavg()), "results": results}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

