@@ -12,13 +12,13 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load(args, default=None):
+def _load(args, default=None, fast_tokenizer=False):
     import jaxaccel
     from .embedded import default_model_path
 
     path = args.model or (default() if default else default_model_path(_err))
     t = time.perf_counter()
-    m = jaxaccel.load(path, dtype=args.dtype)
+    m = jaxaccel.load(path, dtype=args.dtype, fast_tokenizer=fast_tokenizer)
     _err(f"loaded {m.config.family} ({m.num_params / 1e6:.0f}M params, {args.dtype}) from {path} "
          f"in {time.perf_counter() - t:.1f}s")
     return m
@@ -27,7 +27,7 @@ def _load(args, default=None):
 def cmd_generate(args) -> int:
     from .engine import GenerationStats, generate
 
-    m = _load(args)
+    m = _load(args, fast_tokenizer=True)  # generate needs only encode/decode: skip AutoTokenizer's ~5 s
     stats = GenerationStats()
     write = lambda i, text: (sys.stdout.write(text), sys.stdout.flush())
     generate(m, [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -187,10 +187,14 @@ def load_tensors(cfg: ModelConfig, specs: Iterable[tuple[str, tuple[int, ...]]],
     return traverse_util.unflatten_dict(flat)
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, fast: bool = False):
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
     if not any((folder / n).exists() for n in names):
         return None
+    if fast and (folder / "tokenizer.json").is_file():
+        from ..tokenizer import FastTokenizer
+
+        return FastTokenizer(folder)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -202,7 +206,7 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-def load_folder(folder, dtype="float32", placer=None):
+def load_folder(folder, dtype="float32", placer=None, fast_tokenizer: bool = False):
     """HF folder -> (ModelConfig, params, tokenizer | None)."""
     folder = Path(folder)
     _, cfg = read_config(folder)
@@ -210,7 +214,7 @@ def load_folder(folder, dtype="float32", placer=None):
     specs = safetensors_specs(files)
     return cfg, *with_tokenizer_in_background(
         lambda: load_tensors(cfg, specs, iter_safetensors(files), dtype, source=str(folder), placer=placer),
-        lambda: load_tokenizer(folder))
+        lambda: load_tokenizer(folder, fast_tokenizer))
 
 
 def with_tokenizer_in_background(load_params, load_tok):
