@@ -202,14 +202,19 @@ def attention_mask(q_slot: Array, k_slot: Array, window: int | None,
     return mask
 
 
-class Attention(nn.Module):
-    """Multi-head / grouped-query / multi-query attention of layer `layer` of `cfg`."""
+class LayerModule(nn.Module):
+    """The fields of every per-layer module (attention, family blocks): which layer of which
+    config, compute/param dtypes and the matmul factory. `DecoderLM` builds blocks with them."""
 
     cfg: ModelConfig
     layer: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
+
+
+class Attention(LayerModule):
+    """Multi-head / grouped-query / multi-query attention of layer `layer` of `cfg`."""
 
     def _dense(self, features, axes, bias, name):
         return Dense(features, axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..layers import Attention, Dense, DotGeneralCls, Embed, LayerNorm, logical
+from ..layers import LayerModule, Attention, Dense, DotGeneralCls, Embed, LayerNorm, logical
 
 MODEL_TYPES = {"bert": "bert"}
 ARCHITECTURES = {"BertModel": "encoder", "BertForMaskedLM": "masked_lm", "BertForPreTraining": "masked_lm",
@@ -33,12 +33,8 @@ def _gelu(x):
     return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
 
 
-class BertLayer(nn.Module):
-    cfg: ModelConfig
-    layer: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    dot_general_cls: DotGeneralCls = None
+class BertLayer(LayerModule):
+    """Post-LN layer: LN(x + attn(x)), then LN(x + out(gelu(intermediate(x))))."""
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):

@@ -7,24 +7,17 @@ Block: x + post_norm(attn(pre_norm(x))); then x + post_ff_norm(mlp(pre_ff_norm(x
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
-import jax.numpy as jnp
 
 from ..config import FULL, SLIDING, ModelConfig, RopeConfig
-from ..layers import MLP, Attention, DotGeneralCls, RMSNorm
+from ..layers import LayerModule, MLP, Attention, RMSNorm
 from .llama import common_from_hf, common_to_hf, rope_from_hf, rope_to_hf
 
 MODEL_TYPES = {"gemma3_text": "gemma3"}
 
 
-class Gemma3Block(nn.Module):
-    cfg: ModelConfig
-    layer: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    dot_general_cls: DotGeneralCls = None
+class Gemma3Block(LayerModule):
+    """Sandwich-norm block: x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, cache=None, index=None):

@@ -6,24 +6,17 @@ Block: x + attn(norm(x)); then x + mlp(norm(x)). Param names follow the HF check
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
-import jax.numpy as jnp
 
 from ..config import FULL, SLIDING, ModelConfig, RopeConfig
-from ..layers import MLP, Attention, DotGeneralCls, RMSNorm
+from ..layers import LayerModule, MLP, Attention, RMSNorm
 
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
-class LlamaBlock(nn.Module):
-    cfg: ModelConfig
-    layer: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    dot_general_cls: DotGeneralCls = None
+class LlamaBlock(LayerModule):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, cache=None, index=None):
