@@ -205,6 +205,21 @@ def _median(xs):
     return statistics.median(xs)
 
 
+def _timed_runs(ttft_once, total_once, repeats: int) -> dict:
+    """One warm-up of each (compiles), then `repeats` timed pairs; medians and all samples."""
+    t0 = time.perf_counter()
+    _, tokens = total_once()
+    ttft_once()
+    warmup_s = time.perf_counter() - t0
+    ttfts, totals = [], []
+    for _ in range(repeats):
+        ttfts.append(ttft_once())
+        dt, tokens = total_once()
+        totals.append(dt)
+    return {"ttft_s": _median(ttfts), "total_s": _median(totals), "ttft_all_s": ttfts,
+            "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens}
+
+
 def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool) -> dict:
     from jaxaccel.engine import generate_tokens
 
@@ -231,18 +246,7 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool) -> di
             raise RuntimeError(f"jaxaccel generated {lens} tokens per row, expected {new_tokens}")
         return dt, out
 
-    t0 = time.perf_counter()
-    _, tokens = total_once()  # compiles the (batch, prompt, cache) bucket
-    ttft_once()
-    warmup_s = time.perf_counter() - t0
-    ttfts, totals = [], []
-    for _ in range(repeats):
-        ttfts.append(ttft_once())
-        dt, tokens = total_once()
-        totals.append(dt)
-    ttft, total = _median(ttfts), _median(totals)
-    res = {"ttft_s": ttft, "total_s": total, "ttft_all_s": ttfts, "total_all_s": totals,
-           "warmup_s": warmup_s, "tokens": tokens}
+    res = _timed_runs(ttft_once, total_once, repeats)  # warm-up compiles the bucket
     if stream:
         first = {}
 
@@ -286,17 +290,7 @@ def bench_torch(tm, prompts, new_tokens: int, repeats: int) -> dict:
             raise RuntimeError(f"transformers generated {gen.shape[1]} tokens, expected {new_tokens}")
         return dt, gen.tolist()
 
-    t0 = time.perf_counter()
-    ttft_once()
-    _, tokens = total_once()
-    warmup_s = time.perf_counter() - t0
-    ttfts, totals = [], []
-    for _ in range(repeats):
-        ttfts.append(ttft_once())
-        dt, tokens = total_once()
-        totals.append(dt)
-    return {"ttft_s": _median(ttfts), "total_s": _median(totals), "ttft_all_s": ttfts,
-            "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens}
+    return _timed_runs(ttft_once, total_once, repeats)
 
 
 def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: float) -> dict:

@@ -43,8 +43,12 @@ FAMILY_KINDS = ["llama3", "llama_tied", "mistral", "qwen2", "gemma3"]
 
 
 def make_hf_model(kind: str, seed: int = 0):
+    return random_hf_model(tiny_hf_config(kind), seed)
+
+
+def random_hf_model(cfg, seed: int = 0):
+    """A transformers causal LM of `cfg` with every tensor randomly perturbed (eval mode)."""
     torch.manual_seed(seed)
-    cfg = tiny_hf_config(kind)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     # Random init leaves norms at 1 / 0; perturb every tensor so each one matters in parity.
     with torch.no_grad():

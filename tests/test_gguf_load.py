@@ -15,13 +15,12 @@ import math
 import jax
 import numpy as np
 import pytest
-import torch
 
 import gguf
 from gguf import GGMLQuantizationType
 
 import jaxaccel
-from conftest import TINY, make_hf_model, torch_logits, transformers
+from conftest import TINY, make_hf_model, random_hf_model, torch_logits, transformers
 from gguf_util import write_tiny_gguf
 from jaxaccel.checkpoints.gguf import GGUFError
 
@@ -51,12 +50,7 @@ def gemma3_gguf_model(seed: int = 0):
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
         },
     )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return random_hf_model(cfg, seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """FastTokenizer (CLI fast start) agrees with the transformers tokenizer of the same folder."""
 
-import numpy as np
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
