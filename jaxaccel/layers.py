@@ -8,7 +8,9 @@ Dimension legend (used in einsum strings and shape comments):
 Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`,
 `vocab`, `norm`); `sharding.py` maps them onto mesh axes. Every matmul goes through the
 `dot_general` of a `Dense` (or `Embed.attend`), built by an injectable `dot_general_cls`
-factory: quantization swaps that factory and nothing else.
+factory: quantization swaps that factory and nothing else. A factory whose object has a
+`weight(module, name, init, shape, axes, transposed)` method (quant.py) also owns the weight's
+storage: when serving, int8/int4 values + scales replace the float param.
 
 The KV cache is an explicit pytree (see `init_cache`), threaded through `__call__`:
 `cache=None` trains / scores full sequences; with a cache the same code prefills (T > 1)
@@ -52,12 +54,14 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel", logical(_kernel_init, self.axes), (x.shape[-1], self.features), self.param_dtype
-        )
         dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
         x = x.astype(self.dtype)
-        y = dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        init = logical(_kernel_init, self.axes)
+        if hasattr(dot_general, "weight"):  # quant.py chooses the storage (int values + scales when serving)
+            y = dot_general.weight(self, "kernel", init, (x.shape[-1], self.features), self.axes, True).dot(x)
+        else:
+            kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
+            y = dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param(
                 "bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype
@@ -76,20 +80,26 @@ class Embed(nn.Module):
     dot_general_cls: DotGeneralCls = None
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding",
-            logical(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-            (self.num_embeddings, self.features),
-            self.param_dtype,
-        )
+        init = logical(nn.initializers.normal(stddev=1.0), ("vocab", "embed"))
+        shape = (self.num_embeddings, self.features)
+        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
+        if hasattr(dot_general, "weight"):  # quant.py: a weight with `take` (rows) and `dot` (attend)
+            self.quantized = dot_general.weight(self, "embedding", init, shape, ("vocab", "embed"), False)
+        else:
+            self.quantized = None
+            self.embedding = self.param("embedding", init, shape, self.param_dtype)
 
     def __call__(self, ids: Array) -> Array:
+        if self.quantized is not None:
+            return self.quantized.take(ids).astype(self.dtype)
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
         """x [B, T, D] -> float32 logits [B, T, V]."""
-        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
         x = x.astype(self.dtype)
+        if self.quantized is not None:
+            return self.quantized.dot(x, preferred_element_type=jnp.float32)
+        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
         emb = self.embedding.astype(self.dtype)
         return dot_general(x, emb, (((x.ndim - 1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32)
@@ -173,10 +183,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
     {"index": int32 [B] next slot to write per row,
      "layers": tuple over layers of {"k": [B, S, K, H], "v": [B, S, K, H]}} with S = length.
-    Slot s of a row holds the token at position s of that row.
+    Slot s of a row holds the token at position s of that row. With dtype int8 (QuantConfig
+    kv_cache_int8) each layer also holds float32 "k_scale" / "v_scale" [B, S, K, 1].
     """
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    int8 = jnp.dtype(dtype) == jnp.int8
+    scales = lambda: {f"{n}_scale": jnp.ones(shape[:3] + (1,), jnp.float32) for n in ("k", "v") if int8}
+    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), **scales()}
     return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layer() for _ in range(cfg.num_layers))}
 
 
@@ -184,6 +197,25 @@ def _write_rows(buf: Array, new: Array, index: Array) -> Array:
     """buf [B, S, K, H] <- new [B, T, K, H] at slots index[b] .. index[b] + T - 1."""
     write = lambda b, n, i: lax.dynamic_update_slice(b, n.astype(b.dtype), (i, 0, 0))
     return jax.vmap(write)(buf, new, index)
+
+
+def _cache_update(cache: dict, k: Array, v: Array, index: Array):
+    """Write k, v [B, T, K, H] at each row's slots -> (layer cache, keys, values [B, S, K, H]).
+    An int8 cache stores each (token, kv head) vector as int8 + one float32 scale."""
+    if "k_scale" not in cache:
+        new = {"k": _write_rows(cache["k"], k, index), "v": _write_rows(cache["v"], v, index)}
+        return new, new["k"], new["v"]
+    from .quant import dequantize, quantize
+
+    new, out = {}, []
+    for name, x in (("k", k), ("v", v)):
+        q, scale = quantize(x.reshape(-1, x.shape[-1]), 8)  # [B*T*K, H], [B*T*K, 1]
+        new[name] = _write_rows(cache[name], q.reshape(x.shape), index)
+        new[name + "_scale"] = _write_rows(cache[name + "_scale"], scale.reshape(x.shape[:3] + (1,)), index)
+        S = new[name].shape
+        flat = dequantize(new[name].reshape(-1, S[-1]), new[name + "_scale"].reshape(-1, 1))
+        out.append(flat.reshape(S))
+    return new, *out
 
 
 def attention_mask(q_slot: Array, k_slot: Array, window: int | None,
@@ -247,9 +279,7 @@ class Attention(LayerModule):
         else:
             if not cfg.causal:
                 raise ValueError("a KV cache needs causal attention; encoders score full sequences (cache=None)")
-            keys = _write_rows(cache["k"], k, index)
-            values = _write_rows(cache["v"], v, index)
-            new_cache = {"k": keys, "v": values}
+            new_cache, keys, values = _cache_update(cache, k, v, index)
             S = keys.shape[1]
             q_slot = q_slot + index[:, None]
             k_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
