@@ -1,0 +1,308 @@
+"""Device meshes and the one table that maps logical axis names onto them.
+
+`layers.py` names every parameter dimension (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`,
+`norm`) and constrains activations (`batch`, `length`, `embed`, `mlp`); `RULES` below maps
+those names onto the mesh axes `data`, `fsdp` and `tensor`. Nothing else in the package
+knows about meshes: params, optimizer state, KV caches and batches all get their
+`NamedSharding` from `RULES` here.
+
+Divisibility policy: a *parameter* dimension that its mesh axes do not divide is an error
+naming the parameter, the dimension and the mesh axis (params have fixed shapes: pick a
+mesh that fits). *Runtime* shapes (batch bucket, KV heads of the cache) fall back to fewer
+mesh axes and finally to replication: that is always correct, only less parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import meta
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes, in priority order: a mesh axis already used by an earlier
+# dimension of the same array is skipped (activations [batch, length, embed] shard the
+# batch over data x fsdp and keep embed whole; params [vocab, embed] shard both).
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("length", None),
+    ("norm", None),
+    ("head_dim", None),
+)
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")  # KV cache [B, S, K, H]
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape over (data, fsdp, tensor); one axis may be -1 = all remaining devices.
+
+    data: batch replicas; fsdp: params and optimizer state split along `embed`, batch split
+    too; tensor: heads / MLP / vocab split (Megatron-style).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        """Resolve -1 against `n_devices`; clear errors when the product cannot match."""
+        sizes = (self.data, self.fsdp, self.tensor)
+        text = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+        if any(not isinstance(s, (int, np.integer)) or (s < 1 and s != -1) for s in sizes):
+            raise ValueError(f"mesh {text}: every axis must be a positive integer or -1 (= the remaining devices)")
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh {text}: at most one axis may be -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if n_devices % known:
+                raise ValueError(f"mesh {text}: the fixed axes ({known} devices) do not divide the "
+                                 f"{n_devices} available devices; pick sizes whose product divides {n_devices}")
+            sizes = tuple(n_devices // known if s == -1 else s for s in sizes)
+        elif known != n_devices:
+            raise ValueError(f"mesh {text} needs {known} devices but {n_devices} are available "
+                             f"({jax.default_backend()}); make the product {n_devices} or set one axis to -1")
+        return tuple(int(s) for s in sizes)
+
+    def __str__(self) -> str:
+        return ",".join(f"{a}={getattr(self, a)}" for a in AXES)
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """'data=2,fsdp=2,tensor=2' -> MeshConfig. Unspecified axes are 1, except data, which takes
+    the remaining devices (-1) unless another axis already does: 'tensor=2' on 8 devices is 4 x 1 x 2."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in AXES:
+            raise ValueError(f"bad mesh entry {part!r} in {text!r}: use axis=size with axes {', '.join(AXES)}, "
+                             "e.g. data=2,fsdp=2,tensor=2")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"bad mesh size {value!r} for {name}: an integer or -1 is needed") from None
+    if not sizes:
+        raise ValueError(f"empty mesh {text!r}: use e.g. data=2,fsdp=2,tensor=2")
+    rest = "data" not in sizes and -1 not in sizes.values()
+    return MeshConfig(**{"data": -1 if rest else 1, "fsdp": 1, "tensor": 1, **sizes})
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    """`--mesh data=2,fsdp=2,tensor=2` for any subcommand (generate, finetune, ...)."""
+
+    def parse(text):
+        try:
+            return parse_mesh(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument("--mesh", type=parse, default=None, metavar="data=D,fsdp=F,tensor=T",
+                        help="shard over a device mesh (one axis may be -1 = the rest); default: one device")
+
+
+def build_mesh(mesh: MeshConfig | Mesh | str | tuple | None = None, devices=None) -> Mesh:
+    """A `Mesh` over all devices of all processes (or `devices`), axes (data, fsdp, tensor)."""
+    if isinstance(mesh, Mesh):
+        return mesh
+    if mesh is None:
+        mesh = MeshConfig()
+    elif isinstance(mesh, str):
+        mesh = parse_mesh(mesh)
+    elif isinstance(mesh, tuple):
+        mesh = MeshConfig(*mesh)
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh.shape(len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+# --- logical names -> PartitionSpec --------------------------------------------------------
+def _axes_size(mesh: Mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def logical_spec(names, shape, mesh: Mesh, what: str | None = None) -> P:
+    """Logical names of each dimension -> PartitionSpec by `RULES`.
+
+    what=None: runtime array, an indivisible dimension drops mesh axes from the end until it
+    divides (finally replicated). what="param name": an indivisible dimension is an error.
+    """
+    rules = dict(RULES)
+    used, out = set(), []
+    for dim, (name, size) in enumerate(zip(names, shape)):
+        axes = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule in jaxaccel.sharding.RULES")
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in used)
+        if what is not None and axes and size % _axes_size(mesh, axes):
+            desc = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+            raise ValueError(
+                f"parameter {what}: dimension {dim} ({name!r}, size {size}) is not divisible by mesh axis "
+                f"{desc}; choose a mesh whose {'/'.join(axes)} size divides {size}")
+        while axes and size % _axes_size(mesh, axes):
+            axes = axes[:-1]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def abstract_params(cfg, dtype="float32"):
+    """Boxed (`nn.Partitioned`) ShapeDtypeStructs of cfg's params, computed without allocating."""
+    from .models import registry
+
+    module = registry.build(cfg, dtype)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return module, jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)["params"]
+
+
+def _param_table(cfg, mesh: Mesh, dtype="float32") -> dict:
+    """Flat param path -> (shape, NamedSharding); divisibility errors before any allocation."""
+    _, boxed = abstract_params(cfg, dtype)
+    names = traverse_util.flatten_dict(nn.get_partition_spec(boxed))
+    shapes = traverse_util.flatten_dict(meta.unbox(boxed))
+    return {path: (s.shape, NamedSharding(mesh, logical_spec(tuple(names[path]) or (None,) * len(s.shape), s.shape,
+                                                             mesh, what="/".join(path))))
+            for path, s in shapes.items()}
+
+
+def param_shardings(cfg, mesh: Mesh, dtype="float32"):
+    """Params pytree of `NamedSharding`."""
+    return traverse_util.unflatten_dict({p: sh for p, (_, sh) in _param_table(cfg, mesh, dtype).items()})
+
+
+def shardings_like(tree, cfg, mesh: Mesh):
+    """Shardings for any pytree holding params-shaped subtrees (optimizer state, a TrainState):
+    a leaf whose dict-key path ends with a param's path and has that param's shape gets its
+    sharding; every other leaf (step counters, factored statistics, adapters) is replicated."""
+    table = _param_table(cfg, mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(key_path, leaf):
+        keys = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            shape, s = table.get(keys[i:], (None, None))
+            if shape is not None and tuple(shape) == tuple(np.shape(leaf)):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def shard_state(state, cfg, mesh: Mesh):
+    """Place a train state (params + optimizer state + counters) over `mesh` (see shardings_like)."""
+    return jax.device_put(state, shardings_like(state, cfg, mesh))
+
+
+def abstract_like(tree, cfg, mesh: Mesh):
+    """ShapeDtypeStructs of `tree` (arrays or abstract) carrying the shardings of `mesh`: the
+    target for restoring a checkpoint onto this mesh, whatever mesh it was saved from."""
+    tree = jax.eval_shape(lambda t: t, tree)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                        shardings_like(tree, cfg, mesh))
+
+
+# --- placing things --------------------------------------------------------------------------
+def from_host(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Host array (the same global value on every process) -> global array; each device
+    copies only its own slice, so the whole array never lands on one device."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def placer(cfg, mesh: Mesh, dtype="float32"):
+    """`placer(path, host_array)` for the checkpoint loaders: each device receives its shard."""
+    shardings = traverse_util.flatten_dict(param_shardings(cfg, mesh, dtype))
+    return lambda path, array: from_host(array, shardings[path])
+
+
+def shard_params(params, cfg, mesh: Mesh):
+    """Re-place an existing params pytree over `mesh`."""
+    return jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def shard(model, mesh) -> Any:
+    """A copy of `model` whose params are sharded over `mesh` (MeshConfig / Mesh / 'data=..')."""
+    mesh = build_mesh(mesh)
+    return dataclasses.replace(model, params=shard_params(model.params, model.config, mesh), mesh=mesh)
+
+
+def init_params(cfg, mesh: Mesh, seed: int = 0, dtype="float32"):
+    """Sharded random init: eval_shape -> partition specs -> jit(init, out_shardings=...).
+    Equal to the single-device init of the same seed (partitionable threefry)."""
+    module, _ = abstract_params(cfg, dtype)
+    init = lambda key: meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.jit(init, out_shardings=param_shardings(cfg, mesh, dtype))(jax.random.PRNGKey(seed))
+
+
+def init_random(cfg, mesh, seed: int = 0, dtype="float32"):
+    """`jaxaccel.init_random` with params created already sharded over `mesh`."""
+    from .model import Model
+
+    mesh = build_mesh(mesh)
+    return Model(cfg, init_params(cfg, mesh, seed, dtype), None, dtype, mesh=mesh)
+
+
+def batch_sharding(shape, mesh: Mesh) -> NamedSharding:
+    """[B, ...] arrays: batch over data x fsdp (fewer axes when B does not divide)."""
+    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def shard_batch(batch, mesh: Mesh):
+    """A pytree of host [B, ...] arrays -> global arrays split over the batch axes (each
+    process passes the same global batch; each device copies only its rows)."""
+    return jax.tree.map(lambda a: from_host(np.asarray(a), batch_sharding(np.shape(a), mesh)), batch)
+
+
+def cache_shardings(cache, mesh: Mesh):
+    """KV cache pytree (see layers.init_cache) -> shardings: [B] index by batch, k/v by CACHE_AXES."""
+    names = lambda x: ("batch",) if x.ndim == 1 else CACHE_AXES
+    return jax.tree.map(lambda x: NamedSharding(mesh, logical_spec(names(x), x.shape, mesh)), cache)
+
+
+def init_cache(cfg, batch: int, length: int, dtype=jnp.float32, mesh: Mesh | None = None):
+    """layers.init_cache, created directly sharded over `mesh` when one is given."""
+    from .layers import init_cache as make
+
+    fn = partial(make, cfg, batch, length, dtype)
+    if mesh is None:
+        return fn()
+    return jax.jit(fn, out_shardings=cache_shardings(jax.eval_shape(fn), mesh))()
+
+
+def activate(mesh: Mesh):
+    """Context for tracing with activation constraints (`nn.with_logical_constraint`) on:
+    `with sharding.activate(mesh): jitted(...)`. Outside it those constraints are no-ops."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules([(k, v) for k, v in RULES]))
+    return stack
+
+
+# --- reporting -------------------------------------------------------------------------------
+def bytes_per_device(tree) -> dict:
+    """device -> bytes of `tree`'s shards that live on it (addressable devices only)."""
+    out: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for s in leaf.addressable_shards:
+            out[s.device] = out.get(s.device, 0) + s.data.nbytes
+    return out
+
+
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{a}={n}" for a, n in mesh.shape.items()) + f" ({mesh.devices.size} {jax.default_backend()} devices)"

@@ -1,0 +1,114 @@
+"""Run by test_sharding.py in a subprocess with 8 CPU devices (XLA_FLAGS is read at jax import).
+
+argv: HF folder (vocab divisible by 8), the same model as a GGUF file, HF folder with vocab 97,
+output .npz. For the single
+device and each mesh it stores logits, greedy tokens, one `jaxaccel.train` step's loss and
+updated params, and measured per-device params bytes; the test compares them. Also records the
+errors of the bad-input cases.
+"""
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import jaxaccel
+from jaxaccel import cli, sharding, train
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], [40]]
+
+
+def run(model, mesh, tokens, out, tag):
+    optimizer = train.make_optimizer("sgd", 0.5, schedule="constant")  # linear in the gradient: tight equality
+    state = train.init_state(model, optimizer)
+    B, T = tokens.shape
+    batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+             "segments": np.ones_like(tokens), "weights": np.ones_like(tokens)}
+    step = train.make_train_step(model, optimizer, "sft")
+    if mesh is not None:
+        state = sharding.shard_state(state, model.config, mesh)
+        batch = sharding.shard_batch(batch, mesh)
+        with sharding.activate(mesh):  # activation constraints on while tracing
+            state, metrics = step(state, batch)
+        out[f"{tag}/state_devices"] = np.asarray(
+            min(len(x.sharding.device_set) for x in jax.tree.leaves(state)))
+        out[f"{tag}/opt_bytes"] = np.asarray(max(sharding.bytes_per_device(state.opt_state).values()))
+    else:
+        state, metrics = step(state, batch)
+    out[f"{tag}/logits"] = np.asarray(model.logits(np.asarray(PROMPTS[0])[None]))
+    out[f"{tag}/tokens"] = np.asarray([t + [-1] * (16 - len(t)) for t in
+                                       jaxaccel.generate_tokens(model, PROMPTS, max_new_tokens=16)])
+    out[f"{tag}/loss"] = np.asarray(metrics["loss"])
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        out[f"{tag}/param{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    per_device = sharding.bytes_per_device(model.params)
+    out[f"{tag}/bytes"] = np.asarray([per_device[d] for d in jax.devices() if d in per_device])
+
+
+def error_of(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def main(folder, gguf_file, folder97, dest):
+    assert len(jax.devices()) == 8, jax.devices()
+    out = {}
+    rng = np.random.default_rng(0)
+    base = jaxaccel.load(folder)
+    tokens = rng.integers(0, base.config.vocab_size, (8, 12)).astype(np.int32)
+    run(base, None, tokens, out, "single")
+    out["total_bytes"] = np.asarray(base.params_bytes)
+    for shape in MESHES:
+        m = jaxaccel.load(folder, mesh=jaxaccel.MeshConfig(*shape))
+        run(m, m.mesh, tokens, out, "mesh%d%d%d" % shape)
+        print(f"{sharding.describe(m.mesh):45s} params bytes/device {max(out['mesh%d%d%d/bytes' % shape]):>8,}"
+              f"  (single device {base.params_bytes:,})")
+    # GGUF loads sharded through the same placer; an already loaded model re-placed by shard()
+    ids = np.asarray(PROMPTS[0])[None]
+    out["gguf_logits"] = np.asarray(jaxaccel.load(gguf_file, mesh=jaxaccel.MeshConfig(1, 2, 4)).logits(ids))
+    moved = sharding.shard(base, jaxaccel.MeshConfig(2, 2, 2))
+    out["shard_logits"] = np.asarray(moved.logits(ids))
+    out["shard_devices"] = np.asarray(len(moved.params["lm_head"]["kernel"].sharding.device_set))
+    # the CLI flag: same text as the single-device API
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["generate", "one two three", "--model", folder, "--mesh", "data=2,fsdp=2,tensor=2",
+                       "--max-new-tokens", "8"])
+    out["cli"] = np.asarray([str(rc), buf.getvalue().strip(),
+                             jaxaccel.generate(base, ["one two three"], max_new_tokens=8)[0].strip()])
+    # `finetune --mesh`: the same loss curve and final params as on one device
+    data = Path(dest).with_suffix(".jsonl")
+    data.write_text("".join(json.dumps({"prompt": f"{i} one", "completion": " two three four"}) + "\n"
+                            for i in range(8)))
+    for tag, extra in (("ft_single", []), ("ft_mesh", ["--mesh", "data=2,fsdp=2,tensor=2"])):
+        ft_out = Path(dest).with_name(tag)
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(["finetune", "--model", folder, "--data", str(data), "--steps", "3", "--batch-size", "4",
+                           "--optimizer", "sgd", "--lr", "0.5", "--schedule", "constant", "--no-tensorboard",
+                           "--save-every", "2", "--out", str(ft_out), *extra])
+        assert rc == 0, tag
+        out[f"{tag}/loss"] = np.asarray([json.loads(line)["loss"]
+                                         for line in (ft_out / "metrics.jsonl").read_text().splitlines()])
+        out[f"{tag}/lm_head"] = np.asarray(jaxaccel.load(ft_out).params["lm_head"]["kernel"])
+    # sharded init == single-device init of the same seed
+    mesh = sharding.build_mesh(jaxaccel.MeshConfig(2, 2, 2))
+    ref = jaxaccel.init_random(base.config, seed=3).params
+    got = sharding.init_random(base.config, mesh, seed=3).params
+    out["init_max_diff"] = np.asarray(max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                                          for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))))
+    out["init_sharded"] = np.asarray(len(got["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set))
+    out["err_product"] = np.asarray(error_of(lambda: jaxaccel.load(folder, mesh=jaxaccel.MeshConfig(3, 1, 1))))
+    out["err_indivisible"] = np.asarray(error_of(lambda: jaxaccel.load(folder97, mesh=jaxaccel.MeshConfig(1, 1, 8))))
+    np.savez(dest, **out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

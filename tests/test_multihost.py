@@ -1,0 +1,76 @@
+"""Multi-process on 127.0.0.1: 2 processes x 4 CPU devices (jax.distributed, gloo) train 3 steps
+and save with orbax from both; the checkpoint restores onto 1 process x 8 devices and onto
+2 x 4 with a different layout, and the restored state and the next step's loss are equal."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mesh_util import device_env
+
+WORKER = Path(__file__).parent / "multihost_worker.py"
+
+
+def start(nproc: int, local_devices: int, *args) -> list[subprocess.Popen]:
+    """Start `nproc` worker processes (one per simulated host) on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coord = f"127.0.0.1:{port}" if nproc > 1 else "-"
+    env = device_env(local_devices)
+    return [subprocess.Popen([sys.executable, str(WORKER), args[0], coord, str(nproc), str(i), *map(str, args[1:])],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(nproc)]
+
+
+def finish(procs: list[subprocess.Popen]) -> str:
+    """Wait for all; fail with the logs if any fails or hangs; return process 0's summary line."""
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("multi-process worker timed out:\n" + "\n".join(logs))
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-5000:]
+    return "\n".join(line for line in logs[0].splitlines() if line.startswith(("train:", "restore:")))
+
+
+def test_two_processes_train_save_restore_elsewhere(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    print(finish(start(2, 4, "train", ckpt, tmp_path / "train.npz")))
+    assert (ckpt / "3" / "state").is_dir()
+    # both restores only read the checkpoint: run them side by side
+    one = start(1, 8, "restore", ckpt, tmp_path / "r18.npz", "fsdp=8")
+    two = start(2, 4, "restore", ckpt, tmp_path / "r24.npz", "fsdp=2,tensor=4")
+    print(finish(one))
+    print(finish(two))
+    want = dict(np.load(tmp_path / "train.npz"))
+    assert len(want) > 20 and int(want["['step']"]) == 3
+    for name in ("r18", "r24"):
+        got = dict(np.load(tmp_path / f"{name}.npz"))
+        assert got.keys() == want.keys()
+        for k in want:
+            if k != "loss4":
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}: {k}")
+        np.testing.assert_allclose(got["loss4"], want["loss4"], rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(coordinator_address="127.0.0.1:1234"), "together"),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), "process_id 2 must be in [0, 2)"),
+])
+def test_initialize_bad_input(kwargs, needle):
+    from jaxaccel import distributed
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        distributed.initialize(**kwargs)
