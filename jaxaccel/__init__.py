@@ -4,7 +4,10 @@ from .checkpoints import CheckpointError, load
 from .config import ModelConfig, RopeConfig
 from .engine import GenerationStats, generate, generate_tokens
 from .model import Model, init_random
+from .quant import QuantConfig
+from .train import finetune
+from .sharding import MeshConfig
 
-__all__ = ["load", "Model", "ModelConfig", "RopeConfig", "CheckpointError", "init_random",
-           "generate", "generate_tokens", "GenerationStats"]
+__all__ = ["load", "Model", "QuantConfig", "ModelConfig", "RopeConfig", "CheckpointError", "init_random",
+           "generate", "generate_tokens", "GenerationStats", "finetune", "MeshConfig"]
 __version__ = "0.1.0"

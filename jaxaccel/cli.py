@@ -18,7 +18,7 @@ def _load(args, default=None, fast_tokenizer=False):
 
     path = args.model or (default() if default else default_model_path(_err))
     t = time.perf_counter()
-    m = jaxaccel.load(path, dtype=args.dtype, fast_tokenizer=fast_tokenizer)
+    m = jaxaccel.load(path, dtype=args.dtype, fast_tokenizer=fast_tokenizer, mesh=getattr(args, "mesh", None))
     _err(f"loaded {m.config.family} ({m.num_params / 1e6:.0f}M params, {args.dtype}) from {path} "
          f"in {time.perf_counter() - t:.1f}s")
     return m
@@ -129,6 +129,32 @@ def _encoder_task(args, task: str) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .fit import cli_main
+
+    return cli_main(args)
+
+
+def cmd_quantize(args) -> int:
+    from . import quant
+    from .checkpoints.quantized import save
+
+    if not (args.out or args.report):
+        raise ValueError("nothing to do: pass --out DIR (write a quantized checkpoint) and/or --report")
+    cfg = quant.QuantConfig(mode=args.mode, group_size=args.group_size, kv_cache_int8=args.kv_cache_int8,
+                            quantize_embedding=not args.float_embedding)  # bad flags fail before loading
+    m = _load(args)
+    if args.report:
+        print(quant.memory_report(m, args.group_size))
+    if args.out:
+        t = time.perf_counter()
+        q = m.quantize(cfg)
+        out = save(q, args.out)
+        _err(f"wrote {out}: {cfg.mode} params {q.params_bytes / 2**20:.1f} MiB (float32 {m.params_bytes / 2**20:.1f} MiB) "
+             f"in {time.perf_counter() - t:.1f}s; `jaxaccel.load('{out}')` serves it")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import runpy
     from pathlib import Path
@@ -143,6 +169,8 @@ def cmd_bench(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .sharding import add_mesh_argument
+
     p = argparse.ArgumentParser(prog="jaxaccel", description="JAX-native language models")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -159,6 +187,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_mesh_argument(g)
     g.set_defaults(fn=cmd_generate)
 
     c = with_model(sub.add_parser("convert", help="load any supported checkpoint and write an HF folder"))
@@ -184,8 +213,23 @@ def parser() -> argparse.ArgumentParser:
             e.add_argument("--top-k", type=int, default=5)
         e.set_defaults(fn=lambda a, task=name: _encoder_task(a, task))
 
+    from .fit import add_arguments as finetune_arguments
+
+    finetune_arguments(sub.add_parser("finetune", help="fine-tune with optax; rerun on the same --out to resume"))\
+        .set_defaults(fn=cmd_finetune)
+
+    q = with_model(sub.add_parser("quantize", help="write a quantized checkpoint that jaxaccel.load serves; "
+                                  "--report prints measured params bytes per mode"))
+    q.add_argument("--mode", default="int8", help="float32 | bfloat16 | float16 | int8 | int4 | w8a8 | qat")
+    q.add_argument("--out", help="output folder (must not exist or be empty)")
+    q.add_argument("--group-size", type=int, default=128, help="int4 inputs per scale (must divide the input dims)")
+    q.add_argument("--float-embedding", action="store_true", help="keep the token embedding / lm_head in float")
+    q.add_argument("--kv-cache-int8", action="store_true", help="serve with an int8 KV cache")
+    q.add_argument("--report", action="store_true", help="print a table of measured params bytes per mode")
+    q.set_defaults(fn=cmd_quantize)
+
     b = sub.add_parser("bench", help="run a benchmark script from bench/ (e.g. jaxaccel bench decode --quick)")
-    b.add_argument("which", choices=["decode", "encoder"])
+    b.add_argument("which", choices=["decode", "encoder", "quant_quality", "quant_speed", "train"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import init_cache
+from .sharding import init_cache
 
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_QUANTUM = 64  # output buffer / cache tail is rounded up to this many tokens
@@ -155,7 +155,7 @@ class Engine:
     def _fresh_state(self, B: int, S: int, new_cap: int) -> LoopState:
         cache = self._caches.pop((B, S), None)
         if cache is None:
-            cache = init_cache(self.model.config, B, S, self.model.module.dtype)
+            cache = init_cache(self.model.config, B, S, self.model.cache_dtype, getattr(self.model, "mesh", None))
         zeros = jnp.zeros((B,), jnp.int32)
         return LoopState(cache, zeros, jnp.zeros((B, new_cap), jnp.int32), jnp.int32(0),
                          jnp.zeros((B,), bool))

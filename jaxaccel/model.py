@@ -30,6 +30,8 @@ class Model:
     tokenizer: Any = None
     dtype: str = "float32"
     dot_general_cls: Any = field(default=None, repr=False)
+    quant: Any = None  # the jaxaccel.QuantConfig these params were quantized with (None: float)
+    mesh: Any = field(default=None, repr=False)  # jax Mesh the params are sharded over (sharding.py)
 
     @cached_property
     def module(self):
@@ -103,11 +105,23 @@ class Model:
 
         return encoder.classify(self, [texts] if isinstance(texts, str) else texts, **kw)
 
+    def quantize(self, cfg) -> "Model":
+        """A new Model serving `cfg` (a jaxaccel.QuantConfig): int8 / int4 / w8a8 params become
+        int values + scales (no float copy); float modes recast the params. See quant.py."""
+        from . import quant
+
+        return quant.quantize_model(self, cfg)
+
     def save_hf(self, out_dir) -> Path:
         """Export as an HF folder (model.safetensors + config.json + tokenizer) that transformers loads."""
         from .checkpoints.hf import save_folder
 
         return save_folder(out_dir, self.config, self.params, self.tokenizer)
+
+    @property
+    def cache_dtype(self):
+        """KV cache dtype: int8 when quantized with kv_cache_int8, else the compute dtype."""
+        return jnp.int8 if self.quant is not None and self.quant.kv_cache_int8 else self.module.dtype
 
     @property
     def num_params(self) -> int:

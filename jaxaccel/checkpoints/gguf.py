@@ -435,7 +435,7 @@ def gguf_tensor_specs(path: str | os.PathLike, config: dict | None = None) -> li
     return [(hf, info.shape) for info, hf in _plan(header, config or _config_from_header(header))]
 
 
-def load_file(path: str | os.PathLike, dtype="float32", placer=None):
+def load_file(path: str | os.PathLike, dtype="float32", placer=None, mesh=None):
     """A .gguf file -> (ModelConfig, params, tokenizer | None), streaming tensor by tensor."""
     from ..models import registry
     from .hf import load_tensors, with_tokenizer_in_background
@@ -447,7 +447,8 @@ def load_file(path: str | os.PathLike, dtype="float32", placer=None):
         raise GGUFError(f"{path}: {e}") from None
     specs = gguf_tensor_specs(path, config)
     return cfg, *with_tokenizer_in_background(
-        lambda: load_tensors(cfg, specs, iter_gguf_tensors(path, config), dtype, source=str(path), placer=placer),
+        lambda: load_tensors(cfg, specs, iter_gguf_tensors(path, config), dtype, source=str(path), placer=placer,
+                             mesh=mesh),
         lambda: load_gguf_tokenizer(path))
 
 

@@ -141,12 +141,12 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
 
 def load_tensors(cfg: ModelConfig, specs: Iterable[tuple[str, tuple[int, ...]]],
                  data: Iterator[tuple[str, np.ndarray]], dtype="float32", source: str = "checkpoint",
-                 placer=None) -> dict:
+                 placer=None, mesh=None) -> dict:
     """Stream HF-named tensors into our nested params dict, one tensor at a time.
 
     `specs` (HF name, HF shape) are all validated first, before `data` is read: errors name
     the tensor and both shapes. `placer(path, np_array)` puts an array on devices (default:
-    jax.device_put); sharded loading passes its own.
+    jax.device_put); with a `mesh` each device receives only its shard of every tensor.
     """
     dtype = resolve_dtype(dtype)
     want = expected_shapes(cfg)
@@ -174,6 +174,10 @@ def load_tensors(cfg: ModelConfig, specs: Iterable[tuple[str, tuple[int, ...]]],
         problems.append("shape mismatch: " + "; ".join(bad))
     if problems:
         raise CheckpointError(f"{source} does not match the {cfg.family} config: " + " | ".join(problems))
+    if mesh is not None:  # shardings (and their divisibility errors) before any data is read
+        from ..sharding import placer as mesh_placer
+
+        placer = mesh_placer(cfg, mesh, dtype)
     placer = placer or (lambda path, a: jax.device_put(a))
     flat = {}
     for name, array in data:
@@ -206,14 +210,15 @@ def load_tokenizer(folder: Path, fast: bool = False):
     return tok
 
 
-def load_folder(folder, dtype="float32", placer=None, fast_tokenizer: bool = False):
+def load_folder(folder, dtype="float32", placer=None, fast_tokenizer: bool = False, mesh=None):
     """HF folder -> (ModelConfig, params, tokenizer | None)."""
     folder = Path(folder)
     _, cfg = read_config(folder)
     files = safetensors_files(folder)
     specs = safetensors_specs(files)
     return cfg, *with_tokenizer_in_background(
-        lambda: load_tensors(cfg, specs, iter_safetensors(files), dtype, source=str(folder), placer=placer),
+        lambda: load_tensors(cfg, specs, iter_safetensors(files), dtype, source=str(folder), placer=placer,
+                             mesh=mesh),
         lambda: load_tokenizer(folder, fast_tokenizer))
 
 
