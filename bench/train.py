@@ -10,8 +10,8 @@ How each number is taken
                 step of each in turn, so background load hits both alike; median per step.
   tokens/s      batch * length / median step seconds (every token is a training token).
   MFU           tokens/s * training FLOPs per token (`train.flops_per_token`: 6 N + attention)
-                / peak. Peak on CPU: the float32 matmul rate XLA reaches on this machine
-                (measured here, `train.peak_flops`); on GPU/TPU the datasheet bf16 peak.
+                / peak (`train.peak_flops`). Peak on CPU: the nominal float32 FMA peak
+                (cores x clock x FLOPs/cycle from /proc/cpuinfo); on GPU/TPU the datasheet bf16 peak.
   first loss    both sides' loss on the first batch (same weights), as a sanity check.
 
 GPU (`--gpu`, default when JAX sees a GPU): a ~1.1B Llama (TinyLlama shape) trained with
@@ -150,7 +150,7 @@ def main(argv=None):
         r["mfu"] = r["tokens_per_s"] * fpt / peak
         rows.append([name, f"{r['tokens_per_s']:.0f}", f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['mfu']:.1%}",
                      f"{r['first_loss']:.5f}"])
-    peak_kind = "measured f32 matmul" if jax.devices()[0].platform == "cpu" else "datasheet bf16"
+    peak_kind = "nominal f32 FMA" if jax.devices()[0].platform == "cpu" else "datasheet bf16"
     print(f"training: {config.num_params / 1e6:.1f}M-param llama, batch {B} x {T}, AdamW, median of {steps} "
           f"alternating steps, {'bf16 compute / f32 master' if dtype else 'float32'}; peak {peak / 1e9:.0f} "
           f"GFLOP/s ({peak_kind}), {fpt / 1e6:.1f} MFLOP/token")

@@ -42,6 +42,13 @@ def logical(init, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(init, axes)
 
 
+def _flat_dot(dot_general, x: Array, w: Array, w_in_axis: int, **kw) -> Array:
+    """x [..., in] . w (contracting w's axis `w_in_axis`) with x flattened to 2-D: XLA's backward
+    dW then contracts one merged batch axis, ~2x faster on CPU than over [B, T] separately."""
+    y = dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (w_in_axis,)), ((), ())), **kw)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias). kernel: [in, out] with logical names `axes`."""
 
@@ -61,7 +68,7 @@ class Dense(nn.Module):
             y = dot_general.weight(self, "kernel", init, (x.shape[-1], self.features), self.axes, True).dot(x)
         else:
             kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
-            y = dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+            y = _flat_dot(dot_general, x, kernel.astype(self.dtype), 0)
         if self.use_bias:
             bias = self.param(
                 "bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype
@@ -100,9 +107,7 @@ class Embed(nn.Module):
         if self.quantized is not None:
             return self.quantized.dot(x, preferred_element_type=jnp.float32)
         dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
-        emb = self.embedding.astype(self.dtype)
-        return dot_general(x, emb, (((x.ndim - 1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+        return _flat_dot(dot_general, x, self.embedding.astype(self.dtype), 1, preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nn.Module):

@@ -16,7 +16,6 @@ accumulation gives exactly the full-batch mean.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -227,26 +226,29 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU 
 
 @lru_cache(maxsize=None)
 def peak_flops(device=None) -> float:
-    """Dense peak FLOP/s of a device: datasheet bf16 figures for GPUs/TPUs; on CPU a measured
-    float32 matmul rate (the best this machine's XLA reaches), so CPU MFU is relative to it."""
+    """Dense peak FLOP/s of a device: datasheet bf16 figures for GPUs/TPUs; on CPU the nominal
+    float32 FMA peak, usable cores x clock x FLOPs per cycle (32 with AVX2/FMA or AMD's
+    double-pumped AVX-512, 64 with Intel AVX-512, else 16), read from /proc/cpuinfo."""
     device = device or jax.devices()[0]
     for name, flops in PEAK_BF16.items():
         if name.lower() in device.device_kind.lower():
             return flops
-    n = 1024
-    x = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
-    mm(x).block_until_ready()
-    t, reps = time.perf_counter(), 4
-    for _ in range(reps):
-        mm(x).block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    import os
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mhz = max((float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")), default=2500.0)
+    flags = set(next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    per_cycle = (64 if "avx512f" in flags and "GenuineIntel" in info else
+                 32 if {"avx2", "fma"} <= flags else 16)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores * mhz * 1e6 * per_cycle
 
 
 def flops_per_token(cfg, seq_len: int, trainable_fraction: float = 1.0) -> float:
     """Training FLOPs per token: 6 N (forward 2N, backward 4N; LoRA skips most weight grads)
-    plus attention scores 12 L T D (forward + backward)."""
-    n = cfg.num_params
+    plus attention scores 12 L T D (forward + backward). N counts the weights used in matmuls:
+    an untied input embedding is a gather, not a matmul, so it is left out."""
+    n = cfg.num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     matmul = 2 * n + 2 * n + 2 * n * trainable_fraction
     return matmul + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
 
