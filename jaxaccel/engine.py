@@ -192,15 +192,25 @@ class Engine:
                             np.int32(stop_at), host_done)
             step = int(state.step)
             if host_step is not None:
-                flagged = np.asarray(host_step(np.asarray(state.out[:, done_at:step]), done_at), bool)
+                flagged = np.asarray(host_step(_host(state.out)[:, done_at:step], done_at), bool)
                 stop_len = np.where(flagged & ~host_done, step, stop_len)
                 host_done = host_done | flagged
             done_at = step
-            if step >= max_new_tokens or bool(np.all(np.asarray(state.done) | host_done)):
+            if step >= max_new_tokens or bool(np.all(_host(state.done) | host_done)):
                 break
-        out = np.asarray(state.out)[:n, :done_at]
+        out = _host(state.out)[:n, :done_at]
         self._caches[(B, S)] = state.cache
         return [row[: stop_len[i]] for i, row in enumerate(out)]
+
+
+def _host(x) -> np.ndarray:
+    """A result array on the host; on several hosts (batch sharded across processes) every
+    process gathers the whole array."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from .distributed import gather
+
+        return np.asarray(gather(x))
+    return np.asarray(x)
 
 
 @dataclass

@@ -46,7 +46,7 @@ class MetricsLog:
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
-            self.tb = tensorboard_module().SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
+            self.tb = tensorboard_module().SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -114,6 +114,10 @@ def run(model, data, opts: T.TrainOptions, out: Path):
     if not isinstance(model, Model):
         model = load(model, fast_tokenizer=opts.task == "sft")
     cfg = model.config
+    if getattr(model, "quant", None) is not None and model.quant.integer:
+        raise ValueError(f"this model is quantized ({model.quant.mode}): its int weights cannot be trained. "
+                         "Fine-tune the float checkpoint (add --quant qat for quantization-aware training), "
+                         "then `jaxaccel quantize` the result")
     if (opts.task == "sft") != (cfg.head == "causal_lm") or (opts.task == "classify") != (cfg.head == "classifier"):
         raise ValueError(f"task {opts.task!r} does not fit this model's {cfg.head!r} head "
                          "(sft: causal LM; classify: sequence classifier; mlm: masked LM)")
@@ -159,11 +163,12 @@ def run(model, data, opts: T.TrainOptions, out: Path):
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t
             pos += 1
-            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m.pop("params_finite", 1.0)):
                 store.wait()
                 last = store.latest_step()
                 raise T.TrainingError(
-                    f"loss {m['loss']} (grad norm {m['grad_norm']}) is not finite at step {s}; stopped without "
+                    f"loss {m['loss']} (grad norm {m['grad_norm']}) or the updated params are not finite at step {s}; "
+                    "stopped without "
                     f"saving that step. The last good checkpoint is "
                     + (f"step {last} in {store.directory}" if last else "none (no step was saved yet)")
                     + "; lower --lr or set --clip, then rerun the same command to resume from it")

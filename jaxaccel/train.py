@@ -144,9 +144,7 @@ def make_loss_fn(model, task: str, *, compute_dtype=None, lora: lora_lib.LoraCon
         raise ValueError("task 'mlm' needs the tokenizer's mask token id (a BERT tokenizer with [MASK])")
 
     def fn(params, frozen, batch, rng, train=True):
-        kw = dict(segment_ids=batch["segments"])
-        if model.config.family == "bert":
-            kw["segment_ids"] = (batch["segments"] > 0).astype(jnp.int32)
+        kw = dict(segment_ids=batch["segments"])  # packed rows: equal ids attend, 0 = padding (BERT too)
 
         def logits_fn(tokens):
             if lora is None:
@@ -198,8 +196,10 @@ def make_train_step(model, optimizer, task: str = "sft", *, accum: int = 1, sche
                    "tokens": jnp.sum(batch["segments"] > 0)}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                            step=state.step + 1, data_pos=state.data_pos + 1)
+        params = optax.apply_updates(state.params, updates)
+        # finite loss and gradients can still overflow in the update: never save such a step
+        metrics["params_finite"] = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+        new = state.replace(params=params, opt_state=opt_state, step=state.step + 1, data_pos=state.data_pos + 1)
         return new, metrics
 
     if lora is None:
@@ -308,7 +308,8 @@ class TrainOptions:
     def setup(self) -> dict:
         """What fixes the checkpoint's structure (a resume must match it)."""
         return {"task": self.task, "optimizer": self.optimizer, "lora": self.lora and asdict(self.lora),
-                "quant": self.quant}
+                "quant": self.quant, "batch_size": self.batch_size, "accum": self.accum, "seed": self.seed,
+                "max_length": self.max_length, "pack": self.pack}
 
 
 def model_meta(model) -> dict:

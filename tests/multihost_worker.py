@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 
+import jaxaccel
 from jaxaccel import distributed, sharding, train
 from jaxaccel.checkpoints import store
 from jaxaccel.config import ModelConfig
@@ -51,11 +52,14 @@ def main(mode, coord, nproc, pid, ckpt, out, mesh_text="data=2,fsdp=2,tensor=2")
             assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (got.sharding, want.sharding)
         state = state.replace(**restored)
     saved = distributed.gather(ckpt_tree(state))
+    # greedy generation on the params sharded over every process (batch split across hosts)
+    served = jaxaccel.Model(CFG, state.params, None, mesh=mesh)
+    tokens = np.asarray(jaxaccel.generate_tokens(served, [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]], max_new_tokens=6))
     state, metrics = step_fn(state, sharding.shard_batch(batch(3), mesh))
     loss4 = float(metrics["loss"])
     if distributed.is_main():
         flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
-        np.savez(out, loss4=np.asarray(loss4), **flat)
+        np.savez(out, loss4=np.asarray(loss4), generated=tokens, **flat)
         print(f"{mode}: {sharding.describe(mesh)} processes={jax.process_count()} loss4={loss4:.6f}")
     distributed.shutdown()
 

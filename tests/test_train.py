@@ -292,3 +292,36 @@ def test_finetune_classifier_with_eval(tmp_path):
     with pytest.raises(ValueError, match=r"row 2: label 'meh' is not one of the model's labels \['neg', 'pos'\]"):
         data_lib.load([rows[0], {"text": "x", "label": "meh"}], model.tokenizer, "classify", max_length=8, batch_size=1,
                       labels=model.config.labels)
+
+
+def test_packed_mlm_rows_do_not_see_each_other(tmp_path, monkeypatch):
+    # no random masking: every real token is a target, so packed and separate rows must score alike
+    monkeypatch.setattr(train, "_mlm_inputs", lambda b, rng, mask_id, vocab: (
+        b["tokens"], b["tokens"], (b["segments"] > 0).astype(jnp.float32)))
+    tiny_bert("BertForMaskedLM", tmp_path)
+    model = jaxaccel.load(tmp_path)
+    loss_fn = jax.jit(train.make_loss_fn(model, "mlm", mask_token_id=VOCAB.index("[MASK]")))
+    a, b = np.array([5, 6, 7, 8, 9], np.int32), np.array([10, 11, 12], np.int32)
+
+    def rows(seqs, segs):
+        T = 8
+        tok, pos, seg = (np.zeros((len(seqs), T), np.int32) for _ in range(3))
+        for i, (s, sg) in enumerate(zip(seqs, segs)):
+            n = sum(len(x) for x in s)
+            tok[i, :n] = np.concatenate(s)
+            pos[i, :n] = np.concatenate([np.arange(len(x)) for x in s])
+            seg[i, :n] = np.concatenate([np.full(len(x), g) for x, g in zip(s, sg)])
+        return {"tokens": tok, "positions": pos, "segments": seg, "weights": seg.copy()}
+
+    packed = loss_fn(model.params, None, rows([[a, b]], [[1, 2]]), jax.random.PRNGKey(0))
+    separate = loss_fn(model.params, None, rows([[a], [b]], [[1], [1]]), jax.random.PRNGKey(0))
+    assert float(packed[1]) == float(separate[1]) == 8.0
+    assert float(packed[0]) == pytest.approx(float(separate[0]), rel=1e-5)
+
+
+def test_finetuning_a_quantized_model_is_refused(tiny, tmp_path):
+    _, model = tiny
+    q = model.quantize(jaxaccel.QuantConfig(mode="int8"))
+    with pytest.raises(ValueError, match="quantized .*Fine-tune the float checkpoint"):
+        jaxaccel.finetune(q, sft_rows(4), steps=1, out=tmp_path / "o", batch_size=2, progress=False,
+                          tensorboard=False)
