@@ -74,6 +74,14 @@ def gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def barrier(name: str) -> None:
+    """Wait until every process reaches `name` (a no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def shutdown() -> None:
     if _joined():
         jax.distributed.shutdown()

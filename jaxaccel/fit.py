@@ -20,6 +20,7 @@ import jax
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from . import distributed
 from . import lora as lora_lib
 from . import train as T
 
@@ -114,6 +115,7 @@ def run(model, data, opts: T.TrainOptions, out: Path):
     if not isinstance(model, Model):
         model = load(model, fast_tokenizer=opts.task == "sft")
     cfg = model.config
+    main = distributed.is_main()
     if getattr(model, "quant", None) is not None and model.quant.integer:
         raise ValueError(f"this model is quantized ({model.quant.mode}): its int weights cannot be trained. "
                          "Fine-tune the float checkpoint (add --quant qat for quantization-aware training), "
@@ -147,15 +149,16 @@ def run(model, data, opts: T.TrainOptions, out: Path):
     start = store.latest_step() or 0
     if start:
         state = T.TrainState(**store.restore(target=T.checkpoint_tree(state)), frozen=state.frozen)
-        print(f"resuming from step {start} of {out / 'checkpoints'}", file=sys.stderr)
-    log = MetricsLog(out, start, opts.tensorboard)
+        if main:
+            print(f"resuming from step {start} of {out / 'checkpoints'}", file=sys.stderr)
+    log = MetricsLog(out, start, opts.tensorboard) if main else _NoLog()
     step_fn = T.make_train_step(model, optimizer, opts.task, accum=opts.accum, schedule=schedule, **step_kw)
     eval_fn = T.make_eval_fn(model, opts.task, **step_kw) if eval_ds is not None else None
     trainable = sum(x.size for x in jax.tree.leaves(state.params)) / max(cfg.num_params, 1)
     fpt, peak = T.flops_per_token(cfg, ds.arrays["tokens"].shape[1], min(trainable, 1.0)), T.peak_flops()
     eval_every = opts.eval_every or opts.save_every
     pos = int(state.data_pos)
-    bar = tqdm(total=opts.steps, initial=start, desc=f"finetune {opts.task}", unit="step", disable=not opts.progress)
+    bar = tqdm(total=opts.steps, initial=start, desc=f"finetune {opts.task}", unit="step", disable=not (opts.progress and main))
     try:
         for s in range(start + 1, opts.steps + 1):
             t = time.perf_counter()
@@ -187,11 +190,26 @@ def run(model, data, opts: T.TrainOptions, out: Path):
         store.close()
     params = state.params
     if opts.lora is not None:
-        lora_lib.save(out / "lora", state.params, opts.lora)
         params = lora_lib.merge(state.frozen, state.params, opts.lora)
-    final = Model(cfg, params, model.tokenizer, model.dtype, mesh=mesh)
-    export(final, out)
-    return final
+    # several hosts: every process joins the gathers; process 0 alone writes the files
+    host = distributed.gather if jax.process_count() > 1 else (lambda tree: tree)
+    adapters, merged = host(state.params), host(params)
+    if main:
+        if opts.lora is not None:
+            lora_lib.save(out / "lora", adapters, opts.lora)
+        export(Model(cfg, merged, model.tokenizer, model.dtype), out)
+    distributed.barrier("jaxaccel finetune export")
+    return Model(cfg, params, model.tokenizer, model.dtype, mesh=mesh)
+
+
+class _NoLog:
+    """Processes other than 0 write no metrics (process 0 has the same values)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def summary(model, out: Path) -> str:
@@ -257,5 +275,6 @@ def cli_main(args) -> int:
     opts.update(clip=args.clip or None, lora_targets=tuple(args.lora_targets.split(",")))
     out = Path(args.out)
     T.finetune(model, args.data, task=args.task, steps=args.steps, out=out, **opts)
-    print(summary(model, out))
+    if distributed.is_main():
+        print(summary(model, out))
     return 0

@@ -21,6 +21,10 @@ CFG = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_s
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
 
 
+FINETUNE = dict(task="sft", steps=3, batch_size=4, optimizer="sgd", lr=0.5, schedule="constant", save_every=2,
+                progress=False, tensorboard=False)
+
+
 def batch(step: int) -> dict:
     """The same global batch on every process; shard_batch gives each device its rows."""
     tokens = np.random.default_rng(step).integers(0, CFG.vocab_size, (8, 16)).astype(np.int32)
@@ -32,6 +36,13 @@ def batch(step: int) -> dict:
 def main(mode, coord, nproc, pid, ckpt, out, mesh_text="data=2,fsdp=2,tensor=2"):
     if coord != "-":
         distributed.initialize(coord, int(nproc), int(pid))
+    if mode == "finetune":  # ckpt: an HF folder with a tokenizer; out: the run folder
+        from train_util import sft_rows
+
+        model = jaxaccel.load(ckpt, mesh=sharding.parse_mesh(mesh_text))
+        jaxaccel.finetune(model, sft_rows(8), out=out, **FINETUNE)
+        distributed.shutdown()
+        return
     mesh = sharding.build_mesh(mesh_text)
     model = sharding.init_random(CFG, mesh, seed=0)
     optimizer = train.make_optimizer("adamw", 1e-2, schedule="constant")

@@ -67,6 +67,26 @@ def test_two_processes_train_save_restore_elsewhere(tmp_path):
     assert want["generated"].shape == (4, 6)
 
 
+def test_two_process_finetune_writes_once_and_equals_one_process(tmp_path):
+    import json
+
+    import jax
+
+    import jaxaccel
+    from multihost_worker import FINETUNE
+    from train_util import llama_folder, sft_rows
+
+    folder = llama_folder(tmp_path / "m", layers=1)
+    finish(start(2, 4, "finetune", folder, tmp_path / "run", "data=1,fsdp=8"))  # params span both processes
+    jaxaccel.finetune(jaxaccel.load(folder), sft_rows(8), out=tmp_path / "one", **FINETUNE)
+    curve = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert len(curve("run")) == FINETUNE["steps"]  # written by process 0 alone
+    np.testing.assert_allclose(curve("run"), curve("one"), rtol=1e-5)
+    got, want = jaxaccel.load(tmp_path / "run").params, jaxaccel.load(tmp_path / "one").params
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(coordinator_address="127.0.0.1:1234"), "together"),
     (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), "process_id 2 must be in [0, 2)"),
