@@ -253,7 +253,8 @@ def add_arguments(sp):
     sp.add_argument("--lora-dropout", type=float, default=0.0)
     sp.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projection names")
     sp.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="bfloat16: mixed precision")
-    sp.add_argument("--quant", choices=["qat"], help="quantization-aware training (serve as w8a8)")
+    sp.add_argument("--quant", choices=["qat"], help="quantization-aware training; the export holds the float weights: serve them "
+                    "quantized with `jaxaccel quantize --model OUT --mode qat --out DIR` (the same forward)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                     help="write TensorBoard events to OUT/tb (metrics.jsonl is always written)")
