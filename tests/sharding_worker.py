@@ -74,6 +74,10 @@ def main(folder, gguf_file, folder97, dest):
     # GGUF loads sharded through the same placer; an already loaded model re-placed by shard()
     ids = np.asarray(PROMPTS[0])[None]
     out["gguf_logits"] = np.asarray(jaxaccel.load(gguf_file, mesh=jaxaccel.MeshConfig(1, 2, 4)).logits(ids))
+    # quantizing a sharded model: int8 serving on the mesh equals int8 on one device
+    q = jaxaccel.QuantConfig(mode="int8")
+    out["quant_single"] = np.asarray(base.quantize(q).logits(ids))
+    out["quant_mesh"] = np.asarray(jaxaccel.load(folder, mesh=jaxaccel.MeshConfig(2, 2, 2)).quantize(q).logits(ids))
     moved = sharding.shard(base, jaxaccel.MeshConfig(2, 2, 2))
     out["shard_logits"] = np.asarray(moved.logits(ids))
     out["shard_devices"] = np.asarray(len(moved.params["lm_head"]["kernel"].sharding.device_set))

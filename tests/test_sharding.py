@@ -110,6 +110,10 @@ def test_cli_generate_with_mesh_flag(results):
     assert rc == "0" and cli_text == api_text and len(api_text.split()) >= 3
 
 
+def test_quantizing_a_sharded_model_equals_one_device(results):
+    np.testing.assert_allclose(results["quant_mesh"], results["quant_single"], atol=2e-5)
+
+
 def test_cli_finetune_with_mesh_equals_single_device(results):
     np.testing.assert_allclose(results["ft_mesh/loss"], results["ft_single/loss"], rtol=1e-5)
     assert len(results["ft_single/loss"]) == 3
