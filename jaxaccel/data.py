@@ -42,7 +42,7 @@ def read_rows(source) -> tuple[list[dict], list[str]]:
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} not found")
         rows, where = [], []
-        jsonl = path.suffix in (".jsonl", ".ndjson")
+        jsonl = path.suffix in (".jsonl", ".ndjson", ".json")  # one JSON object per line
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
