@@ -84,7 +84,7 @@ def export(model, out: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_hf(tmp)
-    for f in tmp.iterdir():
+    for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):  # weights last
         os.replace(f, out / f.name)
     tmp.rmdir()
 
