@@ -59,6 +59,40 @@ def test_int4_min_max_error_bound_and_group_scales():
     assert (err <= np.asarray(scale)[..., None] * 0.5001).all()
 
 
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 16), (4, 32), (4, 16)])
+def test_mse_search_is_never_worse_than_min_max_per_group(bits, group):
+    """The stored quantizer (what convert and QAT use): per row / group, its squared error is at
+    most min/max's (min/max is its first candidate), and clearly lower overall on heavy tails."""
+    w = (RNG.standard_t(3, size=(32, 128)) * RNG.uniform(0.01, 3, size=(32, 1))).astype(np.float32)
+    g = group or 128
+    if bits == 8:
+        q, scale = quant.quantize_mse(jnp.asarray(w), 8, group)
+        deq, ref = quant.dequantize(q, scale), quant.dequantize(*quant.quantize(jnp.asarray(w), 8, group))
+        assert q.dtype == jnp.int8 and int(jnp.abs(q.astype(jnp.int32)).max()) <= 127
+    else:
+        q, scale, zero = quant.quantize_asymmetric_mse(jnp.asarray(w), 4, group)
+        deq, ref = quant.dequantize(q, scale, zero), quant.dequantize(*quant.quantize_asymmetric(jnp.asarray(w), 4, group))
+        assert q.dtype == jnp.uint8 and int(q.max()) <= 15 and zero.shape == (32, 128 // g)
+    assert scale.shape == (32, 128 // g) and (np.asarray(scale) > 0).all()
+    err = ((np.asarray(deq) - w) ** 2).reshape(32, -1, g).sum(-1)
+    ref_err = ((np.asarray(ref) - w) ** 2).reshape(32, -1, g).sum(-1)
+    assert (err <= ref_err * (1 + 1e-5) + 1e-30).all()
+    assert err.sum() < (0.99 if bits == 8 else 0.9) * ref_err.sum()
+
+
+def test_int4_search_recovers_weights_already_on_a_4_bit_grid():
+    """Groups whose values lie on 16 evenly spaced levels but span only 11..15 of them (as a
+    dequantized 4-bit checkpoint's do): min/max misplaces its levels, the search is exact."""
+    steps = RNG.integers(11, 16, size=(16, 4, 1))
+    codes = RNG.integers(0, 16, size=(16, 4, 32)) % (steps + 1)
+    codes[..., 0], codes[..., 1] = 0, steps[..., 0]  # each group spans exactly `steps` levels
+    w = (codes * RNG.uniform(0.001, 0.1, size=(16, 4, 1)) - RNG.uniform(0, 0.5, size=(16, 4, 1)))
+    w = w.astype(np.float32).reshape(16, 128)
+    deq = np.asarray(quant.dequantize(*quant.quantize_asymmetric_mse(jnp.asarray(w), 4, 32)))
+    ref = np.asarray(quant.dequantize(*quant.quantize_asymmetric(jnp.asarray(w), 4, 32)))
+    assert np.abs(deq - w).max() <= 1e-5 * np.abs(w).max() < np.abs(ref - w).max() / 100
+
+
 def test_int4_pack_unpack_round_trip():
     q = jnp.asarray(RNG.integers(0, 16, size=(5, 64)), jnp.uint8)
     q = q.at[0, :16].set(jnp.arange(16, dtype=jnp.uint8))  # every nibble value, even and odd slots
