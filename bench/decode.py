@@ -315,6 +315,14 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 # --- output ---------------------------------------------------------------------------------
+def write_json(doc: dict, path) -> None:
+    """Write a benchmark's results (bench/results/ by default) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -457,9 +465,7 @@ def main(argv=None):
                         "quick": q, "seed": args.seed},
            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
            "memory_bandwidth": bw, "models": model_info, "results": results}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    write_json(doc, out_path)
     return doc
 
 

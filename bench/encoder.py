@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.decode import write_json  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encoder.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "encoder_quick.json"
@@ -249,9 +251,7 @@ def main(argv=None):
            "settings": {"repeats": repeats, "statistic": "median", "dtype": "float32", "torch_num_threads": threads,
                         "transformers_attn": "eager (module default)", "quick": args.quick},
            "load_average_after": list(os.getloadavg()), "results": results}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    write_json(doc, out_path)
     return doc
 
 

@@ -20,14 +20,16 @@ Never part of the tests (tests/test_quant.py has a quick real-model check with l
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from bench.decode import machine_info, write_json  # noqa: E402
+
 CORPUS = HERE / "data" / "corpus.txt"
 OUT = HERE / "results" / "quant_quality.json"
 
@@ -139,14 +141,10 @@ def encoder_quality(args) -> list[dict]:
 
 
 def save(args, data: dict) -> None:
-    import jax
-
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"machine": {"cpu": platform.processor() or platform.machine(), "devices": [str(d) for d in jax.devices()],
-                        "jax": jax.__version__},
-            "window": args.window, "tokens_limit": args.tokens, **data}
-    out.write_text(json.dumps(data, indent=1))
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable CPUs, devices {machine['jax_devices']}")
+    write_json({"machine": machine, "window": args.window, "tokens_limit": args.tokens, **data}, out)
 
 
 def main(argv=None):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 OUT = HERE / "results" / "quant_speed.json"
 MODES = [("float32", dict(mode="float32")), ("bfloat16", dict(mode="bfloat16")), ("int8", dict(mode="int8")),
          ("int4 g=32", dict(mode="int4", group_size=32)), ("w8a8", dict(mode="w8a8"))]
@@ -77,7 +76,7 @@ def formulations(repeats: int) -> list[dict]:
 
 def end_to_end(args) -> list[dict]:
     import jaxaccel
-    from decode import RANDOM_CONFIG, bench_jax
+    from bench.decode import RANDOM_CONFIG, bench_jax
 
     if args.quick:
         base = jaxaccel.init_random(jaxaccel.ModelConfig(**RANDOM_CONFIG), seed=0)
@@ -123,7 +122,7 @@ def main(argv=None):
 
     import jax
 
-    from decode import machine_info
+    from bench.decode import machine_info, write_json
     from jaxaccel.quant import format_table
 
     machine = machine_info()
@@ -140,11 +139,7 @@ def main(argv=None):
                        [[r["mode"], r["batch"], f"{r['params_bytes'] / 2**20:.0f}", f"{r['prefill_tok_s']:.0f}",
                          f"{r['decode_tok_s']:.1f}", f"{r['prefill_vs_float32']:.2f}x", f"{r['decode_vs_float32']:.2f}x",
                          f"{r['prefill_vs_bf16']:.2f}x", f"{r['decode_vs_bf16']:.2f}x"] for r in e2e]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "args": {k: v for k, v in vars(args).items()},
-                               "formulations": forms, "end_to_end": e2e}, indent=1))
-    print(f"\nwrote {out}")
+    write_json({"machine": machine, "args": dict(vars(args)), "formulations": forms, "end_to_end": e2e}, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.decode import fmt_table, machine_info  # noqa: E402
+from bench.decode import fmt_table, machine_info, write_json  # noqa: E402
 
 CPU_CONFIG = dict(family="llama", vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6,
                   num_heads=6, num_kv_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -162,11 +161,9 @@ def main(argv=None):
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cpus_usable']} usable CPUs, devices {info['jax_devices']}")
     out = args.out or ROOT / "bench" / "results" / f"train{'_gpu' if gpu else ''}{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "machine": info,
-                               "config": cfg, "batch": B, "length": T, "steps": steps, "compute_dtype": dtype,
-                               "peak_flops": peak, "flops_per_token": fpt, "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_json({"date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "machine": info,
+                "config": cfg, "batch": B, "length": T, "steps": steps, "compute_dtype": dtype,
+                "peak_flops": peak, "flops_per_token": fpt, "results": results}, out)
 
 
 if __name__ == "__main__":
