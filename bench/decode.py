@@ -324,10 +324,9 @@ def write_json(doc: dict, path) -> None:
 
 
 def fmt_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep] + [line(r) for r in rows])
+    from jaxaccel.quant import format_table  # the package's one table formatter
+
+    return format_table(header, rows)
 
 
 def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
