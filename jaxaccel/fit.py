@@ -116,7 +116,7 @@ def run(model, data, opts: T.TrainOptions, out: Path):
         model = load(model, fast_tokenizer=opts.task == "sft")
     cfg = model.config
     main = distributed.is_main()
-    if getattr(model, "quant", None) is not None and model.quant.integer:
+    if model.quant is not None and model.quant.integer:
         raise ValueError(f"this model is quantized ({model.quant.mode}): its int weights cannot be trained. "
                          "Fine-tune the float checkpoint (add --quant qat for quantization-aware training), "
                          "then `jaxaccel quantize` the result")
@@ -134,7 +134,7 @@ def run(model, data, opts: T.TrainOptions, out: Path):
     step_kw = dict(compute_dtype=opts.compute_dtype, lora=opts.lora, dot_general_cls=_quant_dot(opts.quant),
                    mask_token_id=getattr(model.tokenizer, "mask_token_id", None) if opts.task == "mlm" else None)
     state = T.init_state(model, optimizer, opts.seed, opts.lora)
-    mesh = getattr(model, "mesh", None)
+    mesh = model.mesh
     if mesh is not None:  # params, optimizer state and batches over the mesh (see sharding.RULES)
         from . import sharding
 

@@ -230,6 +230,10 @@ def test_cli_finetune_qat_and_different_model_refused(tiny, tmp_path, hf_folder,
     err = capsys.readouterr().err
     assert code == 2 and "different model" in err and "refusing to resume" in err and "num_kv_heads" in err
     assert store.restore(out / "checkpoints")["step"] == 2  # the old run's checkpoints are untouched
+    bigger = [a if a != "2" or args[i - 1] != "--batch-size" else "4" for i, a in enumerate(args)]
+    assert cli.main(bigger) == 2  # same model, another batch size: a different data stream
+    err = capsys.readouterr().err
+    assert "different training setup" in err and "batch_size" in err and "refusing to resume" in err
 
 
 # --- bad input -----------------------------------------------------------------------------------
