@@ -483,10 +483,8 @@ def serving_shapes(config, cfg: QuantConfig, dtype="float32") -> dict:
     """"/"-joined path -> ShapeDtypeStruct of the serving params of `config` under `cfg`."""
     from .models import registry
 
-    module = registry.build(config, dtype, dot_general_cls=dot_general_cls(cfg, serving=True))
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
-    return traverse_util.flatten_dict(nn.unbox(shapes["params"]), sep="/")
+    shapes = registry.abstract_params(config, dtype, dot_general_cls(cfg, serving=True))
+    return traverse_util.flatten_dict(nn.unbox(shapes), sep="/")
 
 
 def format_table(header: list, rows: list) -> str:

@@ -161,18 +161,11 @@ def logical_spec(names, shape, mesh: Mesh, what: str | None = None) -> P:
     return P(*out)
 
 
-def abstract_params(cfg, dtype="float32"):
-    """Boxed (`nn.Partitioned`) ShapeDtypeStructs of cfg's params, computed without allocating."""
-    from .models import registry
-
-    module = registry.build(cfg, dtype)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return module, jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)["params"]
-
-
 def _param_table(cfg, mesh: Mesh, dtype="float32") -> dict:
     """Flat param path -> (shape, NamedSharding); divisibility errors before any allocation."""
-    _, boxed = abstract_params(cfg, dtype)
+    from .models.registry import abstract_params
+
+    boxed = abstract_params(cfg, dtype)
     names = traverse_util.flatten_dict(nn.get_partition_spec(boxed))
     shapes = traverse_util.flatten_dict(meta.unbox(boxed))
     return {path: (s.shape, NamedSharding(mesh, logical_spec(tuple(names[path]) or (None,) * len(s.shape), s.shape,
@@ -243,7 +236,9 @@ def shard(model, mesh) -> Any:
 def init_params(cfg, mesh: Mesh, seed: int = 0, dtype="float32"):
     """Sharded random init: eval_shape -> partition specs -> jit(init, out_shardings=...).
     Equal to the single-device init of the same seed (partitionable threefry)."""
-    module, _ = abstract_params(cfg, dtype)
+    from .models import registry
+
+    module = registry.build(cfg, dtype)
     init = lambda key: meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh, dtype))(jax.random.PRNGKey(seed))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 
 from ..config import ModelConfig, resolve_dtype
 from ..layers import DecoderLM
@@ -60,3 +63,34 @@ def build(cfg: ModelConfig, dtype="float32", param_dtype=None, dot_general_cls=N
     if family.build is not None:
         return family.build(cfg, dtype, param_dtype, dot_general_cls)
     return DecoderLM(cfg, family.block, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls)
+
+
+_FIRST_LAYER = re.compile(r"^(layers?)_0$")  # "layers_0" (decoders), "layer_0" (BERT)
+
+
+def abstract_params(cfg: ModelConfig, dtype="float32", dot_general_cls=None):
+    """Boxed (`nn.Partitioned`) ShapeDtypeStructs of cfg's params, without allocating anything.
+
+    Traces a one-layer copy of the model and repeats its layer entry for every layer: all layers
+    of a family hold the same params (only their attention window / rope differ), and tracing
+    one instead of all of them is what makes a warm load fast (0.02 s instead of 0.4 s for
+    Gemma 3 270M). `tests/test_models.py` checks this against tracing the whole model.
+    """
+    one = cfg.replace(num_layers=1, layer_types=cfg.layer_types[:1])
+    module = build(one, dtype, dot_general_cls=dot_general_cls)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    tree = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)["params"]
+    return _repeat_layers(tree, cfg.num_layers)
+
+
+def _repeat_layers(tree, n: int):
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        m = _FIRST_LAYER.match(key)
+        if m:
+            out.update({f"{m.group(1)}_{i}": value for i in range(n)})
+        else:
+            out[key] = _repeat_layers(value, n)
+    return out
