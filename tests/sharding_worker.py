@@ -78,6 +78,13 @@ def main(folder, gguf_file, folder97, dest):
     q = jaxaccel.QuantConfig(mode="int8")
     out["quant_single"] = np.asarray(base.quantize(q).logits(ids))
     out["quant_mesh"] = np.asarray(jaxaccel.load(folder, mesh=jaxaccel.MeshConfig(2, 2, 2)).quantize(q).logits(ids))
+    # a float serving folder (the embedded model's cache format) loads sharded too
+    from jaxaccel.checkpoints import quantized
+
+    serving = quantized.save(base.quantize(jaxaccel.QuantConfig(mode="float32")), Path(dest).parent / "serving")
+    served = jaxaccel.load(serving, mesh=jaxaccel.MeshConfig(1, 2, 4))
+    out["serving_logits"] = np.asarray(served.logits(ids))
+    out["serving_devices"] = np.asarray(len(served.params["lm_head"]["kernel"].sharding.device_set))
     moved = sharding.shard(base, jaxaccel.MeshConfig(2, 2, 2))
     out["shard_logits"] = np.asarray(moved.logits(ids))
     out["shard_devices"] = np.asarray(len(moved.params["lm_head"]["kernel"].sharding.device_set))

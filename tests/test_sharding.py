@@ -66,6 +66,8 @@ def test_gguf_sharded_load_and_reshard_of_a_loaded_model(results):
     np.testing.assert_allclose(results["gguf_logits"], results["single/logits"], atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(results["shard_logits"], results["single/logits"], atol=2e-5, rtol=1e-5)
     assert int(results["shard_devices"]) == 8
+    np.testing.assert_allclose(results["serving_logits"], results["single/logits"], atol=2e-5, rtol=1e-5)
+    assert int(results["serving_devices"]) == 8
 
 
 def test_sharded_init_equals_single_device_init(results):
