@@ -25,14 +25,18 @@ def _load(args, default=None, fast_tokenizer=False):
 
 
 def cmd_generate(args) -> int:
-    from .engine import GenerationStats, generate
+    from .engine import GenerationStats, generate, prepare
 
     m = _load(args, fast_tokenizer=True)  # generate needs only encode/decode: skip AutoTokenizer's ~5 s
     stats = GenerationStats()
     write = lambda i, text: (sys.stdout.write(text), sys.stdout.flush())
-    generate(m, [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None, stream=write,
-             stats=stats)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    # Trace now and compile in a thread while generate() parses the tokenizer (lazily loaded),
+    # for the bucket the prompt most likely needs (<= 1 token per 3 UTF-8 bytes, plus BOS); a
+    # wrong guess only costs a second compile when generate() asks for the real bucket.
+    prepare(m, 1, len(args.prompt.encode()) // 3 + 2, args.max_new_tokens, **sampling)
+    generate(m, [args.prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop or None,
+             stream=write, stats=stats, **sampling)
     sys.stdout.write("\n")
     _err(f"time to first token {stats.time_to_first_token:.2f}s | prefill {stats.prefill_tokens_per_s:.1f} tok/s "
          f"({stats.prompt_tokens} tokens) | decode {stats.decode_tokens_per_s:.1f} tok/s "

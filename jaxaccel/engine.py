@@ -14,7 +14,9 @@ compiled in, so the program lands in XLA's persistent compilation cache.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -24,10 +26,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import programs
 from .sharding import init_cache
 
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_QUANTUM = 64  # output buffer / cache tail is rounded up to this many tokens
+EOS_SLOTS = 8  # EOS ids are passed padded (with -1) to this many, so the program's shapes are known early
+
+
+def eos_array(eos: Sequence[int]) -> np.ndarray:
+    """EOS ids padded with -1 (never a token) to EOS_SLOTS, or to a power of two beyond it."""
+    ids = sorted(set(int(e) for e in eos))
+    out = np.full((max(EOS_SLOTS, bucket(len(ids))),), -1, np.int32)
+    out[: len(ids)] = ids
+    return out
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -112,17 +124,68 @@ class Engine:
     def __init__(self, model):
         self.model = model
         self._caches: dict[tuple[int, int], dict] = {}
-        self._programs: dict[tuple, Callable] = {}
-
-    def program(self, sampler: Sampler) -> Callable:
-        if sampler not in self._programs:
-            self._programs[sampler] = jax.jit(partial(self._step, sampler), donate_argnums=(1,))
-        return self._programs[sampler]
+        self._compiled: dict[tuple, Future] = {}  # (sampler, B, T, S) -> Future of a jax Compiled
+        self._lock = threading.Lock()
 
     @property
     def compiled_programs(self) -> int:
         """How many XLA programs the generation functions have compiled so far."""
-        return sum(p._cache_size() for p in self._programs.values())
+        return sum(f.done() and f.exception() is None for f in self._compiled.values())
+
+    @staticmethod
+    def shapes(n_prompts: int, longest_prompt: int, max_new_tokens: int) -> tuple[int, int, int, int]:
+        """(batch bucket B, prompt bucket T, new-token capacity, cache length S) of a request."""
+        B, T = bucket(n_prompts), bucket(longest_prompt, MIN_PROMPT_BUCKET)
+        new_cap = NEW_TOKENS_QUANTUM * math.ceil(max_new_tokens / NEW_TOKENS_QUANTUM)
+        return B, T, new_cap, T + new_cap
+
+    def _program(self, sampler: Sampler, B: int, T: int, new_cap: int, n_eos: int = EOS_SLOTS,
+                 background: bool = False) -> Future:
+        """Future of the compiled program for these shapes: traced and lowered here, compiled (or
+        fetched from XLA's persistent cache) here or, with `background`, in a thread (XLA runs
+        without the GIL). Each shape is built once; later askers get the same future."""
+        key, S = (sampler, B, T, T + new_cap, n_eos), T + new_cap
+        with self._lock:
+            fut = self._compiled.get(key)
+            if fut is not None:
+                return fut
+            fut = self._compiled[key] = Future()
+        try:
+            state = self._fresh_state(B, S, new_cap)
+            i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+            f32 = jax.ShapeDtypeStruct((), jnp.float32)
+            args = (self.model.params, state, i32(B, T), i32(B), jax.ShapeDtypeStruct((B,), bool), i32(B), i32(),
+                    f32, f32, i32(n_eos), jax.ShapeDtypeStruct((), bool), i32(), jax.ShapeDtypeStruct((B,), bool))
+            m = self.model
+            name = f"generate {m.config!r} {m.dtype} {m.quant!r} {sampler!r} {key[1:]}"
+            finish = programs.lower_cached(partial(self._step, sampler), args, (1,), state, name)
+            self._caches[(B, S)] = state.cache
+        except BaseException as e:
+            self._failed(key, fut, e)
+            raise
+
+        def compile_():
+            try:
+                fut.set_result(finish())
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                self._failed(key, fut, e)
+
+        if background:
+            threading.Thread(target=compile_, name="jaxaccel-compile", daemon=True).start()
+        else:
+            compile_()
+        return fut
+
+    def _failed(self, key, fut: Future, e: BaseException) -> None:
+        with self._lock:
+            self._compiled.pop(key, None)
+        fut.set_exception(e)
+
+    def prepare(self, n_prompts: int, longest_prompt: int, max_new_tokens: int, sampler: Sampler = Sampler()) -> None:
+        """Trace the program a request of this shape will run and start compiling it in a thread;
+        returns once tracing is done (the CLI then parses the tokenizer while XLA compiles)."""
+        B, T, new_cap, _ = self.shapes(n_prompts, longest_prompt, max_new_tokens)
+        self._program(sampler, B, T, new_cap, background=True)
 
     def _step(self, sampler, params, state: LoopState, tokens, lengths, active, seeds, max_new,
               temperature, top_p, eos, prefill_now, stop_at, host_done):
@@ -169,9 +232,7 @@ class Engine:
         tokens (streaming, stop strings); rows it flags stop.
         """
         n = len(prompts)
-        B, T = bucket(n), bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
-        new_cap = NEW_TOKENS_QUANTUM * math.ceil(max_new_tokens / NEW_TOKENS_QUANTUM)
-        S = T + new_cap
+        B, T, new_cap, S = self.shapes(n, max(len(p) for p in prompts), max_new_tokens)
         tokens = np.zeros((B, T), np.int32)
         lengths = np.ones((B,), np.int32)
         for i, p in enumerate(prompts):
@@ -182,8 +243,8 @@ class Engine:
         fixed = (tokens, lengths, np.arange(B) < n, seed_arr, np.int32(max_new_tokens),
                  np.float32(temperature if temperature > 0 else 1.0),
                  np.float32(top_p if top_p is not None else 1.0),
-                 np.asarray(sorted(set(eos)) or [-1], np.int32))
-        program = self.program(sampler)
+                 eos_array(eos))
+        program = self._program(sampler, B, T, new_cap, len(fixed[-1])).result()
         state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
         stop_len = np.full((B,), max_new_tokens)  # where the host stopped a row
         while True:
@@ -279,6 +340,20 @@ def encode_prompts(model, prompts) -> list[list[int]]:
     return out
 
 
+def make_sampler(model, temperature: float, top_k: int | None, top_p: float | None) -> Sampler:
+    greedy = temperature == 0.0
+    top_k = None if greedy or top_k is None else min(int(top_k), model.config.vocab_size)
+    return Sampler(greedy=greedy, top_k=top_k, top_p=(not greedy and top_p is not None and top_p < 1.0))
+
+
+def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32, temperature: float = 0.0,
+            top_k: int | None = None, top_p: float | None = None) -> None:
+    """Trace the program that `generate` with these settings will run (its bucket of
+    `prompt_tokens`) and compile it in a thread; returns after tracing. Optional: generate
+    compiles on demand, and waits for a compile already in progress."""
+    _engine(model).prepare(n_prompts, prompt_tokens, max_new_tokens, make_sampler(model, temperature, top_k, top_p))
+
+
 def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed=0,
                     host_step: Callable | None = None) -> list[list[int]]:
@@ -300,9 +375,7 @@ def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float
     seeds = [int(seed)] * len(ids) if np.isscalar(seed) else [int(s) for s in seed]
     if len(seeds) != len(ids):
         raise ValueError(f"got {len(seeds)} seeds for {len(ids)} prompts")
-    greedy = temperature == 0.0
-    top_k = None if greedy or top_k is None else min(int(top_k), model.config.vocab_size)
-    sampler = Sampler(greedy=greedy, top_k=top_k, top_p=(not greedy and top_p is not None and top_p < 1.0))
+    sampler = make_sampler(model, temperature, top_k, top_p)
     eos = _eos_ids(model)
     out = _engine(model).run(ids, max_new_tokens, sampler, temperature, top_p, seeds, eos, host_step)
     result = []

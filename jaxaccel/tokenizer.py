@@ -13,6 +13,7 @@ import json
 import shutil
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -22,11 +23,18 @@ _SPECIAL = ("bos", "eos", "pad", "unk")
 class FastTokenizer:
     """Subset of the transformers tokenizer API used by jaxaccel (encode, decode, special ids)."""
 
-    def __init__(self, folder):
-        from tokenizers import Tokenizer
-
+    def __init__(self, folder, process: bool = False):
+        """process=True: tokenizer.json is parsed, and
+        every encode/decode runs, in a worker process (tokenizer_worker.py): the parse holds
+        the GIL for ~1 s on Gemma's vocabulary, so the CLI has it done on the other core while
+        it traces and compiles the generation program."""
         self.folder = Path(folder)
-        self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        if process:
+            self._tok = _ProcessTokenizer(self.folder / "tokenizer.json")
+        else:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         cfg_file = self.folder / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         for kind in _SPECIAL:
@@ -34,10 +42,22 @@ class FastTokenizer:
             if isinstance(token, dict):  # AddedToken serialised as a dict
                 token = token.get("content")
             setattr(self, f"{kind}_token", token)
-            setattr(self, f"{kind}_token_id", None if token is None else self._tok.token_to_id(token))
-        self.vocab_size = self._tok.get_vocab_size()
         # transformers' class default differs per model (Gemma pads left); ours: the config's, else right
         self.padding_side = cfg.get("padding_side", "right")
+
+    def _id(self, token):
+        if token is None:
+            return None
+        ids = self.__dict__.setdefault("_ids", {})
+        if token not in ids:
+            ids[token] = self._tok.token_to_id(token)
+        return ids[token]
+
+    bos_token_id = property(lambda self: self._id(self.bos_token))
+    eos_token_id = property(lambda self: self._id(self.eos_token))
+    pad_token_id = property(lambda self: self._id(self.pad_token))
+    unk_token_id = property(lambda self: self._id(self.unk_token))
+    vocab_size = property(lambda self: self._tok.get_vocab_size())
 
     @staticmethod
     def available(folder) -> bool:
@@ -80,3 +100,65 @@ class FastTokenizer:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.folder))
+
+
+class _ProcessTokenizer:
+    """The part of `tokenizers.Tokenizer` that FastTokenizer uses, answered by a worker process
+    (started at once; the first request waits until it has parsed the file)."""
+
+    def __init__(self, path: Path):
+        import subprocess
+        import sys
+        import threading
+        import weakref
+
+        self.path = path
+        worker = Path(__file__).with_name("tokenizer_worker.py")
+        self._proc = subprocess.Popen([sys.executable, str(worker), str(path)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+        self._lock = threading.Lock()
+        self._ready = False
+        weakref.finalize(self, _stop, self._proc)
+
+    def _reply(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            err = self._proc.stderr.read().strip()[-2000:]
+            raise RuntimeError(f"the tokenizer process for {self.path} ended unexpectedly: {err or 'no message'}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ValueError(f"tokenizer {self.path}: {reply['error']}")
+        return reply
+
+    def _ask(self, **request) -> dict:
+        with self._lock:
+            if not self._ready:
+                self._reply()  # "ready", or the load error
+                self._ready = True
+            try:
+                self._proc.stdin.write(json.dumps(request) + "\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # the reply read below reports why the process is gone
+            return self._reply()
+
+    def encode(self, text: str, add_special_tokens: bool = True):
+        return SimpleNamespace(ids=self._ask(op="encode", text=text, special=add_special_tokens)["ids"])
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._ask(op="decode", ids=list(ids), skip=skip_special_tokens)["text"]
+
+    def token_to_id(self, token: str):
+        return self._ask(op="token_to_id", token=token)["id"]
+
+    def get_vocab_size(self) -> int:
+        return self._ask(op="vocab_size")["n"]
+
+
+def _stop(proc) -> None:
+    """End a worker: EOF on its stdin ends its loop."""
+    try:
+        proc.stdin.close()
+        proc.wait(timeout=5)
+    except Exception:  # noqa: BLE001 - at interpreter exit; kill as the last resort
+        proc.kill()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import meta
@@ -69,10 +68,7 @@ def is_transposed(path: tuple[str, ...]) -> bool:
 
 def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Param path -> shape of a freshly initialised model, computed without allocating."""
-    module = registry.build(cfg)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), tokens)
-    flat = traverse_util.flatten_dict(meta.unbox(shapes["params"]))
+    flat = traverse_util.flatten_dict(meta.unbox(registry.abstract_params(cfg)))
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 
@@ -198,7 +194,7 @@ def load_tokenizer(folder: Path, fast: bool = False):
     if fast and (folder / "tokenizer.json").is_file():
         from ..tokenizer import FastTokenizer
 
-        return FastTokenizer(folder)
+        return FastTokenizer(folder, process=True)  # parsed in a worker process meanwhile
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,111 @@
+"""Traced programs kept on disk with `jax.export`, so a warm process skips Python tracing.
+
+Tracing the generation program of an 18-layer model takes about a second of pure Python
+(flax modules, jnp calls), every process start, before XLA's persistent compilation cache can
+even be asked for the executable. `lower_cached` saves the traced program (StableHLO, ~0.4 MB;
+params are arguments, not constants) the first time and deserializes it afterwards; compiling
+it then hits the XLA cache. The CLI turns this on with the compilation cache
+(`embedded.enable_compilation_cache`); the Python API traces as usual unless
+`set_folder(path)` is called.
+
+The file name is a hash of everything the program depends on: the caller's key (model config,
+dtype, quantization, sampler, shapes), the argument shapes and dtypes, the jax / jaxlib
+versions and flags, the backend, and the source of every jaxaccel module, so any code change
+makes a new program instead of reusing a stale one. An unreadable file is traced again and
+rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jaxlib
+import numpy as np
+
+_folder: Path | None = None
+
+
+def set_folder(path) -> None:
+    """Save and reuse traced programs under `path` (None: off)."""
+    global _folder
+    _folder = None if path is None else Path(path)
+
+
+def folder() -> Path | None:
+    return _folder
+
+
+@lru_cache(maxsize=1)
+def _source_hash() -> str:
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int], out_like: Any,
+                 key: str) -> Callable[[], Callable]:
+    """`jax.jit(fn, donate_argnums).lower(*args)`, through a saved trace when `set_folder` is on.
+
+    Returns `finish()`, which compiles (XLA, or its persistent cache; no Python, the GIL is
+    released, so it can run in a thread) and returns the program. Arguments sharded over a mesh
+    bypass the saved traces (no shardings are recorded). `out_like` is a pytree with the
+    structure of fn's output; the program takes and returns pytrees."""
+    if _folder is None or any(isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+                              for x in jax.tree.leaves(args)):
+        return jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args).compile
+    from jax import export
+
+    leaves_per_arg = [len(jax.tree.leaves(a)) for a in args]
+    leaves, in_tree = jax.tree.flatten(tuple(args))
+    abstract = [_abstract(x) for x in leaves]
+    starts = [sum(leaves_per_arg[:i]) for i in range(len(args))]
+    donated = tuple(j for i in donate_argnums for j in range(starts[i], starts[i] + leaves_per_arg[i]))
+    out_tree = jax.tree.structure(out_like)
+    parts = [key, str(in_tree), repr(abstract), str(out_tree), jax.__version__, jaxlib.__version__,
+             jax.default_backend(), str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
+             _source_hash()]
+    path = _folder / (hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32] + ".jaxexport")
+    exported = None
+    if path.is_file():
+        try:
+            exported = export.deserialize(bytearray(path.read_bytes()))
+        except Exception:  # noqa: BLE001 - a damaged file is traced again and replaced
+            exported = None
+    if exported is None:
+        flat_fn = lambda *xs: jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, xs)))
+        exported = export.export(jax.jit(flat_fn))(*abstract)
+        _write_atomic(path, exported.serialize())
+    lowered = jax.jit(exported.call, donate_argnums=donated).lower(*abstract)
+
+    def finish() -> Callable:
+        compiled = lowered.compile()
+        return lambda *a: jax.tree.unflatten(out_tree, compiled(*jax.tree.leaves(a)))
+
+    return finish
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,167 @@
+"""The warm-start path of `jaxaccel generate`: memory-mapped serving folders, one-layer shape
+checks, saved program traces (jax.export) and the tokenizer worker process. Each piece must
+give exactly what the slow path gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from flax.core import meta
+from safetensors.numpy import load_file
+
+import jaxaccel
+from jaxaccel import programs
+from jaxaccel.checkpoints import CheckpointError, quantized
+from jaxaccel.engine import Engine, _engine, generate_tokens
+from jaxaccel.models import registry
+from jaxaccel.quant import QuantConfig
+from jaxaccel.tokenizer import FastTokenizer
+
+from conftest import FAMILY_KINDS
+from test_bert import ARCHS, bert_folder  # noqa: F401 - fixture
+
+
+def full_trace_shapes(cfg):
+    module = registry.build(cfg)
+    tree = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t), jax.ShapeDtypeStruct((1, 1), np.int32))
+    return traverse_util.flatten_dict(tree["params"])
+
+
+def assert_same_abstract(cfg):
+    fast = traverse_util.flatten_dict(registry.abstract_params(cfg))
+    full = full_trace_shapes(cfg)
+    assert fast.keys() == full.keys()
+    for k in full:  # shapes, dtypes and the sharding names of every param
+        assert (fast[k].value.shape, fast[k].value.dtype) == (full[k].value.shape, full[k].value.dtype), k
+        assert fast[k].names == full[k].names, k
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_one_layer_shape_trace_equals_tracing_every_layer(hf_folder, kind):
+    assert_same_abstract(jaxaccel.load(hf_folder(kind)[0]).config)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_layer_shape_trace_equals_tracing_every_layer_bert(bert_folder, arch):  # noqa: F811
+    assert_same_abstract(jaxaccel.load(bert_folder(arch)[0]).config)
+
+
+# --- serving folders: aligned safetensors, memory-mapped --------------------------------------
+def serving_folder(hf_folder, tmp_path, kind="gemma3"):
+    m = jaxaccel.load(hf_folder(kind)[0])
+    return m, quantized.save(m.quantize(QuantConfig(mode="float32")), tmp_path / "serving")
+
+
+def test_serving_folder_is_aligned_standard_and_loads_without_copies(hf_folder, tmp_path):
+    m, folder = serving_folder(hf_folder, tmp_path)
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + n])
+    assert (8 + n) % 64 == 0
+    for name, info in header.items():
+        if name != "__metadata__" and (info["data_offsets"][1] - info["data_offsets"][0]) % 64 == 0:
+            assert (8 + n + info["data_offsets"][0]) % 64 == 0, name
+    # any safetensors reader reads it: the same values as the model's params
+    flat = traverse_util.flatten_dict(m.params, sep="/")
+    theirs = load_file(str(path))
+    assert theirs.keys() == flat.keys()
+    for k, v in flat.items():
+        np.testing.assert_array_equal(theirs[k], np.asarray(v), err_msg=k)
+    # loading maps the file: on CPU the device buffers are the mapped pages themselves
+    mapped = quantized.read_mapped(path)
+    placed = {k: jax.device_put(v) for k, v in mapped.items()}
+    assert all(placed[k].unsafe_buffer_pointer() == mapped[k].ctypes.data for k in mapped)
+    served = jaxaccel.load(folder)
+    assert served.quant is None and served.dtype == "float32"  # the float model itself: quantizable, trainable
+    ids = np.random.default_rng(0).integers(0, 97, size=(2, 9))
+    np.testing.assert_array_equal(np.asarray(served.logits(ids)), np.asarray(m.logits(ids)))
+    assert generate_tokens(served, [[3, 4, 5]], 8) == generate_tokens(m, [[3, 4, 5]], 8)
+    assert served.quantize(QuantConfig(mode="int8")).quant.mode == "int8"
+
+
+def test_corrupt_serving_folder_is_a_clear_error(hf_folder, tmp_path):
+    _, folder = serving_folder(hf_folder, tmp_path)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
+        jaxaccel.load(folder)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        jaxaccel.load(folder)
+
+
+# --- saved program traces ---------------------------------------------------------------------
+@pytest.fixture
+def program_folder(tmp_path):
+    programs.set_folder(tmp_path / "programs")
+    yield tmp_path / "programs"
+    programs.set_folder(None)
+
+
+def fresh(model):
+    model.__dict__.pop("_engine", None)
+    return model
+
+
+def test_saved_trace_gives_the_same_tokens_and_skips_tracing(hf_folder, program_folder, monkeypatch):
+    m = jaxaccel.load(hf_folder("llama3")[0])
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
+    programs.set_folder(None)
+    want = generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2])
+    programs.set_folder(program_folder)
+    assert generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2]) == want
+    assert len(list(program_folder.glob("*.jaxexport"))) == 1
+
+    from jax import export
+
+    def no_tracing(*a, **k):
+        raise AssertionError("traced again although a saved trace exists")
+
+    monkeypatch.setattr(export, "export", no_tracing)
+    assert generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2]) == want
+    # another sampler or shape is another program (traced: here it fails, proving it was not reused)
+    with pytest.raises(AssertionError, match="traced again"):
+        generate_tokens(fresh(m), prompts, 12)
+
+
+def test_damaged_saved_trace_is_traced_again_and_replaced(hf_folder, program_folder):
+    m = jaxaccel.load(hf_folder("qwen2")[0])
+    want = generate_tokens(fresh(m), [[1, 2, 3]], 6)
+    (saved,) = program_folder.glob("*.jaxexport")
+    saved.write_bytes(b"garbage")
+    assert generate_tokens(fresh(m), [[1, 2, 3]], 6) == want
+    assert saved.stat().st_size > 1000
+
+
+def test_prepare_compiles_once_in_the_background(hf_folder):
+    m = fresh(jaxaccel.load(hf_folder("mistral")[0]))
+    jaxaccel.engine.prepare(m, 1, 5, 10)  # traces now, compiles in a thread
+    out = generate_tokens(m, [[1, 2, 3, 4, 5]], 10)  # waits for that compile
+    assert _engine(m).compiled_programs == 1
+    assert out == generate_tokens(fresh(jaxaccel.load(hf_folder("mistral")[0])), [[1, 2, 3, 4, 5]], 10)
+    assert isinstance(_engine(m), Engine)
+
+
+# --- tokenizer worker process -----------------------------------------------------------------
+def bert_tokenizer_folder(bert_folder):  # noqa: F811
+    return bert_folder("BertModel")[0]
+
+
+def test_tokenizer_worker_errors_are_clear(tmp_path, bert_folder):  # noqa: F811
+    folder = bert_tokenizer_folder(bert_folder)
+    tok = FastTokenizer(folder, process=True)
+    assert tok.encode("hello world") == FastTokenizer(folder).encode("hello world")
+    os.kill(tok._tok._proc.pid, signal.SIGKILL)
+    tok._tok._proc.wait()
+    with pytest.raises(RuntimeError, match="tokenizer process .* ended unexpectedly"):
+        tok.encode("again")
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match="cannot load .*tokenizer.json"):
+        FastTokenizer(tmp_path, process=True).encode("x")
