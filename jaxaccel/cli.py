@@ -233,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_quantize)
 
     b = sub.add_parser("bench", help="run a benchmark script from bench/ (e.g. jaxaccel bench decode --quick)")
-    b.add_argument("which", choices=["decode", "encoder", "quant_quality", "quant_speed", "train"])
+    b.add_argument("which", choices=["decode", "encoder", "quant_quality", "quant_speed", "startup", "train"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

