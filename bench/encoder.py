@@ -6,8 +6,9 @@ Scenarios
                    one fixed [8, 128] batch of random token ids, all real tokens; the
                    measured call is forward + mean pooling + L2 normalize (no tokenization).
   minilm corpus    the embedded all-MiniLM-L6-v2 embedding 2,000 mixed-length sentences
-                   end to end (tokenization included): jaxaccel `Model.embed` (length-sorted,
-                   bucketed, fixed batch shapes); transformers and ONNX Runtime get the same
+                   end to end (tokenization included): jaxaccel `Model.embed` (short texts
+                   packed several to a row, longer ones length-sorted and bucketed; the
+                   unpacked, bucketed-only time is reported too); transformers and ONNX Runtime get the same
                    courtesy sentence-transformers gives itself: batches of --batch texts sorted
                    by length, padded to the longest text of each batch.
 ONNX: `torch.onnx.export` (TorchScript exporter, opset 17) of the same torch module (forward +
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.decode import write_json  # noqa: E402
+from bench.decode import fmt_table, write_json  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encoder.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "encoder_quick.json"
@@ -119,6 +120,12 @@ def run_corpus(tok, texts, batch, limit, dim, fn) -> np.ndarray:
     return out
 
 
+def per_batch_padding(lengths, batch: int) -> int:
+    """Tokens the transformers / ONNX Runtime runs compute: sorted batches padded to their longest."""
+    ordered = sorted(lengths, reverse=True)
+    return sum(len(ordered[s:s + batch]) * ordered[s] for s in range(0, len(ordered), batch))
+
+
 def min_cos(a, b) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
@@ -166,7 +173,11 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     texts = corpus(n)
     m = jaxaccel.load(folder)
     limit = encoder.max_length(m)
+    packed, unpacked = encoder.EncodeStats(), encoder.EncodeStats()
+    encoder.embed(m, texts, truncate=True, batch_size=batch, stats=packed)
+    encoder.embed(m, texts, truncate=True, batch_size=batch, stats=unpacked, pack=False)
     jw, jt, jout = timed(lambda: m.embed(texts, truncate=True, batch_size=batch), repeats)
+    _, ut, _ = timed(lambda: m.embed(texts, truncate=True, batch_size=batch, pack=False), repeats)
     compiled = encoder.compiled_programs(m)
     tok = m.tokenizer
     pooled = Pooled(transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager").eval())
@@ -181,7 +192,10 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     r = result(f"all-MiniLM-L6-v2, {n} mixed sentences", n, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
                jw, jout, tout, oout, m.num_params)
     lengths = [len(x) for x in tok(texts, truncation=True, max_length=limit)["input_ids"]]
-    r.update(compiled_programs=compiled, bucket_shapes=len(encoder.length_buckets(limit)) * len(encoder.batch_shapes(batch)),
+    r.update(jaxaccel_unpacked_s=ut, jaxaccel_unpacked_sentences_per_s=n / ut,
+             tokens=packed.tokens, padded_tokens_packed=packed.padded_tokens,
+             padded_tokens_unpacked=unpacked.padded_tokens,
+             padded_tokens_per_batch_padding=per_batch_padding(lengths, batch), compiled_programs=compiled, bucket_shapes=len(encoder.length_buckets(limit)) * len(encoder.batch_shapes(batch)),
              tokens_mean=float(np.mean(lengths)), tokens_max=int(max(lengths)), batch=batch)
     return r
 
@@ -239,13 +253,14 @@ def main(argv=None):
              f"{r['ratio_jaxaccel_vs']['transformers']:.2f}", f"{r['ratio_jaxaccel_vs']['onnxruntime']:.2f}",
              f"{r['min_cosine_jaxaccel_vs']['transformers']:.6f}", f"{r['min_cosine_jaxaccel_vs']['onnxruntime']:.6f}",
              f"{r['jaxaccel_warmup_s']:.1f}"] for r in results]
-    widths = [max(len(str(x[i])) for x in [header] + rows) for i in range(len(header))]
-    for row in [header, ["-" * w for w in widths]] + rows:
-        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print(fmt_table(rows, header))
     for r in results:
         if "compiled_programs" in r:
             print(f"{r['scenario']}: jaxaccel compiled {r['compiled_programs']} programs (bound "
                   f"{r['bucket_shapes']}); tokens mean {r['tokens_mean']:.1f}, max {r['tokens_max']}")
+            print(f"  tokens computed: packed {r['padded_tokens_packed']:,}, bucketed {r['padded_tokens_unpacked']:,}, "
+                  f"per-batch padding (transformers / ORT) {r['padded_tokens_per_batch_padding']:,}, real "
+                  f"{r['tokens']:,}; jaxaccel without packing {r['jaxaccel_unpacked_sentences_per_s']:.1f} sent/s")
     doc = {"benchmark": "encoder", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
            "settings": {"repeats": repeats, "statistic": "median", "dtype": "float32", "torch_num_threads": threads,

@@ -6,10 +6,17 @@ batch is padded to a length bucket (`LENGTH_BUCKETS`, capped at the model's max 
 the one short batch to a fixed batch shape (`batch_shapes(batch_size)`: 1, 8, batch_size),
 so a long mixed-length corpus compiles at most len(buckets) x len(batch shapes) programs
 per task. Results come back in input order.
+
+`embed` packs instead (`pack=True`, the default): texts of up to PACK_WIDTH tokens are laid
+end to end in rows of PACK_WIDTH tokens (first-fit decreasing), each text with its own
+segment id (attention stays inside a text) and positions from 0, and mean-pooled per segment.
+On a mixed corpus that removes nearly all padding (all-MiniLM-L6-v2, 2,000 sentences: 85k
+padded tokens -> 67k; see bench/encoder.py). Longer texts take the bucketed path.
 """
 
 from __future__ import annotations
 
+import bisect
 import sys
 import warnings
 from dataclasses import dataclass
@@ -21,6 +28,7 @@ import numpy as np
 
 LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # ~1.4x steps: <= ~30% padding
 DEFAULT_BATCH = 32
+PACK_WIDTH = 64  # embed packs texts of up to this many tokens into rows this long (measured best of 48-128)
 
 
 @dataclass
@@ -128,6 +136,64 @@ def plan(lengths: Sequence[int], limit: int, batch_size: int) -> list[tuple[np.n
     return out
 
 
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Texts (indices) per packed row of `width` tokens, first-fit decreasing: each row starts with
+    the longest text left and takes the longest that still fit. Every text must be <= width; a
+    row holds at most width // 2 texts (the segment slots of `embed_packed`)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # ascending
+    left = [lengths[i] for i in order]
+    rows = []
+    while order:
+        row, free = [order.pop()], width - left.pop()
+        while order and len(row) < width // 2:
+            j = bisect.bisect_right(left, free) - 1  # the longest text that still fits
+            if j < 0:
+                break
+            row.append(order.pop(j))
+            free -= left.pop(j)
+        rows.append(row)
+    return rows
+
+
+def _run_packed(model, ids: list[list[int]], texts: list[int], width: int, batch_size: int, pad: int,
+                stats: EncodeStats, results: list, bar) -> None:
+    """Embed `texts` (indices into ids, each <= width tokens) packed several to a row."""
+    fn, shapes = programs(model)["embed_packed"], batch_shapes(batch_size)
+    rows = pack_rows([len(ids[t]) for t in texts], width)
+    rows = [[texts[i] for i in row] for row in rows]
+    pending = None
+
+    def collect(p):
+        chunk, out = p
+        out = np.asarray(out)
+        for b, row in enumerate(chunk):
+            for k, t in enumerate(row):
+                results[t] = out[b, k]
+        bar.update(sum(map(len, chunk)))
+
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        batch = next(x for x in shapes if x >= len(chunk))
+        tokens = np.full((batch, width), pad, np.int32)
+        segments = np.zeros((batch, width), np.int32)
+        positions = np.zeros((batch, width), np.int32)
+        for b, row in enumerate(chunk):
+            at = 0
+            for k, t in enumerate(row):
+                n = len(ids[t])
+                tokens[b, at:at + n], segments[b, at:at + n], positions[b, at:at + n] = ids[t], k + 1, np.arange(n)
+                at += n
+        out = fn(model.params, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions))
+        if pending is not None:
+            collect(pending)
+        pending = (chunk, out)
+        stats.batches += 1
+        stats.tokens += int((segments > 0).sum())
+        stats.padded_tokens += tokens.size
+    if pending is not None:
+        collect(pending)
+
+
 def _pack(ids: list[list[int]], rows: np.ndarray, length: int, batch: int, pad_id: int):
     tokens = np.full((batch, length), pad_id, np.int32)
     mask = np.zeros((batch, length), np.int32)
@@ -160,7 +226,17 @@ def programs(model) -> dict:
     def classify(params, tokens, mask):
         return jax.nn.softmax(run(params, tokens, mask)["logits"], axis=-1)
 
-    fns = {"embed": jax.jit(embed), "fill_mask": jax.jit(fill_mask), "classify": jax.jit(classify)}
+    def embed_packed(params, tokens, segments, positions):
+        """Rows holding several texts: segments [B, P] (0 = padding, 1..K = the row's texts), positions
+        restarting at 0 per text -> [B, K, D] unit-norm embeddings, one per segment. Attention is
+        block-diagonal (a text sees only itself), so each embedding is the text's own."""
+        h = module.apply({"params": params}, tokens, positions=positions, segment_ids=segments)["hidden"]
+        onehot = (segments[..., None] == jnp.arange(1, tokens.shape[1] // 2 + 1)).astype(jnp.float32)  # [B, P, K]
+        mean = jnp.einsum("bpk,bpd->bkd", onehot, h.astype(jnp.float32)) / jnp.maximum(onehot.sum(1)[..., None], 1e-9)
+        return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+    fns = {"embed": jax.jit(embed), "embed_packed": jax.jit(embed_packed), "fill_mask": jax.jit(fill_mask),
+           "classify": jax.jit(classify)}
     model.__dict__["_encoder_programs"] = fns
     return fns
 
@@ -170,15 +246,23 @@ def compiled_programs(model) -> int:
 
 
 def _run(model, task: str, ids: list[list[int]], batch_size: int, progress: bool, stats: EncodeStats,
-         extra: list | None = None) -> list[np.ndarray]:
-    """Run `task` over all rows; returns one numpy result per row, in input order."""
+         extra: list | None = None, pack: bool = False) -> list[np.ndarray]:
+    """Run `task` over all rows; returns one numpy result per row, in input order. With `pack`
+    (embed), texts of up to PACK_WIDTH tokens share rows; longer ones are batched as usual."""
     from tqdm.auto import tqdm
 
     fn = programs(model)[task]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    batches = plan([len(r) for r in ids], max_length(model), batch_size)
     results: list = [None] * len(ids)
     bar = tqdm(total=len(ids), unit="text", file=sys.stderr, disable=not progress or len(ids) < 256, leave=False)
+    rest = list(range(len(ids)))
+    if pack:
+        width = min(PACK_WIDTH, max_length(model))
+        short = [i for i in rest if len(ids[i]) <= width]
+        _run_packed(model, ids, short, width, batch_size, pad, stats, results, bar)
+        rest = [i for i in rest if len(ids[i]) > width]
+    batches = [(np.asarray(rest)[rows], length, batch) for rows, length, batch in
+               plan([len(ids[i]) for i in rest], max_length(model), batch_size)]
     pending = None
 
     def collect(p):
@@ -202,18 +286,24 @@ def _run(model, task: str, ids: list[list[int]], batch_size: int, progress: bool
         stats.batches += 1
         stats.tokens += int(mask.sum())
         stats.padded_tokens += tokens.size
-    collect(pending)
+    if pending is not None:
+        collect(pending)
     bar.close()
     return results
 
 
 def embed(model, texts: Sequence[str], *, truncate: bool = False, batch_size: int = DEFAULT_BATCH,
-          progress: bool = False, stats: EncodeStats | None = None, where=_default_where) -> np.ndarray:
-    """texts -> float32 [N, D] unit-norm sentence embeddings (mean pooling, as sentence-transformers)."""
+          progress: bool = False, stats: EncodeStats | None = None, where=_default_where,
+          pack: bool = True) -> np.ndarray:
+    """texts -> float32 [N, D] unit-norm sentence embeddings (mean pooling, as sentence-transformers).
+
+    pack: texts of up to PACK_WIDTH tokens share rows (block-diagonal attention, positions from 0
+    per text), so almost no compute goes to padding; pack=False pads each text to its batch's
+    length bucket."""
     _check_encoder(model)
     stats = stats if stats is not None else EncodeStats()
     ids = _tokenize_into(stats, model, texts, truncate, where)
-    return np.stack(_run(model, "embed", ids, batch_size, progress, stats)).astype(np.float32)
+    return np.stack(_run(model, "embed", ids, batch_size, progress, stats, pack=pack)).astype(np.float32)
 
 
 def fill_mask(model, texts: Sequence[str], *, top_k: int = 5, truncate: bool = False,

@@ -114,12 +114,19 @@ def texts_of_lengths(lengths, seed=0):
     return [" ".join(rng.choice(WORDS, n)) for n in lengths]
 
 
-def test_embed_matches_mean_pooled_transformers(bert_folder):
-    """embed() over mixed lengths (several buckets, padded batch shapes) = HF mean pooling + L2 norm, in order."""
+@pytest.mark.parametrize("pack_width", [None, 16, 64], ids=["buckets", "packed<=16+buckets", "packed"])
+def test_embed_matches_mean_pooled_transformers(bert_folder, monkeypatch, pack_width):
+    """embed() over mixed lengths = HF mean pooling + L2 norm, in order: bucketed (several buckets,
+    padded batch shapes), packed several texts to a row, and both in one call."""
     path, model = bert_folder("BertModel")
     m = jaxaccel.load(path)
-    texts = texts_of_lengths([0, 3, 40, 7, 15, 1, 60, 22]) + ["cat"]
-    got = m.embed(texts, batch_size=4)
+    texts = texts_of_lengths([0, 3, 40, 7, 15, 1, 60, 22, 5, 9, 2]) + ["cat"]
+    if pack_width:
+        monkeypatch.setattr(encoder, "PACK_WIDTH", pack_width)
+    stats = encoder.EncodeStats()
+    got = encoder.embed(m, texts, batch_size=4, pack=pack_width is not None, stats=stats)
+    if pack_width == 64:  # all 12 texts (~170 tokens) fit in a few 64-token rows
+        assert stats.padded_tokens <= 4 * 64 and stats.tokens == sum(len(m.tokenizer(t)["input_ids"]) for t in texts)
     assert got.dtype == np.float32 and got.shape == (len(texts), 48)
     tok = m.tokenizer
     for i, t in enumerate(texts):
@@ -168,6 +175,18 @@ def test_bucketing_compiles_a_handful_of_programs(bert_folder):
     assert 1 <= n <= len(buckets) * len(shapes)
     encoder.embed(m, texts_of_lengths(lengths[::-1], seed=9), batch_size=16)
     assert encoder.compiled_programs(m) <= len(buckets) * len(shapes)
+    unpacked = encoder.embed(m, texts_of_lengths(lengths), batch_size=16, pack=False)  # the bucketed path
+    assert encoder.compiled_programs(m) <= len(buckets) * len(shapes) + len(shapes)
+    assert (out * unpacked).sum(1).min() > 0.999999
+
+
+def test_pack_rows_places_every_text_once_within_the_width():
+    lengths = np.random.RandomState(0).randint(2, 65, 500).tolist()
+    rows = encoder.pack_rows(lengths, 64)
+    assert sorted(i for r in rows for i in r) == list(range(500))
+    assert all(sum(lengths[i] for i in r) <= 64 and len(r) <= 32 for r in rows)
+    assert sum(lengths) / (64 * len(rows)) > 0.95  # first-fit decreasing leaves little padding
+    assert all(len(r) == 32 for r in encoder.pack_rows([1] * 100, 64)[:3])  # segment slots cap a row
 
 
 def test_bad_input(bert_folder):
