@@ -124,7 +124,7 @@ class Engine:
     def __init__(self, model):
         self.model = model
         self._caches: dict[tuple[int, int], dict] = {}
-        self._compiled: dict[tuple, Future] = {}  # (sampler, B, T, S) -> Future of a jax Compiled
+        self._compiled: dict[tuple, Future] = {}  # (sampler, B, T, S, EOS slots) -> Future of the program
         self._lock = threading.Lock()
 
     @property
@@ -242,9 +242,8 @@ class Engine:
         seed_arr[:n] = seeds
         fixed = (tokens, lengths, np.arange(B) < n, seed_arr, np.int32(max_new_tokens),
                  np.float32(temperature if temperature > 0 else 1.0),
-                 np.float32(top_p if top_p is not None else 1.0),
-                 eos_array(eos))
-        program = self._program(sampler, B, T, new_cap, len(fixed[-1])).result()
+                 np.float32(top_p if top_p is not None else 1.0), eos_array(eos))
+        program = self._program(sampler, B, T, new_cap, n_eos=fixed[-1].size).result()
         state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
         stop_len = np.full((B,), max_new_tokens)  # where the host stopped a row
         while True:

@@ -12,7 +12,7 @@ The file name is a hash of everything the program depends on: the caller's key (
 dtype, quantization, sampler, shapes), the argument shapes and dtypes, the jax / jaxlib
 versions and flags, the backend, and the source of every jaxaccel module, so any code change
 makes a new program instead of reusing a stale one. An unreadable file is traced again and
-rewritten.
+rewritten; files unused for 30 days are deleted when a new one is written.
 """
 
 from __future__ import annotations
@@ -84,12 +84,14 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
     if path.is_file():
         try:
             exported = export.deserialize(bytearray(path.read_bytes()))
+            os.utime(path)  # last used now: pruning keeps it
         except Exception:  # noqa: BLE001 - a damaged file is traced again and replaced
             exported = None
     if exported is None:
         flat_fn = lambda *xs: jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, xs)))
         exported = export.export(jax.jit(flat_fn))(*abstract)
         _write_atomic(path, exported.serialize())
+        _prune(_folder)
     lowered = jax.jit(exported.call, donate_argnums=donated).lower(*abstract)
 
     def finish() -> Callable:
@@ -97,6 +99,19 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
         return lambda *a: jax.tree.unflatten(out_tree, compiled(*jax.tree.leaves(a)))
 
     return finish
+
+
+def _prune(folder: Path, max_age_days: float = 30.0) -> None:
+    """Delete saved traces unused for `max_age_days` (older jaxaccel versions, other models)."""
+    import time
+
+    limit = time.time() - max_age_days * 86400
+    for f in folder.glob("*.jaxexport"):
+        try:
+            if f.stat().st_mtime < limit:
+                f.unlink()
+        except OSError:
+            pass  # another process pruned or replaced it first
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import jax
 import numpy as np
@@ -135,8 +136,11 @@ def test_damaged_saved_trace_is_traced_again_and_replaced(hf_folder, program_fol
     want = generate_tokens(fresh(m), [[1, 2, 3]], 6)
     (saved,) = program_folder.glob("*.jaxexport")
     saved.write_bytes(b"garbage")
+    stale = program_folder / "0123.jaxexport"  # unused for 40 days: pruned when a trace is written
+    stale.write_bytes(b"old")
+    os.utime(stale, (0, time.time() - 40 * 86400))
     assert generate_tokens(fresh(m), [[1, 2, 3]], 6) == want
-    assert saved.stat().st_size > 1000
+    assert saved.stat().st_size > 1000 and not stale.exists()
 
 
 def test_prepare_compiles_once_in_the_background(hf_folder):
