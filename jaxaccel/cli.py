@@ -241,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from . import programs
     from .embedded import enable_compilation_cache
 
     enable_compilation_cache()
@@ -249,6 +250,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         _err(f"error: {e}")
         return 2
+    finally:
+        programs.set_folder(None)  # saved traces are the command's; a caller's process keeps its own setting
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=1)
+def _can_serialize() -> bool:
+    """jax.export serializes with the `flatbuffers` package (a jaxaccel dependency); without it
+    programs are traced as usual."""
+    import importlib.util
+
+    return importlib.util.find_spec("flatbuffers") is not None
+
+
 def _abstract(x) -> jax.ShapeDtypeStruct:
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         x = np.asarray(x)
@@ -65,8 +74,8 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
     released, so it can run in a thread) and returns the program. Arguments sharded over a mesh
     bypass the saved traces (no shardings are recorded). `out_like` is a pytree with the
     structure of fn's output; the program takes and returns pytrees."""
-    if _folder is None or any(isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
-                              for x in jax.tree.leaves(args)):
+    if _folder is None or not _can_serialize() or any(
+            isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) for x in jax.tree.leaves(args)):
         return jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args).compile
     from jax import export
 

@@ -169,3 +169,22 @@ def test_tokenizer_worker_errors_are_clear(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(ValueError, match="cannot load .*tokenizer.json"):
         FastTokenizer(tmp_path, process=True).encode("x")
+
+
+def test_without_flatbuffers_programs_are_traced_as_usual(hf_folder, program_folder, monkeypatch):
+    m = jaxaccel.load(hf_folder("llama3")[0])
+    want = generate_tokens(fresh(m), [[4, 5, 6]], 5)
+    for f in program_folder.glob("*.jaxexport"):
+        f.unlink()
+    monkeypatch.setattr(programs, "_can_serialize", lambda: False)
+    assert generate_tokens(fresh(m), [[4, 5, 6]], 5) == want
+    assert not list(program_folder.glob("*.jaxexport"))
+
+
+def test_cli_leaves_the_process_without_saved_traces(hf_folder, tmp_path, monkeypatch, capsys):
+    from jaxaccel import cli
+
+    monkeypatch.setenv("JAXACCEL_CACHE", str(tmp_path / "cache"))
+    # this folder has no tokenizer, so the command fails (rc 2); the setting is reset either way
+    assert cli.main(["generate", "a b", "--model", str(hf_folder("llama3")[0]), "--max-new-tokens", "3"]) == 2
+    assert programs.folder() is None
