@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.decode import fmt_table, write_json  # noqa: E402
+from bench.decode import fmt_table, machine_info, write_json  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encoder.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "encoder_quick.json"
@@ -221,7 +220,6 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 3)
     out_path = Path(args.out) if args.out else (QUICK_OUT if args.quick else DEFAULT_OUT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import jax
     import onnxruntime
     import torch
     import transformers
@@ -230,10 +228,7 @@ def main(argv=None):
     transformers.logging.disable_progress_bar()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": threads,
-               "python": platform.python_version(), "jax": jax.__version__, "jax_devices": str(jax.devices()),
-               "torch": torch.__version__, "transformers": transformers.__version__,
-               "onnxruntime": onnxruntime.__version__}
+    machine = {**machine_info(), "onnxruntime": onnxruntime.__version__}
     print(f"machine: {machine}\nload average before: {os.getloadavg()}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-enc-") as tmp:
