@@ -4,6 +4,7 @@ straight onto API arguments."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -246,6 +247,13 @@ def main(argv=None) -> int:
 
     enable_compilation_cache()
     try:
+        if getattr(args, "mesh", None) is not None or os.environ.get("JAXACCEL_COORDINATOR"):
+            # Multi-host: every host runs the same command. Joins the cluster jax finds (TPU VM
+            # slices, SLURM, Open MPI) or the one JAXACCEL_COORDINATOR / _NUM_PROCESSES /
+            # _PROCESS_ID name; a lone process stays one.
+            from .distributed import initialize
+
+            initialize()
         return args.fn(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         _err(f"error: {e}")

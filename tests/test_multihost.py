@@ -96,3 +96,38 @@ def test_initialize_bad_input(kwargs, needle):
 
     with pytest.raises(ValueError, match=re.escape(needle)):
         distributed.initialize(**kwargs)
+
+
+def test_cli_finetune_on_two_processes_equals_one_process(tmp_path):
+    """`jaxaccel finetune --mesh ...` run on every host joins the cluster itself (here named by
+    JAXACCEL_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID): 2 processes x 4 devices give the loss
+    curve and weights of 1 process x 8 devices."""
+    import json
+
+    import jax
+
+    import jaxaccel
+    from mesh_util import run_python
+    from train_util import llama_folder, sft_rows
+
+    folder = llama_folder(tmp_path / "m", layers=1)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(8)))
+    args = ["-m", "jaxaccel.cli", "finetune", "--model", folder, "--data", data, "--steps", "3", "--batch-size", "4",
+            "--optimizer", "sgd", "--lr", "0.5", "--schedule", "constant", "--save-every", "2", "--no-tensorboard",
+            "--mesh", "data=1,fsdp=8"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, *map(str, args), "--out", str(tmp_path / "two")],
+                              env=device_env(4, JAXACCEL_COORDINATOR=f"127.0.0.1:{port}", JAXACCEL_NUM_PROCESSES="2",
+                                             JAXACCEL_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    finish(procs)
+    run_python(*args, "--out", tmp_path / "one", devices=8)
+    curve = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert len(curve("two")) == 3  # written by process 0 alone
+    np.testing.assert_allclose(curve("two"), curve("one"), rtol=1e-5)
+    got, want = jaxaccel.load(tmp_path / "two").params, jaxaccel.load(tmp_path / "one").params
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
