@@ -109,21 +109,24 @@ class _ProcessTokenizer:
     def __init__(self, path: Path):
         import subprocess
         import sys
+        import tempfile
         import threading
         import weakref
 
         self.path = path
         worker = Path(__file__).with_name("tokenizer_worker.py")
+        self._log = tempfile.TemporaryFile()  # its stderr: a pipe nobody reads could fill and stall it
         self._proc = subprocess.Popen([sys.executable, str(worker), str(path)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+                                      stdout=subprocess.PIPE, stderr=self._log, text=True, encoding="utf-8")
         self._lock = threading.Lock()
         self._ready = False
-        weakref.finalize(self, _stop, self._proc)
+        weakref.finalize(self, _stop, self._proc, self._log)
 
     def _reply(self) -> dict:
         line = self._proc.stdout.readline()
         if not line:
-            err = self._proc.stderr.read().strip()[-2000:]
+            self._log.seek(0)
+            err = self._log.read().decode(errors="replace").strip()[-2000:]
             raise RuntimeError(f"the tokenizer process for {self.path} ended unexpectedly: {err or 'no message'}")
         reply = json.loads(line)
         if "error" in reply:
@@ -155,10 +158,11 @@ class _ProcessTokenizer:
         return self._ask(op="vocab_size")["n"]
 
 
-def _stop(proc) -> None:
+def _stop(proc, log) -> None:
     """End a worker: EOF on its stdin ends its loop."""
     try:
         proc.stdin.close()
         proc.wait(timeout=5)
     except Exception:  # noqa: BLE001 - at interpreter exit; kill as the last resort
         proc.kill()
+    log.close()
