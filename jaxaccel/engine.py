@@ -170,8 +170,8 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
                 self._failed(key, fut, e)
 
-        if background:
-            threading.Thread(target=compile_, name="jaxaccel-compile", daemon=True).start()
+        if background:  # not a daemon: exiting mid-compile would abort the process, so exit waits
+            threading.Thread(target=compile_, name="jaxaccel-compile").start()
         else:
             compile_()
         return fut
@@ -350,6 +350,7 @@ def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32,
     """Trace the program that `generate` with these settings will run (its bucket of
     `prompt_tokens`) and compile it in a thread; returns after tracing. Optional: generate
     compiles on demand, and waits for a compile already in progress."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
     _engine(model).prepare(n_prompts, prompt_tokens, max_new_tokens, make_sampler(model, temperature, top_k, top_p))
 
 

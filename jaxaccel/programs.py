@@ -9,9 +9,10 @@ it then hits the XLA cache. The CLI turns this on with the compilation cache
 `set_folder(path)` is called.
 
 The file name is a hash of everything the program depends on: the caller's key (model config,
-dtype, quantization, sampler, shapes), the argument shapes and dtypes, the jax / jaxlib
-versions and flags, the backend, and the source of every jaxaccel module, so any code change
-makes a new program instead of reusing a stale one. An unreadable file is traced again and
+dtype, quantization, sampler, shapes), the argument shapes and dtypes, the jax / jaxlib / flax /
+aqtp / numpy versions, every jax config flag (PRNG implementation, x64, ...), the backend, and
+the source of every jaxaccel module, so any change makes a new program instead of reusing a
+stale one. An unreadable file is traced again and
 rewritten; files unused for 30 days are deleted when a new one is written.
 """
 
@@ -52,6 +53,20 @@ def _source_hash() -> str:
 
 
 @lru_cache(maxsize=1)
+def _versions() -> str:
+    """Versions of everything that shapes a traced program."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [jax.__version__, jaxlib.__version__]
+    for dist in ("flax", "aqtp", "numpy"):
+        try:
+            out.append(f"{dist}={version(dist)}")
+        except PackageNotFoundError:
+            out.append(f"{dist}=-")
+    return " ".join(out)
+
+
+@lru_cache(maxsize=1)
 def _can_serialize() -> bool:
     """jax.export serializes with the `flatbuffers` package (a jaxaccel dependency); without it
     programs are traced as usual."""
@@ -85,8 +100,8 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
     starts = [sum(leaves_per_arg[:i]) for i in range(len(args))]
     donated = tuple(j for i in donate_argnums for j in range(starts[i], starts[i] + leaves_per_arg[i]))
     out_tree = jax.tree.structure(out_like)
-    parts = [key, str(in_tree), repr(abstract), str(out_tree), jax.__version__, jaxlib.__version__,
-             jax.default_backend(), str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
+    parts = [key, str(in_tree), repr(abstract), str(out_tree), _versions(), jax.default_backend(),
+             repr(sorted((k, repr(v)) for k, v in jax.config.values.items())),  # every jax flag (PRNG, x64, ...)
              _source_hash()]
     path = _folder / (hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32] + ".jaxexport")
     exported = None

@@ -483,7 +483,7 @@ def serving_shapes(config, cfg: QuantConfig, dtype="float32") -> dict:
     """"/"-joined path -> ShapeDtypeStruct of the serving params of `config` under `cfg`."""
     from .models import registry
 
-    shapes = registry.abstract_params(config, dtype, dot_general_cls(cfg, serving=True))
+    shapes = registry.abstract_params(config, dtype, dot_general_cls(cfg, serving=True), every_layer=bool(cfg.rules))
     return traverse_util.flatten_dict(nn.unbox(shapes), sep="/")
 
 

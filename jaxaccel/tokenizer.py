@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,43 +112,49 @@ class _ProcessTokenizer:
     (started at once; the first request waits until it has parsed the file)."""
 
     def __init__(self, path: Path):
-        import subprocess
-        import sys
-        import tempfile
-        import threading
-        import weakref
-
         self.path = path
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
         worker = Path(__file__).with_name("tokenizer_worker.py")
         self._log = tempfile.TemporaryFile()  # its stderr: a pipe nobody reads could fill and stall it
-        self._proc = subprocess.Popen([sys.executable, str(worker), str(path)], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, str(worker), str(self.path)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._log, text=True, encoding="utf-8")
-        self._lock = threading.Lock()
         self._ready = False
+        self._in_step = True  # request and reply alternate; False after an interrupted exchange
         weakref.finalize(self, _stop, self._proc, self._log)
 
-    def _reply(self) -> dict:
+    def _read(self) -> dict:
         line = self._proc.stdout.readline()
         if not line:
             self._log.seek(0)
             err = self._log.read().decode(errors="replace").strip()[-2000:]
             raise RuntimeError(f"the tokenizer process for {self.path} ended unexpectedly: {err or 'no message'}")
-        reply = json.loads(line)
+        return json.loads(line)
+
+    def _checked(self, reply: dict) -> dict:
         if "error" in reply:
             raise ValueError(f"tokenizer {self.path}: {reply['error']}")
         return reply
 
     def _ask(self, **request) -> dict:
         with self._lock:
+            if not self._in_step:  # an earlier exchange was interrupted (Ctrl-C): its reply may be
+                _stop(self._proc, self._log)  # pending, so start a fresh worker rather than misread it
+                self._start()
+            self._in_step = False
             if not self._ready:
-                self._reply()  # "ready", or the load error
+                self._checked(self._read())  # "ready", or the load error
                 self._ready = True
             try:
                 self._proc.stdin.write(json.dumps(request) + "\n")
                 self._proc.stdin.flush()
             except (BrokenPipeError, OSError):
-                pass  # the reply read below reports why the process is gone
-            return self._reply()
+                pass  # the read below reports why the process is gone
+            reply = self._read()
+            self._in_step = True
+            return self._checked(reply)
 
     def encode(self, text: str, add_special_tokens: bool = True):
         return SimpleNamespace(ids=self._ask(op="encode", text=text, special=add_special_tokens)["ids"])

@@ -188,3 +188,87 @@ def test_cli_leaves_the_process_without_saved_traces(hf_folder, tmp_path, monkey
     # this folder has no tokenizer, so the command fails (rc 2); the setting is reset either way
     assert cli.main(["generate", "a b", "--model", str(hf_folder("llama3")[0]), "--max-new-tokens", "3"]) == 2
     assert programs.folder() is None
+
+
+# --- review fixes ----------------------------------------------------------------------------
+def test_exit_during_a_background_compile_is_clean(hf_folder):
+    """prepare() compiles in a thread; a process that ends meanwhile waits for it instead of
+    aborting inside XLA (it used to die with SIGABRT)."""
+    from mesh_util import run_python
+
+    code = ("import jaxaccel, jaxaccel.engine as E\n"
+            f"m = jaxaccel.load({str(hf_folder('gemma3')[0])!r})\n"
+            "E.prepare(m, 1, 5, 8)\n")
+    for _ in range(2):
+        assert run_python("-c", code, devices=1).returncode == 0
+
+
+def test_prepare_checks_its_arguments_before_tracing(hf_folder, capsys):
+    m = fresh(jaxaccel.load(hf_folder("qwen2")[0]))
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        jaxaccel.engine.prepare(m, 1, 5, 0)
+    with pytest.raises(ValueError, match="top_k must be"):
+        jaxaccel.engine.prepare(m, 1, 5, 4, temperature=1.0, top_k=0)
+    assert _engine(m).compiled_programs == 0 and not _engine(m)._compiled
+
+
+def test_quantized_checkpoint_with_layer_rules_loads(hf_folder, tmp_path):
+    m = jaxaccel.load(hf_folder("llama3")[0])
+    cfg = QuantConfig(mode="int8", group_size=32, rules=(("layers_0/mlp/down_proj", "float"), ("layers_2/self_attn", "int4")))
+    q = m.quantize(cfg)
+    served = jaxaccel.load(quantized.save(q, tmp_path / "q"))
+    ids = np.random.default_rng(1).integers(0, 97, size=(2, 7))
+    np.testing.assert_array_equal(np.asarray(served.logits(ids)), np.asarray(q.logits(ids)))
+    assert "kernel" in served.params["layers_0"]["mlp"]["down_proj"]  # float there, int8 elsewhere
+    assert "kernel_q" in served.params["layers_1"]["mlp"]["down_proj"]
+
+
+def test_float_serving_folder_honours_dtype(hf_folder, tmp_path):
+    m, folder = serving_folder(hf_folder, tmp_path)
+    bf = jaxaccel.load(folder, dtype="bfloat16")
+    ref = jaxaccel.load(hf_folder("gemma3")[0], dtype="bfloat16")
+    assert bf.dtype == "bfloat16" and {x.dtype for x in jax.tree.leaves(bf.params)} == {np.dtype(jax.numpy.bfloat16)}
+    ids = np.random.default_rng(2).integers(0, 97, size=(1, 6))
+    np.testing.assert_array_equal(np.asarray(bf.logits(ids)), np.asarray(ref.logits(ids)))
+
+
+def test_saved_trace_key_includes_jax_flags(hf_folder, program_folder):
+    m = jaxaccel.load(hf_folder("llama_tied")[0])
+    sample = lambda: generate_tokens(fresh(m), [[3, 4]], 6, temperature=1.0, seed=7)
+    before = jax.config.jax_threefry_partitionable
+    try:
+        jax.config.update("jax_threefry_partitionable", not before)
+        programs.set_folder(None)
+        want = sample()  # traced fresh under the flipped flag
+        programs.set_folder(program_folder)
+        jax.config.update("jax_threefry_partitionable", before)
+        sample()  # saves a trace under the original flag
+        jax.config.update("jax_threefry_partitionable", not before)
+        assert sample() == want  # not the saved trace of the other flag value
+        assert len(list(program_folder.glob("*.jaxexport"))) == 2
+    finally:
+        jax.config.update("jax_threefry_partitionable", before)
+
+
+def test_interrupted_tokenizer_exchange_is_not_misread(tmp_path, monkeypatch):
+    import transformers
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    tok, ref = FastTokenizer(folder, process=True), FastTokenizer(folder)
+    worker = tok._tok
+    real_read = type(worker)._read
+    calls = []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 2:  # the reply to the first request: Ctrl-C before it is read
+            raise KeyboardInterrupt
+        return real_read(self)
+
+    monkeypatch.setattr(type(worker), "_read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tok.encode("the cat")
+    assert tok.encode("a dog") == ref.encode("a dog")  # a fresh worker, not the stale reply

@@ -28,7 +28,7 @@ def load(path, dtype="float32", fast_tokenizer: bool = False, mesh=None):
     if (p / "quant_config.json").is_file():  # `jaxaccel quantize` output: served as stored (its own dtype)
         from . import quantized
 
-        return quantized.load_model(p, fast_tokenizer, mesh)
+        return quantized.load_model(p, fast_tokenizer, mesh, dtype)
     if p.is_file() and p.suffix == ".gguf":
         from . import gguf
 

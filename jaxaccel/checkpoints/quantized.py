@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 
 from .. import quant
 from ..models import registry
+from ..config import resolve_dtype
 from .hf import CheckpointError, load_tokenizer, read_config, with_tokenizer_in_background
 
 FORMAT, VERSION, META = "jaxaccel-quantized", 1, "quant_config.json"
@@ -83,32 +84,36 @@ def read_meta(folder: Path) -> tuple[str, quant.QuantConfig]:
                               "re-create it with `jaxaccel quantize`") from None
 
 
-def load_model(folder, fast_tokenizer: bool = False, mesh=None):
-    """`jaxaccel.load` of a quantized folder: a Model serving the stored ints (no re-quantizing)."""
+def load_model(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32"):
+    """`jaxaccel.load` of a quantized folder: a Model serving the stored ints (no re-quantizing).
+    A float32 folder is the plain float model; `dtype` casts it (e.g. bfloat16), as for HF folders."""
     from ..model import Model
 
     folder = Path(folder)
     _, cfg = read_config(folder)
-    dtype, qcfg = read_meta(folder)
+    requested, (stored, qcfg) = dtype, read_meta(folder)
     if mesh is not None and qcfg.integer:
         raise CheckpointError("loading a quantized checkpoint sharded over a mesh is not supported yet; "
                               "load the float checkpoint with mesh=..., then call .quantize()")
 
     def params():
         flat = read_mapped(folder / "model.safetensors")
-        check(flat, cfg, qcfg, dtype, folder)
+        check(flat, cfg, qcfg, stored, folder)
         if mesh is None:
             return traverse_util.unflatten_dict({k: jax.device_put(v) for k, v in flat.items()}, sep="/")
         from ..sharding import placer
 
-        place = placer(cfg, mesh, dtype)
+        place = placer(cfg, mesh, stored)
         return traverse_util.unflatten_dict({tuple(k.split("/")): place(tuple(k.split("/")), v)
                                              for k, v in flat.items()})
 
     p, tok = with_tokenizer_in_background(params, lambda: load_tokenizer(folder, fast_tokenizer))
-    plain = qcfg == quant.QuantConfig(mode="float32")  # the float model itself (can be quantized, trained)
-    return Model(cfg, p, tok, dtype, dot_general_cls=quant.dot_general_cls(qcfg, serving=True),
-                 quant=None if plain else qcfg, mesh=mesh)
+    if qcfg == quant.QuantConfig(mode="float32"):  # the float model itself (can be cast, quantized, trained)
+        want = jnp.dtype(resolve_dtype(requested))
+        if want != jnp.float32:
+            p = jax.tree.map(lambda x: x.astype(want), p)
+        return Model(cfg, p, tok, want.name, mesh=mesh)
+    return Model(cfg, p, tok, stored, dot_general_cls=quant.dot_general_cls(qcfg, serving=True), quant=qcfg, mesh=mesh)
 
 
 def check(flat: dict, cfg, qcfg: quant.QuantConfig, dtype: str, folder: Path) -> None:
