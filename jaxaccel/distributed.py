@@ -39,6 +39,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"process_id {process_id} must be in [0, {num_processes})")
     if _joined() or num_processes == 1:
         return info()
+    if not any(given) and _backend_started():
+        return info()  # devices already in use here (e.g. the CLI called in-process): stay one process
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids)
@@ -47,6 +49,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise
         # no cluster found: a single process on one host
     return info()
+
+
+def _backend_started() -> bool:
+    from jax._src import xla_bridge  # the public API has no "backend initialized" query
+
+    return xla_bridge.backends_are_initialized()
 
 
 def _joined() -> bool:

@@ -131,3 +131,14 @@ def test_cli_finetune_on_two_processes_equals_one_process(tmp_path):
     got, want = jaxaccel.load(tmp_path / "two").params, jaxaccel.load(tmp_path / "one").params
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_initialize_without_a_cluster_after_devices_are_in_use_stays_one_process():
+    """The CLI joins a cluster when given --mesh; called in-process after jax has started (a
+    notebook, a test), with no cluster named, it must leave the process as it is."""
+    import jax
+
+    from jaxaccel import distributed
+
+    jax.devices()
+    assert distributed.initialize()["processes"] == 1
