@@ -97,7 +97,7 @@ def machine_info() -> dict:
     }
 
 
-def _best(fn, repeats: int) -> float:
+def best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -122,10 +122,10 @@ def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
     out = {"array_bytes": int(src.nbytes), "repeats": repeats, "threads": threads}
     with ThreadPoolExecutor(threads) as pool:
         par = lambda f: list(pool.map(f, slices))
-        out["copy_1thread"] = 2 * src.nbytes / _best(lambda: np.copyto(dst, src), repeats)
-        out["read_1thread"] = src.nbytes / _best(lambda: src.sum(), repeats)
-        out["copy_all_threads"] = 2 * src.nbytes / _best(lambda: par(lambda s: np.copyto(dst[s], src[s])), repeats)
-        out["read_all_threads"] = src.nbytes / _best(lambda: par(lambda s: src[s].sum()), repeats)
+        out["copy_1thread"] = 2 * src.nbytes / best_of(lambda: np.copyto(dst, src), repeats)
+        out["read_1thread"] = src.nbytes / best_of(lambda: src.sum(), repeats)
+        out["copy_all_threads"] = 2 * src.nbytes / best_of(lambda: par(lambda s: np.copyto(dst[s], src[s])), repeats)
+        out["read_all_threads"] = src.nbytes / best_of(lambda: par(lambda s: src[s].sum()), repeats)
     out["copy"] = max(out["copy_1thread"], out["copy_all_threads"])
     out["read"] = max(out["read_1thread"], out["read_all_threads"])
     return out

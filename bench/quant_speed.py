@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +31,11 @@ MODES = [("float32", dict(mode="float32")), ("bfloat16", dict(mode="bfloat16")),
          ("int4 g=32", dict(mode="int4", group_size=32)), ("w8a8", dict(mode="w8a8"))]
 
 
-def best(fn, repeats: int) -> float:
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def formulations(repeats: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    from bench.decode import best_of
     from jaxaccel import quant
 
     rng = np.random.default_rng(0)
@@ -67,7 +57,9 @@ def formulations(repeats: int) -> list[dict]:
     cases = {k: (jax.jit(f), a) for k, (f, a) in cases.items()}
     out = []
     for name, (fn, args) in cases.items():
-        t = best(lambda: fn(*args).block_until_ready(), repeats * 20)
+        run = lambda: fn(*args).block_until_ready()
+        run()  # compile
+        t = best_of(run, repeats * 20)
         out.append({"formulation": name, "us": 1e6 * t})
     for r in out:
         r["vs_float32"] = out[0]["us"] / r["us"]

@@ -51,15 +51,12 @@ def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys
     folder = cache_dir() / "models" / name
     if (folder / "quant_config.json").is_file():
         return folder
-    from .checkpoints import load, quantized
-    from .quant import QuantConfig
-
     if (folder / "config.json").is_file():  # an HF folder cached by an earlier version: rewrite it once
         log(f"rewriting the cached {name} as a memory-mappable serving folder (once) ...")
         tag = f"{os.getpid()}.{time.monotonic_ns()}"  # names of this process's own, never shared
         new, old = folder.with_name(f".{name}.new.{tag}"), folder.with_name(f".{name}.old.{tag}")
         try:
-            quantized.save(load(folder).quantize(QuantConfig(mode="float32")), new)
+            _save_serving(folder, new)
             os.replace(folder, old)  # the swap: two renames; a process racing us leaves its own copy
             os.replace(new, folder)
         except OSError:
@@ -73,9 +70,17 @@ def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys
         raise RuntimeError(f"the cached model {folder} went away while it was being read (another process "
                            "rewriting it?); run the command again")
     log(f"first run: dequantizing {Path(gguf_path).name} and caching it (once) ...")
-    quantized.save(load(gguf_path).quantize(QuantConfig(mode="float32")), folder)
+    _save_serving(gguf_path, folder)
     log(f"cached at {folder}")
     return folder
+
+
+def _save_serving(source, dest: Path) -> None:
+    """Load `source` (GGUF file or HF folder) and write it as a float32 serving folder at `dest`."""
+    from .checkpoints import load, quantized
+    from .quant import QuantConfig
+
+    quantized.save(load(source).quantize(QuantConfig(mode="float32")), dest)
 
 
 def default_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:

@@ -95,3 +95,8 @@ def test_generate_cli_on_embedded_model_twice(tmp_path):
     assert "first run" not in second.stderr
     assert second.stdout == first.stdout and second.stdout.strip()
     print(first.stderr, second.stderr, second.stdout, sep="\n")
+
+
+def test_cache_that_vanishes_mid_read_says_run_again(cache):
+    with pytest.raises(RuntimeError, match="went away while it was being read .* run the command again"):
+        embedded.convert_once(None, "gone")

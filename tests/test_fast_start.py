@@ -272,3 +272,11 @@ def test_interrupted_tokenizer_exchange_is_not_misread(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tok.encode("the cat")
     assert tok.encode("a dog") == ref.encode("a dog")  # a fresh worker, not the stale reply
+
+
+def test_tensor_of_a_dtype_we_do_not_serve_is_a_clear_error(tmp_path):
+    header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(CheckpointError, match="tensor 'w' has dtype F8_E4M3, which jaxaccel does not serve"):
+        quantized.read_mapped(path)
