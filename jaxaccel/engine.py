@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import programs
-from .sharding import init_cache
+from . import kernels, programs
+from .sharding import cache_shardings, init_cache
 
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_QUANTUM = 64  # output buffer / cache tail is rounded up to this many tokens
@@ -157,8 +157,10 @@ class Engine:
             args = (self.model.params, state, i32(B, T), i32(B), jax.ShapeDtypeStruct((B,), bool), i32(B), i32(),
                     f32, f32, i32(n_eos), jax.ShapeDtypeStruct((), bool), i32(), jax.ShapeDtypeStruct((B,), bool))
             m = self.model
-            name = f"generate {m.config!r} {m.dtype} {m.quant!r} {sampler!r} {key[1:]}"
-            finish = programs.lower_cached(partial(self._step, sampler), args, (1,), state, name)
+            fast = kernels.usable(m)
+            name = f"generate {m.config!r} {m.dtype} {m.quant!r} {sampler!r} {key[1:]} cpu_kernels={fast}"
+            with kernels.decoding(fast):  # decode-step dots read weights through the CPU kernel
+                finish = programs.lower_cached(partial(self._step, sampler), args, (1,), state, name)
             self._caches[(B, S)] = state.cache
         except BaseException as e:
             self._failed(key, fut, e)
@@ -213,7 +215,12 @@ class Engine:
 
         state = state.replace(done=state.done | host_done)
         state = jax.lax.cond(prefill_now, start, lambda s: s, state)
-        return jax.lax.while_loop(cond, body, state)
+        state = jax.lax.while_loop(cond, body, state)
+        mesh = getattr(self.model, "mesh", None)
+        if mesh is not None:  # the cache goes out sharded as it came in: the next call takes it back
+            state = state.replace(cache=jax.lax.with_sharding_constraint(
+                state.cache, cache_shardings(state.cache, mesh)))
+        return state
 
     def _fresh_state(self, B: int, S: int, new_cap: int) -> LoopState:
         cache = self._caches.pop((B, S), None)

@@ -29,6 +29,8 @@ import jax
 import jaxlib
 import numpy as np
 
+from . import kernels
+
 _folder: Path | None = None
 
 
@@ -113,7 +115,8 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
             exported = None
     if exported is None:
         flat_fn = lambda *xs: jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, xs)))
-        exported = export.export(jax.jit(flat_fn))(*abstract)
+        exported = export.export(jax.jit(flat_fn), disabled_checks=[  # our FFI kernels (kernels/)
+            export.DisabledSafetyCheck.custom_call(t) for t in kernels.TARGETS])(*abstract)
         _write_atomic(path, exported.serialize())
         _prune(_folder)
     lowered = jax.jit(exported.call, donate_argnums=donated).lower(*abstract)

@@ -42,6 +42,8 @@ import flax.linen as nn
 from flax import traverse_util
 from jax import lax
 
+from . import kernels
+
 FLOAT_MODES = ("float32", "bfloat16", "float16")
 MODES = FLOAT_MODES + ("int8", "int4", "w8a8", "qat")
 RULE_MODES = ("float", "int8", "int4", "w8a8", "qat")
@@ -376,6 +378,10 @@ def _serve_dot(mode, x, stored, preferred_element_type=None):
     q, scale, zero = stored
     if mode == "w8a8":
         return _aqt_dot(x, q, scale)
+    x2 = x.reshape(-1, x.shape[-1])
+    if mode == "int8" and kernels.wants(x2, q):  # decode steps on CPU: int8 read as stored (kernels/)
+        y = kernels.matvec(x2, q, 1, scale).astype(preferred_element_type or x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     # Dequantize, then a dot against the transposed [in, out] view: XLA fuses the conversion into
     # the dot's operand and on CPU this ties float32 at batch 1 (bench/quant_speed.py measures the
     # alternatives: contracting the last axis of [out, in] is 2x slower, multiply + reduce 40x).

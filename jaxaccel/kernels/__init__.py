@@ -1,0 +1,149 @@
+"""CPU kernels that XLA lacks, called through XLA's FFI: today one, the decode matvec.
+
+`matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
+reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
+XLA's own CPU dot converts bfloat16 / int8 weights before multiplying and is several times
+slower than float32 at batch 1 (bench/quant_speed.py); with this kernel a decode step reads
+half (bfloat16) or a quarter (int8) of float32's bytes and is that much faster.
+
+The kernel is compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
+jaxlib's FFI headers, for this machine's CPU (`-march=native`), and cached under the jaxaccel
+cache folder, keyed by the source, jaxlib's version, the compiler and the CPU. Without a
+compiler, or with `JAXACCEL_CPU_KERNELS=0`, every dot stays XLA's (a warning says why once).
+
+Only the generation engine turns the kernel on (`decoding()` while it traces, on the CPU
+backend, unsharded models), and only for dots of at most `MAX_ROWS` rows; training, scoring
+and prefill keep XLA's dots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("matvec.cc")
+TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled"}
+MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
+WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
+ENV = "JAXACCEL_CPU_KERNELS"
+
+_on = contextvars.ContextVar("jaxaccel_cpu_kernels", default=False)
+_lock = threading.Lock()
+_loaded: dict = {}  # "ok": bool, "error": str, "path": Path
+
+
+def _cpu_tag() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return "\n".join(lines) or platform.processor() or platform.machine()
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def _library_path() -> Path:
+    import jaxlib
+
+    from ..embedded import cache_dir
+
+    try:
+        version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = "\x00".join([SOURCE.read_text(), jaxlib.__version__, _compiler(), version, _cpu_tag()])
+    return cache_dir() / "kernels" / f"matvec-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
+
+
+def _build(path: Path) -> None:
+    """Compile matvec.cc into `path` (atomically: a concurrent process sees all of it or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    cmd = [_compiler(), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd[:1])} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> bool:
+    """Build (once per machine) and register the kernels; False, with one warning, if they
+    cannot be had here. Safe to call from several threads."""
+    with _lock:
+        if "ok" in _loaded:
+            return _loaded["ok"]
+        if os.environ.get(ENV, "1") == "0":
+            _loaded.update(ok=False, error=f"{ENV}=0")
+            return False
+        try:
+            import ctypes
+
+            path = _library_path()
+            if not path.is_file():
+                _build(path)
+            lib = ctypes.cdll.LoadLibrary(str(path))
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            _loaded.update(ok=True, path=path)
+        except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dots
+            _loaded.update(ok=False, error=f"{type(e).__name__}: {e}")
+            warnings.warn(f"jaxaccel's CPU decode kernel is unavailable, so decoding uses XLA's dots "
+                          f"(bfloat16 / int8 weights decode several times slower): {_loaded['error']}\n"
+                          f"Install a C++ compiler (e.g. apt install g++) or set $CXX; set {ENV}=0 to "
+                          "silence this.", RuntimeWarning, stacklevel=2)
+        return _loaded["ok"]
+
+
+def usable(model) -> bool:
+    """Whether generation for `model` should trace with the kernel: CPU backend, one device
+    (the kernel has no sharding rule), and the kernel builds here."""
+    return jax.default_backend() == "cpu" and getattr(model, "mesh", None) is None and load()
+
+
+@contextlib.contextmanager
+def decoding(on: bool = True):
+    """Within this context, traced dots of at most MAX_ROWS rows use the kernel (when `on`)."""
+    token = _on.set(bool(on))
+    try:
+        yield
+    finally:
+        _on.reset(token)
+
+
+def wants(x2: jax.Array, w: jax.Array) -> bool:
+    """Should `x2 [M, K] . w` go to the kernel? (inside `decoding()` only)"""
+    return (_on.get() and x2.ndim == 2 and w.ndim == 2 and 1 <= x2.shape[0] <= MAX_ROWS
+            and any(w.dtype == d for d in WEIGHT_DTYPES))
+
+
+def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None = None) -> jax.Array:
+    """float32 [M, N] = x2 [M, K] . w, contracting w's axis `w_in_axis` (w [K, N] for 0, [N, K]
+    for 1); int8 w ([N, K] only) is multiplied by `scale` [N, G], one per K / G inputs."""
+    n = w.shape[1 - w_in_axis]
+    out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+    x2 = x2.astype(jnp.float32)
+    if scale is not None:
+        return jax.ffi.ffi_call("jaxaccel_matvec_scaled", out)(x2, w, scale.astype(jnp.float32))
+    return jax.ffi.ffi_call("jaxaccel_matvec", out)(x2, w, w_in_axis=np.int64(w_in_axis))

@@ -1,0 +1,140 @@
+"""The CPU decode matvec (jaxaccel/kernels): equal to XLA's dot, used by generation, and a clean
+fallback to XLA when it cannot be built."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxaccel
+from jaxaccel import engine, kernels
+from jaxaccel.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def built():
+    assert kernels.load(), f"the CPU kernel must build on the test machine: {kernels._loaded.get('error')}"
+
+
+def _reference(x, w, axis, scale=None):
+    w = np.asarray(w.astype(jnp.float32), np.float64)
+    if scale is not None:  # int8 [N, K] with scales [N, G]
+        n, k = w.shape
+        g = scale.shape[1]
+        w = (w.reshape(n, g, k // g) * np.asarray(scale, np.float64)[:, :, None]).reshape(n, k)
+    return np.asarray(x, np.float64) @ (w if axis == 0 else w.T)
+
+
+# K and N: odd sizes (scalar tails), sizes over the 128 KB hand-off threshold (pool threads join)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("M,K,N", [(1, 37, 50), (3, 256, 1000), (8, 640, 2048), (5, 1030, 77)])
+def test_float_matvec_equals_dot(built, dtype, axis, M, K, N):
+    rng = np.random.default_rng(M * K + N)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((K, N) if axis == 0 else (N, K)), dtype)
+    got = np.asarray(jax.jit(kernels.matvec, static_argnums=2)(x, w, axis))
+    assert got.shape == (M, N) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _reference(x, w, axis), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M,K,N,G", [(1, 640, 2048, 1), (1, 640, 4096, 20), (8, 256, 512, 8), (2, 96, 33, 4), (3, 70, 40, 2)])
+def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
+    rng = np.random.default_rng(K + N + G)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    q = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
+    scale = jnp.asarray(rng.random((N, G)) * 0.02, jnp.float32)
+    got = np.asarray(jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))(x, q, scale))
+    np.testing.assert_allclose(got, _reference(x, q, 1, scale), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_shapes_are_refused_clearly(built):
+    x = jnp.ones((1, 8), jnp.float32)
+    with pytest.raises(Exception, match="do not match"):
+        jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((9, 4), jnp.float32)).block_until_ready()
+    with pytest.raises(Exception, match="int8 weights need"):
+        jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((8, 4), jnp.int8)).block_until_ready()
+
+
+def test_wants_only_small_row_counts_inside_decoding():
+    x1, x9 = jnp.ones((1, 8)), jnp.ones((kernels.MAX_ROWS + 1, 8))
+    w = jnp.ones((8, 4))
+    assert not kernels.wants(x1, w)  # outside decoding(): training, scoring, prefill
+    with kernels.decoding():
+        assert kernels.wants(x1, w) and not kernels.wants(x9, w)
+        assert not kernels.wants(x1, w.astype(jnp.float16))
+    with kernels.decoding(False):
+        assert not kernels.wants(x1, w)
+
+
+def _tiny(**kw):
+    cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=256, **kw)
+    return jaxaccel.init_random(cfg, seed=3, dtype="float32")
+
+
+def _greedy(model, use_kernel, monkeypatch):
+    monkeypatch.setattr(kernels, "usable", lambda m: use_kernel)
+    fresh = dataclasses.replace(model)  # a new Model: no engine (and programs) cached from before
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]
+    return engine.generate_tokens(fresh, prompts, max_new_tokens=20)
+
+
+@pytest.mark.parametrize("variant", ["float32", "bfloat16", "int8", "tied"])
+def test_generation_with_the_kernel_equals_xla(built, variant, monkeypatch):
+    model = _tiny(tie_word_embeddings=(variant == "tied"))
+    if variant in ("bfloat16", "int8"):
+        model = model.quantize(jaxaccel.QuantConfig(mode=variant, embedding_group_size=16))
+    ref = _greedy(model, False, monkeypatch)
+    got = _greedy(model, True, monkeypatch)
+    assert [list(r) for r in got] == [list(r) for r in ref]
+
+
+def test_generation_program_calls_the_kernel(built, monkeypatch):
+    """The decode loop's lowered program holds the custom call (it is really used)."""
+    model = _tiny()
+    eng = engine.Engine(model)
+    seen = {}
+    real = jax.ffi.ffi_call
+
+    def spy(target, *a, **k):
+        seen[target] = seen.get(target, 0) + 1
+        return real(target, *a, **k)
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", spy)
+    eng._program(engine.Sampler(), 1, 16, 32).result()
+    # 2 layers x (q, k, v, o, gate, up, down) + lm_head, all traced once in the decode body
+    assert seen.get("jaxaccel_matvec", 0) >= 2 * 7 + 1, seen
+
+
+def test_no_compiler_falls_back_to_xla_with_one_warning(tmp_path):
+    """A machine without a C++ compiler still generates (XLA's dots) and says why, once."""
+    code = """
+import warnings, jaxaccel
+from jaxaccel import engine, kernels
+from jaxaccel.config import ModelConfig
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    m = jaxaccel.init_random(ModelConfig(family="llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1,
+                             num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=128), seed=0)
+    out = engine.generate_tokens(m, [[1, 2, 3]], max_new_tokens=4)
+    engine.generate_tokens(m, [[1, 2, 3, 4, 5]], max_new_tokens=40)
+msgs = [str(w.message) for w in caught if "CPU decode kernel" in str(w.message)]
+assert len(out[0]) == 4 and not kernels.usable(m)
+assert len(msgs) == 1 and "C++ compiler" in msgs[0], msgs
+print("ok")
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "JAXACCEL_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_env_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.load()
