@@ -43,6 +43,11 @@ def run(model, mesh, tokens, out, tag):
     out[f"{tag}/logits"] = np.asarray(model.logits(np.asarray(PROMPTS[0])[None]))
     out[f"{tag}/tokens"] = np.asarray([t + [-1] * (16 - len(t)) for t in
                                        jaxaccel.generate_tokens(model, PROMPTS, max_new_tokens=16)])
+    # again, one call per token (as streaming does): the cache goes back in with its sharding
+    # (a mesh whose tensor axis does not divide the KV heads once failed here on its second call)
+    keep_going = lambda toks, first: np.zeros(toks.shape[0], bool)
+    out[f"{tag}/tokens_streamed"] = np.asarray([t + [-1] * (16 - len(t)) for t in jaxaccel.generate_tokens(
+        model, PROMPTS, max_new_tokens=16, host_step=keep_going)])
     out[f"{tag}/loss"] = np.asarray(metrics["loss"])
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
         out[f"{tag}/param{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
@@ -109,6 +114,14 @@ def main(folder, gguf_file, folder97, dest):
         out[f"{tag}/loss"] = np.asarray([json.loads(line)["loss"]
                                          for line in (ft_out / "metrics.jsonl").read_text().splitlines()])
         out[f"{tag}/lm_head"] = np.asarray(jaxaccel.load(ft_out).params["lm_head"]["kernel"])
+    # one KV head on tensor=2: the cache is replicated; generating token by token hands it back
+    # each call with the sharding it came in with (XLA once returned it split on head_dim)
+    cfg1 = jaxaccel.ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                                num_heads=4, num_kv_heads=1, head_dim=16, max_position_embeddings=128)
+    one_kv = jaxaccel.init_random(cfg1, seed=0)
+    keep_going = lambda toks, first: np.zeros(toks.shape[0], bool)
+    out["kv1_tokens"] = np.asarray([jaxaccel.generate_tokens(m, PROMPTS[:2], max_new_tokens=8, host_step=keep_going)
+                                    for m in (one_kv, sharding.shard(one_kv, jaxaccel.MeshConfig(4, 1, 2)))])
     # sharded init == single-device init of the same seed
     mesh = sharding.build_mesh(jaxaccel.MeshConfig(2, 2, 2))
     ref = jaxaccel.init_random(base.config, seed=3).params

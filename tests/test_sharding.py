@@ -42,12 +42,18 @@ def test_sharded_equals_single_device(results, shape):
     r, tag = results, "mesh%d%d%d" % shape
     np.testing.assert_allclose(r[f"{tag}/logits"], r["single/logits"], atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(r[f"{tag}/tokens"], r["single/tokens"])  # greedy generation
+    np.testing.assert_array_equal(r[f"{tag}/tokens_streamed"], r["single/tokens"])  # token by token, cache reused
     np.testing.assert_allclose(r[f"{tag}/loss"], r["single/loss"], rtol=1e-6)
     assert int(r[f"{tag}/state_devices"]) == 8  # params, optimizer state and counters all on the mesh
     params = [k for k in r if k.startswith(f"{tag}/param")]
     assert len(params) == len([k for k in r if k.startswith("single/param")]) > 10
     for k in params:
         np.testing.assert_allclose(r[k], r[k.replace(tag, "single")], atol=2e-6, rtol=1e-5, err_msg=k)
+
+
+def test_one_kv_head_on_a_tensor_axis_generates_token_by_token(results):
+    single, sharded = results["kv1_tokens"]
+    np.testing.assert_array_equal(sharded, single)
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "mesh%d%d%d" % s)
