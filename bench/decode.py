@@ -25,6 +25,12 @@ attended to, averaged over the decode steps. Bandwidth = host memory bandwidth m
 this run (see --roofline-bw). Roofline tok/s = B * bandwidth / bytes per step.
 The KV cache jaxaccel really reads (it attends over every preallocated slot) is in the JSON.
 
+Weight formats (--weights, --torch-dtypes): beside float32, jaxaccel also decodes with its
+bfloat16 and int8 (weight-only, per-channel scales; the embedding one scale per 32) weights,
+and transformers in bfloat16. Each row gives its own roofline (its bytes per step) and, on the
+"vs pt f32 / f32 roof" line, its speed over transformers float32 and over the float32 roofline;
+"agree" there is the common greedy prefix with transformers float32.
+
 Never part of the tests. Example:
   python -m bench.decode                       # both models, batch 1 and 8, 128 new tokens
   python -m bench.decode --quick               # smoke run: random model, tiny sizes
@@ -161,12 +167,12 @@ def load_models(name: str, tmp: Path):
     return label, bench_model, folder, info
 
 
-def load_torch(folder: Path):
+def load_torch(folder: Path, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
-    tm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    tm = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation="eager")
     tm.eval()
     # Same stopping rule as the jaxaccel side (no EOS): min_new_tokens alone would instead
     # *suppress* the EOS logit and change the greedy tokens wherever EOS is the argmax.
@@ -179,12 +185,16 @@ def decode_bytes(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
     """Bytes read per decode step (averaged over the N - 1 decode steps)."""
     from jaxaccel.engine import MIN_PROMPT_BUCKET, NEW_TOKENS_QUANTUM, bucket
 
+    import jax
+    import jax.numpy as jnp
+
     cfg = model.config
-    dt = 4  # float32 params and cache
-    weights = model.params_bytes
-    embed_table = cfg.vocab_size * cfg.hidden_size * dt
+    dt = jnp.dtype(model.cache_dtype).itemsize
+    weights = model.params_bytes  # as stored: float32, bfloat16, or int8 values + scales
     if not cfg.tie_word_embeddings:  # the input table is only gathered (B rows)
-        weights = weights - embed_table + batch * cfg.hidden_size * dt
+        embed_table = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(model.params)
+                          if "embed_tokens" in jax.tree_util.keystr(path))
+        weights = weights - embed_table + batch * embed_table // cfg.vocab_size
     per_token_layer = 2 * cfg.num_kv_heads * cfg.head_dim * dt  # K and V of one token, one layer
     steps = max(new_tokens - 1, 1)
     # decode step i (1..N-1) attends to prompt_len + i tokens (the new one included)
@@ -345,6 +355,13 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
         q = r["ratio"]
         rows.append(["", "", "ratio jax/pt", f"{q['ttft']:.2f}", f"{q['prefill_tok_s']:.2f}",
                      f"{q['decode_tok_s']:.2f}", "", "", "", ""])
+        for impl, v in r.get("variants", {}).items():
+            a = v.get("agreement")
+            rows.append(["", "", impl, f"{1e3 * v['ttft_s']:.1f}", f"{v['prefill_tok_s']:.0f}",
+                         f"{v['decode_tok_s']:.1f}", f"{v['roofline_tok_s']:.1f}", f"{100 * v['roofline_fraction']:.1f}",
+                         "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""])
+            rows.append(["", "", "  vs pt f32 / f32 roof", "", "", f"{v['decode_tok_s'] / t['decode_tok_s']:.2f}x",
+                         "", f"{100 * v['decode_tok_s'] / roof:.1f}", "", ""])
     return header, rows
 
 
@@ -360,6 +377,11 @@ def main(argv=None):
                     help="bandwidth used for the roofline: copy (2*bytes/time of np.copyto, default) or "
                          "read (bytes/time of arr.sum())")
     ap.add_argument("--no-stream", action="store_true", help="skip the streaming (host_step) decode run")
+    ap.add_argument("--weights", default=None,
+                    help="comma list of extra jaxaccel weight formats to run beside float32: bfloat16, int8 "
+                         "(QuantConfig modes; default bfloat16,int8; 'none' for float32 only)")
+    ap.add_argument("--torch-dtypes", default=None,
+                    help="extra transformers dtypes beside float32 (default bfloat16; 'none' to skip)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: random model, batch 1,2, 16-token prompts, 16 new tokens, 1 repeat")
@@ -374,6 +396,9 @@ def main(argv=None):
     repeats = args.repeats or (1 if q else 3)
     bw_mib = args.bw_mib or (256 if q else 1024)
     out_path = Path(args.out) if args.out else (QUICK_OUT if q else DEFAULT_OUT)
+    extra = lambda text, default: [w for w in (text or default).split(",") if w and w != "none"]
+    weight_formats = extra(args.weights, "none" if q else "bfloat16,int8")
+    torch_dtypes = extra(args.torch_dtypes, "none" if q else "bfloat16")
     if new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode excludes the first token)")
 
@@ -418,6 +443,10 @@ def main(argv=None):
             print(f"\n{label}: {info['num_params'] / 1e6:.1f}M params, {info['params_bytes'] / 2**20:.0f} MiB float32 "
                   f"(jaxaccel load {info['jaxaccel_load_s']:.1f}s, save_hf {info['save_hf_s']:.1f}s, "
                   f"transformers load {info['transformers_load_s']:.1f}s)", flush=True)
+            from jaxaccel import QuantConfig
+
+            variants = {f"jaxaccel {w}": jmodel.quantize(QuantConfig(mode=w)) for w in weight_formats}
+            torch_variants = {f"transformers {d}": load_torch(folder, d)[0] for d in torch_dtypes}
             V = jmodel.config.vocab_size
             for B in batches:
                 prompts = rng.integers(min(100, V // 2), V, size=(B, prompt_len)).tolist()
@@ -427,7 +456,23 @@ def main(argv=None):
                 t = bench_torch(tm, prompts, new_tokens, repeats)
                 derive(j, B, prompt_len, new_tokens, roof)
                 derive(t, B, prompt_len, new_tokens, roof)
-                agree = agreement(j.pop("tokens"), t.pop("tokens"))
+                reference = t.pop("tokens")
+                agree = agreement(j.pop("tokens"), reference)
+                extra_runs = {}
+                for impl, vm in {**variants, **torch_variants}.items():
+                    vb = decode_bytes(vm, B, prompt_len, new_tokens) if impl.startswith("jaxaccel") else nbytes
+                    if impl.startswith("transformers") and "bfloat16" in impl:
+                        vb = {**nbytes, "total": nbytes["total"] // 2}
+                    v = (bench_jax(vm, prompts, new_tokens, repeats, stream=False) if impl.startswith("jaxaccel")
+                         else bench_torch(vm, prompts, new_tokens, repeats))
+                    v["roofline_tok_s"] = B * bandwidth / vb["total"]
+                    derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"])
+                    v["bytes_per_step"] = vb
+                    v["agreement"] = agreement(v.pop("tokens"), reference)  # vs transformers float32
+                    extra_runs[impl] = v
+                    print(f"  B={B}: {impl} decode {v['decode_tok_s']:.1f} tok/s "
+                          f"({v['decode_tok_s'] / t['decode_tok_s']:.2f}x transformers float32; "
+                          f"{vb['total'] / 2**20:.0f} MiB/step)", flush=True)
                 r = {"model": label, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
                      "jaxaccel": j, "transformers": t, "agreement": agree,
                      "roofline": {"bytes_per_step": nbytes, "bandwidth_bytes_s": bandwidth,
@@ -438,6 +483,7 @@ def main(argv=None):
                      "ratio": {"ttft": j["ttft_s"] / t["ttft_s"],
                                "prefill_tok_s": j["prefill_tok_s"] / t["prefill_tok_s"],
                                "decode_tok_s": j["decode_tok_s"] / t["decode_tok_s"]}}
+                r["variants"] = extra_runs
                 r["load_average_after"] = list(os.getloadavg())
                 results.append(r)
                 print(f"  B={B}: jaxaccel decode {j['decode_tok_s']:.1f} tok/s, TTFT {1e3 * j['ttft_s']:.1f} ms "
@@ -445,7 +491,7 @@ def main(argv=None):
                       f"TTFT {1e3 * t['ttft_s']:.1f} ms | roofline {roof:.1f} tok/s "
                       f"({nbytes['total'] / 2**20:.0f} MiB/step) | greedy agreement "
                       f"{agree['min_common_prefix']}/{new_tokens}", flush=True)
-            del tm, jmodel
+            del tm, jmodel, variants, torch_variants
 
     header, rows = table_rows(results)
     print()
@@ -460,6 +506,7 @@ def main(argv=None):
            "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
            "settings": {"models": models, "batch": batches, "prompt_len": prompt_len, "new_tokens": new_tokens,
                         "repeats": repeats, "statistic": "median", "dtype": "float32",
+                        "weight_formats": weight_formats, "torch_dtypes": torch_dtypes,
                         "torch_num_threads": threads, "transformers_attn": "eager",
                         "quick": q, "seed": args.seed},
            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
