@@ -43,7 +43,8 @@ def test_float_matvec_equals_dot(built, dtype, axis, M, K, N):
     np.testing.assert_allclose(got, _reference(x, w, axis), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("M,K,N,G", [(1, 640, 2048, 1), (1, 640, 4096, 20), (8, 256, 512, 8), (2, 96, 33, 4), (3, 70, 40, 2)])
+@pytest.mark.parametrize("M,K,N,G", [(1, 640, 2048, 1), (1, 640, 4096, 20), (8, 256, 512, 8), (5, 320, 300, 10),
+                                     (2, 96, 33, 4), (3, 70, 40, 2)])
 def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
     rng = np.random.default_rng(K + N + G)
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
@@ -51,6 +52,49 @@ def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
     scale = jnp.asarray(rng.random((N, G)) * 0.02, jnp.float32)
     got = np.asarray(jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))(x, q, scale))
     np.testing.assert_allclose(got, _reference(x, q, 1, scale), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_same_input_gives_the_same_bits(built, axis):
+    """Threads take chunks in any order; the sums must not depend on it (seeded sampling and
+    greedy near-ties stay reproducible)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 4096)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4096, 256) if axis == 0 else (256, 4096)), jnp.float32)
+    f = jax.jit(kernels.matvec, static_argnums=2)
+    first = np.asarray(f(x, w, axis))
+    for _ in range(100):
+        np.testing.assert_array_equal(np.asarray(f(x, w, axis)), first)
+
+
+GENERIC_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxaccel import kernels
+assert kernels.load(), kernels._loaded
+rng = np.random.default_rng(0)
+for M, K, N, G in [(1, 640, 300, 20), (4, 256, 512, 8), (3, 70, 40, 2)]:
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    q = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
+    s = jnp.asarray(rng.random((N, G)) * 0.02, jnp.float32)
+    ref = (np.asarray(q, np.float64).reshape(N, G, K // G) * np.asarray(s, np.float64)[:, :, None]).reshape(N, K)
+    np.testing.assert_allclose(np.asarray(kernels.matvec(x, q, 1, s)), np.asarray(x, np.float64) @ ref.T, rtol=1e-5, atol=1e-4)
+    for dt in (jnp.float32, jnp.bfloat16):
+        w = jnp.asarray(rng.standard_normal((K, N)), dt)
+        wf = np.asarray(w.astype(jnp.float32), np.float64)
+        np.testing.assert_allclose(np.asarray(kernels.matvec(x, w, 0)), np.asarray(x, np.float64) @ wf, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(kernels.matvec(x, w.T, 1)), np.asarray(x, np.float64) @ wf, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+def test_portable_build_without_avx512_code_is_equal_too(tmp_path):
+    """The code for CPUs without AVX-512 (this machine has it, so build it on purpose)."""
+    from mesh_util import run_python
+
+    proc = run_python("-c", GENERIC_CHECK, devices=1, env={kernels.FLAGS_ENV: "-DJAXACCEL_GENERIC",
+                                                            "JAXACCEL_CACHE": str(tmp_path)})
+    assert "ok" in proc.stdout
+    assert len(list((tmp_path / "kernels").glob("matvec-*.so"))) == 1
 
 
 def test_bad_shapes_are_refused_clearly(built):
@@ -73,8 +117,9 @@ def test_wants_only_small_row_counts_inside_decoding():
 
 
 def _tiny(**kw):
-    cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, max_position_embeddings=256, **kw)
+    # weights over the kernel's 128 KB hand-off threshold: pool threads take part
+    cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=128, intermediate_size=384, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256, **kw)
     return jaxaccel.init_random(cfg, seed=3, dtype="float32")
 
 
@@ -110,6 +155,30 @@ def test_generation_program_calls_the_kernel(built, monkeypatch):
     eng._program(engine.Sampler(), 1, 16, 32).result()
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head, all traced once in the decode body
     assert seen.get("jaxaccel_matvec", 0) >= 2 * 7 + 1, seen
+
+
+SAVED_TRACE_RUN = """
+import sys, jaxaccel
+from jax import export
+from jaxaccel import engine, programs
+programs.set_folder(sys.argv[1])
+if sys.argv[3] == "second":  # a fresh process must use the saved program (kernel call inside)
+    export.export = None
+m = jaxaccel.load(sys.argv[2])
+print([list(map(int, r)) for r in engine.generate_tokens(m, [[3, 4, 5], [6]], max_new_tokens=12)])
+"""
+
+
+def test_saved_program_with_the_kernel_runs_in_a_fresh_process(built, tmp_path, hf_folder):
+    from mesh_util import run_python
+
+    folder = str(hf_folder("llama3")[0])
+    outs = [run_python("-c", SAVED_TRACE_RUN, tmp_path / "programs", folder, which, devices=1,
+                       env={"JAXACCEL_CACHE": str(tmp_path)}).stdout.strip().splitlines()[-1]
+            for which in ("first", "second")]
+    assert outs[0] == outs[1]
+    saved = list((tmp_path / "programs").glob("*.jaxexport"))
+    assert len(saved) == 1 and b"jaxaccel_matvec" in saved[0].read_bytes()
 
 
 def test_no_compiler_falls_back_to_xla_with_one_warning(tmp_path):

@@ -13,7 +13,10 @@ compiler, or with `JAXACCEL_CPU_KERNELS=0`, every dot stays XLA's (a warning say
 
 Only the generation engine turns the kernel on (`decoding()` while it traces, on the CPU
 backend, unsharded models), and only for dots of at most `MAX_ROWS` rows; training, scoring
-and prefill keep XLA's dots.
+and prefill keep XLA's dots. The kernel has no gradient: `decoding()` is a trace-time switch,
+so never trace a function you will differentiate inside it (jax's jit cache does not see it).
+Its sums are deterministic (same input, same bits) but ordered differently from XLA's, so
+decode logits agree with `Model.logits` to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "Jaxac
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
+FLAGS_ENV = "JAXACCEL_CPU_KERNEL_FLAGS"
 
 _on = contextvars.ContextVar("jaxaccel_cpu_kernels", default=False)
 _lock = threading.Lock()
@@ -58,16 +62,29 @@ def _compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
+def _flags() -> list[str]:
+    """Compiler flags; $JAXACCEL_CPU_KERNEL_FLAGS adds more (e.g. -DJAXACCEL_GENERIC: no AVX-512 code)."""
+    return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+            *os.environ.get(FLAGS_ENV, "").split()]
+
+
+def _ask_compiler(*args: str) -> str:
+    try:
+        return subprocess.run([_compiler(), *args], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _library_path() -> Path:
+    """The cached library's name hashes all it depends on: the source, jaxlib (FFI headers), the
+    compiler, the flags, and what -march=native means on this CPU (as the compiler resolves it;
+    a library built for another CPU of a shared cache folder could crash on an instruction)."""
     import jaxlib
 
     from ..embedded import cache_dir
 
-    try:
-        version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    key = "\x00".join([SOURCE.read_text(), jaxlib.__version__, _compiler(), version, _cpu_tag()])
+    key = "\x00".join([SOURCE.read_text(), jaxlib.__version__, _compiler(), _ask_compiler("--version"),
+                        " ".join(_flags()), _ask_compiler("-march=native", "-Q", "--help=target"), _cpu_tag()])
     return cache_dir() / "kernels" / f"matvec-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
 
 
@@ -76,8 +93,7 @@ def _build(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    cmd = [_compiler(), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [_compiler(), *_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode:

@@ -11,8 +11,9 @@
 // already taken, never for a task that has not started, so a busy pool cannot deadlock it.
 //
 // Layouts (w_in_axis):
-//   0: W is [K, N] (Dense kernels [in, out]), float32 or bfloat16. Chunks split K; each
-//      participant sums into its own partial [M, N], added up at the end.
+//   0: W is [K, N] (Dense kernels [in, out]), float32 or bfloat16. Chunks split K; chunk c
+//      sums into its own partial [M, N] (chunk 0 into y), added up in chunk order at the end,
+//      so the result does not depend on which thread took which chunk (same input, same bits).
 //   1: W is [N, K] (a tied embedding's `attend`, quantized weights [out, in]), float32,
 //      bfloat16 or int8 with float32 scales [N, G] (one per K / G inputs). Chunks split N.
 #include <algorithm>
@@ -35,7 +36,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxRows = 16;   // the Python side sends bigger batches to XLA's dot
-constexpr int kMaxWorkers = 8;     // the caller + at most 7 pool tasks
+constexpr int kMaxHelpers = 7;     // pool tasks besides the caller
 
 inline float widen(float v) { return v; }
 inline float widen(int8_t v) { return float(v); }
@@ -186,9 +187,7 @@ struct Job {
   WType type = WType::kF32;
   bool kn = true;
   std::atomic<int64_t> next{0}, done{0};
-  std::atomic<int> slots{0};
-  std::atomic<bool> used[kMaxWorkers] = {};
-  std::vector<float> partial;  // kn: [kMaxWorkers - 1, M, N]; slot 0 sums into y itself
+  std::vector<float> partial;  // kn: [n_chunks - 1, M, N]: chunk c > 0 sums into block c - 1
 
   template <typename T>
   void run(int64_t lo, int64_t hi, float* acc) {
@@ -199,18 +198,14 @@ struct Job {
 
   // Take chunks until none are left.
   void work() {
-    int slot = -1;
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= n_chunks) return;
       const int64_t lo = c * chunk, hi = std::min(lo + chunk, kn ? K : N);
       float* acc = y;
       if (kn) {
-        if (slot < 0) {
-          slot = slots.fetch_add(1, std::memory_order_relaxed);  // < kMaxWorkers: one per participant
-          used[slot].store(true, std::memory_order_relaxed);
-        }
-        if (slot > 0) acc = partial.data() + (slot - 1) * M * N;
+        acc = c == 0 ? y : partial.data() + (c - 1) * M * N;
+        std::fill(acc, acc + M * N, 0.0f);
       }
       switch (type) {
         case WType::kF32: run<float>(lo, hi, acc); break;
@@ -238,31 +233,28 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
     case ffi::DataType::S8: job->type = WType::kI8; break;
     default: return ffi::Error::InvalidArgument("jaxaccel matvec: weights must be float32, bfloat16 or int8");
   }
-  if ((job->type == WType::kI8) != (scale != nullptr) || (scale && (job->kn || K % G)))
+  if ((job->type == WType::kI8) != (scale != nullptr) || (scale && (job->kn || G < 1 || K % G)))
     return ffi::Error::InvalidArgument("jaxaccel matvec: int8 weights need [N, K] layout and scales [N, G], G | K");
   job->x = x; job->w = w.untyped_data(); job->scale = scale; job->G = G; job->y = y;
   job->M = M; job->K = K; job->N = N;
 
-  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, kMaxWorkers - 1);
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, kMaxHelpers);
   if (w.size_bytes() < (128 << 10)) helpers = 0;  // too small to pay for a hand-off
   helpers = std::max<int64_t>(helpers, 0);
   const int64_t extent = job->kn ? K : N;
-  const int64_t parts = (helpers + 1) * 8;  // several chunks per participant: late starters still help
+  // nk: several chunks per participant, so a late starter still helps. kn: each chunk costs a
+  // partial [M, N] to zero and add, so about two per participant.
+  const int64_t parts = (helpers + 1) * (job->kn ? 2 : 8);
   job->chunk = std::max<int64_t>(job->kn ? 8 : 32, (extent + parts - 1) / parts);
   job->n_chunks = (extent + job->chunk - 1) / job->chunk;
-  if (job->kn) {
-    std::fill(y, y + M * N, 0.0f);
-    if (helpers > 0) job->partial.assign(size_t(helpers) * M * N, 0.0f);
-  }
+  if (job->kn && job->n_chunks > 1) job->partial.resize(size_t(job->n_chunks - 1) * M * N);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->work(); });
   job->work();
   while (job->done.load(std::memory_order_acquire) < job->n_chunks) std::this_thread::yield();
-  if (job->kn)
-    for (int s = 1; s < kMaxWorkers; ++s)
-      if (job->used[s].load(std::memory_order_relaxed)) {
-        const float* p = job->partial.data() + (s - 1) * M * N;
-        for (int64_t i = 0; i < M * N; ++i) y[i] += p[i];
-      }
+  for (int64_t c = 1; job->kn && c < job->n_chunks; ++c) {  // fixed order: deterministic sums
+    const float* p = job->partial.data() + (c - 1) * M * N;
+    for (int64_t i = 0; i < M * N; ++i) y[i] += p[i];
+  }
   return ffi::Error::Success();
 }
 
