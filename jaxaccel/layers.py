@@ -47,9 +47,10 @@ def _flat_dot(dot_general, x: Array, w: Array, w_in_axis: int, **kw) -> Array:
     """x [..., in] . w (contracting w's axis `w_in_axis`) with x flattened to 2-D: XLA's backward
     dW then contracts one merged batch axis, ~2x faster on CPU than over [B, T] separately."""
     x2 = x.reshape(-1, x.shape[-1])
-    if dot_general is lax.dot_general and kernels.wants(x2, w):  # decode steps on CPU (kernels/)
-        y = kernels.matvec(x2, w, w_in_axis).astype(kw.get("preferred_element_type") or jnp.result_type(x, w))
-    else:
+    y = None
+    if dot_general is lax.dot_general:  # generation on CPU: kernels/ picks the fastest dot
+        y = kernels.dot(x2, w, w_in_axis, kw.get("preferred_element_type") or jnp.result_type(x, w))
+    if y is None:
         y = dot_general(x2, w, (((1,), (w_in_axis,)), ((), ())), **kw)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -116,6 +116,23 @@ def test_wants_only_small_row_counts_inside_decoding():
         assert not kernels.wants(x1, w)
 
 
+def test_prefill_rows_with_bfloat16_weights_take_a_float32_gemm(built):
+    """More rows than MAX_ROWS (prefill) with bf16 weights: XLA's float32 GEMM on widened operands
+    inside decoding(); nothing changes outside it (training, scoring)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 48)), jnp.bfloat16)
+    assert kernels.dot(x, w, 0, jnp.bfloat16) is None
+    with kernels.decoding():
+        lowered = jax.jit(lambda x, w: kernels.dot(x, w, 0, jnp.bfloat16)).lower(x, w).as_text()
+        got = kernels.dot(x, w, 0, jnp.bfloat16)
+        assert kernels.dot(x.astype(jnp.float32), w.astype(jnp.float32), 0, jnp.float32) is None
+    assert "jaxaccel_matvec" not in lowered and "xf32>" in lowered
+    assert got.dtype == jnp.bfloat16
+    ref = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=1e-2, atol=1e-2)
+
+
 def _tiny(**kw):
     # weights over the kernel's 128 KB hand-off threshold: pool threads take part
     cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=128, intermediate_size=384, num_layers=2,

@@ -154,6 +154,19 @@ def wants(x2: jax.Array, w: jax.Array) -> bool:
             and any(w.dtype == d for d in WEIGHT_DTYPES))
 
 
+def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype) -> jax.Array | None:
+    """Inside `decoding()`, `x2 [M, K] . w` the fastest way on CPU, or None (use XLA's dot as
+    usual): the kernel for at most MAX_ROWS rows; for more rows (prefill) with bfloat16 weights,
+    XLA's float32 GEMM on the widened operands (XLA's CPU bfloat16 GEMM is several times
+    slower; the widening fuses into the dot)."""
+    if wants(x2, w):
+        return matvec(x2, w, w_in_axis).astype(out_dtype)
+    if _on.get() and w.dtype == jnp.bfloat16:
+        f32 = jnp.float32
+        return jax.lax.dot_general(x2.astype(f32), w.astype(f32), (((1,), (w_in_axis,)), ((), ()))).astype(out_dtype)
+    return None
+
+
 def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None = None) -> jax.Array:
     """float32 [M, N] = x2 [M, K] . w, contracting w's axis `w_in_axis` (w [K, N] for 0, [N, K]
     for 1); int8 w ([N, K] only) is multiplied by `scale` [N, G], one per K / G inputs."""
