@@ -116,20 +116,20 @@ def test_wants_only_small_row_counts_inside_decoding():
         assert not kernels.wants(x1, w)
 
 
-def test_prefill_rows_with_bfloat16_weights_take_a_float32_gemm(built):
-    """More rows than MAX_ROWS (prefill) with bf16 weights: XLA's float32 GEMM on widened operands
-    inside decoding(); nothing changes outside it (training, scoring)."""
+def test_dot_routes_only_decode_sized_dots_to_the_kernel(built):
+    """kernels.dot: the kernel for at most MAX_ROWS rows inside decoding(); None (XLA's dot) for
+    prefill-sized dots and outside decoding()."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((64, 48)), jnp.bfloat16)
-    assert kernels.dot(x, w, 0, jnp.bfloat16) is None
+    x1 = jnp.asarray(rng.standard_normal((1, 64)), jnp.bfloat16)
+    x32 = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
+    assert kernels.dot(x1, w, 0, jnp.bfloat16) is None
     with kernels.decoding():
-        lowered = jax.jit(lambda x, w: kernels.dot(x, w, 0, jnp.bfloat16)).lower(x, w).as_text()
-        got = kernels.dot(x, w, 0, jnp.bfloat16)
-        assert kernels.dot(x.astype(jnp.float32), w.astype(jnp.float32), 0, jnp.float32) is None
-    assert "jaxaccel_matvec" not in lowered and "xf32>" in lowered
-    assert got.dtype == jnp.bfloat16
-    ref = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+        assert kernels.dot(x32, w, 0, jnp.bfloat16) is None
+        lowered = jax.jit(lambda x, w: kernels.dot(x, w, 0, jnp.bfloat16)).lower(x1, w).as_text()
+        got = kernels.dot(x1, w, 0, jnp.bfloat16)
+    assert "jaxaccel_matvec" in lowered and got.dtype == jnp.bfloat16
+    ref = np.asarray(x1, np.float32) @ np.asarray(w, np.float32)
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=1e-2, atol=1e-2)
 
 

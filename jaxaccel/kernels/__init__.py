@@ -156,15 +156,12 @@ def wants(x2: jax.Array, w: jax.Array) -> bool:
 
 
 def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype) -> jax.Array | None:
-    """Inside `decoding()`, `x2 [M, K] . w` the fastest way on CPU, or None (use XLA's dot as
-    usual): the kernel for at most MAX_ROWS rows; for more rows (prefill) with bfloat16 weights,
-    XLA's float32 GEMM on the widened operands (measured: Gemma 3 270M bf16 prefill 761 -> 375
-    ms for 32 tokens; XLA's CPU bfloat16 GEMM is the slow part)."""
+    """Inside `decoding()`, `x2 [M, K] . w` through the kernel when it applies (`wants`), else None:
+    the caller uses XLA's dot. (Widening bfloat16 weights for a float32 GEMM at prefill sizes was
+    measured too: no faster than XLA's bfloat16 GEMM on Gemma 3 270M, 373 vs 362 ms to the first
+    token, so prefill keeps XLA's dot.)"""
     if wants(x2, w):
         return matvec(x2, w, w_in_axis).astype(out_dtype)
-    if _on.get() and w.dtype == jnp.bfloat16:
-        f32 = jnp.float32
-        return jax.lax.dot_general(x2.astype(f32), w.astype(f32), (((1,), (w_in_axis,)), ((), ()))).astype(out_dtype)
     return None
 
 
