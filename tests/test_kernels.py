@@ -103,6 +103,15 @@ def test_bad_shapes_are_refused_clearly(built):
         jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((9, 4), jnp.float32)).block_until_ready()
     with pytest.raises(Exception, match="int8 weights need"):
         jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((8, 4), jnp.int8)).block_until_ready()
+    with pytest.raises(Exception, match="weights must be float32, bfloat16 or int8"):
+        jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((8, 4), jnp.float16)).block_until_ready()
+    with pytest.raises(Exception, match="w must be 2-D"):
+        f = lambda x, w: jax.ffi.ffi_call("jaxaccel_matvec", jax.ShapeDtypeStruct((1, 4), jnp.float32))(
+            x, w, w_in_axis=np.int64(0))
+        jax.jit(f)(x, jnp.ones((8, 4, 1), jnp.float32)).block_until_ready()
+    with pytest.raises(Exception, match=r"scales must be \[N, G\]"):
+        jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))(
+            x, jnp.ones((4, 8), jnp.int8), jnp.ones((3, 1), jnp.float32)).block_until_ready()
 
 
 def test_wants_only_small_row_counts_inside_decoding():

@@ -155,13 +155,13 @@ def wants(x2: jax.Array, w: jax.Array) -> bool:
             and any(w.dtype == d for d in WEIGHT_DTYPES))
 
 
-def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype) -> jax.Array | None:
-    """Inside `decoding()`, `x2 [M, K] . w` through the kernel when it applies (`wants`), else None:
-    the caller uses XLA's dot. (Widening bfloat16 weights for a float32 GEMM at prefill sizes was
+def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array | None = None) -> jax.Array | None:
+    """Inside `decoding()`, `x2 [M, K] . w` (int8 w: times `scale`, see `matvec`) through the
+    kernel when it applies (`wants`), else None: the caller uses XLA's dot. (Widening bfloat16 weights for a float32 GEMM at prefill sizes was
     measured too: no faster than XLA's bfloat16 GEMM on Gemma 3 270M, 373 vs 362 ms to the first
     token, so prefill keeps XLA's dot.)"""
     if wants(x2, w):
-        return matvec(x2, w, w_in_axis).astype(out_dtype)
+        return matvec(x2, w, w_in_axis, scale).astype(out_dtype)
     return None
 
 

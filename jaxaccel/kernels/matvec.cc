@@ -101,18 +101,12 @@ void nk_generic(const float* x, const T* w, const float* scale, int64_t G, float
 }
 
 #if defined(__AVX512F__) && !defined(JAXACCEL_GENERIC)
-// ---- AVX-512: 16 weights widened to float32 in a register, one FMA per row of x --------------
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // bfloat16 -> float32: zero-extend, shift into the high half
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+// ---- AVX-512, int8 [N, K] only (for float32 / bfloat16 GCC's vectorized generic loops measured
+// faster than intrinsics): 16 int8 weights widened to float32 in a register, one FMA per row of x
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-// One row of W at a time, read front to back (interleaving rows measured 3x slower from DRAM:
-// the hardware prefetcher loses the stream); U independent sums per row of x hide the FMA
-// latency when rows are short. M and U known at compile time keep the sums in registers.
 constexpr int64_t kAheadBytes = 10240;  // how far ahead to prefetch
 constexpr int64_t kMaxVectors = 4096;  // K / 16 limit of the AVX-512 path (K <= 65536)
 
@@ -120,15 +114,16 @@ constexpr int64_t kMaxVectors = 4096;  // K / 16 limit of the AVX-512 path (K <=
 // hardware prefetcher loses the stream), with a software prefetch ~10 KB ahead (short int8
 // rows need more bytes in flight than the out-of-order window keeps: 11 -> 19 GB/s on one
 // core). Group scales multiply the widened weights (one scale per 16-lane vector, expanded per
-// row), so there is one horizontal sum per output. U independent sums hide the FMA latency.
-template <typename T, int M, int U>
-void nk_row(const float* x, const T* w, const float* scale, int64_t G, float* y, int64_t K,
+// row), so there is one horizontal sum per output. U independent sums hide the FMA latency; M
+// and U known at compile time keep the sums in registers.
+template <int M, int U>
+void nk_row(const float* x, const int8_t* w, const float* scale, int64_t G, float* y, int64_t K,
             int64_t N, int64_t n) {
-  const T* row = w + n * K;
-  const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / (K * int64_t(sizeof(T))));
+  const int8_t* row = w + n * K;
+  const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / K);
   const char* ahead = reinterpret_cast<const char*>(row + rows_ahead * K);
   if (n + rows_ahead < N)
-    for (int64_t off = 0; off < K * int64_t(sizeof(T)); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < K; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
   const int64_t nv = K / kLanes, per_group = nv / G;
   const bool grouped = scale != nullptr && G > 1;
   float sv[kMaxVectors];
@@ -158,30 +153,29 @@ void nk_row(const float* x, const T* w, const float* scale, int64_t G, float* y,
   }
 }
 
-template <typename T, int M>
-void nk_fixed(const float* x, const T* w, const float* scale, int64_t G, float* y, int64_t K,
+template <int M>
+void nk_fixed(const float* x, const int8_t* w, const float* scale, int64_t G, float* y, int64_t K,
               int64_t N, int64_t n0, int64_t n1) {
   constexpr int U = M == 1 ? 4 : M == 2 ? 2 : 1;
-  for (int64_t n = n0; n < n1; ++n) nk_row<T, M, U>(x, w, scale, G, y, K, N, n);
+  for (int64_t n = n0; n < n1; ++n) nk_row<M, U>(x, w, scale, G, y, K, N, n);
 }
 
 template <typename T>
 void nk_chunk(const float* x, const T* w, const float* scale, int64_t G, float* y, int64_t M,
               int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  // float32 / bfloat16: GCC's vectorized generic loop measured faster than these intrinsics
-  if (!std::is_same<T, int8_t>::value || (K / G) % kLanes || K / kLanes > kMaxVectors)
-    return nk_generic(x, w, scale, G, y, M, K, N, n0, n1);
-  switch (M) {
-    case 1: return nk_fixed<T, 1>(x, w, scale, G, y, K, N, n0, n1);
-    case 2: return nk_fixed<T, 2>(x, w, scale, G, y, K, N, n0, n1);
-    case 3: return nk_fixed<T, 3>(x, w, scale, G, y, K, N, n0, n1);
-    case 4: return nk_fixed<T, 4>(x, w, scale, G, y, K, N, n0, n1);
-    case 5: return nk_fixed<T, 5>(x, w, scale, G, y, K, N, n0, n1);
-    case 6: return nk_fixed<T, 6>(x, w, scale, G, y, K, N, n0, n1);
-    case 7: return nk_fixed<T, 7>(x, w, scale, G, y, K, N, n0, n1);
-    case 8: return nk_fixed<T, 8>(x, w, scale, G, y, K, N, n0, n1);
-    default: return nk_generic(x, w, scale, G, y, M, K, N, n0, n1);
+  if constexpr (std::is_same<T, int8_t>::value) {
+    if ((K / G) % kLanes == 0 && K / kLanes <= kMaxVectors) switch (M) {
+        case 1: return nk_fixed<1>(x, w, scale, G, y, K, N, n0, n1);
+        case 2: return nk_fixed<2>(x, w, scale, G, y, K, N, n0, n1);
+        case 3: return nk_fixed<3>(x, w, scale, G, y, K, N, n0, n1);
+        case 4: return nk_fixed<4>(x, w, scale, G, y, K, N, n0, n1);
+        case 5: return nk_fixed<5>(x, w, scale, G, y, K, N, n0, n1);
+        case 6: return nk_fixed<6>(x, w, scale, G, y, K, N, n0, n1);
+        case 7: return nk_fixed<7>(x, w, scale, G, y, K, N, n0, n1);
+        case 8: return nk_fixed<8>(x, w, scale, G, y, K, N, n0, n1);
+      }
   }
+  nk_generic(x, w, scale, G, y, M, K, N, n0, n1);
 }
 #else
 template <typename T>
