@@ -7,12 +7,14 @@ the one short batch to a fixed batch shape (`batch_shapes(batch_size)`: 1, 8, ba
 so a long mixed-length corpus compiles at most len(buckets) x len(batch shapes) programs
 per task. Results come back in input order.
 
-`embed` packs instead (`pack=True`, the default): texts of up to PACK_WIDTH tokens are laid
-end to end in rows of PACK_WIDTH tokens (first-fit decreasing), each text with its own
-segment id (attention stays inside a text) and positions from 0, and mean-pooled per segment.
-On a mixed corpus that removes much of the padding (all-MiniLM-L6-v2, 2,000 sentences, 66k
-real tokens: 85k computed bucketed -> 77k packed; see bench/encoder.py). Longer texts take
-the bucketed path.
+`embed` packs instead (`pack=True`, the default): texts of up to `pack_width(model)` tokens are
+laid end to end in rows that long (first-fit decreasing), each text with its own segment id
+(attention stays inside a text) and positions from 0, and mean-pooled per segment. XLA's
+attention scores every pair of a row, so without the CPU attention kernel rows are PACK_WIDTH
+(64) tokens and longer texts take the bucketed path; the kernel scores only pairs inside a text,
+so with it rows are as long as the model allows and every text packs. all-MiniLM-L6-v2, 2,000
+sentences, 66.1k real tokens: 85.2k computed bucketed, 76.8k packed in 64-token rows, 67.6k in
+256-token rows (see bench/encoder.py).
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
+
 LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # ~1.4x steps: <= ~30% padding
 DEFAULT_BATCH = 32
 PACK_WIDTH = 64  # embed packs texts of up to this many tokens into rows this long (measured best of 48-128)
+KERNEL_PACK_WIDTH = 512  # ... and up to this many (capped at the max length) with the CPU attention kernel
 
 
 @dataclass
@@ -156,14 +161,24 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
     return rows
 
 
+def pack_width(model) -> int:
+    """Row width of packed embedding. XLA's attention scores every (query, key) pair of a row, so
+    rows stay short (PACK_WIDTH); the CPU attention kernel scores only pairs inside a text, so a
+    row can be as long as the model allows (KERNEL_PACK_WIDTH) and nearly every text packs."""
+    return min(KERNEL_PACK_WIDTH if kernels.usable(model) else PACK_WIDTH, max_length(model))
+
+
 def _packed_batches(model, ids: list[list[int]], texts: list[int], width: int, batch_size: int, pad: int):
     """Dispatch `embed_packed` over `texts` (indices into ids, each <= width tokens) packed several
-    to a row; yields (rows of text indices, device result [B, K, D], real tokens, computed tokens)."""
-    fn, shapes = programs(model)["embed_packed"], batch_shapes(batch_size)
+    to a row, about batch_size * PACK_WIDTH tokens per batch; yields (rows of text indices, device
+    result [B, K, D], real tokens, computed tokens). The rows left after the full batches go in
+    the largest batch shapes they fill (e.g. 3 rows: three batches of 1), so no row is padding."""
+    fn, shapes = programs(model)["embed_packed"], batch_shapes(max(1, batch_size * PACK_WIDTH // width))
     rows = [[texts[i] for i in row] for row in pack_rows([len(ids[t]) for t in texts], width)]
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        batch = next(x for x in shapes if x >= len(chunk))
+    s = 0
+    while s < len(rows):
+        batch = max(x for x in shapes if x <= len(rows) - s)  # shapes include 1
+        chunk, s = rows[s:s + batch], s + batch
         tokens = np.full((batch, width), pad, np.int32)
         segments = np.zeros((batch, width), np.int32)
         positions = np.zeros((batch, width), np.int32)
@@ -221,10 +236,14 @@ def programs(model) -> dict:
     fns = model.__dict__.get("_encoder_programs")
     if fns is not None:
         return fns
-    module = model.module
+    module, fast = model.module, kernels.usable(model)
+
+    def apply(params, tokens, **kw):  # on CPU, attention runs in jaxaccel's kernel (kernels.attention)
+        with kernels.encoding(fast):
+            return module.apply({"params": params}, tokens, **kw)
 
     def run(params, tokens, mask):
-        return module.apply({"params": params}, tokens, segment_ids=mask)
+        return apply(params, tokens, segment_ids=mask)
 
     def embed(params, tokens, mask):  # mean pooling over real tokens, then L2 normalize
         h = run(params, tokens, mask)["hidden"].astype(jnp.float32)
@@ -243,7 +262,7 @@ def programs(model) -> dict:
         """Rows holding several texts: segments [B, P] (0 = padding, 1..K = the row's texts), positions
         restarting at 0 per text -> [B, K, D] unit-norm embeddings, one per segment. Attention is
         block-diagonal (a text sees only itself), so each embedding is the text's own."""
-        h = module.apply({"params": params}, tokens, positions=positions, segment_ids=segments)["hidden"]
+        h = apply(params, tokens, positions=positions, segment_ids=segments)["hidden"]
         onehot = (segments[..., None] == jnp.arange(1, tokens.shape[1] // 2 + 1)).astype(jnp.float32)  # [B, P, K]
         mean = jnp.einsum("bpk,bpd->bkd", onehot, h.astype(jnp.float32)) / jnp.maximum(onehot.sum(1)[..., None], 1e-9)
         return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
@@ -261,7 +280,7 @@ def compiled_programs(model) -> int:
 def _run(model, task: str, ids: list[list[int]], batch_size: int, progress: bool, stats: EncodeStats,
          extra: list | None = None, pack: bool = False) -> list[np.ndarray]:
     """Run `task` over all rows; returns one numpy result per row, in input order. With `pack`
-    (embed), texts of up to PACK_WIDTH tokens share rows; longer ones are batched as usual."""
+    (embed), texts of up to `pack_width(model)` tokens share rows; longer ones are batched as usual."""
     from tqdm.auto import tqdm
 
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -283,7 +302,7 @@ def _run(model, task: str, ids: list[list[int]], batch_size: int, progress: bool
 
     rest = list(range(len(ids)))
     if pack:
-        width = min(PACK_WIDTH, max_length(model))
+        width = pack_width(model)
         _drain(_packed_batches(model, ids, [i for i in rest if len(ids[i]) <= width], width, batch_size, pad),
                stats, place_packed)
         rest = [i for i in rest if len(ids[i]) > width]
@@ -297,7 +316,7 @@ def embed(model, texts: Sequence[str], *, truncate: bool = False, batch_size: in
           pack: bool = True) -> np.ndarray:
     """texts -> float32 [N, D] unit-norm sentence embeddings (mean pooling, as sentence-transformers).
 
-    pack: texts of up to PACK_WIDTH tokens share rows (block-diagonal attention, positions from 0
+    pack: texts of up to `pack_width(model)` tokens share rows (block-diagonal attention, positions from 0
     per text), so almost no compute goes to padding; pack=False pads each text to its batch's
     length bucket."""
     _check_encoder(model)

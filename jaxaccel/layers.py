@@ -282,6 +282,21 @@ class Attention(LayerModule):
             inv_freq = rope_inv_freq(cfg.rope_for(self.layer), H)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
+        if (cache is None and segment_ids is not None and not cfg.causal and cfg.window(self.layer) is None
+                and not cfg.attn_logit_softcap and kernels.wants_attention(q, k, v)):
+            # the encoders' programs on CPU (kernels.encoding()): only the pairs inside a segment
+            out, new_cache = kernels.attention(q, k, v, segment_ids, cfg.attn_scale).astype(self.dtype), None
+        else:
+            out, new_cache = self._attend(q, k, v, segment_ids, cache, index)
+        out = self._dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(out.reshape(B, T, N * H))
+        return out, new_cache
+
+    def _attend(self, q: Array, k: Array, v: Array, segment_ids: Array | None, cache: dict | None,
+                index: Array | None):
+        """Softmax attention in XLA ops: q [B, T, N, H], k/v [B, T, K, H] -> ([B, T, N, H], cache)."""
+        cfg = self.cfg
+        B, T, N, H = q.shape
+        K = k.shape[2]
         q_slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if cache is None:
             keys, values, k_slot = k, v, q_slot
@@ -304,9 +319,7 @@ class Attention(LayerModule):
             scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(B, T, N * H)
-        out = self._dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(out)
-        return out, new_cache
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(B, T, N, H), new_cache
 
 
 class MLP(nn.Module):

@@ -121,8 +121,9 @@ def test_embed_matches_mean_pooled_transformers(bert_folder, monkeypatch, pack_w
     path, model = bert_folder("BertModel")
     m = jaxaccel.load(path)
     texts = texts_of_lengths([0, 3, 40, 7, 15, 1, 60, 22, 5, 9, 2]) + ["cat"]
-    if pack_width:
+    if pack_width:  # with or without the CPU attention kernel
         monkeypatch.setattr(encoder, "PACK_WIDTH", pack_width)
+        monkeypatch.setattr(encoder, "KERNEL_PACK_WIDTH", pack_width)
     stats = encoder.EncodeStats()
     got = encoder.embed(m, texts, batch_size=4, pack=pack_width is not None, stats=stats)
     if pack_width == 64:  # all 12 texts (~170 tokens) fit in a few 64-token rows

@@ -1,5 +1,5 @@
 """The CPU decode matvec (jaxaccel/kernels): equal to XLA's dot, used by generation, and a clean
-fallback to XLA when it cannot be built."""
+fallback to XLA when the kernels cannot be built (the attention kernel: test_attention_kernel.py)."""
 
 import dataclasses
 import os
@@ -83,6 +83,14 @@ for M, K, N, G in [(1, 640, 300, 20), (4, 256, 512, 8), (3, 70, 40, 2)]:
         wf = np.asarray(w.astype(jnp.float32), np.float64)
         np.testing.assert_allclose(np.asarray(kernels.matvec(x, w, 0)), np.asarray(x, np.float64) @ wf, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(np.asarray(kernels.matvec(x, w.T, 1)), np.asarray(x, np.float64) @ wf, rtol=1e-5, atol=1e-4)
+q, k, v = (rng.standard_normal((2, 20, 2, 32)).astype(np.float32) for _ in range(3))  # H = 32: AVX-512 blocks elsewhere
+seg = np.array([[1] * 7 + [2] * 13, [1] * 15 + [0] * 5], np.int32)
+got = np.asarray(kernels.attention(*map(jnp.asarray, (q, k, v, seg)), 0.2))
+for b, t, n in np.ndindex(2, 20, 2):
+    keys = np.flatnonzero(seg[b] == seg[b, t])
+    p = np.exp(0.2 * k[b, keys, n].astype(np.float64) @ q[b, t, n])
+    want = (p / p.sum()) @ v[b, keys, n] if seg[b, t] else np.zeros(32)
+    np.testing.assert_allclose(got[b, t, n], want, rtol=1e-5, atol=2e-6)
 print("ok")
 """
 
@@ -94,7 +102,7 @@ def test_portable_build_without_avx512_code_is_equal_too(tmp_path):
     proc = run_python("-c", GENERIC_CHECK, devices=1, env={kernels.FLAGS_ENV: "-DJAXACCEL_GENERIC",
                                                             "JAXACCEL_CACHE": str(tmp_path)})
     assert "ok" in proc.stdout
-    assert len(list((tmp_path / "kernels").glob("matvec-*.so"))) == 1
+    assert len(list((tmp_path / "kernels").glob("cpu-*.so"))) == 1
 
 
 def test_bad_shapes_are_refused_clearly(built):
@@ -219,7 +227,7 @@ with warnings.catch_warnings(record=True) as caught:
                              num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=128), seed=0)
     out = engine.generate_tokens(m, [[1, 2, 3]], max_new_tokens=4)
     engine.generate_tokens(m, [[1, 2, 3, 4, 5]], max_new_tokens=40)
-msgs = [str(w.message) for w in caught if "CPU decode kernel" in str(w.message)]
+msgs = [str(w.message) for w in caught if "CPU kernels" in str(w.message)]
 assert len(out[0]) == 4 and not kernels.usable(m)
 assert len(msgs) == 1 and "C++ compiler" in msgs[0], msgs
 print("ok")

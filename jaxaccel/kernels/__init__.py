@@ -1,4 +1,4 @@
-"""CPU kernels that XLA lacks, called through XLA's FFI: today one, the decode matvec.
+"""CPU kernels that XLA lacks, called through XLA's FFI: the decode matvec and encoder attention.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
@@ -7,17 +7,23 @@ bfloat16 weights, 21.9 float32, 11.1 int8); with this kernel a decode step reads
 or about a quarter (int8) of float32's bytes and runs 1.5-1.8x faster than float32
 (`python -m bench.decode`, and the same with JAXACCEL_CPU_KERNELS=0 for XLA alone).
 
-The kernel is compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
-jaxlib's FFI headers, for this machine's CPU (`-march=native`), and cached under the jaxaccel
-cache folder, keyed by the source, jaxlib's version, the compiler and the CPU. Without a
-compiler, or with `JAXACCEL_CPU_KERNELS=0`, every dot stays XLA's (a warning says why once).
+`attention.cc` is bidirectional softmax attention within segments (the encoders): it scores only
+the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
+so padding and several texts packed in one row cost nothing (see `attention`).
 
-Only the generation engine turns the kernel on (`decoding()` while it traces, on the CPU
-backend, unsharded models), and only for dots of at most `MAX_ROWS` rows; training, scoring
-and prefill keep XLA's dots. The kernel has no gradient: `decoding()` is a trace-time switch,
-so never trace a function you will differentiate inside it (jax's jit cache does not see it).
-Its sums are deterministic (same input, same bits) but ordered differently from XLA's, so
-decode logits agree with `Model.logits` to float rounding, not bit for bit.
+The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
+jaxlib's FFI headers, for this machine's CPU (`-march=native`), and cached under the jaxaccel
+cache folder, keyed by the sources, jaxlib's version, the compiler and the CPU. Without a
+compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and attention are used (a warning says why
+once).
+
+Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
+generation engine (`decoding()`: dots of at most `MAX_ROWS` rows) and the encoders' programs
+(`encoding()`: float32 bidirectional attention). Training, scoring and prefill keep XLA's ops.
+The kernels have no gradient: the switches act at trace time, so never trace a function you will
+differentiate inside them (jax's jit cache does not see them). The matvec's sums are deterministic
+(same input, same bits) but ordered differently from XLA's, so decode logits agree with
+`Model.logits` to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -37,14 +43,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("matvec.cc")
-TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled"}
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc"))
+HEADERS = (Path(__file__).with_name("parallel.h"),)
+TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
+           "jaxaccel_segment_attention": "JaxaccelSegmentAttention"}
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
 FLAGS_ENV = "JAXACCEL_CPU_KERNEL_FLAGS"
 
 _on = contextvars.ContextVar("jaxaccel_cpu_kernels", default=False)
+_attend = contextvars.ContextVar("jaxaccel_cpu_attention", default=False)
 _lock = threading.Lock()
 _loaded: dict = {}  # "ok": bool, "error": str, "path": Path
 
@@ -84,17 +93,17 @@ def _library_path() -> Path:
 
     from ..embedded import cache_dir
 
-    key = "\x00".join([SOURCE.read_text(), jaxlib.__version__, _compiler(), _ask_compiler("--version"),
+    key = "\x00".join([*(p.read_text() for p in SOURCES + HEADERS), jaxlib.__version__, _compiler(), _ask_compiler("--version"),
                         " ".join(_flags()), _ask_compiler("-march=native", "-Q", "--help=target"), _cpu_tag()])
-    return cache_dir() / "kernels" / f"matvec-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
+    return cache_dir() / "kernels" / f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
 
 
 def _build(path: Path) -> None:
-    """Compile matvec.cc into `path` (atomically: a concurrent process sees all of it or none)."""
+    """Compile the sources into one library at `path` (atomically: a concurrent process sees all of it or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    cmd = [_compiler(), *_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [_compiler(), *_flags(), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode:
@@ -126,16 +135,16 @@ def load() -> bool:
             _loaded.update(ok=True, path=path)
         except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dots
             _loaded.update(ok=False, error=f"{type(e).__name__}: {e}")
-            warnings.warn(f"jaxaccel's CPU decode kernel is unavailable, so decoding uses XLA's dots "
-                          f"(bfloat16 / int8 weights decode about 2-4x slower): {_loaded['error']}\n"
+            warnings.warn(f"jaxaccel's CPU kernels are unavailable, so decoding uses XLA's dots (bfloat16 / "
+                          f"int8 weights decode about 2-4x slower) and encoders XLA's attention: {_loaded['error']}\n"
                           f"Install a C++ compiler (e.g. apt install g++) or set $CXX; set {ENV}=0 to "
                           "silence this.", RuntimeWarning, stacklevel=2)
         return _loaded["ok"]
 
 
 def usable(model) -> bool:
-    """Whether generation for `model` should trace with the kernel: CPU backend, one device
-    (the kernel has no sharding rule), and the kernel builds here."""
+    """Whether `model`'s programs should trace with the kernels: CPU backend, one device (the
+    kernels have no sharding rule), and they build here."""
     return jax.default_backend() == "cpu" and getattr(model, "mesh", None) is None and load()
 
 
@@ -174,3 +183,37 @@ def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None 
     if scale is not None:
         return jax.ffi.ffi_call("jaxaccel_matvec_scaled", out)(x2, w, scale.astype(jnp.float32))
     return jax.ffi.ffi_call("jaxaccel_matvec", out)(x2, w, w_in_axis=np.int64(w_in_axis))
+
+
+@contextlib.contextmanager
+def encoding(on: bool = True):
+    """Within this context, traced bidirectional segment attention (the encoders' programs) uses
+    the kernel (when `on`). Like `decoding()`, a trace-time switch without a gradient."""
+    token = _attend.set(bool(on))
+    try:
+        yield
+    finally:
+        _attend.reset(token)
+
+
+def wants_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Should this attention go to the kernel? (inside `encoding()`, float32 heads only)"""
+    return _attend.get() and all(a.ndim == 4 and a.dtype == jnp.float32 for a in (q, k, v))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float) -> jax.Array:
+    """float32 [B, T, N, H]: softmax(scale * q . k) v, bidirectional, each query over the keys of
+    its own segment (equal nonzero ids; 0 = padding, whose queries get zeros).
+
+    q [B, T, N, H]; k, v [B, T, KH, H] with KH dividing N (query head n reads KV head
+    n // (N // KH)); segments int [B, T]. Only (query, key) pairs inside a segment are computed.
+    """
+    B, T, N, H = q.shape
+    if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (B, T) or k.shape[3] != H or N % k.shape[2]:
+        raise ValueError(f"attention kernel: q must be [B, T, N, H] and k, v [B, T, KH, H] with KH dividing N; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    if segments.shape != (B, T):
+        raise ValueError(f"attention kernel: segments must be [B, T] = {(B, T)}, got {segments.shape}")
+    f32 = lambda a: a.astype(jnp.float32)
+    return jax.ffi.ffi_call("jaxaccel_segment_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        f32(q), f32(k), f32(v), segments.astype(jnp.int32), scale=np.float32(scale))

@@ -6,9 +6,8 @@
 // bytes of the weights set the speed; this kernel reads bfloat16 or int8 weights as they are
 // stored and widens them to float32 in registers.
 //
-// Threads: the weight rows are cut into chunks that the calling thread and XLA's intra-op pool
-// threads take from one atomic counter. The caller works too and then only waits for chunks
-// already taken, never for a task that has not started, so a busy pool cannot deadlock it.
+// Threads: the weight rows are cut into chunks shared by the calling thread and XLA's intra-op
+// pool threads (parallel.h).
 //
 // Layouts (w_in_axis):
 //   0: W is [K, N] (Dense kernels [in, out]), float32 or bfloat16. Chunks split K; chunk c
@@ -17,18 +16,16 @@
 //   1: W is [N, K] (a tied embedding's `attend`, quantized weights [out, in]), float32,
 //      bfloat16 or int8 with float32 scales [N, G] (one per K / G inputs). Chunks split N.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <type_traits>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__) && !defined(JAXACCEL_GENERIC)
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -198,33 +195,27 @@ struct Job {
   int64_t M = 0, K = 0, N = 0, G = 1, chunk = 1, n_chunks = 0;
   WType type = WType::kF32;
   bool kn = true;
-  std::atomic<int64_t> next{0}, done{0};
-  std::vector<float> partial;  // kn: [n_chunks - 1, M, N]: chunk c > 0 sums into block c - 1
+  float* partial = nullptr;  // kn: [n_chunks - 1, M, N]: chunk c > 0 sums into block c - 1
 
   template <typename T>
-  void run(int64_t lo, int64_t hi, float* acc) {
+  void run(int64_t lo, int64_t hi, float* acc) const {
     const T* wt = static_cast<const T*>(w);
     if (kn) kn_chunk(x, wt, acc, M, K, N, lo, hi);
     else nk_chunk(x, wt, scale, G, y, M, K, N, lo, hi);
   }
 
-  // Take chunks until none are left.
-  void work() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= n_chunks) return;
-      const int64_t lo = c * chunk, hi = std::min(lo + chunk, kn ? K : N);
-      float* acc = y;
-      if (kn) {
-        acc = c == 0 ? y : partial.data() + (c - 1) * M * N;
-        std::fill(acc, acc + M * N, 0.0f);
-      }
-      switch (type) {
-        case WType::kF32: run<float>(lo, hi, acc); break;
-        case WType::kBF16: run<uint16_t>(lo, hi, acc); break;
-        case WType::kI8: run<int8_t>(lo, hi, acc); break;
-      }
-      done.fetch_add(1, std::memory_order_release);
+  // Chunk c: kn sums its rows of W into its own partial (chunk 0 into y); nk writes its outputs.
+  void operator()(int64_t c) const {
+    const int64_t lo = c * chunk, hi = std::min(lo + chunk, kn ? K : N);
+    float* acc = y;
+    if (kn) {
+      acc = c == 0 ? y : partial + (c - 1) * M * N;
+      std::fill(acc, acc + M * N, 0.0f);
+    }
+    switch (type) {
+      case WType::kF32: run<float>(lo, hi, acc); break;
+      case WType::kBF16: run<uint16_t>(lo, hi, acc); break;
+      case WType::kI8: run<int8_t>(lo, hi, acc); break;
     }
   }
 };
@@ -234,37 +225,35 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
   auto wd = w.dimensions();
   if (wd.size() != 2 || (w_in_axis != 0 && w_in_axis != 1))
     return ffi::Error::InvalidArgument("jaxaccel matvec: w must be 2-D and w_in_axis 0 or 1");
-  auto job = std::make_shared<Job>();
-  job->kn = w_in_axis == 0;
-  const int64_t N = job->kn ? wd[1] : wd[0];
-  if ((job->kn ? wd[0] : wd[1]) != K || M > kMaxRows || M < 1)
+  Job job;
+  job.kn = w_in_axis == 0;
+  const int64_t N = job.kn ? wd[1] : wd[0];
+  if ((job.kn ? wd[0] : wd[1]) != K || M > kMaxRows || M < 1)
     return ffi::Error::InvalidArgument("jaxaccel matvec: x [M, K] and w do not match (or M > 16)");
   switch (w.element_type()) {
-    case ffi::DataType::F32: job->type = WType::kF32; break;
-    case ffi::DataType::BF16: job->type = WType::kBF16; break;
-    case ffi::DataType::S8: job->type = WType::kI8; break;
+    case ffi::DataType::F32: job.type = WType::kF32; break;
+    case ffi::DataType::BF16: job.type = WType::kBF16; break;
+    case ffi::DataType::S8: job.type = WType::kI8; break;
     default: return ffi::Error::InvalidArgument("jaxaccel matvec: weights must be float32, bfloat16 or int8");
   }
-  if ((job->type == WType::kI8) != (scale != nullptr) || (scale && (job->kn || G < 1 || K % G)))
+  if ((job.type == WType::kI8) != (scale != nullptr) || (scale && (job.kn || G < 1 || K % G)))
     return ffi::Error::InvalidArgument("jaxaccel matvec: int8 weights need [N, K] layout and scales [N, G], G | K");
-  job->x = x; job->w = w.untyped_data(); job->scale = scale; job->G = G; job->y = y;
-  job->M = M; job->K = K; job->N = N;
+  job.x = x; job.w = w.untyped_data(); job.scale = scale; job.G = G; job.y = y;
+  job.M = M; job.K = K; job.N = N;
 
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, kMaxHelpers);
   if (w.size_bytes() < (128 << 10)) helpers = 0;  // too small to pay for a hand-off
-  helpers = std::max<int64_t>(helpers, 0);
-  const int64_t extent = job->kn ? K : N;
+  const int64_t extent = job.kn ? K : N;
   // nk: several chunks per participant, so a late starter still helps. kn: each chunk costs a
   // partial [M, N] to zero and add, so about two per participant.
-  const int64_t parts = (helpers + 1) * (job->kn ? 2 : 8);
-  job->chunk = std::max<int64_t>(job->kn ? 8 : 32, (extent + parts - 1) / parts);
-  job->n_chunks = (extent + job->chunk - 1) / job->chunk;
-  if (job->kn && job->n_chunks > 1) job->partial.resize(size_t(job->n_chunks - 1) * M * N);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->work(); });
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < job->n_chunks) std::this_thread::yield();
-  for (int64_t c = 1; job->kn && c < job->n_chunks; ++c) {  // fixed order: deterministic sums
-    const float* p = job->partial.data() + (c - 1) * M * N;
+  const int64_t parts = (std::max<int64_t>(helpers, 0) + 1) * (job.kn ? 2 : 8);
+  job.chunk = std::max<int64_t>(job.kn ? 8 : 32, (extent + parts - 1) / parts);
+  job.n_chunks = (extent + job.chunk - 1) / job.chunk;
+  std::vector<float> partial(job.kn && job.n_chunks > 1 ? size_t(job.n_chunks - 1) * M * N : 0);
+  job.partial = partial.data();
+  jaxaccel::parallel_for(pool, job.n_chunks, helpers, job);
+  for (int64_t c = 1; job.kn && c < job.n_chunks; ++c) {  // fixed order: deterministic sums
+    const float* p = partial.data() + (c - 1) * M * N;
     for (int64_t i = 0; i < M * N; ++i) y[i] += p[i];
   }
   return ffi::Error::Success();

