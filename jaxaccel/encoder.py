@@ -171,13 +171,15 @@ def pack_width(model) -> int:
 def _packed_batches(model, ids: list[list[int]], texts: list[int], width: int, batch_size: int, pad: int):
     """Dispatch `embed_packed` over `texts` (indices into ids, each <= width tokens) packed several
     to a row, about batch_size * PACK_WIDTH tokens per batch; yields (rows of text indices, device
-    result [B, K, D], real tokens, computed tokens). The rows left after the full batches go in
-    the largest batch shapes they fill (e.g. 3 rows: three batches of 1), so no row is padding."""
+    result [B, K, D], real tokens, computed tokens). With the CPU kernels the rows left after the
+    full batches go in the largest batch shapes they fill (e.g. 3 rows: three batches of 1): there
+    a padding row costs as much as a real one and a call little. Elsewhere they are padded."""
     fn, shapes = programs(model)["embed_packed"], batch_shapes(max(1, batch_size * PACK_WIDTH // width))
     rows = [[texts[i] for i in row] for row in pack_rows([len(ids[t]) for t in texts], width)]
-    s = 0
+    split, s = kernels.usable(model), 0
     while s < len(rows):
-        batch = max(x for x in shapes if x <= len(rows) - s)  # shapes include 1
+        left = len(rows) - s
+        batch = max(x for x in shapes if x <= left) if split else next((x for x in shapes if x >= left), shapes[-1])
         chunk, s = rows[s:s + batch], s + batch
         tokens = np.full((batch, width), pad, np.int32)
         segments = np.zeros((batch, width), np.int32)

@@ -284,7 +284,8 @@ class Attention(LayerModule):
 
         if (cache is None and segment_ids is not None and not cfg.causal and cfg.window(self.layer) is None
                 and not cfg.attn_logit_softcap and kernels.wants_attention(q, k, v)):
-            # the encoders' programs on CPU (kernels.encoding()): only the pairs inside a segment
+            # the encoders' programs on CPU (kernels.encoding()): only the pairs inside a segment;
+            # padding positions get zeros (XLA: the mean of all values), read by no caller
             out, new_cache = kernels.attention(q, k, v, segment_ids, cfg.attn_scale).astype(self.dtype), None
         else:
             out, new_cache = self._attend(q, k, v, segment_ids, cache, index)

@@ -53,7 +53,8 @@ def packed_segments(rng, B, T, pad_tail=True):
 
 
 # H = 32 / 64: the AVX-512 blocks; 12 / 8 / 40: the generic loops. KH < N: grouped-query heads.
-# T over 16 and not a multiple of 16 (key tails), T = 300 (long texts), B = 1 (one task per head)
+# T over 16 and not a multiple of 16 (key tails), T = 300 (long texts), B = 1 (few segments: the
+# heads are split between tasks)
 @pytest.mark.parametrize("B,T,N,KH,H", [(3, 37, 4, 4, 32), (2, 64, 12, 12, 64), (4, 21, 6, 2, 12),
                                         (1, 300, 2, 1, 32), (2, 9, 3, 3, 8), (2, 50, 4, 2, 40)])
 def test_attention_equals_the_float64_reference(built, B, T, N, KH, H):
@@ -92,6 +93,21 @@ def test_large_scores_stay_finite_and_exact(built):
     np.testing.assert_allclose(got, reference(q, k, v, seg, 1.0), rtol=1e-4, atol=1e-3)
 
 
+def test_nan_reaches_the_outputs_it_touches(built):
+    """A NaN query poisons its own output; a NaN key every query of its segment and head (as XLA's
+    softmax does); everything else stays exact."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 30, 4, 32)).astype(np.float32) for _ in range(3))
+    seg = packed_segments(rng, 2, 30, pad_tail=False)
+    q[0, 3, 1, 7] = np.nan
+    k[1, 20, 2, 0] = np.nan
+    got = np.asarray(kernels.attention(*map(jnp.asarray, (q, k, v, seg)), 0.2))
+    want = reference(q, k, v, seg, 0.2)
+    assert np.isnan(got[0, 3, 1]).all() and np.isnan(got[1][seg[1] == seg[1, 20], 2]).all()
+    assert np.isnan(got).sum() == np.isnan(want).sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)  # NaNs in the same places
+
+
 def test_attention_module_with_the_kernel_equals_xla(built):
     """The shared layers.Attention (bidirectional, GQA, segments) gives the same outputs at every
     non-padding position inside kernels.encoding() as with XLA's ops."""
@@ -117,12 +133,12 @@ def test_attention_module_with_the_kernel_equals_xla(built):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-5)
 
 
-def test_only_float32_heads_inside_encoding_go_to_the_kernel():
+def test_only_float_heads_inside_encoding_go_to_the_kernel():
     a = jnp.ones((1, 4, 2, 8), jnp.float32)
     assert not kernels.wants_attention(a, a, a)  # outside encoding(): training, scoring, decoders
     with kernels.encoding():
-        assert kernels.wants_attention(a, a, a)
-        assert not kernels.wants_attention(a.astype(jnp.bfloat16), a, a)
+        assert kernels.wants_attention(a, a, a) and kernels.wants_attention(a.astype(jnp.bfloat16), a, a)
+        assert not kernels.wants_attention(a.astype(jnp.int32), a, a) and not kernels.wants_attention(a[0], a, a)
     with kernels.encoding(False):
         assert not kernels.wants_attention(a, a, a)
 
@@ -136,10 +152,17 @@ def test_bad_shapes_are_refused_clearly(built):
         kernels.attention(q, jnp.ones((2, 5, 4, 8)), jnp.ones((2, 5, 4, 4)), seg, 1.0)
     with pytest.raises(ValueError, match=r"segments must be \[B, T\] = \(2, 5\), got \(2, 4\)"):
         kernels.attention(q, q, q, jnp.ones((2, 4), jnp.int32), 1.0)
-    with pytest.raises(Exception, match="KH dividing N"):  # the C++ check, for callers of the FFI target
-        f = lambda q, k, s: jax.ffi.ffi_call("jaxaccel_segment_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-            q, k, k, s, scale=np.float32(1))
-        jax.jit(f)(q, jnp.ones((2, 5, 3, 8), jnp.float32), seg).block_until_ready()
+    with pytest.raises(ValueError, match=r"q must be \[B, T, N, H\]"):
+        kernels.attention(q[0], q[0], q[0], seg, 1.0)
+    with pytest.raises(ValueError, match="KH dividing N"):
+        kernels.attention(q, q[:, :, :0], q[:, :, :0], seg, 1.0)
+    # the C++ checks, for callers of the FFI target
+    call = lambda out: lambda q, k, s: jax.ffi.ffi_call("jaxaccel_segment_attention", jax.ShapeDtypeStruct(
+        out, jnp.float32))(q, k, k, s, scale=np.float32(1))
+    with pytest.raises(Exception, match="KH dividing N"):
+        jax.jit(call(q.shape))(q, jnp.ones((2, 5, 3, 8), jnp.float32), seg).block_until_ready()
+    with pytest.raises(Exception, match="out like q"):
+        jax.jit(call((2, 5, 4, 4)))(q, q, seg).block_until_ready()
 
 
 def _bert():
@@ -175,7 +198,9 @@ def test_packing_uses_wide_rows_with_the_kernel(built, monkeypatch):
     assert encoder.pack_width(m) == min(encoder.KERNEL_PACK_WIDTH, encoder.max_length(m)) == 128
     wide = encoder.EncodeStats()
     got = encoder._run(m, "embed", ids, 8, False, wide, pack=True)
-    assert wide.tokens == sum(map(len, ids)) and wide.padded_tokens % 128 == 0
+    rows = encoder.pack_rows(list(map(len, ids)), 128)
+    assert wide.tokens == sum(map(len, ids)) and wide.padded_tokens == len(rows) * 128  # no padding rows
+    assert wide.batches == len(rows) // 4 + len(rows) % 4  # 4 rows (8 x 64 tokens) a batch, the rest 1 by 1
 
     monkeypatch.setattr(kernels, "usable", lambda model: False)
     narrow_model = dataclasses.replace(m)  # a new Model: programs traced again, without the kernel

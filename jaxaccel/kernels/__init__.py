@@ -149,13 +149,17 @@ def usable(model) -> bool:
 
 
 @contextlib.contextmanager
-def decoding(on: bool = True):
-    """Within this context, traced dots of at most MAX_ROWS rows use the kernel (when `on`)."""
-    token = _on.set(bool(on))
+def _switch(var: contextvars.ContextVar, on: bool):
+    token = var.set(bool(on))
     try:
         yield
     finally:
-        _on.reset(token)
+        var.reset(token)
+
+
+def decoding(on: bool = True):
+    """Within this context, traced dots of at most MAX_ROWS rows use the kernel (when `on`)."""
+    return _switch(_on, on)
 
 
 def wants(x2: jax.Array, w: jax.Array) -> bool:
@@ -185,35 +189,33 @@ def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None 
     return jax.ffi.ffi_call("jaxaccel_matvec", out)(x2, w, w_in_axis=np.int64(w_in_axis))
 
 
-@contextlib.contextmanager
 def encoding(on: bool = True):
     """Within this context, traced bidirectional segment attention (the encoders' programs) uses
     the kernel (when `on`). Like `decoding()`, a trace-time switch without a gradient."""
-    token = _attend.set(bool(on))
-    try:
-        yield
-    finally:
-        _attend.reset(token)
+    return _switch(_attend, on)
 
 
 def wants_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    """Should this attention go to the kernel? (inside `encoding()`, float32 heads only)"""
-    return _attend.get() and all(a.ndim == 4 and a.dtype == jnp.float32 for a in (q, k, v))
+    """Should this attention go to the kernel? (inside `encoding()`; the kernel computes in float32
+    whatever the heads' float type)"""
+    return _attend.get() and all(a.ndim == 4 and jnp.issubdtype(a.dtype, jnp.floating) for a in (q, k, v))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float) -> jax.Array:
     """float32 [B, T, N, H]: softmax(scale * q . k) v, bidirectional, each query over the keys of
-    its own segment (equal nonzero ids; 0 = padding, whose queries get zeros).
+    its own segment (equal nonzero ids; 0 = padding, whose queries get zeros where XLA's fully
+    masked softmax gives the mean of all values: callers must not read padding positions).
+    A NaN or +inf score makes its query's output NaN, as in XLA.
 
     q [B, T, N, H]; k, v [B, T, KH, H] with KH dividing N (query head n reads KV head
     n // (N // KH)); segments int [B, T]. Only (query, key) pairs inside a segment are computed.
     """
-    B, T, N, H = q.shape
-    if k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (B, T) or k.shape[3] != H or N % k.shape[2]:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] \
+            or k.shape[2] < 1 or q.shape[2] % k.shape[2]:
         raise ValueError(f"attention kernel: q must be [B, T, N, H] and k, v [B, T, KH, H] with KH dividing N; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
-    if segments.shape != (B, T):
-        raise ValueError(f"attention kernel: segments must be [B, T] = {(B, T)}, got {segments.shape}")
+    if segments.shape != q.shape[:2]:
+        raise ValueError(f"attention kernel: segments must be [B, T] = {q.shape[:2]}, got {segments.shape}")
     f32 = lambda a: a.astype(jnp.float32)
     return jax.ffi.ffi_call("jaxaccel_segment_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         f32(q), f32(k), f32(v), segments.astype(jnp.int32), scale=np.float32(scale))

@@ -34,12 +34,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kLanes = 16;     // float32 lanes of one AVX-512 register
-constexpr int kMaxHelpers = 7;     // pool tasks besides the caller
 
 // e^x for x <= 0 (softmax scores minus their max): 2^n * e^r with |r| <= ln2 / 2 and a degree-6
 // Taylor polynomial (relative error ~2e-7), written so that a loop of it vectorizes.
 inline float exp_nonpositive(float x) {
-  x = x > -87.0f ? x : -87.0f;  // e^-87 ~ 1.6e-38: 2^n stays a normal float
+  x = x < -87.0f ? -87.0f : x;  // e^-87 ~ 1.6e-38: 2^n stays a normal float; NaN stays NaN
   // n = round(x / ln2): adding and subtracting 1.5 * 2^23 rounds to an integer (|x / ln2| < 2^22),
   // and unlike std::floor it lets GCC vectorize the loop
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -51,7 +50,10 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * __builtin_bit_cast(float, (int32_t(n) + 127) << 23);  // 2^n
+  const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
 }
 
 constexpr int64_t kBlock = 8;  // queries scored together (8 independent sums hide the FMA latency)
@@ -114,9 +116,10 @@ void weighted_values_generic(const float* S, const float* vs, float* __restrict 
     }
 }
 
-// Row s[:Lp] of scores (keys past L are padding) -> unnormalized probabilities; returns 1 / sum.
+// Row s[:Lp] of scores (keys past L are padding) -> unnormalized probabilities; returns 1 / sum,
+// NaN when a score is NaN or +inf (as XLA's softmax gives), so the query's output is NaN.
 float softmax_row(float* __restrict s, int64_t L, int64_t Lp) {
-  std::fill(s + L, s + Lp, -1e30f);
+  std::fill(s + L, s + Lp, -INFINITY);
   float lanes[kLanes];
   std::copy(s, s + kLanes, lanes);
   for (int64_t j = kLanes; j < Lp; j += kLanes)
@@ -132,14 +135,13 @@ float softmax_row(float* __restrict s, int64_t L, int64_t Lp) {
   return 1.0f / total;
 }
 
-// Rows of q, k, v and out are H floats strided by the heads: the hardware prefetchers do not
-// follow them, so each task asks for the rows it reads next (measured ~2x faster on short texts).
+// Rows of q, k, v and out are H floats strided by the heads, which the hardware prefetchers do
+// not follow: each task first asks for all of its rows into L2, then each head for the rows it
+// reads next into L1 (together ~2x faster on short texts).
 constexpr int64_t kAhead = 8;  // positions
-inline void prefetch_row(const float* p, int64_t H, bool write) {
-  for (int64_t h = 0; h < H; h += 64 / sizeof(float)) {
-    if (write) __builtin_prefetch(p + h, 1);
-    else __builtin_prefetch(p + h, 0);
-  }
+template <int Write = 0, int Locality = 3>
+inline void prefetch(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(p + i, Write, Locality);
 }
 
 struct Task {
@@ -159,11 +161,11 @@ struct SegmentAttention {
     const Task& t = tasks[c];
     const int32_t* pos = order + t.b * T + t.start;
     const int64_t G = N / KH;
-    for (int64_t j = 0; j < t.len; ++j) {  // the task's rows, into L2 while the first head starts
+    for (int64_t j = 0; j < t.len; ++j) {  // the task's rows, into L2
       const int64_t at = t.b * T + pos[j];
-      for (const float* p = q + (at * N + t.kv0 * G) * H; p < q + (at * N + t.kv1 * G) * H; p += 16) __builtin_prefetch(p, 0, 2);
-      for (const float* p = k + (at * KH + t.kv0) * H; p < k + (at * KH + t.kv1) * H; p += 16) __builtin_prefetch(p, 0, 2);
-      for (const float* p = v + (at * KH + t.kv0) * H; p < v + (at * KH + t.kv1) * H; p += 16) __builtin_prefetch(p, 0, 2);
+      prefetch<0, 2>(q + (at * N + t.kv0 * G) * H, (t.kv1 - t.kv0) * G * H);
+      prefetch<0, 2>(k + (at * KH + t.kv0) * H, (t.kv1 - t.kv0) * H);
+      prefetch<0, 2>(v + (at * KH + t.kv0) * H, (t.kv1 - t.kv0) * H);
     }
     for (int64_t kv = t.kv0; kv < t.kv1; ++kv) head(t, kv);
   }
@@ -179,21 +181,18 @@ struct SegmentAttention {
     float* qs = S + kBlock * Lp;     // [kBlock, H]: the block's queries, times scale
     float* o = qs + kBlock * H;      // [kBlock, H]: the block's outputs
     const int32_t* pos = order + t.b * T + t.start;
-    for (int64_t j = 0; j < std::min(L, kAhead); ++j) {
-      const int64_t at = (t.b * T + pos[j]) * KH + kv_head;
-      prefetch_row(k + at * H, H, false);
-      prefetch_row(v + at * H, H, false);
-    }
-    for (int64_t j = 0; j < L; ++j) {
-      if (j + kAhead < L) {
-        const int64_t ahead = (t.b * T + pos[j + kAhead]) * KH + kv_head;
-        prefetch_row(k + ahead * H, H, false);
-        prefetch_row(v + ahead * H, H, false);
+    auto kv_row = [&](int64_t j) { return (t.b * T + pos[j]) * KH + kv_head; };
+    auto q_row = [&](int64_t i, int64_t n) { return ((t.b * T + pos[i]) * N + n) * H; };
+    for (int64_t j = 0; j < L + kAhead; ++j) {
+      if (j < L) {  // row j into L1, kAhead rows before it is copied
+        prefetch(k + kv_row(j) * H, H);
+        prefetch(v + kv_row(j) * H, H);
       }
-      const int64_t at = (t.b * T + pos[j]) * KH + kv_head;
-      const float* kr = k + at * H;
-      for (int64_t h = 0; h < H; ++h) kt[h * Lp + j] = kr[h];
-      std::memcpy(vs + j * H, v + at * H, sizeof(float) * H);
+      const int64_t c = j - kAhead;
+      if (c < 0) continue;
+      const float* kr = k + kv_row(c) * H;
+      for (int64_t h = 0; h < H; ++h) kt[h * Lp + c] = kr[h];
+      std::memcpy(vs + c * H, v + kv_row(c) * H, sizeof(float) * H);
     }
     for (int64_t h = 0; h < H; ++h) std::fill(kt + h * Lp + L, kt + (h + 1) * Lp, 0.0f);
     const bool vec = vector_path(H);
@@ -201,12 +200,11 @@ struct SegmentAttention {
       const int64_t n = kv_head * G + g;
       for (int64_t i0 = 0; i0 < L; i0 += kBlock) {
         const int64_t rows = std::min(kBlock, L - i0);
-        for (int64_t r = 0; r < rows; ++r) prefetch_row(out + ((t.b * T + pos[i0 + r]) * N + n) * H, H, true);
-        for (int64_t r = i0 + kBlock; r < std::min(L, i0 + 2 * kBlock); ++r)
-          prefetch_row(q + ((t.b * T + pos[r]) * N + n) * H, H, false);
+        for (int64_t r = 0; r < rows; ++r) prefetch<1>(out + q_row(i0 + r, n), H);  // written below
+        for (int64_t r = i0 + kBlock; r < std::min(L, i0 + 2 * kBlock); ++r) prefetch(q + q_row(r, n), H);  // next block
         std::fill(qs, qs + kBlock * H, 0.0f);
         for (int64_t r = 0; r < rows; ++r) {
-          const float* qr = q + ((t.b * T + pos[i0 + r]) * N + n) * H;
+          const float* qr = q + q_row(i0 + r, n);
           for (int64_t h = 0; h < H; ++h) qs[r * H + h] = qr[h] * scale;
         }
         if (vec) scores(qs, kt, S, H, Lp);
@@ -217,7 +215,7 @@ struct SegmentAttention {
         if (vec) weighted_values(S, vs, o, H, L, Lp);
         else weighted_values_generic(S, vs, o, H, L, Lp);
         for (int64_t r = 0; r < rows; ++r) {
-          float* dst = out + ((t.b * T + pos[i0 + r]) * N + n) * H;
+          float* dst = out + q_row(i0 + r, n);
           for (int64_t h = 0; h < H; ++h) dst[h] = o[r * H + h] * inv[r];
         }
       }
@@ -233,10 +231,11 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = segments.dimensions();
   const int64_t B = qd[0], T = qd[1], N = qd[2], H = qd[3], KH = kd[2];
   if (kd[0] != B || kd[1] != T || kd[3] != H || KH < 1 || N % KH != 0 ||
-      !std::equal(kd.begin(), kd.end(), vd.begin()) || sd[0] != B || sd[1] != T)
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || sd[0] != B || sd[1] != T ||
+      !std::equal(qd.begin(), qd.end(), out->dimensions().begin()))
     return ffi::Error::InvalidArgument(
         "jaxaccel attention: q must be [B, T, N, H], k and v [B, T, KH, H] with KH dividing N, "
-        "segments [B, T]");
+        "segments [B, T], out like q");
   SegmentAttention job;
   job.q = q.typed_data(); job.k = k.typed_data(); job.v = v.typed_data(); job.out = out->typed_data();
   job.T = T; job.N = N; job.KH = KH; job.H = H; job.scale = scale;
@@ -261,7 +260,7 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
   // A task takes all KV heads of a segment (its rows of q, k, v and out are read and written
   // whole, which the caches like; one head per task measured ~2x slower on short segments),
   // unless that leaves too few tasks to share among threads: then heads are split.
-  const int64_t workers = std::min<int64_t>(pool.num_threads(), kMaxHelpers + 1);
+  const int64_t workers = std::min<int64_t>(pool.num_threads(), jaxaccel::kMaxHelpers + 1);
   const int64_t splits = std::min<int64_t>(KH, (4 * workers + int64_t(job.tasks.size()) - 1) /
                                                    std::max<int64_t>(1, int64_t(job.tasks.size())));
   std::stable_sort(job.tasks.begin(), job.tasks.end(), [](const Task& x, const Task& y) { return x.len > y.len; });
@@ -272,7 +271,9 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
     job.tasks.swap(split);
   }
   job.order = order.data();
-  jaxaccel::parallel_for(pool, int64_t(job.tasks.size()), workers - 1, job);
+  int64_t pairs = 0;  // (query, key, head) triples: a small call is not worth a hand-off
+  for (const Task& t : job.tasks) pairs += t.len * t.len * (t.kv1 - t.kv0) * (N / KH);
+  jaxaccel::parallel_for(pool, int64_t(job.tasks.size()), pairs * H < (1 << 16) ? 0 : workers - 1, job);
   return ffi::Error::Success();
 }
 

@@ -33,7 +33,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxRows = 16;   // the Python side sends bigger batches to XLA's dot
-constexpr int kMaxHelpers = 7;     // pool tasks besides the caller
 
 inline float widen(float v) { return v; }
 inline float widen(int8_t v) { return float(v); }
@@ -241,7 +240,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
   job.x = x; job.w = w.untyped_data(); job.scale = scale; job.G = G; job.y = y;
   job.M = M; job.K = K; job.N = N;
 
-  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, kMaxHelpers);
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
   if (w.size_bytes() < (128 << 10)) helpers = 0;  // too small to pay for a hand-off
   const int64_t extent = job.kn ? K : N;
   // nk: several chunks per participant, so a late starter still helps. kn: each chunk costs a

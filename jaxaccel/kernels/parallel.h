@@ -11,6 +11,8 @@
 
 namespace jaxaccel {
 
+constexpr int kMaxHelpers = 7;  // pool tasks besides the caller
+
 // Runs body(c) for every c in [0, n) on the calling thread and up to `helpers` pool threads,
 // which take indices from one atomic counter; returns when all n are done. The caller works
 // too and then only waits for indices already taken, never for a pool task that has not
