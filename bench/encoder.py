@@ -13,8 +13,9 @@ Scenarios
                    by length, padded to the longest text of each batch.
 ONNX: `torch.onnx.export` (TorchScript exporter, opset 17) of the same torch module (forward +
 mean pooling + normalize) with dynamic batch and length; CPUExecutionProvider.
-Every timing is the median of --repeats runs after a warm-up run (compilation excluded; the
-jaxaccel warm-up compile time is reported). Outputs of the three are compared (min cosine).
+Every timing is the median of --repeats rounds after a warm-up run (compilation excluded; the
+jaxaccel warm-up compile time is reported); each round runs every implementation once, in turn.
+Outputs of the three are compared (min cosine).
 
 Never part of the tests. Example:
   python -m bench.encoder                # both scenarios, JSON in bench/results/encoder.json
@@ -60,17 +61,30 @@ def corpus(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(warm-up seconds, median seconds, last result)."""
-    t = time.perf_counter()
-    out = fn()
-    warm = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
+def timed(fns: dict, repeats: int) -> dict:
+    """name -> (warm-up seconds, median seconds, last result). After one warm-up call each, every
+    round calls each function once in turn, so a slow spell of this shared machine (its speed
+    drifts 10-20 % over minutes) slows all of them alike instead of one."""
+    warm, times, outs = {}, {name: [] for name in fns}, {}
+    for name, fn in fns.items():
         t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return warm, statistics.median(times), out
+        outs[name] = fn()
+        warm[name] = time.perf_counter() - t
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: (warm[name], statistics.median(times[name]), outs[name]) for name in fns}
+
+
+def no_grad(fn):
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            return fn()
+    return run
 
 
 def Pooled(bert):
@@ -144,13 +158,13 @@ def bench_fixed(tmp: Path, repeats: int, B: int, T: int) -> dict:
     mask = np.ones_like(ids)
     fn = encoder.programs(m)["embed"]
     jids, jmask = jaxaccel_inputs(ids, mask)
-    jw, jt, jout = timed(lambda: np.asarray(fn(m.params, jids, jmask)), repeats)
     pooled = Pooled(bert)
-    with torch.inference_mode():
-        _, tt, tout = timed(lambda: pooled(torch.tensor(ids), torch.tensor(mask)).numpy(), repeats)
     sess = export_onnx(pooled, tmp / "bert-base.onnx")
     feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
-    _, ot, oout = timed(lambda: sess.run(None, feed)[0], repeats)
+    got = timed({"jaxaccel": lambda: np.asarray(fn(m.params, jids, jmask)),
+                 "transformers": no_grad(lambda: pooled(torch.tensor(ids), torch.tensor(mask)).numpy()),
+                 "onnxruntime": lambda: sess.run(None, feed)[0]}, repeats)
+    (jw, jt, jout), (_, tt, tout), (_, ot, oout) = got["jaxaccel"], got["transformers"], got["onnxruntime"]
     return result("bert-base (random) 8x128", B, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
                   jw, jout, tout, oout, m.num_params)
 
@@ -175,19 +189,20 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     packed, unpacked = encoder.EncodeStats(), encoder.EncodeStats()
     encoder.embed(m, texts, truncate=True, batch_size=batch, stats=packed)
     encoder.embed(m, texts, truncate=True, batch_size=batch, stats=unpacked, pack=False)
-    jw, jt, jout = timed(lambda: m.embed(texts, truncate=True, batch_size=batch), repeats)
-    _, ut, _ = timed(lambda: m.embed(texts, truncate=True, batch_size=batch, pack=False), repeats)
-    compiled = encoder.compiled_programs(m)
     tok = m.tokenizer
     pooled = Pooled(transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager").eval())
-    with torch.inference_mode():
-        run_t = lambda: run_corpus(tok, texts, batch, limit, 384,
-                                   lambda i, a: pooled(torch.tensor(i), torch.tensor(a)).numpy())
-        _, tt, tout = timed(run_t, repeats)
     sess = export_onnx(pooled, tmp / "minilm.onnx")
-    run_o = lambda: run_corpus(tok, texts, batch, limit, 384,
-                               lambda i, a: sess.run(None, {"input_ids": i, "attention_mask": a})[0])
-    _, ot, oout = timed(run_o, repeats)
+    got = timed({
+        "jaxaccel": lambda: m.embed(texts, truncate=True, batch_size=batch),
+        "unpacked": lambda: m.embed(texts, truncate=True, batch_size=batch, pack=False),
+        "transformers": no_grad(lambda: run_corpus(tok, texts, batch, limit, 384,
+                                                   lambda i, a: pooled(torch.tensor(i), torch.tensor(a)).numpy())),
+        "onnxruntime": lambda: run_corpus(tok, texts, batch, limit, 384,
+                                          lambda i, a: sess.run(None, {"input_ids": i, "attention_mask": a})[0]),
+    }, repeats)
+    (jw, jt, jout), (_, ut, _) = got["jaxaccel"], got["unpacked"]
+    (_, tt, tout), (_, ot, oout) = got["transformers"], got["onnxruntime"]
+    compiled = encoder.compiled_programs(m)
     r = result(f"all-MiniLM-L6-v2, {n} mixed sentences", n, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
                jw, jout, tout, oout, m.num_params)
     lengths = [len(x) for x in tok(texts, truncation=True, max_length=limit)["input_ids"]]
