@@ -20,6 +20,7 @@ Outputs of the three are compared (min cosine).
 Never part of the tests. Example:
   python -m bench.encoder                # both scenarios, JSON in bench/results/encoder.json
   python -m bench.encoder --quick        # smoke run: 200 sentences, 1 repeat
+  python -m bench.encoder --scenarios attention   # the attention core: XLA vs the CPU kernel
 """
 
 from __future__ import annotations
@@ -222,9 +223,59 @@ def result(name, sentences, secs, warm, jout, tout, oout, params) -> dict:
             "min_cosine_jaxaccel_vs": {"transformers": min_cos(jout, tout), "onnxruntime": min_cos(jout, oout)}}
 
 
+ATTENTION_SHAPES = [  # label, B, T, heads, head size, text lengths drawn from [lo, hi]
+    ("MiniLM rows 32x64, texts 8-40", 32, 64, 12, 32, (8, 40)),
+    ("MiniLM packed 8x256, texts 16-128", 8, 256, 12, 32, (16, 128)),
+    ("BERT-base 8x128, one text a row", 8, 128, 12, 64, (128, 128)),
+]
+
+
+def bench_attention(repeats: int) -> list[dict]:
+    """The attention core alone, float32: XLA's (layers.Attention._attend: every (query, key) pair
+    of a row, the masked ones too) against the CPU kernel (only pairs inside a text)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel import kernels
+    from jaxaccel.config import ModelConfig
+    from jaxaccel.layers import Attention
+
+    if not kernels.load():
+        raise SystemExit(f"the CPU kernels do not build here: {kernels._loaded.get('error')}")
+    out = []
+    for label, B, T, N, H, (lo, hi) in ATTENTION_SHAPES:
+        rng = np.random.default_rng(0)
+        q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) for _ in range(3))
+        seg = np.zeros((B, T), np.int32)
+        for b in range(B):
+            at, text = 0, 1
+            while at < T:
+                n = min(int(rng.integers(lo, hi + 1)), T - at)
+                seg[b, at:at + n], at, text = text, at + n, text + 1
+        cfg = ModelConfig(family="bert", vocab_size=8, hidden_size=N * H, intermediate_size=8, num_layers=1,
+                          num_heads=N, num_kv_heads=N, head_dim=H, max_position_embeddings=T, causal=False,
+                          absolute_positions=True)
+        module = Attention(cfg, 0)
+        xla = jax.jit(lambda q, k, v, s: module.apply({}, q, k, v, s, None, None, method=Attention._attend)[0])
+        kernel = jax.jit(lambda q, k, v, s: kernels.attention(q, k, v, s, cfg.attn_scale))
+        args = (q, k, v, jnp.asarray(seg))
+        got = timed({"xla": lambda: xla(*args).block_until_ready(),
+                     "kernel": lambda: kernel(*args).block_until_ready()}, repeats)
+        real = seg > 0
+        diff = float(np.abs(np.asarray(got["xla"][2]) - np.asarray(got["kernel"][2]))[real].max())
+        pairs = int(sum((np.bincount(row[row > 0]) ** 2).sum() for row in seg))  # (query, key) pairs in texts
+        xt, kt = got["xla"][1], got["kernel"][1]
+        out.append({"shape": label, "B": B, "T": T, "heads": N, "head_dim": H, "xla_ms": xt * 1e3,
+                    "kernel_ms": kt * 1e3, "speedup": xt / kt, "kernel_gflops": 4 * pairs * N * H / kt / 1e9,
+                    "xla_gflops_all_pairs": 4 * B * T * T * N * H / xt / 1e9, "max_abs_diff": diff})
+        print(f"attention {label}: XLA {xt * 1e3:.2f} ms, kernel {kt * 1e3:.2f} ms ({xt / kt:.1f}x)", flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="bert-base,minilm", help="comma list of: bert-base, minilm")
+    ap.add_argument("--scenarios", default="bert-base,minilm",
+                    help="comma list of: bert-base, minilm, attention (the attention core alone: XLA vs the CPU kernel)")
     ap.add_argument("--sentences", type=int, default=None, help="MiniLM corpus size (default 2000)")
     ap.add_argument("--batch", type=int, default=32, help="MiniLM batch size, all implementations (default 32)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs, median (default 3)")
@@ -245,9 +296,12 @@ def main(argv=None):
     torch.set_num_threads(threads)
     machine = {**machine_info(), "onnxruntime": onnxruntime.__version__}
     print(f"machine: {machine}\nload average before: {os.getloadavg()}", flush=True)
-    results = []
+    results, attention = [], []
     with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-enc-") as tmp:
         for s in args.scenarios.split(","):
+            if s.strip() == "attention":
+                attention = bench_attention(max(repeats, 10))
+                continue
             if s.strip() == "bert-base":
                 results.append(bench_fixed(Path(tmp), repeats, 8, 128))
             elif s.strip() == "minilm":
@@ -263,7 +317,13 @@ def main(argv=None):
              f"{r['ratio_jaxaccel_vs']['transformers']:.2f}", f"{r['ratio_jaxaccel_vs']['onnxruntime']:.2f}",
              f"{r['min_cosine_jaxaccel_vs']['transformers']:.6f}", f"{r['min_cosine_jaxaccel_vs']['onnxruntime']:.6f}",
              f"{r['jaxaccel_warmup_s']:.1f}"] for r in results]
-    print(fmt_table(rows, header))
+    if results:
+        print(fmt_table(rows, header))
+    if attention:
+        print(fmt_table([[a["shape"], f"{a['xla_ms']:.2f}", f"{a['kernel_ms']:.2f}", f"{a['speedup']:.1f}",
+                          f"{a['kernel_gflops']:.0f}", f"{a['max_abs_diff']:.1e}"] for a in attention],
+                        ["attention core (float32)", "XLA ms", "kernel ms", "speedup", "kernel GFLOP/s (pairs in texts)",
+                         "max |diff|"]))
     for r in results:
         if "compiled_programs" in r:
             print(f"{r['scenario']}: jaxaccel compiled {r['compiled_programs']} programs (bound "
@@ -275,7 +335,7 @@ def main(argv=None):
            "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
            "settings": {"repeats": repeats, "statistic": "median", "dtype": "float32", "torch_num_threads": threads,
                         "transformers_attn": "eager (module default)", "quick": args.quick},
-           "load_average_after": list(os.getloadavg()), "results": results}
+           "load_average_after": list(os.getloadavg()), "results": results, "attention": attention}
     write_json(doc, out_path)
     return doc
 
