@@ -62,10 +62,15 @@ def corpus(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+SETTLE_S = 0.5  # pause before each timed call: the previous library's worker threads stop spinning
+
+
 def timed(fns: dict, repeats: int) -> dict:
     """name -> (warm-up seconds, median seconds, last result). After one warm-up call each, every
     round calls each function once in turn, so a slow spell of this shared machine (its speed
-    drifts 10-20 % over minutes) slows all of them alike instead of one."""
+    drifts 10-20 % over minutes) slows all of them alike instead of one. Each timed call starts
+    SETTLE_S after the last one ended: torch's OpenMP and ONNX Runtime's pool threads spin-wait
+    for a while after their work, on the same two cores the next call needs."""
     warm, times, outs = {}, {name: [] for name in fns}, {}
     for name, fn in fns.items():
         t = time.perf_counter()
@@ -73,6 +78,7 @@ def timed(fns: dict, repeats: int) -> dict:
         warm[name] = time.perf_counter() - t
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             outs[name] = fn()
             times[name].append(time.perf_counter() - t)
