@@ -15,7 +15,7 @@
 // Work: one task per (row, segment), longest first, shared by the calling thread and
 // XLA's intra-op pool threads (parallel.h). Each task copies its segment's keys (transposed)
 // and values into a small buffer, then for each query: scores across keys, max, exp, sum, and
-// the probability-weighted sum of values. Inner loops are written for GCC to vectorize.
+// the probability-weighted sum of values, for blocks of 8 queries (block_product).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -58,62 +58,34 @@ inline float exp_nonpositive(float x) {
 
 constexpr int64_t kBlock = 8;  // queries scored together (8 independent sums hide the FMA latency)
 
-// S[r, :Lp] = qs[r, :] . kt[:, :Lp] for the kBlock query rows r (qs [kBlock, H] already scaled).
-// o[r, :] = sum_{j < L} S[r, j] * vs[j, :].
+// out[r, :cols] = sum_{i < n} a[r, i] * b[i, :cols] for the kBlock rows r (row-major with strides
+// lda, ldb, ldo): the two small GEMMs of a block of queries, scores = (scaled q) . k^T and
+// outputs = p . v. AVX-512 FMA blocks when cols is a multiple of 16, else loops GCC vectorizes.
+void block_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, float* __restrict out,
+                   int64_t ldo, int64_t cols) {
 #if defined(__AVX512F__) && !defined(JAXACCEL_GENERIC)
-void scores(const float* qs, const float* kt, float* S, int64_t H, int64_t Lp) {
-  for (int64_t j = 0; j < Lp; j += kLanes) {
-    __m512 acc[kBlock];
-    for (int r = 0; r < kBlock; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t h = 0; h < H; ++h) {
-      const __m512 kv = _mm512_loadu_ps(kt + h * Lp + j);
-      for (int r = 0; r < kBlock; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r * H + h]), kv, acc[r]);
+  if (cols % kLanes == 0) {
+    for (int64_t c = 0; c < cols; c += kLanes) {
+      __m512 acc[kBlock];
+      for (int r = 0; r < kBlock; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; ++i) {
+        const __m512 bv = _mm512_loadu_ps(b + i * ldb + c);
+        for (int r = 0; r < kBlock; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + i]), bv, acc[r]);
+      }
+      for (int r = 0; r < kBlock; ++r) _mm512_storeu_ps(out + r * ldo + c, acc[r]);
     }
-    for (int r = 0; r < kBlock; ++r) _mm512_storeu_ps(S + r * Lp + j, acc[r]);
+    return;
   }
-}
-
-void weighted_values(const float* S, const float* vs, float* o, int64_t H, int64_t L, int64_t Lp) {
-  for (int64_t c = 0; c < H; c += kLanes) {
-    __m512 acc[kBlock];
-    for (int r = 0; r < kBlock; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; ++j) {
-      const __m512 vv = _mm512_loadu_ps(vs + j * H + c);
-      for (int r = 0; r < kBlock; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(S[r * Lp + j]), vv, acc[r]);
-    }
-    for (int r = 0; r < kBlock; ++r) _mm512_storeu_ps(o + r * H + c, acc[r]);
-  }
-}
-
-bool vector_path(int64_t H) { return H % kLanes == 0; }
-#else
-bool vector_path(int64_t) { return false; }
-void scores(const float*, const float*, float*, int64_t, int64_t) {}
-void weighted_values(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
 #endif
-
-// The same for any head size, in loops GCC vectorizes.
-void scores_generic(const float* qs, const float* kt, float* __restrict S, int64_t H, int64_t Lp) {
-  std::fill(S, S + kBlock * Lp, 0.0f);
-  for (int64_t r = 0; r < kBlock; ++r)
-    for (int64_t h = 0; h < H; ++h) {
-      const float a = qs[r * H + h];
-      const float* kh = kt + h * Lp;
-      float* __restrict sr = S + r * Lp;
-      for (int64_t j = 0; j < Lp; ++j) sr[j] += a * kh[j];
+  for (int64_t r = 0; r < kBlock; ++r) {
+    float* __restrict o = out + r * ldo;
+    std::fill(o, o + cols, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float ai = a[r * lda + i];
+      const float* bi = b + i * ldb;
+      for (int64_t c = 0; c < cols; ++c) o[c] += ai * bi[c];
     }
-}
-
-void weighted_values_generic(const float* S, const float* vs, float* __restrict o, int64_t H, int64_t L,
-                             int64_t Lp) {
-  std::fill(o, o + kBlock * H, 0.0f);
-  for (int64_t r = 0; r < kBlock; ++r)
-    for (int64_t j = 0; j < L; ++j) {
-      const float p = S[r * Lp + j];
-      const float* vr = vs + j * H;
-      float* __restrict orow = o + r * H;
-      for (int64_t h = 0; h < H; ++h) orow[h] += p * vr[h];
-    }
+  }
 }
 
 // Row s[:Lp] of scores (keys past L are padding) -> unnormalized probabilities; returns 1 / sum,
@@ -195,7 +167,6 @@ struct SegmentAttention {
       std::memcpy(vs + c * H, v + kv_row(c) * H, sizeof(float) * H);
     }
     for (int64_t h = 0; h < H; ++h) std::fill(kt + h * Lp + L, kt + (h + 1) * Lp, 0.0f);
-    const bool vec = vector_path(H);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n = kv_head * G + g;
       for (int64_t i0 = 0; i0 < L; i0 += kBlock) {
@@ -207,13 +178,11 @@ struct SegmentAttention {
           const float* qr = q + q_row(i0 + r, n);
           for (int64_t h = 0; h < H; ++h) qs[r * H + h] = qr[h] * scale;
         }
-        if (vec) scores(qs, kt, S, H, Lp);
-        else scores_generic(qs, kt, S, H, Lp);
+        block_product(qs, H, kt, Lp, H, S, Lp, Lp);  // scores [kBlock, Lp]
         float inv[kBlock];
         for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(S + r * Lp, L, Lp);
         for (int64_t r = rows; r < kBlock; ++r) std::fill(S + r * Lp, S + (r + 1) * Lp, 0.0f);
-        if (vec) weighted_values(S, vs, o, H, L, Lp);
-        else weighted_values_generic(S, vs, o, H, L, Lp);
+        block_product(S, Lp, vs, H, L, o, H, H);  // outputs [kBlock, H]
         for (int64_t r = 0; r < rows; ++r) {
           float* dst = out + q_row(i0 + r, n);
           for (int64_t h = 0; h < H; ++h) dst[h] = o[r * H + h] * inv[r];
