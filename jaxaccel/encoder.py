@@ -13,7 +13,7 @@ laid end to end in rows that long (first-fit decreasing), each text with its own
 attention scores every pair of a row, so without the CPU attention kernel rows are PACK_WIDTH
 (64) tokens and longer texts take the bucketed path; the kernel scores only pairs inside a text,
 so with it rows are as long as the model allows and every text packs. all-MiniLM-L6-v2, 2,000
-sentences, 66.1k real tokens: 85.2k computed bucketed, 76.8k packed in 64-token rows, 67.6k in
+sentences, 66.1k real tokens: 85.2k computed bucketed, 76.8k packed in 64-token rows, 66.3k in
 256-token rows (see bench/encoder.py).
 """
 
