@@ -19,7 +19,8 @@ once).
 
 Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
 generation engine (`decoding()`: dots of at most `MAX_ROWS` rows) and the encoders' programs
-(`encoding()`: float32 bidirectional attention). Training, scoring and prefill keep XLA's ops.
+(`encoding()`: bidirectional attention, computed in float32). Training, scoring, decoders and
+prefill keep XLA's ops.
 The kernels have no gradient: the switches act at trace time, so never trace a function you will
 differentiate inside them (jax's jit cache does not see them). The matvec's sums are deterministic
 (same input, same bits) but ordered differently from XLA's, so decode logits agree with
@@ -170,9 +171,9 @@ def wants(x2: jax.Array, w: jax.Array) -> bool:
 
 def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array | None = None) -> jax.Array | None:
     """Inside `decoding()`, `x2 [M, K] . w` (int8 w: times `scale`, see `matvec`) through the
-    kernel when it applies (`wants`), else None: the caller uses XLA's dot. (Widening bfloat16 weights for a float32 GEMM at prefill sizes was
-    measured too: no faster than XLA's bfloat16 GEMM on Gemma 3 270M, 373 vs 362 ms to the first
-    token, so prefill keeps XLA's dot.)"""
+    kernel when it applies (`wants`), else None: the caller uses XLA's dot. (Widening bfloat16
+    weights for a float32 GEMM at prefill sizes was measured too: no faster than XLA's bfloat16
+    GEMM on Gemma 3 270M, 373 vs 362 ms to the first token, so prefill keeps XLA's dot.)"""
     if wants(x2, w):
         return matvec(x2, w, w_in_axis, scale).astype(out_dtype)
     return None
