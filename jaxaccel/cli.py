@@ -61,9 +61,10 @@ def cmd_info(args) -> int:
 
 
 # --- encoders: texts in (arguments or --input FILE), JSONL out ------------------------------
-def read_texts(args) -> tuple[list[str], object]:
-    """Texts from the arguments or --input (one per line, or JSONL of strings / {"text": ...});
-    returns (texts, where) with where(i) naming the source line of text i."""
+def read_texts(args) -> tuple[list, object]:
+    """Texts from the arguments or --input (one per line, or JSONL of strings / {"text": ...} /
+    {"text": ..., "text_pair": ...}, the last read as a (text, text_pair) pair); returns (texts,
+    where) with where(i) naming the source line of text i."""
     import json
     from pathlib import Path
 
@@ -94,8 +95,11 @@ def read_texts(args) -> tuple[list[str], object]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {n} is not valid JSON: {e}") from None
             if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                obj = obj["text"]
-            if not isinstance(obj, str):
+                pair = obj.get("text_pair")
+                if pair is not None and not isinstance(pair, str):
+                    raise ValueError(f"{path} line {n}: \"text_pair\" must be a string")
+                obj = obj["text"] if pair is None else (obj["text"], pair)
+            if not isinstance(obj, (str, tuple)):
                 raise ValueError(f"{path} line {n}: a JSONL line must be a string or an object with a \"text\" string")
             line = obj
         texts.append(line)
@@ -108,6 +112,10 @@ def _encoder_task(args, task: str) -> int:
     from . import encoder
 
     texts, where = read_texts(args)  # all input errors come before loading the model
+    if task != "classify":
+        for i, t in enumerate(texts):
+            if isinstance(t, tuple):
+                raise ValueError(f"{where(i)} has a \"text_pair\"; only classify takes sentence pairs")
     m = _load(args, encoder.default_encoder_path if task == "embed" else None)
     stats = encoder.EncodeStats()
     kw = dict(truncate=args.truncate, batch_size=args.batch_size, progress=True, stats=stats, where=where)
@@ -118,13 +126,15 @@ def _encoder_task(args, task: str) -> int:
         results = [{"predictions": [[{"token": tok, "prob": p} for tok, p in mask] for mask in per_text]}
                    for per_text in encoder.fill_mask(m, texts, top_k=args.top_k, **kw)]
     else:
-        results = [{"label": label, "prob": p} for label, p in encoder.classify(m, texts, **kw)]
+        key = "score" if encoder.score_function(m.config) == "none" else "prob"  # regression: the raw value
+        results = [{"label": label, key: p} for label, p in encoder.classify(m, texts, **kw)]
     dt = time.perf_counter() - t
     truncated = set(stats.truncated_rows)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for i, (text, rec) in enumerate(zip(texts, results)):
-            rec = {"index": i, "text": text, **rec, **({"truncated": True} if i in truncated else {})}
+            pair = {"text": text[0], "text_pair": text[1]} if isinstance(text, tuple) else {"text": text}
+            rec = {"index": i, **pair, **rec, **({"truncated": True} if i in truncated else {})}
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
@@ -207,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
                         ("classify", "top label per text (BertForSequenceClassification folder)")):
         e = with_model(sub.add_parser(name, help=help_ + "; writes JSONL"))
         e.add_argument("texts", nargs="*", help="texts (or use --input)")
-        e.add_argument("--input", help="file with one text per line, or JSONL (strings or {\"text\": ...})")
+        e.add_argument("--input", help="file with one text per line, or JSONL (strings or {\"text\": ...}; "
+                       "classify also takes sentence pairs {\"text\": ..., \"text_pair\": ...})")
         e.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"],
                        help="--input format (auto: jsonl for .jsonl/.ndjson files)")
         e.add_argument("--output", help="write JSONL here instead of stdout")

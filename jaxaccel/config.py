@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 FULL = "full"
 SLIDING = "sliding"
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 DTYPES = {
     "float32": jnp.float32,
@@ -99,6 +100,9 @@ class ModelConfig:
     # | "masked_lm" | "classifier" (pooler + classifier over `labels`).
     head: str = "causal_lm"
     labels: tuple[str, ...] = ()  # class names of a "classifier" head, index = class id
+    # A classifier's HF problem_type: None (scores as transformers' pipeline does: sigmoid for one
+    # label, softmax for more), or one of PROBLEM_TYPES.
+    problem_type: str | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -120,6 +124,8 @@ class ModelConfig:
             raise ValueError(f"unknown head {self.head!r}; use causal_lm, encoder, masked_lm or classifier")
         if self.head == "classifier" and not self.labels:
             raise ValueError("a classifier head needs at least one label")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"unsupported problem_type {self.problem_type!r}; supported: {', '.join(PROBLEM_TYPES)}")
 
     # --- derived values -------------------------------------------------------------
     @property

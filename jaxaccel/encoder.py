@@ -79,10 +79,10 @@ def batch_shapes(batch_size: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in (1, 8) if b < batch_size} | {batch_size}))
 
 
-def _tokenize_into(stats: EncodeStats, model, texts, truncate, where) -> list[list[int]]:
-    ids, long = tokenize(model, texts, truncate, where)
+def _tokenize_into(stats: EncodeStats, model, texts, truncate, where, pairs: bool = False):
+    ids, long, types = tokenize(model, texts, truncate, where, pairs)
     stats.texts, stats.truncated, stats.truncated_rows = len(ids), len(long), tuple(long)
-    return ids
+    return (ids, types) if pairs else ids
 
 
 def _default_where(i: int) -> str:
@@ -99,30 +99,61 @@ def _check_encoder(model, need: str | None = None):
                          f"(e.g. a {'BertForMaskedLM' if need == 'masked_lm' else 'BertForSequenceClassification'} folder)")
 
 
-def tokenize(model, texts: Sequence[str], truncate: bool = False,
-             where: Callable[[int], str] = _default_where) -> tuple[list[list[int]], list[int]]:
-    """texts -> (token ids with special tokens, indices of truncated texts). Raises on a text longer than
-    the model's max length unless `truncate` (then it keeps the first max_length tokens)."""
+def is_pair(item) -> bool:
+    """A sentence pair: (text, text_pair), a tuple or list of two strings."""
+    return isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+def _encode(tok, items: list, **kw) -> tuple[list[list[int]], list[list[int]]]:
+    """Strings, or pairs (all of one kind) -> (ids with special tokens, token types)."""
+    if not items:
+        return [], []
+    if isinstance(items[0], str):
+        ids = tok(items, add_special_tokens=True, verbose=False, **kw)["input_ids"]
+        return ids, [[0] * len(row) for row in ids]
+    out = tok([a for a, _ in items], [b for _, b in items], add_special_tokens=True, verbose=False, **kw)
+    if "token_type_ids" not in out:
+        raise ValueError("this tokenizer returns no token types, which sentence pairs need (use a BERT tokenizer)")
+    return out["input_ids"], out["token_type_ids"]
+
+
+def tokenize(model, texts: Sequence, truncate: bool = False, where: Callable[[int], str] = _default_where,
+             pairs: bool = False) -> tuple[list[list[int]], list[int], list[list[int]] | None]:
+    """texts -> (token ids with special tokens, indices of truncated texts, token types or None).
+
+    pairs: an item may also be a (text, text_pair) pair, encoded as the tokenizer encodes sentence
+    pairs ([CLS] a [SEP] b [SEP], token types 0 then 1); types are returned only then. Raises on a
+    text longer than the model's max length unless `truncate` (then it keeps the first max_length
+    tokens; a pair loses tokens from its longer text first, as transformers' "longest_first")."""
     if isinstance(texts, str):
         raise TypeError("pass a list of texts, not one string")
     if len(texts) == 0:
         raise ValueError("no input texts")
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"{where(i)} is {type(t).__name__}, not str")
+        if not (isinstance(t, str) or (pairs and is_pair(t))):
+            what = "str or a (text, text_pair) pair of str" if pairs else "str"
+            raise TypeError(f"{where(i)} is {type(t).__name__}{f' of {len(t)}' if isinstance(t, (tuple, list)) else ''}, "
+                            f"not {what}")
     limit, tok = max_length(model), model.tokenizer
-    ids = tok(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    groups = [[i for i, t in enumerate(texts) if isinstance(t, str)], [i for i, t in enumerate(texts) if not isinstance(t, str)]]
+    ids: list = [None] * len(texts)
+    types: list = [None] * len(texts)
+
+    def encode(rows, **kw):
+        got_ids, got_types = _encode(tok, [texts[i] for i in rows], **kw)
+        for i, row, row_types in zip(rows, got_ids, got_types):
+            ids[i], types[i] = row, row_types
+
+    for group in groups:
+        encode(group, truncation=False)
     long = [i for i, row in enumerate(ids) if len(row) > limit]
     if long and not truncate:
         i = long[0]
         raise ValueError(f"{where(i)} has {len(ids[i])} tokens, more than the model's max length {limit} "
                          f"({len(long)} text(s) too long); pass truncate=True (--truncate) to cut them")
-    if long:
-        cut = tok([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=limit,
-                  verbose=False)["input_ids"]
-        for i, row in zip(long, cut):
-            ids[i] = row
-    return ids, long
+    for group in groups:
+        encode([i for i in group if len(ids[i]) > limit], truncation=True, max_length=limit)
+    return ids, long, (types if pairs else None)
 
 
 def plan(lengths: Sequence[int], limit: int, batch_size: int) -> list[tuple[np.ndarray, int, int]]:
@@ -195,13 +226,15 @@ def _packed_batches(model, ids: list[list[int]], texts: list[int], width: int, b
 
 
 def _bucketed_batches(model, fn, ids: list[list[int]], texts: list[int], batch_size: int, pad: int,
-                      extra: list | None):
-    """Dispatch `fn` over `texts` in length-sorted, bucket-padded batches; yields (text indices,
-    device result, real tokens, computed tokens)."""
+                      extra: list | None, types: list[list[int]] | None):
+    """Dispatch `fn` over `texts` in length-sorted, bucket-padded batches (with their token types
+    when given); yields (text indices, device result, real tokens, computed tokens)."""
     for rows, length, batch in plan([len(ids[i]) for i in texts], max_length(model), batch_size):
         rows = np.asarray(texts)[rows]
         tokens, mask = _pack(ids, rows, length, batch, pad)
         args = [model.params, jnp.asarray(tokens), jnp.asarray(mask)]
+        if types is not None:
+            args.append(jnp.asarray(_pack(types, rows, length, batch, 0)[0]))
         if extra is not None:
             at = np.zeros((batch,), np.int32)
             at[:len(rows)] = [extra[r] for r in rows]
@@ -257,8 +290,11 @@ def programs(model) -> dict:
         h = run(params, tokens, mask)["logits"]
         return jax.nn.softmax(jnp.take_along_axis(h, at[:, None, None], axis=1)[:, 0], axis=-1)
 
-    def classify(params, tokens, mask):
-        return jax.nn.softmax(run(params, tokens, mask)["logits"], axis=-1)
+    score = {"softmax": lambda x: jax.nn.softmax(x, axis=-1), "sigmoid": jax.nn.sigmoid,
+             "none": lambda x: x}[score_function(model.config)]
+
+    def classify(params, tokens, mask, types):
+        return score(apply(params, tokens, segment_ids=mask, token_types=types)["logits"])
 
     def embed_packed(params, tokens, segments, positions):
         """Rows holding several texts: segments [B, P] (0 = padding, 1..K = the row's texts), positions
@@ -280,7 +316,7 @@ def compiled_programs(model) -> int:
 
 
 def _run(model, task: str, ids: list[list[int]], batch_size: int, progress: bool, stats: EncodeStats,
-         extra: list | None = None, pack: bool = False) -> list[np.ndarray]:
+         extra: list | None = None, pack: bool = False, types: list | None = None) -> list[np.ndarray]:
     """Run `task` over all rows; returns one numpy result per row, in input order. With `pack`
     (embed), texts of up to `pack_width(model)` tokens share rows; longer ones are batched as usual."""
     from tqdm.auto import tqdm
@@ -308,7 +344,8 @@ def _run(model, task: str, ids: list[list[int]], batch_size: int, progress: bool
         _drain(_packed_batches(model, ids, [i for i in rest if len(ids[i]) <= width], width, batch_size, pad),
                stats, place_packed)
         rest = [i for i in rest if len(ids[i]) > width]
-    _drain(_bucketed_batches(model, programs(model)[task], ids, rest, batch_size, pad, extra), stats, place_rows)
+    _drain(_bucketed_batches(model, programs(model)[task], ids, rest, batch_size, pad, extra, types), stats,
+           place_rows)
     bar.close()
     return results
 
@@ -358,19 +395,34 @@ def fill_mask(model, texts: Sequence[str], *, top_k: int = 5, truncate: bool = F
     return out
 
 
-def classify(model, texts: Sequence[str], *, truncate: bool = False, batch_size: int = DEFAULT_BATCH,
+def score_function(cfg) -> str:
+    """How `classify` turns a classifier's logits into scores, as transformers' text-classification
+    pipeline does: "none" (the raw value) for regression; "sigmoid" per label for multi-label
+    checkpoints and for one-label ones (e.g. cross-encoder rerankers); "softmax" over classes otherwise."""
+    if cfg.problem_type == "regression":
+        return "none"
+    if cfg.problem_type == "multi_label_classification" or len(cfg.labels) == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def classify(model, texts: Sequence, *, truncate: bool = False, batch_size: int = DEFAULT_BATCH,
              progress: bool = False, stats: EncodeStats | None = None, where=_default_where,
              all_scores: bool = False) -> list:
-    """texts -> per text (label, probability) of the top class (or all classes, best first)."""
+    """texts -> per text (label, score) of the top class (or all classes, best first).
+
+    A text may be a (text, text_pair) pair (NLI, cross-encoder reranking), encoded as the tokenizer
+    encodes sentence pairs, with token types. The score is the class probability (softmax); per label
+    sigmoid for multi-label and one-label checkpoints; the raw value for regression (`score_function`)."""
     _check_encoder(model, "classifier")
     labels = model.config.labels
     if labels == tuple(f"LABEL_{i}" for i in range(len(labels))):
         warnings.warn("this classification checkpoint has no label names (config.json id2label); "
                       f"using LABEL_0..LABEL_{len(labels) - 1}", stacklevel=2)
     stats = stats if stats is not None else EncodeStats()
-    ids = _tokenize_into(stats, model, texts, truncate, where)
+    ids, types = _tokenize_into(stats, model, texts, truncate, where, pairs=True)
     out = []
-    for p in _run(model, "classify", ids, batch_size, progress, stats):
+    for p in _run(model, "classify", ids, batch_size, progress, stats, types=types):
         ranked = [(labels[c], float(p[c])) for c in np.argsort(-p, kind="stable")]
         out.append(ranked if all_scores else ranked[0])
     return out

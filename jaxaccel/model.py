@@ -100,10 +100,12 @@ class Model:
         return per_mask[0] if len(per_mask) == 1 else per_mask
 
     def classify(self, texts, **kw) -> list:
-        """texts (a list, or one string) -> [(label, prob)] of the top class per text."""
+        """texts (a list, or one string or (text, text_pair) tuple) -> [(label, score)] of the top
+        class per text; list items may be (text, text_pair) sentence pairs (see encoder.classify)."""
         from . import encoder
 
-        return encoder.classify(self, [texts] if isinstance(texts, str) else texts, **kw)
+        one = isinstance(texts, str) or (isinstance(texts, tuple) and encoder.is_pair(texts))
+        return encoder.classify(self, [texts] if one else texts, **kw)
 
     def quantize(self, cfg) -> "Model":
         """A new Model serving `cfg` (a jaxaccel.QuantConfig): int8 / int4 / w8a8 params become

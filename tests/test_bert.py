@@ -227,6 +227,90 @@ def test_classifier_without_label_names_falls_back(bert_folder, tmp_path):
     assert label == {"neg": "LABEL_0", "neutral": "LABEL_1", "pos": "LABEL_2"}[m.classify("the cat")[0][0]]
 
 
+def classifier_folder(tmp_path, problem_type, labels):
+    """A tiny BertForSequenceClassification checkpoint with its tokenizer and `problem_type`."""
+    cfg = tiny_config("BertModel")
+    cfg.id2label = dict(enumerate(labels))
+    cfg.label2id = {name: i for i, name in enumerate(labels)}
+    cfg.problem_type = problem_type
+    torch.manual_seed(2)
+    model = transformers.BertForSequenceClassification._from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / f"cls-{problem_type}-{len(labels)}"
+    model.eval().save_pretrained(path, safe_serialization=True)
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    transformers.BertTokenizerFast(str(path / "vocab.txt"), model_max_length=64).save_pretrained(str(path))
+    return path, model
+
+
+@pytest.mark.parametrize("problem_type,labels,function", [
+    (None, ("neg", "neutral", "pos"), "softmax"),
+    ("multi_label_classification", ("sports", "politics", "science"), "sigmoid"),
+    ("regression", ("similarity",), "none"),
+    (None, ("relevant",), "sigmoid"),  # one label, no problem_type: a cross-encoder reranker
+], ids=["softmax", "multi-label", "regression", "one-label"])
+def test_classify_pairs_and_problem_types_match_transformers_pipeline(tmp_path, problem_type, labels, function):
+    """classify() on texts and (text, text_pair) pairs (token types 0/1; a long pair truncated longest
+    first) equals transformers' text-classification pipeline: every label's score within 1e-5,
+    same order; and the problem type survives export."""
+    path, model = classifier_folder(tmp_path, problem_type, labels)
+    m = jaxaccel.load(path)
+    assert m.config.problem_type == problem_type and encoder.score_function(m.config) == function
+    texts = texts_of_lengths([3, 12, 1], seed=4)
+    pairs = [(a, b) for a, b in zip(texts_of_lengths([5, 2, 20], seed=5), texts_of_lengths([9, 30, 4], seed=6))]
+    long_pair = (" ".join(["cat"] * 50), " ".join(["dog"] * 30))  # 83 tokens > 64: "cat" loses 19
+    items = [texts[0], pairs[0], texts[1], pairs[1], pairs[2], texts[2], long_pair]
+    stats = encoder.EncodeStats()
+    got = encoder.classify(m, items, all_scores=True, truncate=True, batch_size=4, stats=stats)
+    assert stats.truncated_rows == (6,)
+    pipe = transformers.pipeline("text-classification", model=model, tokenizer=transformers.AutoTokenizer.from_pretrained(path),
+                                 top_k=None, device="cpu")
+    ref = pipe([{"text": t[0], "text_pair": t[1]} if isinstance(t, tuple) else t for t in items], truncation=True)
+    for ours, theirs in zip(got, ref):
+        assert [label for label, _ in ours] == [r["label"] for r in theirs]
+        np.testing.assert_allclose([p for _, p in ours], [r["score"] for r in theirs], atol=1e-5)
+    (label, p), = m.classify(pairs[0])  # one pair, as a tuple
+    assert label == got[1][0][0] and abs(p - got[1][0][1]) < 1e-5
+    back = jaxaccel.load(m.save_hf(tmp_path / "out"))
+    assert back.config == m.config
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").problem_type == problem_type
+
+
+def test_pair_and_problem_type_errors(bert_folder, tmp_path, capsys):
+    from jaxaccel.cli import main
+
+    path, _ = bert_folder("BertForSequenceClassification")
+    m = jaxaccel.load(path)
+    with pytest.raises(TypeError, match=r"text 1 is tuple of 3, not str or a \(text, text_pair\) pair"):
+        m.classify(["cat", ("a", "b", "c")])
+    with pytest.raises(TypeError, match="text 0 is tuple of 2, not str"):
+        encoder.embed(m, [("the cat", "the dog")])
+    with pytest.raises(ValueError, match="text 0 has 104 tokens, more than the model's max length 64"):
+        m.classify([(" ".join(["cat"] * 50), " ".join(["dog"] * 51))])
+    assert encoder.compiled_programs(m) == 0
+    cfg = json.loads((path / "config.json").read_text())
+    folder = tmp_path / "bad-problem"
+    folder.mkdir()
+    for f in path.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "config.json").write_text(json.dumps({**cfg, "problem_type": "ranking"}))
+    with pytest.raises(ValueError, match="unsupported problem_type 'ranking'; supported: single_label_classification"):
+        jaxaccel.load(folder)
+    inp = tmp_path / "pairs.jsonl"
+    inp.write_text('{"text": "the cat", "text_pair": "a dog"}\n"just one"\n')
+    assert main(["classify", "--model", str(path), "--input", str(inp)]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert recs[0]["text"] == "the cat" and recs[0]["text_pair"] == "a dog" and "text_pair" not in recs[1]
+    assert (recs[0]["label"], pytest.approx(recs[0]["prob"], abs=1e-6)) == m.classify(("the cat", "a dog"))[0]
+    assert main(["embed", "--model", str(path), "--input", str(inp)]) == 2
+    assert f'{inp} line 1 has a "text_pair"; only classify takes sentence pairs' in capsys.readouterr().err
+    inp.write_text('{"text": "the cat", "text_pair": 3}\n')
+    assert main(["classify", "--model", str(path), "--input", str(inp)]) == 2
+    assert 'line 1: "text_pair" must be a string' in capsys.readouterr().err
+
+
 def test_cli_embed_fill_mask_and_errors(bert_folder, tmp_path, capsys):
     from jaxaccel.cli import main
 

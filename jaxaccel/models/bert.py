@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..config import ModelConfig
+from ..config import PROBLEM_TYPES, ModelConfig
 from ..layers import LayerModule, Attention, Dense, DotGeneralCls, Embed, LayerNorm, logical
 
 MODEL_TYPES = {"bert": "bert"}
@@ -158,8 +158,9 @@ def from_hf(hf: dict) -> ModelConfig:
         id2label = hf.get("id2label") or {}
         n = len(id2label) or int(hf.get("num_labels", 2))  # transformers' default is 2 classes
         labels = tuple(id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n))
-    if hf.get("problem_type") not in (None, "single_label_classification"):
-        raise ValueError(f"unsupported problem_type {hf['problem_type']!r}; supported: single_label_classification")
+    problem_type = hf.get("problem_type") if head == "classifier" else None
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"unsupported problem_type {problem_type!r}; supported: {', '.join(PROBLEM_TYPES)}")
     heads = hf["num_attention_heads"]
     return ModelConfig(
         family="bert",
@@ -183,6 +184,7 @@ def from_hf(hf: dict) -> ModelConfig:
         type_vocab_size=hf.get("type_vocab_size", 2),
         head=head,
         labels=labels,
+        problem_type=problem_type,
     )
 
 
@@ -207,4 +209,6 @@ def to_hf(cfg: ModelConfig) -> dict:
     if cfg.head == "classifier":
         out["id2label"] = {str(i): name for i, name in enumerate(cfg.labels)}
         out["label2id"] = {name: i for i, name in enumerate(cfg.labels)}
+        if cfg.problem_type is not None:
+            out["problem_type"] = cfg.problem_type
     return out
