@@ -4,6 +4,7 @@ TensorBoard, CLI) and its bad-input errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -296,6 +297,10 @@ def test_finetune_classifier_with_eval(tmp_path):
     with pytest.raises(ValueError, match=r"row 2: label 'meh' is not one of the model's labels \['neg', 'pos'\]"):
         data_lib.load([rows[0], {"text": "x", "label": "meh"}], model.tokenizer, "classify", max_length=8, batch_size=1,
                       labels=model.config.labels)
+    multi = dataclasses.replace(model, config=model.config.replace(problem_type="multi_label_classification"))
+    with pytest.raises(ValueError, match="trains single-label classifiers .* this checkpoint is multi_label_classification"):
+        jaxaccel.finetune(multi, rows, task="classify", steps=1, out=tmp_path / "no", progress=False, tensorboard=False)
+    assert not (tmp_path / "no").exists()
 
 
 def test_packed_mlm_rows_do_not_see_each_other(tmp_path, monkeypatch):

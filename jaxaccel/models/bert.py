@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..config import PROBLEM_TYPES, ModelConfig
+from ..config import ModelConfig
 from ..layers import LayerModule, Attention, Dense, DotGeneralCls, Embed, LayerNorm, logical
 
 MODEL_TYPES = {"bert": "bert"}
@@ -158,9 +158,7 @@ def from_hf(hf: dict) -> ModelConfig:
         id2label = hf.get("id2label") or {}
         n = len(id2label) or int(hf.get("num_labels", 2))  # transformers' default is 2 classes
         labels = tuple(id2label.get(str(i), id2label.get(i, f"LABEL_{i}")) for i in range(n))
-    problem_type = hf.get("problem_type") if head == "classifier" else None
-    if problem_type is not None and problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"unsupported problem_type {problem_type!r}; supported: {', '.join(PROBLEM_TYPES)}")
+    problem_type = hf.get("problem_type") if head == "classifier" else None  # ModelConfig checks it
     heads = hf["num_attention_heads"]
     return ModelConfig(
         family="bert",
