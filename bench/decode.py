@@ -23,8 +23,6 @@ Roofline: bytes a decode step must read = weights actually read (all parameters,
 that an untied input-embedding table only contributes B rows) + the KV cache of the tokens
 attended to, averaged over the decode steps. Bandwidth = host memory bandwidth measured in
 this run (see --roofline-bw). Roofline tok/s = B * bandwidth / bytes per step.
-"% in-run roof" divides instead by the read bandwidth sampled right before each of that row's
-own timed runs (median; BandwidthProbe): on a shared VM the bandwidth moves within minutes.
 The KV cache jaxaccel really reads (it attends over every preallocated slot) is in the JSON.
 
 Weight formats (--weights, --torch-dtypes): beside float32, jaxaccel also decodes with its
@@ -139,26 +137,6 @@ def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
     return out
 
 
-class BandwidthProbe:
-    """Read bandwidth sampled during the run: `nbytes` float32 summed over all threads
-    (nbytes / t, as memory_bandwidth's "read") right before each timed decode. This VM's
-    bandwidth swings (25-55 GB/s within minutes: other tenants), so a fraction of the
-    bandwidth measured once at the start can reflect the neighbours more than the decoder;
-    the in-run figure is the median of the samples taken beside that decoder's own timed
-    runs. Read, not copy: a decode step reads its weights and writes next to nothing."""
-
-    def __init__(self, nbytes: int):
-        self.src = np.ones(nbytes // 4, np.float32)
-        n, threads = self.src.size, os.cpu_count() or 1
-        self.slices = [slice(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), threads) if len(c)]
-        self.pool = ThreadPoolExecutor(threads)
-
-    def sample(self) -> float:
-        t0 = time.perf_counter()
-        list(self.pool.map(lambda s: self.src[s].sum(), self.slices))
-        return self.src.nbytes / (time.perf_counter() - t0)
-
-
 # --- models ---------------------------------------------------------------------------------
 def load_models(name: str, tmp: Path):
     """-> (display name, jaxaccel Model without tokenizer / EOS, HF folder for transformers, info)."""
@@ -237,28 +215,22 @@ def _median(xs):
     return statistics.median(xs)
 
 
-def _timed_runs(ttft_once, total_once, repeats: int, probe: BandwidthProbe | None = None) -> dict:
-    """One warm-up of each (compiles), then `repeats` timed pairs; medians and all samples (and a
-    bandwidth sample before each timed total run)."""
+def _timed_runs(ttft_once, total_once, repeats: int) -> dict:
+    """One warm-up of each (compiles), then `repeats` timed pairs; medians and all samples."""
     t0 = time.perf_counter()
     _, tokens = total_once()
     ttft_once()
     warmup_s = time.perf_counter() - t0
-    ttfts, totals, bws = [], [], []
+    ttfts, totals = [], []
     for _ in range(repeats):
         ttfts.append(ttft_once())
-        if probe is not None:
-            bws.append(probe.sample())
         dt, tokens = total_once()
         totals.append(dt)
-    out = {"ttft_s": _median(ttfts), "total_s": _median(totals), "ttft_all_s": ttfts,
-           "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens}
-    if bws:
-        out.update(bandwidth_in_run_all=bws, bandwidth_in_run=_median(bws))
-    return out
+    return {"ttft_s": _median(ttfts), "total_s": _median(totals), "ttft_all_s": ttfts,
+            "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens}
 
 
-def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe=None) -> dict:
+def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool) -> dict:
     from jaxaccel.engine import generate_tokens
 
     B = len(prompts)
@@ -284,7 +256,7 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe
             raise RuntimeError(f"jaxaccel generated {lens} tokens per row, expected {new_tokens}")
         return dt, out
 
-    res = _timed_runs(ttft_once, total_once, repeats, probe)  # warm-up compiles the bucket
+    res = _timed_runs(ttft_once, total_once, repeats)  # warm-up compiles the bucket
     if stream:
         first = {}
 
@@ -302,7 +274,7 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe
     return res
 
 
-def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None) -> dict:
+def bench_torch(tm, prompts, new_tokens: int, repeats: int) -> dict:
     import torch
 
     ids = torch.tensor(prompts, dtype=torch.long)
@@ -328,20 +300,15 @@ def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None) -> dict:
             raise RuntimeError(f"transformers generated {gen.shape[1]} tokens, expected {new_tokens}")
         return dt, gen.tolist()
 
-    return _timed_runs(ttft_once, total_once, repeats, probe)
+    return _timed_runs(ttft_once, total_once, repeats)
 
 
-def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: float, step_bytes: int) -> dict:
-    """Rates from the timings; roofline fractions against the start-of-run bandwidth (roof_tok_s)
-    and against the bandwidth sampled beside these runs (fraction of `step_bytes` per step)."""
+def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: float) -> dict:
     decode_s = res["total_s"] - res["ttft_s"]
     res["prefill_tok_s"] = B * prompt_len / res["ttft_s"]
     res["decode_tok_s"] = B * (new_tokens - 1) / max(decode_s, 1e-9)
     res["decode_tok_s_per_row"] = res["decode_tok_s"] / B
     res["roofline_fraction"] = res["decode_tok_s"] / roof_tok_s
-    if "bandwidth_in_run" in res:
-        res["roofline_in_run_tok_s"] = B * res["bandwidth_in_run"] / step_bytes
-        res["roofline_fraction_in_run"] = res["decode_tok_s"] / res["roofline_in_run_tok_s"]
     return res
 
 
@@ -374,29 +341,27 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
 
 def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "B", "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "roofline tok/s",
-              "% roofline", "% in-run roof", "stream decode tok/s", "agree"]
-    in_run = lambda x: f"{100 * x['roofline_fraction_in_run']:.1f}" if "roofline_fraction_in_run" in x else "-"
+              "% roofline", "stream decode tok/s", "agree"]
     rows = []
     for r in results:
         j, t = r["jaxaccel"], r["transformers"]
         roof = r["roofline"]["tok_s"]
         agree = f"{r['agreement']['min_common_prefix']}/{r['new_tokens']}"
         rows.append([r["model"], r["batch"], "jaxaccel", f"{1e3 * j['ttft_s']:.1f}", f"{j['prefill_tok_s']:.0f}",
-                     f"{j['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * j['roofline_fraction']:.1f}", in_run(j),
+                     f"{j['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * j['roofline_fraction']:.1f}",
                      f"{j['stream_decode_tok_s']:.1f}" if "stream_decode_tok_s" in j else "-", agree])
         rows.append(["", "", "transformers", f"{1e3 * t['ttft_s']:.1f}", f"{t['prefill_tok_s']:.0f}",
-                     f"{t['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * t['roofline_fraction']:.1f}", in_run(t),
-                     "-", ""])
+                     f"{t['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * t['roofline_fraction']:.1f}", "-", ""])
         q = r["ratio"]
         rows.append(["", "", "ratio jax/pt", f"{q['ttft']:.2f}", f"{q['prefill_tok_s']:.2f}",
-                     f"{q['decode_tok_s']:.2f}", "", "", "", "", ""])
+                     f"{q['decode_tok_s']:.2f}", "", "", "", ""])
         for impl, v in r.get("variants", {}).items():
             a = v.get("agreement")
             rows.append(["", "", impl, f"{1e3 * v['ttft_s']:.1f}", f"{v['prefill_tok_s']:.0f}",
                          f"{v['decode_tok_s']:.1f}", f"{v['roofline_tok_s']:.1f}", f"{100 * v['roofline_fraction']:.1f}",
-                         in_run(v), "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""])
+                         "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""])
             rows.append(["", "", "  vs pt f32 / f32 roof", "", "", f"{v['decode_tok_s'] / t['decode_tok_s']:.2f}x",
-                         "", f"{100 * v['decode_tok_s'] / roof:.1f}", "", "", ""])
+                         "", f"{100 * v['decode_tok_s'] / roof:.1f}", "", ""])
     return header, rows
 
 
@@ -411,8 +376,6 @@ def main(argv=None):
     ap.add_argument("--roofline-bw", choices=("copy", "read"), default="copy",
                     help="bandwidth used for the roofline: copy (2*bytes/time of np.copyto, default) or "
                          "read (bytes/time of arr.sum())")
-    ap.add_argument("--probe-mib", type=int, default=256,
-                    help="array size of the in-run bandwidth samples (one copy before each timed decode run)")
     ap.add_argument("--no-stream", action="store_true", help="skip the streaming (host_step) decode run")
     ap.add_argument("--weights", default=None,
                     help="comma list of extra jaxaccel weight formats to run beside float32: bfloat16, int8 "
@@ -469,7 +432,6 @@ def main(argv=None):
           f"{bw['threads']} threads {bw['read_all_threads'] / 1e9:.1f}); roofline uses {args.roofline_bw} "
           f"= {bandwidth / 1e9:.1f} GB/s", flush=True)
 
-    probe = BandwidthProbe(args.probe_mib << 20)
     rng = np.random.default_rng(args.seed)
     results, model_info = [], {}
     started = time.perf_counter()
@@ -490,10 +452,10 @@ def main(argv=None):
                 prompts = rng.integers(min(100, V // 2), V, size=(B, prompt_len)).tolist()
                 nbytes = decode_bytes(jmodel, B, prompt_len, new_tokens)
                 roof = B * bandwidth / nbytes["total"]
-                j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream, probe=probe)
-                t = bench_torch(tm, prompts, new_tokens, repeats, probe=probe)
-                derive(j, B, prompt_len, new_tokens, roof, nbytes["total"])
-                derive(t, B, prompt_len, new_tokens, roof, nbytes["total"])
+                j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream)
+                t = bench_torch(tm, prompts, new_tokens, repeats)
+                derive(j, B, prompt_len, new_tokens, roof)
+                derive(t, B, prompt_len, new_tokens, roof)
                 reference = t.pop("tokens")
                 agree = agreement(j.pop("tokens"), reference)
                 extra_runs = {}
@@ -501,10 +463,10 @@ def main(argv=None):
                     vb = decode_bytes(vm, B, prompt_len, new_tokens) if impl.startswith("jaxaccel") else nbytes
                     if impl.startswith("transformers") and "bfloat16" in impl:
                         vb = {**nbytes, "total": nbytes["total"] // 2}
-                    v = (bench_jax(vm, prompts, new_tokens, repeats, stream=False, probe=probe)
-                         if impl.startswith("jaxaccel") else bench_torch(vm, prompts, new_tokens, repeats, probe=probe))
+                    v = (bench_jax(vm, prompts, new_tokens, repeats, stream=False) if impl.startswith("jaxaccel")
+                         else bench_torch(vm, prompts, new_tokens, repeats))
                     v["roofline_tok_s"] = B * bandwidth / vb["total"]
-                    derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"], vb["total"])
+                    derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"])
                     v["bytes_per_step"] = vb
                     v["agreement"] = agreement(v.pop("tokens"), reference)  # vs transformers float32
                     extra_runs[impl] = v
@@ -536,8 +498,7 @@ def main(argv=None):
     print(fmt_table(rows, header))
     print(f"\ndecode tok/s and prefill tok/s count all rows of the batch; decode excludes the first token. "
           f"roofline = B * {args.roofline_bw} bandwidth {bandwidth / 1e9:.1f} GB/s / (weights read + KV of the "
-          f"attended tokens) per step; '% in-run roof' uses instead the median {args.probe_mib} MiB read bandwidth "
-          f"sampled before each of that row's timed runs. 'agree' = shortest common greedy prefix over the rows. "
+          f"attended tokens) per step. 'agree' = shortest common greedy prefix over the rows. "
           f"stream = jaxaccel with a per-token host_step. torch threads = {threads}. "
           f"total {time.perf_counter() - started:.0f}s")
 
