@@ -16,6 +16,9 @@ mean pooling + normalize) with dynamic batch and length; CPUExecutionProvider.
 Every timing is the median of --repeats rounds after a warm-up run (compilation excluded; the
 jaxaccel warm-up compile time is reported); each round runs every implementation once, in turn.
 Outputs of the three are compared (min cosine).
+jaxaccel also runs with dtype=bfloat16 (params and activations; GEMMs with float32 sums), in the
+same rounds: its sentences/s, its speed over ONNX Runtime (float32) and its min cosine against
+transformers float32 are the "bf16" columns.
 
 Never part of the tests. Example:
   python -m bench.encoder                # both scenarios, JSON in bench/results/encoder.json
@@ -161,19 +164,22 @@ def bench_fixed(tmp: Path, repeats: int, B: int, T: int) -> dict:
     bert = transformers.BertModel(transformers.BertConfig(**BERT_BASE)).eval()
     bert.save_pretrained(tmp / "bert-base", safe_serialization=True)
     m = jaxaccel.load(tmp / "bert-base")
+    m16 = jaxaccel.load(tmp / "bert-base", dtype="bfloat16")
     ids = np.random.default_rng(0).integers(1000, BERT_BASE["vocab_size"], (B, T))
     mask = np.ones_like(ids)
-    fn = encoder.programs(m)["embed"]
+    fn, fn16 = encoder.programs(m)["embed"], encoder.programs(m16)["embed"]
     jids, jmask = jaxaccel_inputs(ids, mask)
     pooled = Pooled(bert)
     sess = export_onnx(pooled, tmp / "bert-base.onnx")
     feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
     got = timed({"jaxaccel": lambda: np.asarray(fn(m.params, jids, jmask)),
+                 "bfloat16": lambda: np.asarray(fn16(m16.params, jids, jmask)),
                  "transformers": no_grad(lambda: pooled(torch.tensor(ids), torch.tensor(mask)).numpy()),
                  "onnxruntime": lambda: sess.run(None, feed)[0]}, repeats)
     (jw, jt, jout), (_, tt, tout), (_, ot, oout) = got["jaxaccel"], got["transformers"], got["onnxruntime"]
-    return result("bert-base (random) 8x128", B, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
-                  jw, jout, tout, oout, m.num_params)
+    r = result("bert-base (random) 8x128", B, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
+               jw, jout, tout, oout, m.num_params)
+    return with_bfloat16(r, got["bfloat16"], tout)
 
 
 def jaxaccel_inputs(ids, mask):
@@ -192,6 +198,7 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     folder = encoder.default_encoder_path()
     texts = corpus(n)
     m = jaxaccel.load(folder)
+    m16 = jaxaccel.load(folder, dtype="bfloat16")
     limit = encoder.max_length(m)
     packed, unpacked = encoder.EncodeStats(), encoder.EncodeStats()
     encoder.embed(m, texts, truncate=True, batch_size=batch, stats=packed)
@@ -202,6 +209,7 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     got = timed({
         "jaxaccel": lambda: m.embed(texts, truncate=True, batch_size=batch),
         "unpacked": lambda: m.embed(texts, truncate=True, batch_size=batch, pack=False),
+        "bfloat16": lambda: m16.embed(texts, truncate=True, batch_size=batch),
         "transformers": no_grad(lambda: run_corpus(tok, texts, batch, limit, 384,
                                                    lambda i, a: pooled(torch.tensor(i), torch.tensor(a)).numpy())),
         "onnxruntime": lambda: run_corpus(tok, texts, batch, limit, 384,
@@ -218,7 +226,7 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
              padded_tokens_unpacked=unpacked.padded_tokens,
              padded_tokens_per_batch_padding=per_batch_padding(lengths, batch), compiled_programs=compiled, bucket_shapes=len(encoder.length_buckets(limit)) * len(encoder.batch_shapes(batch)),
              tokens_mean=float(np.mean(lengths)), tokens_max=int(max(lengths)), batch=batch)
-    return r
+    return with_bfloat16(r, got["bfloat16"], tout)
 
 
 def result(name, sentences, secs, warm, jout, tout, oout, params) -> dict:
@@ -227,6 +235,18 @@ def result(name, sentences, secs, warm, jout, tout, oout, params) -> dict:
             "ratio_jaxaccel_vs": {k: sps["jaxaccel"] / sps[k] for k in ("transformers", "onnxruntime")},
             "jaxaccel_warmup_s": warm, "params": params,
             "min_cosine_jaxaccel_vs": {"transformers": min_cos(jout, tout), "onnxruntime": min_cos(jout, oout)}}
+
+
+def with_bfloat16(r: dict, got, reference) -> dict:
+    """Add the jaxaccel bfloat16 run (params and activations bfloat16; GEMMs on the CPU's bfloat16
+    dot-product instructions with float32 sums, see layers._flat_dot) to a scenario's result:
+    its speed over ONNX Runtime (float32) and its agreement with transformers float32."""
+    warm, secs, out = got
+    sps = r["sentences"] / secs
+    r["bfloat16"] = {"seconds": secs, "sentences_per_s": sps, "warmup_s": warm,
+                     "ratio_vs_onnxruntime": sps / r["sentences_per_s"]["onnxruntime"],
+                     "min_cosine_vs_transformers_float32": min_cos(out, reference)}
+    return r
 
 
 ATTENTION_SHAPES = [  # label, B, T, heads, head size, text lengths drawn from [lo, hi]
@@ -318,11 +338,13 @@ def main(argv=None):
             print(f"{r['scenario']}: " + ", ".join(f"{k} {v:.1f}/s" for k, v in r["sentences_per_s"].items()), flush=True)
 
     header = ["scenario", "jaxaccel sent/s", "transformers sent/s", "onnxruntime sent/s", "jax/pt", "jax/ort",
-              "min cos pt", "min cos ort", "jax warm-up s"]
+              "min cos pt", "min cos ort", "jax warm-up s", "jax bf16 sent/s", "bf16/ort", "bf16 min cos pt"]
     rows = [[r["scenario"], *(f"{r['sentences_per_s'][k]:.1f}" for k in ("jaxaccel", "transformers", "onnxruntime")),
              f"{r['ratio_jaxaccel_vs']['transformers']:.2f}", f"{r['ratio_jaxaccel_vs']['onnxruntime']:.2f}",
              f"{r['min_cosine_jaxaccel_vs']['transformers']:.6f}", f"{r['min_cosine_jaxaccel_vs']['onnxruntime']:.6f}",
-             f"{r['jaxaccel_warmup_s']:.1f}"] for r in results]
+             f"{r['jaxaccel_warmup_s']:.1f}", f"{r['bfloat16']['sentences_per_s']:.1f}",
+             f"{r['bfloat16']['ratio_vs_onnxruntime']:.2f}",
+             f"{r['bfloat16']['min_cosine_vs_transformers_float32']:.6f}"] for r in results]
     if results:
         print(fmt_table(rows, header))
     if attention:
@@ -339,7 +361,7 @@ def main(argv=None):
                   f"{r['tokens']:,}; jaxaccel without packing {r['jaxaccel_unpacked_sentences_per_s']:.1f} sent/s")
     doc = {"benchmark": "encoder", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
-           "settings": {"repeats": repeats, "statistic": "median", "dtype": "float32", "torch_num_threads": threads,
+           "settings": {"repeats": repeats, "statistic": "median", "dtype": "float32 (and bfloat16: 'bfloat16')", "torch_num_threads": threads,
                         "transformers_attn": "eager (module default)", "quick": args.quick},
            "load_average_after": list(os.getloadavg()), "results": results, "attention": attention}
     write_json(doc, out_path)
