@@ -43,21 +43,25 @@ def logical(init, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(init, axes)
 
 
+def _wide_sums(out_dtype) -> bool:
+    """Whether an XLA dot with a bfloat16 result should ask for float32 and round after: on CPU
+    its GEMM then runs on the bfloat16 dot-product instructions, 1.8-1.9x float32's speed, where a
+    bfloat16 result runs below float32's (1024x768x3072 on this 2-core Zen 4: 382 vs 193 vs 176
+    GFLOP/s; Gemma's lm_head at 32 rows: 180 vs 96 vs 37). The sums are float32 either way."""
+    return out_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
 def _flat_dot(dot_general, x: Array, w: Array, w_in_axis: int, **kw) -> Array:
     """x [..., in] . w (contracting w's axis `w_in_axis`) with x flattened to 2-D: XLA's backward
     dW then contracts one merged batch axis, ~2x faster on CPU than over [B, T] separately.
-
-    bfloat16 x bfloat16 on CPU asks XLA for a float32 result, rounded to bfloat16 after: its CPU
-    GEMM then takes the bfloat16 dot-product instructions, 1.8-1.9x float32's speed, where a
-    bfloat16 result runs below float32's (1024x768x3072 on this 2-core Zen 4: 382 vs 193 vs
-    176 GFLOP/s; Gemma's lm_head at 32 rows: 180 vs 96 vs 37). The sums are float32 either way."""
+    bfloat16 results on CPU come from float32 ones (`_wide_sums`)."""
     x2 = x.reshape(-1, x.shape[-1])
     y, out = None, kw.get("preferred_element_type") or jnp.result_type(x, w)
     if dot_general is lax.dot_general:  # generation on CPU: kernels/ picks the fastest dot
         y = kernels.dot(x2, w, w_in_axis, out)
     if y is None:
         dims = (((1,), (w_in_axis,)), ((), ()))
-        if dot_general is lax.dot_general and out == jnp.bfloat16 and jax.default_backend() == "cpu":
+        if dot_general is lax.dot_general and _wide_sums(out):
             y = dot_general(x2, w, dims, **{**kw, "preferred_element_type": jnp.float32}).astype(out)
         else:
             y = dot_general(x2, w, dims, **kw)
@@ -114,7 +118,10 @@ class Embed(nn.Module):
     def __call__(self, ids: Array) -> Array:
         if self.quantized is not None:
             return self.quantized.take(ids).astype(self.dtype)
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        rows = kernels.take_rows(self.embedding, ids)  # generation on CPU, bfloat16 tables
+        if rows is None:
+            rows = jnp.take(self.embedding, ids, axis=0)
+        return rows.astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
         """x [B, T, D] -> float32 logits [B, T, V]."""
@@ -329,7 +336,10 @@ class Attention(LayerModule):
             scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(B, T, N, H), new_cache
+        dtype = jnp.result_type(probs, values)
+        wide = {"preferred_element_type": jnp.float32} if _wide_sums(dtype) else {}
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values, **wide).astype(dtype)
+        return out.reshape(B, T, N, H), new_cache
 
 
 class MLP(nn.Module):

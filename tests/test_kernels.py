@@ -147,6 +147,29 @@ def test_dot_routes_only_decode_sized_dots_to_the_kernel(built):
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=1e-2, atol=1e-2)
 
 
+def test_take_rows_equals_take_and_fills_bad_ids_with_nan(built):
+    """kernels.take_rows (bfloat16 tables inside decoding()) = jnp.take bit for bit: negative ids
+    count from the end, ids still outside the table give NaN rows (jnp.take's fill); other tables
+    and outside decoding(): None."""
+    table = jnp.asarray(np.random.default_rng(2).standard_normal((300, 48)), jnp.bfloat16)
+    ids = jnp.asarray([[0, 299, 17, -1, 5], [300, 8, -300, -301, 2]], jnp.int32)
+    assert kernels.take_rows(table, ids) is None
+    with kernels.decoding():
+        assert kernels.take_rows(table.astype(jnp.float32), ids) is None
+        got = jax.jit(kernels.take_rows)(table, ids)
+        lowered = jax.jit(kernels.take_rows).lower(table, ids).as_text()
+    assert "jaxaccel_take_rows" in lowered and got.shape == (2, 5, 48) and got.dtype == jnp.bfloat16
+    ref = jnp.take(table, ids, axis=0)  # fill mode: NaN rows for 300 and -301
+    bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16))
+    good = np.asarray((ids >= -300) & (ids < 300))
+    assert (~good).sum() == 2
+    np.testing.assert_array_equal(bits(got)[good], bits(ref)[good])
+    assert np.isnan(np.asarray(got, np.float32)[~good]).all() and np.isnan(np.asarray(ref, np.float32)[~good]).all()
+    with pytest.raises(Exception, match=r"table \[V, D\], ids \[n\] and out \[n, D\]"):
+        f = lambda t, i: jax.ffi.ffi_call("jaxaccel_take_rows", jax.ShapeDtypeStruct((2, 47), jnp.bfloat16))(t, i)
+        jax.jit(f)(table, jnp.asarray([1, 2], jnp.int32)).block_until_ready()
+
+
 def _tiny(**kw):
     # weights over the kernel's 128 KB hand-off threshold: pool threads take part
     cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=128, intermediate_size=384, num_layers=2,
@@ -186,6 +209,9 @@ def test_generation_program_calls_the_kernel(built, monkeypatch):
     eng._program(engine.Sampler(), 1, 16, 32).result()
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head, all traced once in the decode body
     assert seen.get("jaxaccel_matvec", 0) >= 2 * 7 + 1, seen
+    assert "jaxaccel_take_rows" not in seen  # float32 table: XLA's gather
+    engine.Engine(model.quantize(jaxaccel.QuantConfig(mode="bfloat16")))._program(engine.Sampler(), 1, 16, 32).result()
+    assert seen.get("jaxaccel_take_rows", 0) >= 1, seen  # bfloat16 table: the row kernel
 
 
 SAVED_TRACE_RUN = """

@@ -11,6 +11,10 @@ or about a quarter (int8) of float32's bytes and runs 1.5-1.8x faster than float
 the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
 so padding and several texts packed in one row cost nothing (see `attention`).
 
+`take.cc` copies the rows of a bfloat16 embedding table for the decode loop (`take_rows`): XLA
+gathers bfloat16 rows from a float32 copy of the whole table and hoists that copy out of the
+loop, so each generate call wrote 671 MB for Gemma 3 before its first token.
+
 The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
 jaxlib's FFI headers, for this machine's CPU (`-march=native`), and cached under the jaxaccel
 cache folder, keyed by the sources, jaxlib's version, the compiler and the CPU. Without a
@@ -18,7 +22,7 @@ compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and attention are used (a
 once).
 
 Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
-generation engine (`decoding()`: dots of at most `MAX_ROWS` rows) and the encoders' programs
+generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, bfloat16 table rows) and the encoders' programs
 (`encoding()`: bidirectional attention, computed in float32). Training, scoring, decoders and
 prefill keep XLA's ops.
 The kernels have no gradient: the switches act at trace time, so never trace a function you will
@@ -44,10 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc", "take.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
-           "jaxaccel_segment_attention": "JaxaccelSegmentAttention"}
+           "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows"}
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
@@ -171,9 +175,8 @@ def wants(x2: jax.Array, w: jax.Array) -> bool:
 
 def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array | None = None) -> jax.Array | None:
     """Inside `decoding()`, `x2 [M, K] . w` (int8 w: times `scale`, see `matvec`) through the
-    kernel when it applies (`wants`), else None: the caller uses XLA's dot. (Widening bfloat16
-    weights for a float32 GEMM at prefill sizes was measured too: no faster than XLA's bfloat16
-    GEMM on Gemma 3 270M, 373 vs 362 ms to the first token, so prefill keeps XLA's dot.)"""
+    kernel when it applies (`wants`), else None: the caller uses XLA's dot (prefill: for bfloat16
+    weights, XLA's bfloat16 GEMM with float32 sums, see layers._wide_sums)."""
     if wants(x2, w):
         return matvec(x2, w, w_in_axis, scale).astype(out_dtype)
     return None
@@ -188,6 +191,18 @@ def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None 
     if scale is not None:
         return jax.ffi.ffi_call("jaxaccel_matvec_scaled", out)(x2, w, scale.astype(jnp.float32))
     return jax.ffi.ffi_call("jaxaccel_matvec", out)(x2, w, w_in_axis=np.int64(w_in_axis))
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:
+    """Inside `decoding()`, the rows `ids` (any shape) of a bfloat16 table [V, D] -> [*ids.shape, D]
+    through the kernel (`take.cc`: XLA copies the whole table to gather bfloat16 rows and hoists
+    that copy out of the decode loop); else None: the caller uses jnp.take. Ids as jnp.take's:
+    negative ones count from the end, ones still outside [0, V) give NaN rows."""
+    if not (_on.get() and table.ndim == 2 and table.dtype == jnp.bfloat16):
+        return None
+    flat = ids.reshape(-1).astype(jnp.int32)
+    out = jax.ffi.ffi_call("jaxaccel_take_rows", jax.ShapeDtypeStruct((flat.size, table.shape[1]), table.dtype))(table, flat)
+    return out.reshape(*ids.shape, table.shape[1])
 
 
 def encoding(on: bool = True):
