@@ -137,6 +137,20 @@ def test_embed_matches_mean_pooled_transformers(bert_folder, monkeypatch, pack_w
         np.testing.assert_allclose(got[i], h / np.linalg.norm(h), atol=1e-5)
 
 
+def test_bfloat16_embeddings_stay_close_to_float32(bert_folder):
+    """dtype=bfloat16 (bfloat16 GEMMs with float32 sums on CPU) embeds within bfloat16 rounding of
+    transformers float32: cosine >= 0.999 on every text."""
+    path, model = bert_folder("BertModel")
+    m = jaxaccel.load(path, dtype="bfloat16")
+    assert m.params["layer_0"]["intermediate"]["kernel"].dtype == jnp.bfloat16
+    texts = texts_of_lengths([3, 40, 7, 15, 1, 60, 22])
+    got = m.embed(texts)
+    for i, t in enumerate(texts):
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([m.tokenizer(t)["input_ids"]])).last_hidden_state[0].mean(0).numpy()
+        assert float(got[i] @ h / np.linalg.norm(h)) >= 0.999
+
+
 def test_fill_mask_and_classify_match_transformers(bert_folder):
     path, model = bert_folder("BertForMaskedLM")
     m = jaxaccel.load(path)

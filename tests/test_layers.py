@@ -86,3 +86,23 @@ def test_rope_frequencies_match_transformers(rope):
     else:
         ref, _ = ROPE_INIT_FUNCTIONS[rope.kind](cfg, "cpu")
     np.testing.assert_allclose(rope_inv_freq(rope, 128), ref.numpy(), rtol=1e-6)
+
+
+def test_bfloat16_dots_take_float32_sums_on_cpu():
+    """On CPU a bfloat16 x bfloat16 dot asks XLA for a float32 result and rounds it once (XLA's
+    CPU GEMM then uses the bfloat16 dot-product instructions): the lowered program's dot yields
+    float32, and the result is the float32 product of the same bfloat16 values, rounded."""
+    from jax import lax
+
+    from jaxaccel import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 16, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+    f = jax.jit(lambda x, w: layers._flat_dot(lax.dot_general, x, w, 0))
+    y = f(x, w)
+    text = f.lower(x, w).as_text()
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 16, 32)
+    assert jax.default_backend() != "cpu" or "-> tensor<32x32xf32>" in text, text
+    ref = (np.asarray(x, np.float32).reshape(32, 64) @ np.asarray(w, np.float32)).reshape(2, 16, 32)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.asarray(ref).astype(jnp.bfloat16)))
