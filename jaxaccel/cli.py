@@ -127,7 +127,9 @@ def _encoder_task(args, task: str) -> int:
                    for per_text in encoder.fill_mask(m, texts, top_k=args.top_k, **kw)]
     else:
         key = "score" if encoder.score_function(m.config) == "none" else "prob"  # regression: the raw value
-        results = [{"label": label, key: p} for label, p in encoder.classify(m, texts, **kw)]
+        got = encoder.classify(m, texts, all_scores=args.all_scores, **kw)
+        results = ([{"labels": [{"label": label, key: p} for label, p in ranked]} for ranked in got] if args.all_scores
+                   else [{"label": label, key: p} for label, p in got])
     dt = time.perf_counter() - t
     truncated = set(stats.truncated_rows)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -227,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
         e.add_argument("--batch-size", type=int, default=32)
         if name == "fill-mask":
             e.add_argument("--top-k", type=int, default=5)
+        if name == "classify":
+            e.add_argument("--all-scores", action="store_true",
+                           help="every label's score, best first (multi-label checkpoints), not only the top label")
         e.set_defaults(fn=lambda a, task=name: _encoder_task(a, task))
 
     from .fit import add_arguments as finetune_arguments

@@ -101,6 +101,9 @@ def encode(rows, where, tokenizer, task: str, labels: Sequence[str] = ()) -> lis
             c = list(tokenizer.encode(completion, add_special_tokens=False)) + ([eos] if eos is not None else [])
             ids, weights = p + c, [0] * len(p) + [1] * len(c)
         elif task == "classify":
+            if row.get("text_pair") is not None:
+                raise ValueError(f"{w}: classify fine-tuning takes one text per row; sentence pairs "
+                                 "(\"text_pair\") are not supported for training yet")
             text, raw = _need(row, ("text", "label"), w, task)
             ids = list(tokenizer.encode(text))
             weights, label = [1] * len(ids), _label_index(raw, labels, w)

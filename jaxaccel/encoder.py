@@ -111,7 +111,8 @@ def _encode(tok, items: list, **kw) -> tuple[list[list[int]], list[list[int]]]:
     if isinstance(items[0], str):
         ids = tok(items, add_special_tokens=True, verbose=False, **kw)["input_ids"]
         return ids, [[0] * len(row) for row in ids]
-    out = tok([a for a, _ in items], [b for _, b in items], add_special_tokens=True, verbose=False, **kw)
+    out = tok([a for a, _ in items], [b for _, b in items], add_special_tokens=True, verbose=False,
+              return_token_type_ids=True, **kw)
     if "token_type_ids" not in out:
         raise ValueError("this tokenizer returns no token types, which sentence pairs need (use a BERT tokenizer)")
     return out["input_ids"], out["token_type_ids"]
@@ -122,7 +123,8 @@ def tokenize(model, texts: Sequence, truncate: bool = False, where: Callable[[in
     """texts -> (token ids with special tokens, indices of truncated texts, token types or None).
 
     pairs: an item may also be a (text, text_pair) pair, encoded as the tokenizer encodes sentence
-    pairs ([CLS] a [SEP] b [SEP], token types 0 then 1); types are returned only then. Raises on a
+    pairs ([CLS] a [SEP] b [SEP], token types 0 then 1; an empty text_pair means no pair, as in
+    transformers' pipeline); types are returned only then. Raises on a
     text longer than the model's max length unless `truncate` (then it keeps the first max_length
     tokens; a pair loses tokens from its longer text first, as transformers' "longest_first")."""
     if isinstance(texts, str):
@@ -135,7 +137,11 @@ def tokenize(model, texts: Sequence, truncate: bool = False, where: Callable[[in
             raise TypeError(f"{where(i)} is {type(t).__name__}{f' of {len(t)}' if isinstance(t, (tuple, list)) else ''}, "
                             f"not {what}")
     limit, tok = max_length(model), model.tokenizer
+    texts = [t if isinstance(t, str) else t[0] if t[1] == "" else tuple(t) for t in texts]
     groups = [[i for i, t in enumerate(texts) if isinstance(t, str)], [i for i, t in enumerate(texts) if not isinstance(t, str)]]
+    if groups[1] and model.config.type_vocab_size < 2:
+        raise ValueError(f"{where(groups[1][0])} is a sentence pair, but this model has "
+                         f"{model.config.type_vocab_size} token type(s); pairs need 2 (segment A and B)")
     ids: list = [None] * len(texts)
     types: list = [None] * len(texts)
 

@@ -124,9 +124,9 @@ def run(model, data, opts: T.TrainOptions, out: Path):
         raise ValueError(f"task {opts.task!r} does not fit this model's {cfg.head!r} head "
                          "(sft: causal LM; classify: sequence classifier; mlm: masked LM)")
     if opts.task == "classify" and (cfg.problem_type not in (None, "single_label_classification") or len(cfg.labels) < 2):
-        raise ValueError(f"classify fine-tuning trains single-label classifiers (softmax cross-entropy over 2+ "
-                         f"labels); this checkpoint is {cfg.problem_type or 'a one-label scorer'} "
-                         f"({len(cfg.labels)} label(s)), which it would train wrongly")
+        raise ValueError(f"classify fine-tuning trains single-label classifiers (softmax cross-entropy over 2 or "
+                         f"more labels); this checkpoint is {cfg.problem_type or 'unspecified'} with "
+                         f"{len(cfg.labels)} label(s), which it would train wrongly")
     max_len = opts.max_length or min(cfg.max_position_embeddings, 1024)
     load_kw = dict(max_length=max_len, batch_size=opts.batch_size, pack=opts.pack, truncate=opts.truncate,
                    labels=cfg.labels)

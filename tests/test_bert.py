@@ -4,6 +4,7 @@ real all-MiniLM-L6-v2 against sentence-transformers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -318,8 +319,17 @@ def test_pair_and_problem_type_errors(bert_folder, tmp_path, capsys):
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert recs[0]["text"] == "the cat" and recs[0]["text_pair"] == "a dog" and "text_pair" not in recs[1]
     assert (recs[0]["label"], pytest.approx(recs[0]["prob"], abs=1e-6)) == m.classify(("the cat", "a dog"))[0]
+    assert main(["classify", "--model", str(path), "--input", str(inp), "--all-scores"]) == 0
+    ranked = [json.loads(line)["labels"] for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["label"] for r in ranked[1]) == ["neg", "neutral", "pos"]
+    assert abs(sum(r["prob"] for r in ranked[1]) - 1) < 1e-5 and ranked[0][0]["label"] == recs[0]["label"]
     assert main(["embed", "--model", str(path), "--input", str(inp)]) == 2
     assert f'{inp} line 1 has a "text_pair"; only classify takes sentence pairs' in capsys.readouterr().err
+    one_type = dataclasses.replace(m, config=m.config.replace(type_vocab_size=1))
+    with pytest.raises(ValueError, match="text 0 is a sentence pair, but this model has 1 token type"):
+        one_type.classify([("the cat", "a dog")])
+    (label, p), = m.classify([("the cat", "")])  # an empty text_pair is no pair (transformers' pipeline)
+    assert label == m.classify("the cat")[0][0] and abs(p - m.classify("the cat")[0][1]) < 1e-6
     inp.write_text('{"text": "the cat", "text_pair": 3}\n')
     assert main(["classify", "--model", str(path), "--input", str(inp)]) == 2
     assert 'line 1: "text_pair" must be a string' in capsys.readouterr().err

@@ -127,7 +127,11 @@ def test_store_keeps_last_k_and_best_and_restores_onto_target(tmp_path):
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
     got = store.restore(tmp_path / "ck", step=2, target=target)
     np.testing.assert_array_equal(np.asarray(got["w"]), np.full((4,), 2.0))
-    with pytest.raises(store.CheckpointError, match="different model"):
+    with pytest.raises(store.CheckpointError, match=r"different model \(step 6; differs in a\)"):
         store.Store(tmp_path / "ck", {"model": {"a": 2}})
+    # a config field added since (None: the old checkpoint's meaning) resumes; a real change does not
+    store.Store(tmp_path / "ck", {"model": {"a": 1, "problem_type": None}}).close()
+    with pytest.raises(store.CheckpointError, match="differs in problem_type"):
+        store.Store(tmp_path / "ck", {"model": {"a": 1, "problem_type": "regression"}})
     with pytest.raises(store.CheckpointError, match="no checkpoint of step 3"):
         store.restore(tmp_path / "ck", step=3)

@@ -301,6 +301,9 @@ def test_finetune_classifier_with_eval(tmp_path):
     with pytest.raises(ValueError, match="trains single-label classifiers .* this checkpoint is multi_label_classification"):
         jaxaccel.finetune(multi, rows, task="classify", steps=1, out=tmp_path / "no", progress=False, tensorboard=False)
     assert not (tmp_path / "no").exists()
+    with pytest.raises(ValueError, match=r"row 2: classify fine-tuning takes one text per row; sentence pairs"):
+        data_lib.load([rows[0], {"text": "a", "text_pair": "b", "label": "pos"}], model.tokenizer, "classify",
+                      max_length=8, batch_size=1, labels=model.config.labels)
 
 
 def test_packed_mlm_rows_do_not_see_each_other(tmp_path, monkeypatch):

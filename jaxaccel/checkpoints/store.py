@@ -54,8 +54,9 @@ class Store:
             stored = self.read_meta(step)
             for key, what in (("model", "a different model"), ("setup", "a different training setup")):
                 mine, theirs = meta.get(key) or {}, stored.get(key) or {}
-                if mine != theirs:
-                    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                # a field added since the checkpoint was written reads as None there
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                if diff:
                     raise CheckpointError(
                         f"{self.directory} holds checkpoints of {what} (step {step}; differs in "
                         f"{', '.join(diff)}); refusing to resume. Use a new --out folder, or delete "

@@ -1,4 +1,5 @@
-"""CPU kernels that XLA lacks, called through XLA's FFI: the decode matvec and encoder attention.
+"""CPU kernels that XLA lacks, called through XLA's FFI: the decode matvec, encoder attention and
+bfloat16 embedding rows for the generation loop.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
@@ -23,8 +24,8 @@ once).
 
 Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
 generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, bfloat16 table rows) and the encoders' programs
-(`encoding()`: bidirectional attention, computed in float32). Training, scoring, decoders and
-prefill keep XLA's ops.
+(`encoding()`: bidirectional attention, computed in float32). Training, scoring, the decoders'
+attention and prefill-sized dots keep XLA's ops.
 The kernels have no gradient: the switches act at trace time, so never trace a function you will
 differentiate inside them (jax's jit cache does not see them). The matvec's sums are deterministic
 (same input, same bits) but ordered differently from XLA's, so decode logits agree with
