@@ -3,8 +3,8 @@ bfloat16 embedding rows for the generation loop.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
-XLA's own CPU dot gains nothing from fewer bytes at batch 1 (Gemma 3 270M: 20.8 tok/s with
-bfloat16 weights, 21.9 float32, 11.1 int8); with this kernel a decode step reads half (bfloat16)
+XLA's own CPU dot gains nothing from fewer bytes at batch 1 (Gemma 3 270M: 17.7 tok/s with
+bfloat16 weights, 18.4 float32, 9.8 int8); with this kernel a decode step reads half (bfloat16)
 or about a quarter (int8) of float32's bytes and runs 1.5-1.8x faster than float32
 (`python -m bench.decode`, and the same with JAXACCEL_CPU_KERNELS=0 for XLA alone).
 
