@@ -105,12 +105,12 @@ def is_pair(item) -> bool:
 
 
 def _encode(tok, items: list, **kw) -> tuple[list[list[int]], list[list[int]]]:
-    """Strings, or pairs (all of one kind) -> (ids with special tokens, token types)."""
+    """Strings, or pairs (all of one kind) -> (ids with special tokens, token types; None for strings)."""
     if not items:
         return [], []
     if isinstance(items[0], str):
         ids = tok(items, add_special_tokens=True, verbose=False, **kw)["input_ids"]
-        return ids, [[0] * len(row) for row in ids]
+        return ids, [None] * len(ids)
     out = tok([a for a, _ in items], [b for _, b in items], add_special_tokens=True, verbose=False,
               return_token_type_ids=True, **kw)
     if "token_type_ids" not in out:
@@ -159,7 +159,7 @@ def tokenize(model, texts: Sequence, truncate: bool = False, where: Callable[[in
                          f"({len(long)} text(s) too long); pass truncate=True (--truncate) to cut them")
     for group in groups:
         encode([i for i in group if len(ids[i]) > limit], truncation=True, max_length=limit)
-    return ids, long, (types if pairs else None)
+    return ids, long, ([t if t is not None else [0] * len(r) for r, t in zip(ids, types)] if pairs else None)
 
 
 def plan(lengths: Sequence[int], limit: int, batch_size: int) -> list[tuple[np.ndarray, int, int]]:
