@@ -328,6 +328,15 @@ def test_pair_and_problem_type_errors(bert_folder, tmp_path, capsys):
     one_type = dataclasses.replace(m, config=m.config.replace(type_vocab_size=1))
     with pytest.raises(ValueError, match="text 0 is a sentence pair, but this model has 1 token type"):
         one_type.classify([("the cat", "a dog")])
+    class NoTypes:  # a tokenizer that returns ids only
+        model_max_length = 64
+
+        def __call__(self, *texts, **kw):
+            out = m.tokenizer(*texts, **kw)
+            return {"input_ids": out["input_ids"]}
+
+    with pytest.raises(ValueError, match="this tokenizer returns no token types, which sentence pairs need"):
+        dataclasses.replace(m, tokenizer=NoTypes()).classify([("the cat", "a dog")])
     (label, p), = m.classify([("the cat", "")])  # an empty text_pair is no pair (transformers' pipeline)
     assert label == m.classify("the cat")[0][0] and abs(p - m.classify("the cat")[0][1]) < 1e-6
     inp.write_text('{"text": "the cat", "text_pair": 3}\n')
