@@ -24,6 +24,7 @@ Never part of the tests. Example:
   python -m bench.encoder                # both scenarios, JSON in bench/results/encoder.json
   python -m bench.encoder --quick        # smoke run: 200 sentences, 1 repeat
   python -m bench.encoder --scenarios attention   # the attention core: XLA vs the CPU kernel
+  python -m bench.encoder --scenarios gemm        # XLA's GEMM: float32 vs bfloat16 (float32 / bfloat16 result)
 """
 
 from __future__ import annotations
@@ -256,6 +257,31 @@ ATTENTION_SHAPES = [  # label, B, T, heads, head size, text lengths drawn from [
 ]
 
 
+GEMM_SHAPES = [(1024, 768, 3072), (1024, 3072, 768), (32, 640, 2048), (32, 640, 262144)]  # M, K, N
+
+
+def bench_gemm(repeats: int) -> list[dict]:
+    """XLA's CPU GEMM in GFLOP/s: float32, bfloat16 inputs with a float32 result (what
+    layers._wide_sums asks for) and with a bfloat16 result, on BERT-base and Gemma 3 shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    out = []
+    for M, K, N in GEMM_SHAPES:
+        rng = np.random.default_rng(0)
+        x, w = jnp.asarray(rng.standard_normal((M, K)), jnp.float32), jnp.asarray(rng.standard_normal((K, N)), jnp.float32)
+        xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        f32_out = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        plain = jax.jit(jnp.dot)
+        got = timed({"float32": lambda: plain(x, w).block_until_ready(),
+                     "bf16 -> f32": lambda: f32_out(xb, wb).block_until_ready(),
+                     "bf16 -> bf16": lambda: plain(xb, wb).block_until_ready()}, repeats)
+        row = {"M": M, "K": K, "N": N, **{f"{k} GFLOP/s": 2 * M * K * N / v[1] / 1e9 for k, v in got.items()}}
+        out.append(row)
+        print("gemm " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return out
+
+
 def bench_attention(repeats: int) -> list[dict]:
     """The attention core alone, float32: XLA's (layers.Attention._attend: every (query, key) pair
     of a row, the masked ones too) against the CPU kernel (only pairs inside a text)."""
@@ -301,7 +327,8 @@ def bench_attention(repeats: int) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default="bert-base,minilm",
-                    help="comma list of: bert-base, minilm, attention (the attention core alone: XLA vs the CPU kernel)")
+                    help="comma list of: bert-base, minilm, attention (the attention core alone: XLA vs the CPU "
+                         "kernel), gemm (XLA's GEMM in float32 and bfloat16)")
     ap.add_argument("--sentences", type=int, default=None, help="MiniLM corpus size (default 2000)")
     ap.add_argument("--batch", type=int, default=32, help="MiniLM batch size, all implementations (default 32)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs, median (default 3)")
@@ -322,11 +349,14 @@ def main(argv=None):
     torch.set_num_threads(threads)
     machine = {**machine_info(), "onnxruntime": onnxruntime.__version__}
     print(f"machine: {machine}\nload average before: {os.getloadavg()}", flush=True)
-    results, attention = [], []
+    results, attention, gemm = [], [], []
     with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-enc-") as tmp:
         for s in args.scenarios.split(","):
             if s.strip() == "attention":
                 attention = bench_attention(max(repeats, 10))
+                continue
+            if s.strip() == "gemm":
+                gemm = bench_gemm(max(repeats, 10))
                 continue
             if s.strip() == "bert-base":
                 results.append(bench_fixed(Path(tmp), repeats, 8, 128))
@@ -352,6 +382,10 @@ def main(argv=None):
                           f"{a['kernel_gflops']:.0f}", f"{a['max_abs_diff']:.1e}"] for a in attention],
                         ["attention core (float32)", "XLA ms", "kernel ms", "speedup", "kernel GFLOP/s (pairs in texts)",
                          "max |diff|"]))
+    if gemm:
+        kinds = [k for k in gemm[0] if k.endswith("GFLOP/s")]
+        print(fmt_table([[f"{g['M']}x{g['K']}x{g['N']}", *(f"{g[k]:.0f}" for k in kinds)] for g in gemm],
+                        ["GEMM M x K x N", *kinds]))
     for r in results:
         if "compiled_programs" in r:
             print(f"{r['scenario']}: jaxaccel compiled {r['compiled_programs']} programs (bound "
@@ -363,7 +397,8 @@ def main(argv=None):
            "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
            "settings": {"repeats": repeats, "statistic": "median", "dtype": "float32 (and bfloat16: 'bfloat16')", "torch_num_threads": threads,
                         "transformers_attn": "eager (module default)", "quick": args.quick},
-           "load_average_after": list(os.getloadavg()), "results": results, "attention": attention}
+           "load_average_after": list(os.getloadavg()), "results": results, "attention": attention,
+           "gemm": gemm}
     write_json(doc, out_path)
     return doc
 
