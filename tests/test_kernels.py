@@ -43,15 +43,67 @@ def test_float_matvec_equals_dot(built, dtype, axis, M, K, N):
     np.testing.assert_allclose(got, _reference(x, w, axis), rtol=1e-5, atol=1e-4)
 
 
+def _cpu_flags() -> set:
+    try:
+        return set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags()  # what -march=native builds the VNNI path for
+
+
+def _activation_block(M, K, G):
+    """The int16 block the int8 kernel rounds x to (matvec.cc: at most 4 rows, the largest of
+    128 / 64 / 32 dividing the weight's group size), 0 where it keeps float32 x."""
+    if not VNNI or M > 4:
+        return 0
+    return next((b for b in (128, 64, 32) if (K // G) % b == 0), 0)
+
+
+def _int16_rounded(x, block):
+    """x as the kernel's VNNI path rounds it: per block, s = max |x| / 32767 (float32) and
+    x / s rounded to the nearest integer (ties to even); returns (s * q as float64, s per input)."""
+    xb = np.asarray(x, np.float32).reshape(x.shape[0], -1, block)
+    s = np.max(np.abs(xb), axis=2, keepdims=True) / np.float32(32767)
+    q = np.where(s > 0, np.rint(xb / np.where(s > 0, s, np.float32(1))), 0)
+    return (q * s.astype(np.float64)).reshape(x.shape), np.broadcast_to(s, xb.shape).reshape(x.shape)
+
+
 @pytest.mark.parametrize("M,K,N,G", [(1, 640, 2048, 1), (1, 640, 4096, 20), (8, 256, 512, 8), (5, 320, 300, 10),
-                                     (2, 96, 33, 4), (3, 70, 40, 2)])
+                                     (2, 96, 33, 4), (3, 70, 40, 2), (2, 256, 300, 2), (4, 192, 64, 3),
+                                     (3, 96, 100, 1)])
 def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
+    """Up to 4 rows, on a CPU with AVX-512 VNNI, the kernel rounds x to int16 per block (2^-16 of
+    the block's largest |x|): equal to the dot of that rounded x, and within the bound that
+    rounding allows of the float dot. Otherwise equal to the float dot."""
     rng = np.random.default_rng(K + N + G)
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
     q = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
     scale = jnp.asarray(rng.random((N, G)) * 0.02, jnp.float32)
     got = np.asarray(jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))(x, q, scale))
-    np.testing.assert_allclose(got, _reference(x, q, 1, scale), rtol=1e-5, atol=1e-4)
+    exact = _reference(x, q, 1, scale)
+    block = _activation_block(M, K, G)
+    if not block:
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+        return
+    rounded, s = _int16_rounded(x, block)
+    np.testing.assert_allclose(got, _reference(rounded, q, 1, scale), rtol=1e-5, atol=1e-4)
+    w = np.abs(_reference(np.eye(K), q, 1, scale))  # |dequantized weight| [K, N]
+    bound = 0.5 * s.astype(np.float64) @ w  # sum_k |w| * (s / 2), the most the rounding can move
+    assert np.all(np.abs(got - exact) <= bound + 1e-4 + 1e-5 * np.abs(exact))
+    assert np.abs(got - exact).max() > 0  # really the rounded path (float x would be within 1e-4)
+
+
+def test_int8_matvec_propagates_nan_and_infinity(built):
+    """A NaN / infinite input makes its row NaN on the rounded path too (never a finite guess)."""
+    q = jnp.asarray(np.random.default_rng(0).integers(-127, 128, (300, 256)), jnp.int8)
+    s = jnp.full((300, 2), 0.01, jnp.float32)
+    for bad in (np.nan, np.inf):
+        x = np.ones((2, 256), np.float32)
+        x[1, 5] = bad
+        got = np.asarray(jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))(jnp.asarray(x), q, s))
+        assert np.isfinite(got[0]).all() and not np.isfinite(got[1]).any()
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -3,6 +3,9 @@ bfloat16 embedding rows for the generation loop.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
+With int8 weights (at most 4 rows, AVX-512 VNNI CPUs) it rounds x to int16 per block of 32-128
+inputs, within 2^-16 of the block's largest |x| (far below int8's own weight error), and
+multiplies in integers: Gemma 3 270M int8 decodes at ~72 tok/s instead of ~55.
 XLA's own CPU dot gains nothing from fewer bytes at batch 1 (Gemma 3 270M: 17.7 tok/s with
 bfloat16 weights, 18.4 float32, 9.8 int8); with this kernel a decode step reads half (bfloat16)
 or about a quarter (int8) of float32's bytes and runs 1.5-1.8x faster than float32
