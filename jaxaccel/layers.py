@@ -222,6 +222,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
 def _write_rows(buf: Array, new: Array, index: Array) -> Array:
     """buf [B, S, K, H] <- new [B, T, K, H] at slots index[b] .. index[b] + T - 1."""
+    written = kernels.write_rows(buf, new, index)  # the generation loop on CPU: in place
+    if written is not None:
+        return written
     write = lambda b, n, i: lax.dynamic_update_slice(b, n.astype(b.dtype), (i, 0, 0))
     return jax.vmap(write)(buf, new, index)
 

@@ -222,6 +222,28 @@ def test_take_rows_equals_take_and_fills_bad_ids_with_nan(built):
         jax.jit(f)(table, jnp.asarray([1, 2], jnp.int32)).block_until_ready()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_write_rows_equals_dynamic_update_slice(built, dtype):
+    """kernels.write_rows (the KV cache write inside decoding()) = each row's
+    lax.dynamic_update_slice bit for bit, clamped starts included; outside decoding(): None."""
+    rng = np.random.default_rng(4)
+    buf = jnp.asarray(rng.standard_normal((3, 10, 2, 8)) * 50, dtype)
+    rows = jnp.asarray(rng.standard_normal((3, 4, 2, 8)) * 50, dtype)
+    index = jnp.asarray([0, 5, 9], jnp.int32)  # 9 + 4 > 10: starts at 6, as dynamic_update_slice
+    assert kernels.write_rows(buf, rows, index) is None
+    ref = jax.vmap(lambda b, r, i: jax.lax.dynamic_update_slice(b, r, (i, 0, 0)))(buf, rows, index)
+    with kernels.decoding():
+        f = jax.jit(kernels.write_rows)
+        assert "jaxaccel_write_rows" in f.lower(buf, rows, index).as_text()
+        got = f(buf, rows, index)
+        with pytest.raises(Exception, match=r"buf \[B, S, ...\], rows \[B, T, ...\]"):
+            call = jax.ffi.ffi_call("jaxaccel_write_rows", jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+                                    input_output_aliases={0: 0})
+            jax.jit(call)(buf, jnp.zeros((3, 11, 2, 8), dtype), index).block_until_ready()
+    assert got.dtype == buf.dtype
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
+
+
 def _tiny(**kw):
     # weights over the kernel's 128 KB hand-off threshold: pool threads take part
     cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=128, intermediate_size=384, num_layers=2,
@@ -261,9 +283,25 @@ def test_generation_program_calls_the_kernel(built, monkeypatch):
     eng._program(engine.Sampler(), 1, 16, 32).result()
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head, all traced once in the decode body
     assert seen.get("jaxaccel_matvec", 0) >= 2 * 7 + 1, seen
+    assert seen.get("jaxaccel_write_rows", 0) >= 2 * 2, seen  # k and v of each layer, in place
     assert "jaxaccel_take_rows" not in seen  # float32 table: XLA's gather
     engine.Engine(model.quantize(jaxaccel.QuantConfig(mode="bfloat16")))._program(engine.Sampler(), 1, 16, 32).result()
     assert seen.get("jaxaccel_take_rows", 0) >= 1, seen  # bfloat16 table: the row kernel
+
+
+def test_decode_loop_does_not_copy_the_kv_cache(built):
+    """The KV cache is written in place: XLA's CPU backend fused dynamic_update_slice into both
+    the new cache and the attention, each on its own copy of every layer's cache, every step."""
+    cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=128, intermediate_size=384, num_layers=2,
+                      num_heads=4, num_kv_heads=1, head_dim=32, max_position_embeddings=256)
+    model = jaxaccel.init_random(cfg, seed=3, dtype="float32")  # one KV head, as Gemma 3 270M: copied before
+    eng = engine.Engine(model)
+    B, S, T, new_cap = 1, 48, 16, 32
+    compiled = eng._program(engine.Sampler(), B, T, new_cap).result()
+    text = compiled.as_text() if hasattr(compiled, "as_text") else str(compiled)
+    cache_shape = f"f32[{B},{S},{model.config.num_kv_heads},{model.config.head_dim}]"
+    copies = [ln for ln in text.splitlines() if " copy(" in ln and cache_shape in ln.split("=")[1].split("copy(")[0]]
+    assert not copies, copies[:4]
 
 
 SAVED_TRACE_RUN = """

@@ -1,5 +1,5 @@
-"""CPU kernels that XLA lacks, called through XLA's FFI: the decode matvec, encoder attention and
-bfloat16 embedding rows for the generation loop.
+"""CPU kernels that XLA lacks, called through XLA's FFI: the decode matvec, encoder attention, and
+bfloat16 embedding rows and in-place KV cache writes for the generation loop.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
@@ -17,7 +17,9 @@ so padding and several texts packed in one row cost nothing (see `attention`).
 
 `take.cc` copies the rows of a bfloat16 embedding table for the decode loop (`take_rows`): XLA
 gathers bfloat16 rows from a float32 copy of the whole table and hoists that copy out of the
-loop, so each generate call wrote 671 MB for Gemma 3 before its first token.
+loop, so each generate call wrote 671 MB for Gemma 3 before its first token. It also writes the
+KV cache in place (`write_rows`): XLA copied each layer's cache four times per decode step
+(models with one KV head, such as Gemma 3 270M), a cost that grows with the cache's length.
 
 The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
 jaxlib's FFI headers, for this machine's CPU (`-march=native`), and cached under the jaxaccel
@@ -26,13 +28,14 @@ compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and attention are used (a
 once).
 
 Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
-generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, bfloat16 table rows) and the encoders' programs
+generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, bfloat16 table rows, the KV
+cache writes) and the encoders' programs
 (`encoding()`: bidirectional attention, computed in float32). Training, scoring, the decoders'
 attention and prefill-sized dots keep XLA's ops.
 The kernels have no gradient: the switches act at trace time, so never trace a function you will
 differentiate inside them (jax's jit cache does not see them). The matvec's sums are deterministic
 (same input, same bits) but ordered differently from XLA's, so decode logits agree with
-`Model.logits` to float rounding, not bit for bit.
+`Model.logits` to float rounding (int8 weights: to the int16 rounding of x), not bit for bit.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ import numpy as np
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc", "take.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
-           "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows"}
+           "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows",
+           "jaxaccel_write_rows": "JaxaccelWriteRows"}
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
@@ -207,6 +211,18 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:
     flat = ids.reshape(-1).astype(jnp.int32)
     out = jax.ffi.ffi_call("jaxaccel_take_rows", jax.ShapeDtypeStruct((flat.size, table.shape[1]), table.dtype))(table, flat)
     return out.reshape(*ids.shape, table.shape[1])
+
+
+def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array) -> jax.Array | None:
+    """Inside `decoding()`, buf [B, S, ...] with rows [B, T, ...] written at slots index[b] ..
+    index[b] + T - 1 of row b, in place (the KV cache update); else None: the caller uses
+    lax.dynamic_update_slice. XLA's CPU backend fuses that update into each of its readers (the
+    new cache and the attention), each on its own copy of the cache: four copies per layer and
+    step. Starts are clamped to [0, S - T] as dynamic_update_slice clamps them."""
+    if not _on.get() or buf.ndim < 2 or rows.shape[0] != buf.shape[0] or rows.shape[2:] != buf.shape[2:]:
+        return None
+    call = jax.ffi.ffi_call("jaxaccel_write_rows", jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0})
+    return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32))
 
 
 def encoding(on: bool = True):
