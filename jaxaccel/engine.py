@@ -65,6 +65,16 @@ class Sampler:
     top_p: bool = False
 
 
+def argmax(x):
+    """jnp.argmax over the last axis (the first maximum; the first NaN if any) as two plain
+    reductions: XLA's CPU backend runs argmax's (value, index) reduction element by element, 1.2
+    ms for Gemma 3's 262,144 logits against 0.1 ms this way (a tenth of a decode step)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = jnp.where(jnp.isnan(top), jnp.isnan(x), x == top)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def sample(logits, keys, temperature, top_p, sampler: Sampler):
     """logits [B, V] float32, keys [B] PRNG keys -> tokens [B] int32.
 
@@ -72,7 +82,7 @@ def sample(logits, keys, temperature, top_p, sampler: Sampler):
     whose probability mass reaches top_p; the most likely token is always kept).
     """
     if sampler.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     logits = logits / temperature
     index = None
     if sampler.top_k:
@@ -84,7 +94,9 @@ def sample(logits, keys, temperature, top_p, sampler: Sampler):
         probs = jax.nn.softmax(logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, logits)
+    # jax.random.categorical's Gumbel-max draw (the same numbers, so the same tokens), with argmax
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
+    choice = argmax(logits + gumbel)
     if index is not None:
         choice = jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0]
     return choice.astype(jnp.int32)

@@ -166,3 +166,22 @@ def test_bad_prompts(hf_folder):
         jaxaccel.generate(m, [[1, 2]])
     with pytest.raises(TypeError, match="not a single prompt"):
         generate_tokens(m, [1, 2, 3])
+
+
+def test_argmax_and_sampling_draw_equal_jax():
+    """engine.argmax (two plain reductions instead of XLA's slow (value, index) one) = jnp.argmax,
+    ties, NaN and infinities included; the sampler's Gumbel draw = jax.random.categorical."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel.engine import Sampler, argmax, sample
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((3, 1000)), rng.integers(0, 3, (4, 50)).astype(float),
+             [[1, 3, 3, 2.], [np.nan, 1, np.nan, 5], [-np.inf] * 4, [np.inf, 1, np.inf, 0]]]
+    for x in map(lambda a: jnp.asarray(a, jnp.float32), cases):
+        np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.asarray(jnp.argmax(x, axis=-1)))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(64))
+    logits = jnp.asarray(rng.standard_normal((64, 300)), jnp.float32)
+    got = sample(logits, keys, jnp.float32(1.0), jnp.float32(1.0), Sampler(greedy=False))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
