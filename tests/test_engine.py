@@ -69,16 +69,27 @@ def _expected_probs(logits, temperature, top_k=None, top_p=None):
     return p
 
 
-@pytest.mark.parametrize("top_k,top_p", [(None, None), (5, None), (None, 0.6), (8, 0.75)])
-def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, hf_folder):
-    """4096 independent samples of the first token (one seed per row) vs the exact distribution."""
+@pytest.mark.parametrize("top_k,top_p,candidates", [(None, None, None), (5, None, None), (None, 0.6, None),
+                                                    (8, 0.75, None), (None, 0.6, "enough"), (None, 0.6, "short")])
+def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, hf_folder, monkeypatch):
+    """4096 independent samples of the first token (one seed per row) vs the exact distribution.
+    candidates: top-p alone with fewer candidates (engine.TOP_P_CANDIDATES) than the vocabulary,
+    just enough to hold top_p of the mass, or one short of it (then the full sort decides)."""
     from scipy.stats import chisquare
+
+    from jaxaccel import engine
 
     folder, _ = hf_folder("qwen2")
     m = jaxaccel.load(folder)
     prompt = [3, 1, 4, 1, 5]
     temperature = 0.7
     logits = np.asarray(m.logits(np.asarray([prompt])))[0, -1] * 0.15  # flatten so many tokens matter
+    if candidates:
+        z = logits.astype(np.float64) / temperature
+        mass = np.cumsum(np.sort(np.exp(z - z.max()) / np.exp(z - z.max()).sum())[::-1])
+        needed = int(np.searchsorted(mass, top_p)) + 1  # the fewest most likely tokens holding top_p
+        assert 2 < needed < m.config.vocab_size - 1
+        monkeypatch.setattr(engine, "TOP_P_CANDIDATES", needed + 1 if candidates == "enough" else needed - 1)
     scaled = m  # the model is fixed; temperature folds the 0.15 into the sampler below
     n = 4096
     out = generate_tokens(scaled, [prompt] * n, max_new_tokens=1, temperature=temperature / 0.15,
