@@ -326,6 +326,10 @@ class Attention(LayerModule):
             if not cfg.causal:
                 raise ValueError("a KV cache needs causal attention; encoders score full sequences (cache=None)")
             new_cache, keys, values = _cache_update(cache, k, v, index)
+            if T == 1 and kernels.wants_decode_attention(q, keys, self.dtype):  # generation on CPU
+                out = kernels.decode_attention(q, keys, values, index, cfg.attn_scale, cfg.window(self.layer),
+                                               cfg.attn_logit_softcap)
+                return out.astype(self.dtype), new_cache
             S = keys.shape[1]
             q_slot = q_slot + index[:, None]
             k_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))

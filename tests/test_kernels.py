@@ -244,6 +244,58 @@ def test_write_rows_equals_dynamic_update_slice(built, dtype):
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
 
 
+def _decode_attention_reference(q, keys, values, index, scale, window, softcap):
+    """layers.Attention._attend's math for one query per row (jnp, every slot scored and masked)."""
+    B, _, N, H = q.shape
+    S, K = keys.shape[1], keys.shape[2]
+    qg = q.reshape(B, 1, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys, preferred_element_type=jnp.float32) * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+    slot = jnp.arange(S)[None, :]
+    mask = slot <= index[:, None]
+    if window:
+        mask &= slot > index[:, None] - window
+    scores = jnp.where(mask[:, None, None, None, :], scores, np.finfo(np.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(keys.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values, preferred_element_type=jnp.float32)
+    return out.reshape(B, 1, N, H)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("N,K,H,window,softcap", [(4, 1, 64, None, None), (8, 4, 32, 5, None), (6, 2, 20, None, 30.0),
+                                                  (4, 4, 48, 40, 50.0)])
+def test_decode_attention_equals_xla_attention(built, dtype, N, K, H, window, softcap):
+    """kernels.decode_attention (generation on CPU) = the XLA attention it replaces, over rows at
+    different cache positions (first slot, middle, last), sliding windows, soft-capping and
+    grouped heads; NaN queries give NaN rows as XLA's softmax does."""
+    rng = np.random.default_rng(N * K + H)
+    B, S = 3, 37
+    q = jnp.asarray(rng.standard_normal((B, 1, N, H)), dtype)
+    keys, values = (jnp.asarray(rng.standard_normal((B, S, K, H)) * 2, dtype) for _ in range(2))
+    index = jnp.asarray([0, 17, S - 1], jnp.int32)
+    with kernels.decoding():
+        assert kernels.wants_decode_attention(q, keys, dtype)
+        assert not kernels.wants_decode_attention(q, keys, "float16")  # another dtype: XLA's
+        f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, 0.3, window, softcap))
+        got = np.asarray(f(q, keys, values, index))
+    assert not kernels.wants_decode_attention(q, keys, dtype)  # outside decoding()
+    ref = np.asarray(_decode_attention_reference(q, keys, values, index, 0.3, window, softcap))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # bfloat16: probabilities rounded on both sides
+    bad = q.at[1, 0, 0, 0].set(jnp.nan)
+    with kernels.decoding():
+        out = np.asarray(f(bad, keys, values, index))
+    assert np.isnan(out[1, 0, 0]).all() and np.isfinite(out[1, 0, 1:]).all() and np.isfinite(out[[0, 2]]).all()
+
+
+def test_decode_attention_refuses_bad_shapes(built):
+    q = jnp.ones((2, 1, 4, 8), jnp.float32)
+    k = jnp.ones((2, 5, 3, 8), jnp.float32)  # 3 KV heads do not divide 4 query heads
+    with kernels.decoding(), pytest.raises(Exception, match="KH dividing N"):
+        jax.jit(lambda q, k, i: kernels.decode_attention(q, k, k, i, 1.0, None, None))(
+            q, k, jnp.zeros((2,), jnp.int32)).block_until_ready()
+
+
 def _tiny(**kw):
     # weights over the kernel's 128 KB hand-off threshold: pool threads take part
     cfg = ModelConfig(family="llama", vocab_size=300, hidden_size=128, intermediate_size=384, num_layers=2,
@@ -284,6 +336,7 @@ def test_generation_program_calls_the_kernel(built, monkeypatch):
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head, all traced once in the decode body
     assert seen.get("jaxaccel_matvec", 0) >= 2 * 7 + 1, seen
     assert seen.get("jaxaccel_write_rows", 0) >= 2 * 2, seen  # k and v of each layer, in place
+    assert seen.get("jaxaccel_decode_attention", 0) >= 2, seen  # each layer's decode attention
     assert "jaxaccel_take_rows" not in seen  # float32 table: XLA's gather
     engine.Engine(model.quantize(jaxaccel.QuantConfig(mode="bfloat16")))._program(engine.Sampler(), 1, 16, 32).result()
     assert seen.get("jaxaccel_take_rows", 0) >= 1, seen  # bfloat16 table: the row kernel

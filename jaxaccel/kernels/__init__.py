@@ -13,7 +13,9 @@ or about a quarter (int8) of float32's bytes and runs 1.5-1.8x faster than float
 
 `attention.cc` is bidirectional softmax attention within segments (the encoders): it scores only
 the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
-so padding and several texts packed in one row cost nothing (see `attention`).
+so padding and several texts packed in one row cost nothing (see `attention`). It also holds the
+decode steps' attention (`decode_attention`): one query per row against the KV cache as stored,
+up to the row's current slot (XLA transposed every layer's cache each step and scored all slots).
 
 `take.cc` copies the rows of a bfloat16 embedding table for the decode loop (`take_rows`): XLA
 gathers bfloat16 rows from a float32 copy of the whole table and hoists that copy out of the
@@ -29,8 +31,8 @@ once).
 
 Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
 generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, bfloat16 table rows, the KV
-cache writes) and the encoders' programs
-(`encoding()`: bidirectional attention, computed in float32). Training, scoring, the decoders'
+cache writes, one-query attention) and the encoders' programs
+(`encoding()`: bidirectional attention, computed in float32). Training, scoring, prefill's
 attention and prefill-sized dots keep XLA's ops.
 The kernels have no gradient: the switches act at trace time, so never trace a function you will
 differentiate inside them (jax's jit cache does not see them). The matvec's sums are deterministic
@@ -59,7 +61,7 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
            "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows",
-           "jaxaccel_write_rows": "JaxaccelWriteRows"}
+           "jaxaccel_write_rows": "JaxaccelWriteRows", "jaxaccel_decode_attention": "JaxaccelDecodeAttention"}
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
@@ -223,6 +225,29 @@ def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array) -> jax.Array |
         return None
     call = jax.ffi.ffi_call("jaxaccel_write_rows", jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0})
     return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32))
+
+
+def wants_decode_attention(q: jax.Array, keys: jax.Array, dtype) -> bool:
+    """Should this attention go to the decode kernel? (inside `decoding()`: one query per row, a
+    float32 / bfloat16 cache in the model's dtype)"""
+    return (_on.get() and q.ndim == 4 and q.shape[1] == 1 and keys.ndim == 4 and keys.dtype == jnp.dtype(dtype)
+            and any(keys.dtype == d for d in (jnp.float32, jnp.bfloat16)))
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, index: jax.Array, scale: float,
+                     window: int | None, softcap: float | None) -> jax.Array:
+    """float32 [B, 1, N, H]: each row's one query q [B, 1, N, H] against its cache slots
+    [index[b] - window + 1, index[b]] (all up to index[b] without a window) of keys / values
+    [B, S, KH, H] (float32 or bfloat16, read as stored): softmax(softcap(scale * q . k)) v, as
+    `layers.Attention._attend` computes it (bfloat16 caches: probabilities rounded to bfloat16
+    before the values, as there). Only the slots attended to are read; XLA read all S slots of a
+    transposed copy of the cache."""
+    B, _, N, H = q.shape
+    call = jax.ffi.ffi_call("jaxaccel_decode_attention", jax.ShapeDtypeStruct((B, N, H), jnp.float32))
+    out = call(q.reshape(B, N, H).astype(jnp.float32), keys, values, index.astype(jnp.int32),
+               scale=np.float32(scale), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0),
+               round_probs=bool(keys.dtype == jnp.bfloat16))
+    return out.reshape(B, 1, N, H)
 
 
 def encoding(on: bool = True):

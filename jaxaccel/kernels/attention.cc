@@ -246,6 +246,131 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
   return ffi::Error::Success();
 }
 
+// ---- decode attention: one query per row against the KV cache ---------------------------------
+//
+//   out[b, n, :] = sum_s softmax_s(c(scale * q[b, n, :] . k[b, s, h(n), :])) v[b, s, h(n), :]
+//
+// over the cache slots s in [index[b] - window + 1, index[b]] (all s <= index[b] without a
+// window), c = softcap * tanh(. / softcap) when softcap > 0. The cache is read in its stored
+// [B, S, KH, H] layout (float32 or bfloat16) and only up to the current slot; XLA transposed each
+// layer's cache to [B, KH, S, H] every step and scored every preallocated slot (masked).
+// With round_probs the probabilities are rounded to bfloat16 before the values are summed, as a
+// bfloat16 model's XLA attention does. Work: one task per (row, KV head), its G = N / KH query
+// heads together, so each key and value row is read once.
+inline float widen_value(float v) { return v; }
+inline float widen_value(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float round_bf16(float x) {  // nearest even, as XLA's float32 -> bfloat16 (NaN stays NaN)
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return x;
+  bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+template <typename T>
+struct DecodeAttention {
+  const float* q = nullptr;  // [B, N, H]
+  const T *k = nullptr, *v = nullptr;  // [B, S, KH, H]
+  const int32_t* index = nullptr;
+  float* out = nullptr;  // [B, N, H]
+  int64_t S = 0, N = 0, KH = 0, H = 0, window = 0;
+  float scale = 1, softcap = 0;
+  bool round_probs = false;
+
+  void operator()(int64_t task) const {
+    const int64_t b = task / KH, kh = task % KH, G = N / KH;
+    const int64_t last = std::min<int64_t>(std::max<int64_t>(index[b], 0), S - 1);
+    const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+    const int64_t L = last - first + 1;
+    std::vector<float> p(size_t(G * L)), qrow(size_t(H));
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qn = q + (b * N + kh * G + g) * H;
+      for (int64_t s = 0; s < L; ++s) {
+        const T* kr = k + ((b * S + first + s) * KH + kh) * H;
+        float lanes[kLanes] = {0}, tail = 0;
+        int64_t i = 0;
+        for (; i + kLanes <= H; i += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) lanes[l] += qn[i + l] * widen_value(kr[i + l]);
+        for (; i < H; ++i) tail += qn[i] * widen_value(kr[i]);
+        for (int64_t l = 0; l < kLanes; ++l) tail += lanes[l];
+        float x = tail * scale;
+        if (softcap > 0) x = std::tanh(x / softcap) * softcap;
+        p[g * L + s] = x;
+      }
+      float* pg = p.data() + g * L;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < L; ++s) top = std::isnan(pg[s]) || pg[s] > top ? pg[s] : top;
+      float total = 0;
+      for (int64_t s = 0; s < L; ++s) total += pg[s] = exp_nonpositive(pg[s] - top);
+      const float inv = 1.0f / total;
+      for (int64_t s = 0; s < L; ++s) pg[s] = round_probs ? round_bf16(pg[s] * inv) : pg[s] * inv;
+      float* o = out + (b * N + kh * G + g) * H;
+      std::fill(o, o + H, 0.0f);
+      if (std::isnan(top) || top == INFINITY) {  // as XLA's softmax: a NaN / +inf score -> NaN
+        std::fill(o, o + H, NAN);
+        continue;
+      }
+      for (int64_t s = 0; s < L; ++s) {
+        const T* vr = v + ((b * S + first + s) * KH + kh) * H;
+        const float ps = pg[s];
+        for (int64_t i = 0; i < H; ++i) o[i] += ps * widen_value(vr[i]);
+      }
+    }
+  }
+};
+
+using Query = ffi::Buffer<ffi::F32, 3>;  // float32 [B, N, H]
+using QueryOut = ffi::ResultBuffer<ffi::F32, 3>;
+using Index = ffi::Buffer<ffi::S32, 1>;
+
+template <typename T>
+ffi::Error RunDecode(ffi::ThreadPool& pool, DecodeAttention<T> job, int64_t B) {
+  const int64_t work = B * job.N * job.H * std::min<int64_t>(job.S, job.window > 0 ? job.window : job.S);
+  const int64_t workers = std::min<int64_t>(pool.num_threads(), jaxaccel::kMaxHelpers + 1);
+  jaxaccel::parallel_for(pool, B * job.KH, work < (1 << 17) ? 0 : workers - 1, job);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttendDecode(ffi::ThreadPool pool, Query q, ffi::AnyBuffer k, ffi::AnyBuffer v, Index index,
+                        QueryOut out, float scale, int64_t window, float softcap, bool round_probs) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  const int64_t B = qd[0], N = qd[1], H = qd[2];
+  if (kd.size() != 4 || kd[0] != B || kd[3] != H || kd[2] < 1 || N % kd[2] != 0 || kd[1] < 1 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || k.element_type() != v.element_type() ||
+      index.dimensions()[0] != B || !std::equal(qd.begin(), qd.end(), out->dimensions().begin()))
+    return ffi::Error::InvalidArgument(
+        "jaxaccel decode attention: q must be [B, N, H], k and v [B, S, KH, H] with KH dividing N, "
+        "index [B], out like q");
+  auto fill = [&](auto& job) {
+    job.q = q.typed_data(); job.index = index.typed_data(); job.out = out->typed_data();
+    job.S = kd[1]; job.N = N; job.KH = kd[2]; job.H = H; job.window = window;
+    job.scale = scale; job.softcap = softcap; job.round_probs = round_probs;
+  };
+  switch (k.element_type()) {
+    case ffi::DataType::F32: {
+      DecodeAttention<float> job;
+      fill(job);
+      job.k = static_cast<const float*>(k.untyped_data()); job.v = static_cast<const float*>(v.untyped_data());
+      return RunDecode(pool, job, B);
+    }
+    case ffi::DataType::BF16: {
+      DecodeAttention<uint16_t> job;
+      fill(job);
+      job.k = static_cast<const uint16_t*>(k.untyped_data()); job.v = static_cast<const uint16_t*>(v.untyped_data());
+      return RunDecode(pool, job, B);
+    }
+    default:
+      return ffi::Error::InvalidArgument("jaxaccel decode attention: the cache must be float32 or bfloat16");
+  }
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelSegmentAttention, Attend,
@@ -257,3 +382,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelSegmentAttention, Attend,
                                   .Arg<Segments>()
                                   .Ret<Heads>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelDecodeAttention, AttendDecode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Query>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<Index>()
+                                  .Ret<Query>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Attr<bool>("round_probs"));
