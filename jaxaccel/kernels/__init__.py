@@ -114,19 +114,31 @@ def _library_path() -> Path:
 
 
 def _build(path: Path) -> None:
-    """Compile the sources into one library at `path` (atomically: a concurrent process sees all of it or none)."""
+    """Compile the sources (in parallel, one compiler per source) and link them into one library
+    at `path` (atomically: a concurrent process sees all of it or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    cmd = [_compiler(), *_flags(), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd[:1])} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        flags = [f for f in _flags() if f != "-shared"]
+        objects = [os.path.join(tmp, src.stem + ".o") for src in SOURCES]
+        jobs = [([_compiler(), *flags, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", obj],)
+                for src, obj in zip(SOURCES, objects)]
+        procs = [subprocess.Popen(*job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
+        errors = []
+        for proc in procs:
+            try:
+                _, err = proc.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode:
+                errors.append(err[-2000:])
+        if errors:
+            raise RuntimeError(f"{_compiler()} failed:\n{errors[0]}")
+        library = os.path.join(tmp, "lib.so")
+        link = subprocess.run([_compiler(), *_flags(), *objects, "-o", library], capture_output=True, text=True, timeout=600)
+        if link.returncode:
+            raise RuntimeError(f"{_compiler()} failed:\n{link.stderr[-2000:]}")
+        os.replace(library, path)
 
 
 def load() -> bool:
