@@ -98,7 +98,10 @@ def sample(logits, keys, temperature, top_p, sampler: Sampler):
     if n == logits.shape[-1]:
         return _draw(keys, *_sorted(logits), top_p)
     best, index = jax.lax.top_k(logits, n)
-    # probabilities under the full softmax: the set is decided among the n when they hold top_p
+    # probabilities under the full softmax: the set is decided among the n when they hold top_p.
+    # Either way the noise is drawn by sorted position, and jax's threefry noise for n positions
+    # is the first n of V's (jax_threefry_partitionable), so a row draws the same token whichever
+    # way its batch went (tested).
     probs = jnp.exp(best - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
     enough = jnp.all(jnp.sum(probs, axis=-1) >= top_p)
     return jax.lax.cond(enough, lambda: _draw(keys, best, index, top_p, probs),

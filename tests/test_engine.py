@@ -196,3 +196,25 @@ def test_argmax_and_sampling_draw_equal_jax():
     logits = jnp.asarray(rng.standard_normal((64, 300)), jnp.float32)
     got = sample(logits, keys, jnp.float32(1.0), jnp.float32(1.0), Sampler(greedy=False))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
+
+
+def test_top_p_token_of_a_row_does_not_depend_on_other_rows(monkeypatch):
+    """Top-p alone decides among engine.TOP_P_CANDIDATES tokens when every row's candidates hold
+    top_p of the mass, else sorts all: a peaked row must draw the same token beside a flat row
+    (whole batch sorted) as alone (candidates)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel import engine
+
+    monkeypatch.setattr(engine, "TOP_P_CANDIDATES", 6)
+    rng = np.random.default_rng(1)
+    peaked = np.concatenate([[4.0, 3.5, 3.0, 2.5], rng.standard_normal(46) - 8])
+    flat = rng.standard_normal(50) * 0.1
+    sampler = engine.Sampler(greedy=False, top_p=True)
+    draw = jax.jit(lambda logits, keys: engine.sample(logits, keys, jnp.float32(1.0), jnp.float32(0.8), sampler))
+    for seed in range(40):
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seed, seed + 1000]))
+        both = draw(jnp.asarray(np.stack([peaked, flat]), jnp.float32), keys)
+        alone = draw(jnp.asarray(peaked[None], jnp.float32), keys[:1])
+        assert int(both[0]) == int(alone[0]) and int(both[0]) < 4
