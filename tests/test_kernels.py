@@ -43,20 +43,10 @@ def test_float_matvec_equals_dot(built, dtype, axis, M, K, N):
     np.testing.assert_allclose(got, _reference(x, w, axis), rtol=1e-5, atol=1e-4)
 
 
-def _cpu_flags() -> set:
-    try:
-        return set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
-VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags()  # what -march=native builds the VNNI path for
-
-
 def _activation_block(M, K, G):
     """The int16 block the int8 kernel rounds x to (matvec.cc: at most 4 rows, the largest of
     128 / 64 / 32 dividing the weight's group size), 0 where it keeps float32 x."""
-    if not VNNI or M > 4:
+    if not kernels.int8_vnni() or M > 4:  # what this machine's build does (AVX-512 VNNI or not)
         return 0
     return next((b for b in (128, 64, 32) if (K // G) % b == 0), 0)
 
@@ -92,7 +82,8 @@ def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
     w = np.abs(_reference(np.eye(K), q, 1, scale))  # |dequantized weight| [K, N]
     bound = 0.5 * s.astype(np.float64) @ w  # sum_k |w| * (s / 2), the most the rounding can move
     assert np.all(np.abs(got - exact) <= bound + 1e-4 + 1e-5 * np.abs(exact))
-    assert np.abs(got - exact).max() > 0  # really the rounded path (float x would be within 1e-4)
+    # really the rounded path: further from the float dot than from the rounded one
+    assert np.abs(got - exact).max() > 10 * np.abs(got - _reference(rounded, q, 1, scale)).max()
 
 
 def test_int8_matvec_propagates_nan_and_infinity(built):
@@ -123,6 +114,7 @@ GENERIC_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxaccel import kernels
 assert kernels.load(), kernels._loaded
+assert not kernels.int8_vnni()  # the portable build widens int8 (no int16 rounding)
 rng = np.random.default_rng(0)
 for M, K, N, G in [(1, 640, 300, 20), (4, 256, 512, 8), (3, 70, 40, 2)]:
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
@@ -281,7 +273,10 @@ def test_decode_attention_equals_xla_attention(built, dtype, N, K, H, window, so
         got = np.asarray(f(q, keys, values, index))
     assert not kernels.wants_decode_attention(q, keys, dtype)  # outside decoding()
     ref = np.asarray(_decode_attention_reference(q, keys, values, index, 0.3, window, softcap))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # bfloat16: probabilities rounded on both sides
+    # bfloat16: probabilities rounded to bfloat16 on both sides; the kernel's exp may round one
+    # to its neighbour, one step of 2^-8 relative
+    tol = 1e-5 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
     bad = q.at[1, 0, 0, 0].set(jnp.nan)
     with kernels.decoding():
         out = np.asarray(f(bad, keys, values, index))

@@ -253,7 +253,8 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
 // over the cache slots s in [index[b] - window + 1, index[b]] (all s <= index[b] without a
 // window), c = softcap * tanh(. / softcap) when softcap > 0. The cache is read in its stored
 // [B, S, KH, H] layout (float32 or bfloat16) and only up to the current slot; XLA transposed each
-// layer's cache to [B, KH, S, H] every step and scored every preallocated slot (masked).
+// layer's cache to [B, KH, S, H] every step and scored every preallocated slot (masked). An
+// index outside [0, S) is clamped to it first (the engine never passes one).
 // With round_probs the probabilities are rounded to bfloat16 before the values are summed, as a
 // bfloat16 model's XLA attention does. Work: one task per (row, KV head), its G = N / KH query
 // heads together, so each key and value row is read once.
@@ -289,11 +290,12 @@ struct DecodeAttention {
     const int64_t last = std::min<int64_t>(std::max<int64_t>(index[b], 0), S - 1);
     const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
     const int64_t L = last - first + 1;
-    std::vector<float> p(size_t(G * L)), qrow(size_t(H));
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qn = q + (b * N + kh * G + g) * H;
-      for (int64_t s = 0; s < L; ++s) {
-        const T* kr = k + ((b * S + first + s) * KH + kh) * H;
+    std::vector<float> p(size_t(G * L));  // scores, then probabilities [G, L]
+    const float* qb = q + (b * N + kh * G) * H;
+    for (int64_t s = 0; s < L; ++s) {  // each key row read once for the G heads
+      const T* kr = k + ((b * S + first + s) * KH + kh) * H;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qn = qb + g * H;
         float lanes[kLanes] = {0}, tail = 0;
         int64_t i = 0;
         for (; i + kLanes <= H; i += kLanes)
@@ -304,25 +306,30 @@ struct DecodeAttention {
         if (softcap > 0) x = std::tanh(x / softcap) * softcap;
         p[g * L + s] = x;
       }
+    }
+    float* ob = out + (b * N + kh * G) * H;
+    std::fill(ob, ob + G * H, 0.0f);
+    std::vector<char> bad(size_t(G), 0);
+    for (int64_t g = 0; g < G; ++g) {
       float* pg = p.data() + g * L;
       float top = -INFINITY;
       for (int64_t s = 0; s < L; ++s) top = std::isnan(pg[s]) || pg[s] > top ? pg[s] : top;
+      bad[g] = std::isnan(top) || top == INFINITY;  // as XLA's softmax: a NaN / +inf score -> NaN
       float total = 0;
       for (int64_t s = 0; s < L; ++s) total += pg[s] = exp_nonpositive(pg[s] - top);
       const float inv = 1.0f / total;
       for (int64_t s = 0; s < L; ++s) pg[s] = round_probs ? round_bf16(pg[s] * inv) : pg[s] * inv;
-      float* o = out + (b * N + kh * G + g) * H;
-      std::fill(o, o + H, 0.0f);
-      if (std::isnan(top) || top == INFINITY) {  // as XLA's softmax: a NaN / +inf score -> NaN
-        std::fill(o, o + H, NAN);
-        continue;
-      }
-      for (int64_t s = 0; s < L; ++s) {
-        const T* vr = v + ((b * S + first + s) * KH + kh) * H;
-        const float ps = pg[s];
+    }
+    for (int64_t s = 0; s < L; ++s) {  // each value row read once for the G heads
+      const T* vr = v + ((b * S + first + s) * KH + kh) * H;
+      for (int64_t g = 0; g < G; ++g) {
+        const float ps = p[g * L + s];
+        float* o = ob + g * H;
         for (int64_t i = 0; i < H; ++i) o[i] += ps * widen_value(vr[i]);
       }
     }
+    for (int64_t g = 0; g < G; ++g)
+      if (bad[g]) std::fill(ob + g * H, ob + (g + 1) * H, NAN);
   }
 };
 

@@ -135,7 +135,9 @@ struct QuantizedX {
         s[m * nb + j] = sc;
         int16_t* qb = q.data() + m * K + j * b;
         for (int64_t k = 0; k < b; ++k)
-          qb[k] = (finite && sc > 0.0f) ? int16_t(std::nearbyint(xb[k] / sc)) : int16_t(0);
+          qb[k] = (finite && sc > 0.0f)  // clamped: a subnormal scale can round just past 32767
+                      ? int16_t(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xb[k] / sc))))
+                      : int16_t(0);
       }
   }
 };
@@ -207,7 +209,7 @@ void nk_fixed(const float* x, const int8_t* w, const float* scale, int64_t G, fl
 // float multiply-add per block with scale[n, g] * x's block scale. Widening int8 to float32
 // costs two instructions per 16 weights plus the FMA; this costs two per 32 plus one per block,
 // which makes the tied 262144 x 640 embedding of Gemma 3 (one scale per 32) read at memory speed.
-// Overflow: a block sums XB / 2 <= 64 pairs of |127 * 32767| per lane, far below 2^31.
+// Overflow: an int32 lane sums XB / 16 <= 8 products of at most 127 * 32767 per block, far below 2^31.
 // With more rows the vpdpwssd per row and 32 weights costs more than the FMA path's two widening
 // instructions per 16 weights shared by all rows (measured: 8 rows run faster there).
 constexpr int64_t kVnniMaxRows = 4;
@@ -395,6 +397,15 @@ ffi::Error MatvecScaled(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix
 }
 
 }  // namespace
+
+// 1 when int8 weights take the VNNI path (x rounded to int16) in this build, else 0
+extern "C" int JaxaccelInt8Vnni() {
+#ifdef JAXACCEL_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelMatvec, Matvec,
                               ffi::Ffi::Bind()
