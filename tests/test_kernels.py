@@ -286,9 +286,11 @@ def test_decode_attention_equals_xla_attention(built, dtype, N, K, H, window, so
 def test_decode_attention_refuses_bad_shapes(built):
     q = jnp.ones((2, 1, 4, 8), jnp.float32)
     k = jnp.ones((2, 5, 3, 8), jnp.float32)  # 3 KV heads do not divide 4 query heads
+    attend = jax.jit(lambda q, k, i: kernels.decode_attention(q, k, k, i, 1.0, None, None))
     with kernels.decoding(), pytest.raises(Exception, match="KH dividing N"):
-        jax.jit(lambda q, k, i: kernels.decode_attention(q, k, k, i, 1.0, None, None))(
-            q, k, jnp.zeros((2,), jnp.int32)).block_until_ready()
+        attend(q, k, jnp.zeros((2,), jnp.int32)).block_until_ready()
+    with kernels.decoding(), pytest.raises(Exception, match="cache must be float32 or bfloat16"):
+        attend(q, jnp.ones((2, 5, 2, 8), jnp.int8), jnp.zeros((2,), jnp.int32)).block_until_ready()
 
 
 def _tiny(**kw):
@@ -396,6 +398,17 @@ print("ok")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "JAXACCEL_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_failing_compile_is_reported_and_falls_back(tmp_path, monkeypatch):
+    """A compiler that fails on a source: load() is False, says which compiler failed and why,
+    and leaves no library or object files in the cache."""
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("JAXACCEL_CACHE", str(tmp_path))
+    monkeypatch.setenv(kernels.FLAGS_ENV, "-DJAXACCEL_BREAK_THE_BUILD -include /no/such/header.h")
+    with pytest.warns(RuntimeWarning, match=r"(?s)unavailable.*failed.*no/such/header"):
+        assert not kernels.load()
+    assert not kernels.usable(None) and not list((tmp_path / "kernels").iterdir())
 
 
 def test_env_switch_turns_the_kernel_off(monkeypatch):
