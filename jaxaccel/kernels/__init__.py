@@ -121,16 +121,20 @@ def _build(path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         flags = [f for f in _flags() if f != "-shared"]
         objects = [os.path.join(tmp, src.stem + ".o") for src in SOURCES]
-        jobs = [([_compiler(), *flags, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", obj],)
-                for src, obj in zip(SOURCES, objects)]  # (args,) for Popen
         procs, errors = [], []
         try:
-            for job in jobs:
-                procs.append(subprocess.Popen(*job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for src, obj in zip(SOURCES, objects):
+                cmd = [_compiler(), *flags, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", obj]
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             for proc in procs:
                 _, err = proc.communicate(timeout=600)
                 if proc.returncode:
                     errors.append(err[-2000:])
+            if not errors:
+                library = os.path.join(tmp, "lib.so")
+                link = subprocess.run([_compiler(), *_flags(), *objects, "-o", library], capture_output=True, text=True,
+                                      timeout=600)
+                errors = [link.stderr[-2000:]] if link.returncode else []
         finally:
             for proc in procs:  # a failed start or a timeout: stop the others too
                 if proc.poll() is None:
@@ -138,10 +142,6 @@ def _build(path: Path) -> None:
                     proc.wait()
         if errors:
             raise RuntimeError(f"{_compiler()} failed:\n" + "\n".join(errors))
-        library = os.path.join(tmp, "lib.so")
-        link = subprocess.run([_compiler(), *_flags(), *objects, "-o", library], capture_output=True, text=True, timeout=600)
-        if link.returncode:
-            raise RuntimeError(f"{_compiler()} failed:\n{link.stderr[-2000:]}")
         os.replace(library, path)
 
 

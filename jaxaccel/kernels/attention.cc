@@ -258,14 +258,6 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
 // With round_probs the probabilities are rounded to bfloat16 before the values are summed, as a
 // bfloat16 model's XLA attention does. Work: one task per (row, KV head), its G = N / KH query
 // heads together, so each key and value row is read once.
-inline float widen_value(float v) { return v; }
-inline float widen_value(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 inline float round_bf16(float x) {  // nearest even, as XLA's float32 -> bfloat16 (NaN stays NaN)
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
@@ -299,8 +291,8 @@ struct DecodeAttention {
         float lanes[kLanes] = {0}, tail = 0;
         int64_t i = 0;
         for (; i + kLanes <= H; i += kLanes)
-          for (int64_t l = 0; l < kLanes; ++l) lanes[l] += qn[i + l] * widen_value(kr[i + l]);
-        for (; i < H; ++i) tail += qn[i] * widen_value(kr[i]);
+          for (int64_t l = 0; l < kLanes; ++l) lanes[l] += qn[i + l] * jaxaccel::widen(kr[i + l]);
+        for (; i < H; ++i) tail += qn[i] * jaxaccel::widen(kr[i]);
         for (int64_t l = 0; l < kLanes; ++l) tail += lanes[l];
         float x = tail * scale;
         if (softcap > 0) x = std::tanh(x / softcap) * softcap;
@@ -325,7 +317,7 @@ struct DecodeAttention {
       for (int64_t g = 0; g < G; ++g) {
         const float ps = p[g * L + s];
         float* o = ob + g * H;
-        for (int64_t i = 0; i < H; ++i) o[i] += ps * widen_value(vr[i]);
+        for (int64_t i = 0; i < H; ++i) o[i] += ps * jaxaccel::widen(vr[i]);
       }
     }
     for (int64_t g = 0; g < G; ++g)

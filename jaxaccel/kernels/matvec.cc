@@ -38,14 +38,7 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;   // the Python side sends bigger batches to XLA's dot
 
-inline float widen(float v) { return v; }
-inline float widen(int8_t v) { return float(v); }
-inline float widen(uint16_t v) {  // bfloat16 bits -> float32
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using jaxaccel::widen;
 
 // ---- generic code (any CPU; GCC vectorizes the independent lanes) -----------------------------
 constexpr int kLanes = 16;  // float32 lanes of one AVX-512 register

@@ -1,9 +1,11 @@
-// jaxaccel CPU kernels: work sharing over XLA's intra-op thread pool.
+// jaxaccel CPU kernels: work sharing over XLA's intra-op thread pool, and the widening of stored
+// weight / cache values to float32 that the kernels share.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 
@@ -12,6 +14,15 @@
 namespace jaxaccel {
 
 constexpr int kMaxHelpers = 7;  // pool tasks besides the caller
+
+inline float widen(float v) { return v; }
+inline float widen(int8_t v) { return float(v); }
+inline float widen(uint16_t v) {  // bfloat16 bits -> float32
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 // Runs body(c) for every c in [0, n) on the calling thread and up to `helpers` pool threads,
 // which take indices from one atomic counter; returns when all n are done. The caller works
