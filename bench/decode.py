@@ -21,8 +21,13 @@ How each number is taken
 
 Roofline: bytes a decode step must read = weights actually read (all parameters, except
 that an untied input-embedding table only contributes B rows) + the KV cache of the tokens
-attended to, averaged over the decode steps. Bandwidth = host memory bandwidth measured in
-this run (see --roofline-bw). Roofline tok/s = B * bandwidth / bytes per step.
+attended to, averaged over the decode steps. Bandwidth = host memory bandwidth (--roofline-bw:
+copy, the default, or read) sampled right before each timed run (`BandwidthProbe`; the median of
+one implementation's samples gives its row's roofline: a VM's bandwidth can move 2x within
+minutes, so the start-of-run figure, also printed and in the JSON, can be far from the minutes a
+row was timed in). Roofline tok/s = B * bandwidth / bytes per step. "% read roof" divides the
+bytes read per second by the read bandwidth (arr.sum, all threads) of the same samples: decode
+only reads, and on some machines reading alone cannot reach the copy figure.
 The KV cache jaxaccel really reads (it attends over every preallocated slot) is in the JSON.
 
 Weight formats (--weights, --torch-dtypes): beside float32, jaxaccel also decodes with its
@@ -119,22 +124,55 @@ def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
     copy: np.copyto of `nbytes` float32, counted as 2 * nbytes (read + write) / time.
     read: arr.sum() over `nbytes` float32, counted as nbytes / time.
     """
-    n = nbytes // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in
-    threads = os.cpu_count() or 1
-    slices = [slice(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), threads) if len(c)]
-    out = {"array_bytes": int(src.nbytes), "repeats": repeats, "threads": threads}
-    with ThreadPoolExecutor(threads) as pool:
-        par = lambda f: list(pool.map(f, slices))
-        out["copy_1thread"] = 2 * src.nbytes / best_of(lambda: np.copyto(dst, src), repeats)
-        out["read_1thread"] = src.nbytes / best_of(lambda: src.sum(), repeats)
-        out["copy_all_threads"] = 2 * src.nbytes / best_of(lambda: par(lambda s: np.copyto(dst[s], src[s])), repeats)
-        out["read_all_threads"] = src.nbytes / best_of(lambda: par(lambda s: src[s].sum()), repeats)
-    out["copy"] = max(out["copy_1thread"], out["copy_all_threads"])
-    out["read"] = max(out["read_1thread"], out["read_all_threads"])
-    return out
+    with BandwidthProbe(nbytes) as probe:
+        return probe.measure(repeats, single_thread=True)
+
+
+class BandwidthProbe:
+    """Copy and read bandwidth of `nbytes` float32 arrays kept between samples, so that a short
+    sample can be taken right before each timed run: this VM's bandwidth moves up to 2x within
+    minutes, so a roofline from one start-of-run sample says as much about the minute as about
+    the code. `sample()` is the all-threads copy and read, best of 2 (~0.1 s at 256 MiB)."""
+
+    def __init__(self, nbytes: int):
+        n = nbytes // 4
+        self.src = np.ones(n, np.float32)
+        self.dst = np.empty_like(self.src)
+        np.copyto(self.dst, self.src)  # fault the pages in
+        self.threads = os.cpu_count() or 1
+        self.slices = [slice(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), self.threads) if len(c)]
+        self.pool = ThreadPoolExecutor(self.threads)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown()
+
+    def _par(self, f):
+        return list(self.pool.map(f, self.slices))
+
+    def _copy(self, s):
+        np.copyto(self.dst[s], self.src[s])
+
+    def _read(self, s):
+        return self.src[s].sum()
+
+    def measure(self, repeats: int, single_thread: bool = False) -> dict:
+        src, dst = self.src, self.dst
+        out = {"array_bytes": int(src.nbytes), "repeats": repeats, "threads": self.threads}
+        if single_thread:
+            out["copy_1thread"] = 2 * src.nbytes / best_of(lambda: np.copyto(dst, src), repeats)
+            out["read_1thread"] = src.nbytes / best_of(lambda: src.sum(), repeats)
+        out["copy_all_threads"] = 2 * src.nbytes / best_of(lambda: self._par(self._copy), repeats)
+        out["read_all_threads"] = src.nbytes / best_of(lambda: self._par(self._read), repeats)
+        out["copy"] = max(out["copy_all_threads"], out.get("copy_1thread", 0.0))
+        out["read"] = max(out["read_all_threads"], out.get("read_1thread", 0.0))
+        return out
+
+    def sample(self) -> dict:
+        m = self.measure(2)
+        return {"copy": m["copy"], "read": m["read"]}
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -215,22 +253,25 @@ def _median(xs):
     return statistics.median(xs)
 
 
-def _timed_runs(ttft_once, total_once, repeats: int) -> dict:
-    """One warm-up of each (compiles), then `repeats` timed pairs; medians and all samples."""
+def _timed_runs(ttft_once, total_once, repeats: int, probe: BandwidthProbe | None = None) -> dict:
+    """One warm-up of each (compiles), then `repeats` timed pairs, each right after a bandwidth
+    sample (`probe`); medians and all samples."""
     t0 = time.perf_counter()
     _, tokens = total_once()
     ttft_once()
     warmup_s = time.perf_counter() - t0
-    ttfts, totals = [], []
+    ttfts, totals, bandwidth = [], [], []
     for _ in range(repeats):
+        if probe is not None:
+            bandwidth.append(probe.sample())
         ttfts.append(ttft_once())
         dt, tokens = total_once()
         totals.append(dt)
     return {"ttft_s": _median(ttfts), "total_s": _median(totals), "ttft_all_s": ttfts,
-            "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens}
+            "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens, "bandwidth_samples": bandwidth}
 
 
-def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool) -> dict:
+def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe=None) -> dict:
     from jaxaccel.engine import generate_tokens
 
     B = len(prompts)
@@ -256,7 +297,7 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool) -> di
             raise RuntimeError(f"jaxaccel generated {lens} tokens per row, expected {new_tokens}")
         return dt, out
 
-    res = _timed_runs(ttft_once, total_once, repeats)  # warm-up compiles the bucket
+    res = _timed_runs(ttft_once, total_once, repeats, probe)  # warm-up compiles the bucket
     if stream:
         first = {}
 
@@ -274,7 +315,7 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool) -> di
     return res
 
 
-def bench_torch(tm, prompts, new_tokens: int, repeats: int) -> dict:
+def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None) -> dict:
     import torch
 
     ids = torch.tensor(prompts, dtype=torch.long)
@@ -300,15 +341,28 @@ def bench_torch(tm, prompts, new_tokens: int, repeats: int) -> dict:
             raise RuntimeError(f"transformers generated {gen.shape[1]} tokens, expected {new_tokens}")
         return dt, gen.tolist()
 
-    return _timed_runs(ttft_once, total_once, repeats)
+    return _timed_runs(ttft_once, total_once, repeats, probe)
 
 
-def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: float) -> dict:
+def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: float, step_bytes: int | None = None,
+           kind: str = "copy") -> dict:
+    """tok/s figures and roofline fractions: against `roof_tok_s` (the start-of-run bandwidth)
+    and, with `step_bytes`, against the median of the bandwidth samples taken right before this
+    implementation's timed runs ("adjacent": the same minutes), copy and read."""
     decode_s = res["total_s"] - res["ttft_s"]
     res["prefill_tok_s"] = B * prompt_len / res["ttft_s"]
     res["decode_tok_s"] = B * (new_tokens - 1) / max(decode_s, 1e-9)
     res["decode_tok_s_per_row"] = res["decode_tok_s"] / B
-    res["roofline_fraction"] = res["decode_tok_s"] / roof_tok_s
+    res["roofline_fraction_start_bw"] = res["decode_tok_s"] / roof_tok_s
+    res["roofline_fraction"] = res["roofline_fraction_start_bw"]
+    samples = res.get("bandwidth_samples")
+    if step_bytes and samples:
+        bw = {k: _median([x[k] for x in samples]) for k in ("copy", "read")}
+        res["adjacent_bandwidth_bytes_s"] = bw
+        res["achieved_bytes_s"] = res["decode_tok_s"] / B * step_bytes
+        res["roofline_tok_s"] = B * bw[kind] / step_bytes
+        res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
+        res["read_roofline_fraction"] = res["achieved_bytes_s"] / bw["read"]
     return res
 
 
@@ -341,27 +395,29 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
 
 def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "B", "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "roofline tok/s",
-              "% roofline", "stream decode tok/s", "agree"]
+              "% roofline", "% read roof", "stream decode tok/s", "agree"]
     rows = []
+    pct = lambda v, k: f"{100 * v[k]:.1f}" if k in v else "-"
+    roof = lambda v: f"{v.get('roofline_tok_s', 0.0):.1f}"
     for r in results:
         j, t = r["jaxaccel"], r["transformers"]
-        roof = r["roofline"]["tok_s"]
         agree = f"{r['agreement']['min_common_prefix']}/{r['new_tokens']}"
         rows.append([r["model"], r["batch"], "jaxaccel", f"{1e3 * j['ttft_s']:.1f}", f"{j['prefill_tok_s']:.0f}",
-                     f"{j['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * j['roofline_fraction']:.1f}",
+                     f"{j['decode_tok_s']:.1f}", roof(j), pct(j, "roofline_fraction"), pct(j, "read_roofline_fraction"),
                      f"{j['stream_decode_tok_s']:.1f}" if "stream_decode_tok_s" in j else "-", agree])
         rows.append(["", "", "transformers", f"{1e3 * t['ttft_s']:.1f}", f"{t['prefill_tok_s']:.0f}",
-                     f"{t['decode_tok_s']:.1f}", f"{roof:.1f}", f"{100 * t['roofline_fraction']:.1f}", "-", ""])
+                     f"{t['decode_tok_s']:.1f}", roof(t), pct(t, "roofline_fraction"), pct(t, "read_roofline_fraction"),
+                     "-", ""])
         q = r["ratio"]
         rows.append(["", "", "ratio jax/pt", f"{q['ttft']:.2f}", f"{q['prefill_tok_s']:.2f}",
-                     f"{q['decode_tok_s']:.2f}", "", "", "", ""])
+                     f"{q['decode_tok_s']:.2f}", "", "", "", "", ""])
         for impl, v in r.get("variants", {}).items():
             a = v.get("agreement")
             rows.append(["", "", impl, f"{1e3 * v['ttft_s']:.1f}", f"{v['prefill_tok_s']:.0f}",
-                         f"{v['decode_tok_s']:.1f}", f"{v['roofline_tok_s']:.1f}", f"{100 * v['roofline_fraction']:.1f}",
-                         "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""])
+                         f"{v['decode_tok_s']:.1f}", roof(v), pct(v, "roofline_fraction"),
+                         pct(v, "read_roofline_fraction"), "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""])
             rows.append(["", "", "  vs pt f32 / f32 roof", "", "", f"{v['decode_tok_s'] / t['decode_tok_s']:.2f}x",
-                         "", f"{100 * v['decode_tok_s'] / roof:.1f}", "", ""])
+                         "", pct(v, "f32_roofline_fraction"), "", "", ""])
     return header, rows
 
 
@@ -373,6 +429,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 32)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median (default 3)")
     ap.add_argument("--bw-mib", type=int, default=None, help="array size for the bandwidth test (default 1024)")
+    ap.add_argument("--probe-mib", type=int, default=None,
+                    help="array size for the bandwidth samples taken before each timed run (default 256)")
     ap.add_argument("--roofline-bw", choices=("copy", "read"), default="copy",
                     help="bandwidth used for the roofline: copy (2*bytes/time of np.copyto, default) or "
                          "read (bytes/time of arr.sum())")
@@ -395,6 +453,7 @@ def main(argv=None):
     prompt_len = args.prompt_len or (16 if q else 32)
     repeats = args.repeats or (1 if q else 3)
     bw_mib = args.bw_mib or (256 if q else 1024)
+    probe_mib = args.probe_mib or (64 if q else 256)
     out_path = Path(args.out) if args.out else (QUICK_OUT if q else DEFAULT_OUT)
     extra = lambda text, default: [w for w in (text or default).split(",") if w and w != "none"]
     weight_formats = extra(args.weights, "none" if q else "bfloat16,int8")
@@ -435,7 +494,9 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     results, model_info = [], {}
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-") as tmpdir:
+    probe = BandwidthProbe(probe_mib << 20)
+    kind = args.roofline_bw
+    with probe, tempfile.TemporaryDirectory(prefix="jaxaccel-bench-") as tmpdir:
         for name in models:
             label, jmodel, folder, info = load_models(name.strip(), Path(tmpdir))
             tm, info["transformers_load_s"] = load_torch(folder)
@@ -452,10 +513,10 @@ def main(argv=None):
                 prompts = rng.integers(min(100, V // 2), V, size=(B, prompt_len)).tolist()
                 nbytes = decode_bytes(jmodel, B, prompt_len, new_tokens)
                 roof = B * bandwidth / nbytes["total"]
-                j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream)
-                t = bench_torch(tm, prompts, new_tokens, repeats)
-                derive(j, B, prompt_len, new_tokens, roof)
-                derive(t, B, prompt_len, new_tokens, roof)
+                j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream, probe=probe)
+                t = bench_torch(tm, prompts, new_tokens, repeats, probe=probe)
+                derive(j, B, prompt_len, new_tokens, roof, nbytes["total"], kind)
+                derive(t, B, prompt_len, new_tokens, roof, nbytes["total"], kind)
                 reference = t.pop("tokens")
                 agree = agreement(j.pop("tokens"), reference)
                 extra_runs = {}
@@ -463,10 +524,12 @@ def main(argv=None):
                     vb = decode_bytes(vm, B, prompt_len, new_tokens) if impl.startswith("jaxaccel") else nbytes
                     if impl.startswith("transformers") and "bfloat16" in impl:
                         vb = {**nbytes, "total": nbytes["total"] // 2}
-                    v = (bench_jax(vm, prompts, new_tokens, repeats, stream=False) if impl.startswith("jaxaccel")
-                         else bench_torch(vm, prompts, new_tokens, repeats))
+                    v = (bench_jax(vm, prompts, new_tokens, repeats, stream=False, probe=probe)
+                         if impl.startswith("jaxaccel") else bench_torch(vm, prompts, new_tokens, repeats, probe=probe))
                     v["roofline_tok_s"] = B * bandwidth / vb["total"]
-                    derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"])
+                    derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"], vb["total"], kind)
+                    # the float32 roofline at the bandwidth of this variant's own minutes
+                    v["f32_roofline_fraction"] = v["roofline_fraction"] * vb["total"] / nbytes["total"]
                     v["bytes_per_step"] = vb
                     v["agreement"] = agreement(v.pop("tokens"), reference)  # vs transformers float32
                     extra_runs[impl] = v
@@ -486,9 +549,12 @@ def main(argv=None):
                 r["variants"] = extra_runs
                 r["load_average_after"] = list(os.getloadavg())
                 results.append(r)
+                adj = j["adjacent_bandwidth_bytes_s"]
                 print(f"  B={B}: jaxaccel decode {j['decode_tok_s']:.1f} tok/s, TTFT {1e3 * j['ttft_s']:.1f} ms "
                       f"(warm-up {j['warmup_s']:.1f}s) | transformers decode {t['decode_tok_s']:.1f} tok/s, "
-                      f"TTFT {1e3 * t['ttft_s']:.1f} ms | roofline {roof:.1f} tok/s "
+                      f"TTFT {1e3 * t['ttft_s']:.1f} ms | roofline {j['roofline_tok_s']:.1f} tok/s at the "
+                      f"{kind} bandwidth beside jaxaccel's runs ({adj['copy'] / 1e9:.1f} copy, {adj['read'] / 1e9:.1f} "
+                      f"read GB/s; jaxaccel read {j['achieved_bytes_s'] / 1e9:.1f} GB/s), {roof:.1f} at the start's "
                       f"({nbytes['total'] / 2**20:.0f} MiB/step) | greedy agreement "
                       f"{agree['min_common_prefix']}/{new_tokens}", flush=True)
             del tm, jmodel, variants, torch_variants
@@ -497,8 +563,10 @@ def main(argv=None):
     print()
     print(fmt_table(rows, header))
     print(f"\ndecode tok/s and prefill tok/s count all rows of the batch; decode excludes the first token. "
-          f"roofline = B * {args.roofline_bw} bandwidth {bandwidth / 1e9:.1f} GB/s / (weights read + KV of the "
-          f"attended tokens) per step. 'agree' = shortest common greedy prefix over the rows. "
+          f"roofline = B * {kind} bandwidth / (weights read + KV of the attended tokens) per step, with the "
+          f"bandwidth measured right before each timed run of that row ({probe_mib} MiB, median of the samples; "
+          f"at the start it was {bandwidth / 1e9:.1f} GB/s {kind}); '% read roof' = bytes read per second / the "
+          f"read (arr.sum) bandwidth of the same samples. 'agree' = shortest common greedy prefix over the rows. "
           f"stream = jaxaccel with a per-token host_step. torch threads = {threads}. "
           f"total {time.perf_counter() - started:.0f}s")
 
