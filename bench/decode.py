@@ -132,7 +132,7 @@ class BandwidthProbe:
     """Copy and read bandwidth of `nbytes` float32 arrays kept between samples, so that a short
     sample can be taken right before each timed run: this VM's bandwidth moves up to 2x within
     minutes, so a roofline from one start-of-run sample says as much about the minute as about
-    the code. `sample()` is the all-threads copy and read, best of 2 (~0.1 s at 256 MiB)."""
+    the code. `sample()` is the all-threads copy and read, best of 2 (~0.3 s at 1 GiB)."""
 
     def __init__(self, nbytes: int):
         n = nbytes // 4
@@ -430,7 +430,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median (default 3)")
     ap.add_argument("--bw-mib", type=int, default=None, help="array size for the bandwidth test (default 1024)")
     ap.add_argument("--probe-mib", type=int, default=None,
-                    help="array size for the bandwidth samples taken before each timed run (default 256)")
+                    help="array size for the bandwidth samples taken before each timed run (default: --bw-mib; "
+                         "on a VM the copy figure can depend on it: 256 MiB gave ~30%% less than 1024 here)")
     ap.add_argument("--roofline-bw", choices=("copy", "read"), default="copy",
                     help="bandwidth used for the roofline: copy (2*bytes/time of np.copyto, default) or "
                          "read (bytes/time of arr.sum())")
@@ -453,7 +454,7 @@ def main(argv=None):
     prompt_len = args.prompt_len or (16 if q else 32)
     repeats = args.repeats or (1 if q else 3)
     bw_mib = args.bw_mib or (256 if q else 1024)
-    probe_mib = args.probe_mib or (64 if q else 256)
+    probe_mib = args.probe_mib or bw_mib
     out_path = Path(args.out) if args.out else (QUICK_OUT if q else DEFAULT_OUT)
     extra = lambda text, default: [w for w in (text or default).split(",") if w and w != "none"]
     weight_formats = extra(args.weights, "none" if q else "bfloat16,int8")
