@@ -75,7 +75,9 @@ def argmax(x):
     return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
 
 
-TOP_P_CANDIDATES = 1024  # top-p alone looks for its set among this many most likely tokens first
+# top-p alone looks for its set among this many most likely tokens first, then among this many
+# (lax.top_k; on this 2-core CPU for 262,144 logits: 0.9 and 2.4 ms), and sorts all only after
+TOP_P_CANDIDATES = (1024, 4096)
 
 
 def sample(logits, keys, temperature, top_p, sampler: Sampler):
@@ -83,9 +85,11 @@ def sample(logits, keys, temperature, top_p, sampler: Sampler):
 
     Order as in transformers: temperature, then top-k, then top-p (smallest set of tokens
     whose probability mass reaches top_p; the most likely token is always kept).
-    Top-p alone sorts only the TOP_P_CANDIDATES most likely tokens (lax.top_k) when they hold
-    top_p of the mass, which decides the same set as sorting all V (Gemma 3's 262,144 logits:
-    75 ms a step to sort); otherwise (very flat distributions) it sorts all V.
+    Top-p alone sorts only the TOP_P_CANDIDATES[0] most likely tokens (lax.top_k) when they hold
+    top_p of the mass, which decides the same set as sorting all V, else the next count's, and
+    sorts all V only when none holds it (very flat distributions; XLA sorts Gemma 3's 262,144
+    logits in 70 ms on CPU). Gemma 3 270M's sampled text at top_p 0.95 needed more than 1,024
+    tokens at 1-2 steps in 128 and never more than 4,096 (garbage prompts: up to 57,000).
     """
     if sampler.greedy:
         return argmax(logits)
@@ -94,18 +98,23 @@ def sample(logits, keys, temperature, top_p, sampler: Sampler):
         return _draw(keys, *jax.lax.top_k(logits, sampler.top_k), top_p if sampler.top_p else None)
     if not sampler.top_p:
         return _draw(keys, logits, None, None)
-    n = min(TOP_P_CANDIDATES, logits.shape[-1])
-    if n == logits.shape[-1]:
+    return _top_p(keys, logits, top_p, jax.nn.logsumexp(logits, axis=-1, keepdims=True),
+                  tuple(n for n in TOP_P_CANDIDATES if n < logits.shape[-1]))
+
+
+def _top_p(keys, logits, top_p, lse, counts):
+    """Top-p alone among the counts[0] most likely tokens when every row's hold top_p of the
+    mass (probabilities under the full softmax, `lse` its log-normaliser), else the next count,
+    else all V sorted. Either way the noise is drawn by sorted position, and jax's threefry
+    noise for n positions is the first n of V's (jax_threefry_partitionable), so a row draws
+    the same token whichever way its batch went (tested)."""
+    if not counts:
         return _draw(keys, *_sorted(logits), top_p)
-    best, index = jax.lax.top_k(logits, n)
-    # probabilities under the full softmax: the set is decided among the n when they hold top_p.
-    # Either way the noise is drawn by sorted position, and jax's threefry noise for n positions
-    # is the first n of V's (jax_threefry_partitionable), so a row draws the same token whichever
-    # way its batch went (tested).
-    probs = jnp.exp(best - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    best, index = jax.lax.top_k(logits, counts[0])
+    probs = jnp.exp(best - lse)
     enough = jnp.all(jnp.sum(probs, axis=-1) >= top_p)
     return jax.lax.cond(enough, lambda: _draw(keys, best, index, top_p, probs),
-                        lambda: _draw(keys, *_sorted(logits), top_p))
+                        lambda: _top_p(keys, logits, top_p, lse, counts[1:]))
 
 
 def _sorted(logits):

@@ -70,11 +70,13 @@ def _expected_probs(logits, temperature, top_k=None, top_p=None):
 
 
 @pytest.mark.parametrize("top_k,top_p,candidates", [(None, None, None), (5, None, None), (None, 0.6, None),
-                                                    (8, 0.75, None), (None, 0.6, "enough"), (None, 0.6, "short")])
+                                                    (8, 0.75, None), (None, 0.6, "enough"), (None, 0.6, "second"),
+                                                    (None, 0.6, "short")])
 def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, hf_folder, monkeypatch):
     """4096 independent samples of the first token (one seed per row) vs the exact distribution.
-    candidates: top-p alone with fewer candidates (engine.TOP_P_CANDIDATES) than the vocabulary,
-    just enough to hold top_p of the mass, or one short of it (then the full sort decides)."""
+    candidates: top-p alone with fewer candidates (engine.TOP_P_CANDIDATES) than the vocabulary:
+    the first count just enough to hold top_p of the mass; one short of it and the second count
+    enough; or every count short (then the full sort decides)."""
     from scipy.stats import chisquare
 
     from jaxaccel import engine
@@ -89,7 +91,8 @@ def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, 
         mass = np.cumsum(np.sort(np.exp(z - z.max()) / np.exp(z - z.max()).sum())[::-1])
         needed = int(np.searchsorted(mass, top_p)) + 1  # the fewest most likely tokens holding top_p
         assert 2 < needed < m.config.vocab_size - 1
-        monkeypatch.setattr(engine, "TOP_P_CANDIDATES", needed + 1 if candidates == "enough" else needed - 1)
+        counts = {"enough": (needed + 1,), "second": (needed - 1, needed + 1), "short": (needed - 2, needed - 1)}
+        monkeypatch.setattr(engine, "TOP_P_CANDIDATES", counts[candidates])
     scaled = m  # the model is fixed; temperature folds the 0.15 into the sampler below
     n = 4096
     out = generate_tokens(scaled, [prompt] * n, max_new_tokens=1, temperature=temperature / 0.15,
@@ -198,16 +201,17 @@ def test_argmax_and_sampling_draw_equal_jax():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
 
 
-def test_top_p_token_of_a_row_does_not_depend_on_other_rows(monkeypatch):
+@pytest.mark.parametrize("counts", [(6,), (6, 48), (6, 20)])  # flat row: ~40 of 50 tokens
+def test_top_p_token_of_a_row_does_not_depend_on_other_rows(counts, monkeypatch):
     """Top-p alone decides among engine.TOP_P_CANDIDATES tokens when every row's candidates hold
-    top_p of the mass, else sorts all: a peaked row must draw the same token beside a flat row
-    (whole batch sorted) as alone (candidates)."""
+    top_p of the mass, else among the next count's, else sorts all: a peaked row must draw the
+    same token beside a flat row (whole batch sorted) as alone (first candidates)."""
     import jax
     import jax.numpy as jnp
 
     from jaxaccel import engine
 
-    monkeypatch.setattr(engine, "TOP_P_CANDIDATES", 6)
+    monkeypatch.setattr(engine, "TOP_P_CANDIDATES", counts)
     rng = np.random.default_rng(1)
     peaked = np.concatenate([[4.0, 3.5, 3.0, 2.5], rng.standard_normal(46) - 8])
     flat = rng.standard_normal(50) * 0.1
