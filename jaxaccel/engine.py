@@ -131,12 +131,38 @@ def _draw(keys, logits, index, top_p, probs=None):
             probs = jax.nn.softmax(logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
-    # jax.random.categorical's Gumbel-max draw (the same numbers, so the same tokens), with argmax
-    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
-    choice = argmax(logits + gumbel)
+    if top_p is None and logits.shape[-1] >= BLOCKED_DRAW_MIN:
+        choice = _blocked_draw(keys, logits)
+    else:  # jax.random.categorical's Gumbel-max draw (the same numbers, so the same tokens), with argmax
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
+        choice = argmax(logits + gumbel)
     if index is not None:
         choice = jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0]
     return choice.astype(jnp.int32)
+
+
+DRAW_BLOCK = 512  # _blocked_draw's block of logits
+BLOCKED_DRAW_MIN = 8 * DRAW_BLOCK  # draws over at least this many logits go block first
+
+
+def _blocked_draw(keys, logits):
+    """A token per row from softmax(logits [B, n]) with 2 * DRAW_BLOCK noise values per row
+    instead of n: a block of DRAW_BLOCK logits by its probability mass (Gumbel-max over the
+    blocks' log-masses), then a token within that block (Gumbel-max over its logits). Exact:
+    P(block) * P(token | block) is the token's softmax probability. Gemma 3's 262,144 Gumbel
+    values cost 1.5 ms a step on this CPU (threefry), a third of the int8 step's non-weight time.
+    NaN / +inf logits pick the first of them, as argmax does."""
+    B, n = logits.shape
+    nb = -(-n // DRAW_BLOCK)
+    z = jnp.pad(logits, ((0, 0), (0, nb * DRAW_BLOCK - n)), constant_values=-jnp.inf).reshape(B, nb, DRAW_BLOCK)
+    top = jnp.max(logits, axis=-1)[:, None, None]
+    mass = jnp.sum(jnp.exp(z - top), axis=-1)  # [B, nb]; NaN in a block holding a NaN or the +inf
+    def per_row(key, log_mass, blocks):
+        k_block, k_token = jax.random.split(key)
+        b = argmax(log_mass + jax.random.gumbel(k_block, log_mass.shape, log_mass.dtype))
+        within = blocks[b]
+        return b * DRAW_BLOCK + argmax(within + jax.random.gumbel(k_token, within.shape, within.dtype))
+    return jax.vmap(per_row)(keys, jnp.log(mass), z)
 
 
 def _keys(seeds, step):

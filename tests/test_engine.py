@@ -201,6 +201,48 @@ def test_argmax_and_sampling_draw_equal_jax():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
 
 
+def test_blocked_draw_matches_softmax():
+    """Temperature sampling over many logits (engine.BLOCKED_DRAW_MIN or more) draws a block by its
+    mass, then a token in it: chi-square against the softmax over 8,192 draws, with 6,000 logits
+    (12 blocks, the last one padded, each shifted by its own offset so their masses differ): 40
+    likely tokens spread over the blocks, one cell each, and the other tokens pooled per block. NaN / +inf logits give the first of them, as argmax."""
+    import jax
+    import jax.numpy as jnp
+    from scipy.stats import chisquare
+
+    from jaxaccel import engine
+
+    V, n, chunk = 6000, 8192, 1024
+    assert V >= engine.BLOCKED_DRAW_MIN and V % engine.DRAW_BLOCK
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal(V) * 0.5 + rng.standard_normal(V // engine.DRAW_BLOCK + 1)[np.arange(V) // engine.DRAW_BLOCK]
+    hot = rng.choice(V, 40, replace=False)
+    logits[hot] += rng.uniform(2.0, 5.0, 40)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    draw = jax.jit(lambda x, keys: engine.sample(x, keys, jnp.float32(1.0), None, engine.Sampler(greedy=False)))
+    x = jnp.asarray(np.broadcast_to(logits, (chunk, V)), jnp.float32)
+    tokens = np.concatenate([np.asarray(draw(x, jax.vmap(jax.random.PRNGKey)(jnp.arange(c, c + chunk))))
+                             for c in range(0, n, chunk)])
+    assert tokens.min() >= 0 and tokens.max() < V
+    counts = np.bincount(tokens, minlength=V)
+    cold = np.ones(V, bool)
+    cold[hot] = False
+    block = np.arange(V) // engine.DRAW_BLOCK
+    obs = np.concatenate([counts[hot], np.bincount(block[cold], counts[cold])])
+    exp = n * np.concatenate([p[hot], np.bincount(block[cold], p[cold])])
+    small = exp < 5  # pooled, so the chi-square approximation holds
+    obs, exp = np.append(obs[~small], obs[small].sum()), np.append(exp[~small], exp[small].sum())
+    assert len(exp) > 40
+    stat, pvalue = chisquare(obs, exp)
+    assert pvalue > 1e-3, (stat, pvalue)
+    for bad in (np.nan, np.inf):
+        y = np.broadcast_to(logits, (2, V)).copy()
+        y[:, [4321, 5999]] = bad
+        got = draw(jnp.asarray(y, jnp.float32), jax.vmap(jax.random.PRNGKey)(jnp.arange(2)))
+        np.testing.assert_array_equal(np.asarray(got), [4321, 4321])
+
+
 @pytest.mark.parametrize("counts", [(6,), (6, 48), (6, 20)])  # flat row: ~40 of 50 tokens
 def test_top_p_token_of_a_row_does_not_depend_on_other_rows(counts, monkeypatch):
     """Top-p alone decides among engine.TOP_P_CANDIDATES tokens when every row's candidates hold
