@@ -44,9 +44,10 @@ def test_float_matvec_equals_dot(built, dtype, axis, M, K, N):
 
 
 def _activation_block(M, K, G):
-    """The int16 block the int8 kernel rounds x to (matvec.cc: at most 4 rows, the largest of
-    128 / 64 / 32 dividing the weight's group size), 0 where it keeps float32 x."""
-    if not kernels.int8_vnni() or M > 4:  # what this machine's build does (AVX-512 VNNI or not)
+    """The int16 block the int8 kernel rounds x to (matvec.cc: at most 4 rows (decode) or more
+    than 8 (prefill), the largest of 128 / 64 / 32 dividing the weight's group size), 0 where it
+    keeps float32 x."""
+    if not kernels.int8_vnni() or 4 < M <= 8:  # what this machine's build does (AVX-512 VNNI or not)
         return 0
     return next((b for b in (128, 64, 32) if (K // G) % b == 0), 0)
 
@@ -62,11 +63,13 @@ def _int16_rounded(x, block):
 
 @pytest.mark.parametrize("M,K,N,G", [(1, 640, 2048, 1), (1, 640, 4096, 20), (8, 256, 512, 8), (5, 320, 300, 10),
                                      (2, 96, 33, 4), (3, 70, 40, 2), (2, 256, 300, 2), (4, 192, 64, 3),
-                                     (3, 96, 100, 1)])
+                                     (3, 96, 100, 1), (9, 640, 300, 1), (37, 256, 500, 8), (256, 640, 64, 20),
+                                     (14, 96, 70, 3), (11, 192, 64, 3)])
 def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
-    """Up to 4 rows, on a CPU with AVX-512 VNNI, the kernel rounds x to int16 per block (2^-16 of
-    the block's largest |x|): equal to the dot of that rounded x, and within the bound that
-    rounding allows of the float dot. Otherwise equal to the float dot."""
+    """Up to 4 rows (decode) and more than 8 (prefill: groups of 4 rows, any remainder), on a CPU
+    with AVX-512 VNNI, the kernel rounds x to int16 per block (2^-16 of the block's largest |x|):
+    equal to the dot of that rounded x, and within the bound that rounding allows of the float
+    dot. Otherwise equal to the float dot."""
     rng = np.random.default_rng(K + N + G)
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
     q = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
@@ -132,6 +135,11 @@ q, k, v = (rng.standard_normal((2, 20, 2, 32)).astype(np.float32) for _ in range
 seg = np.array([[1] * 7 + [2] * 13, [1] * 15 + [0] * 5], np.int32)
 got = np.asarray(kernels.attention(*map(jnp.asarray, (q, k, v, seg)), 0.2))
 np.testing.assert_allclose(got, reference(q, k, v, seg, 0.2), rtol=1e-5, atol=2e-6)
+try:  # prefill-sized rows are the VNNI path's only
+    kernels.matvec(jnp.ones((17, 64)), jnp.ones((48, 64), jnp.int8), 1, jnp.ones((48, 2))).block_until_ready()
+    raise SystemExit("17 rows were accepted")
+except Exception as e:
+    assert "more than 16 rows" in str(e), e
 print("ok")
 """
 
@@ -152,6 +160,8 @@ def test_bad_shapes_are_refused_clearly(built):
         jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((9, 4), jnp.float32)).block_until_ready()
     with pytest.raises(Exception, match="int8 weights need"):
         jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((8, 4), jnp.int8)).block_until_ready()
+    with pytest.raises(Exception, match="more than 16 rows need int8 weights"):
+        jax.jit(lambda x, w: kernels.matvec(x, w, 0))(jnp.ones((17, 8)), jnp.ones((8, 4))).block_until_ready()
     with pytest.raises(Exception, match="weights must be float32, bfloat16 or int8"):
         jax.jit(lambda x, w: kernels.matvec(x, w, 0))(x, jnp.ones((8, 4), jnp.float16)).block_until_ready()
     with pytest.raises(Exception, match="w must be 2-D"):
@@ -172,6 +182,21 @@ def test_wants_only_small_row_counts_inside_decoding():
         assert not kernels.wants(x1, w.astype(jnp.float16))
     with kernels.decoding(False):
         assert not kernels.wants(x1, w)
+
+
+def test_int8_prefill_rows_go_to_the_kernel_on_vnni_only(built):
+    """More than MAX_ROWS rows reach the kernel only for int8 weights with scales whose groups are
+    a multiple of 32 inputs, up to INT8_PREFILL_MAX_ROWS rows, on a VNNI build, inside decoding()."""
+    q, s = jnp.ones((48, 64), jnp.int8), jnp.ones((48, 2), jnp.float32)
+    x = lambda m, k=64: jnp.ones((m, k))
+    vnni = kernels.int8_vnni()
+    assert not kernels.wants(x(32), q, s)
+    with kernels.decoding():
+        assert kernels.wants(x(32), q, s) == vnni and kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS), q, s) == vnni
+        assert not kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS + 1), q, s)
+        assert not kernels.wants(x(32), q.astype(jnp.float32)) and not kernels.wants(x(32), q)  # no scales
+        assert not kernels.wants(x(32, 96), jnp.ones((48, 96), jnp.int8), jnp.ones((48, 2), jnp.float32))  # 48 / group
+        assert kernels.wants(x(1), q, s)  # decode rows: every build
 
 
 def test_dot_routes_only_decode_sized_dots_to_the_kernel(built):

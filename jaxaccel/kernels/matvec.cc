@@ -36,7 +36,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;   // the Python side sends bigger batches to XLA's dot
+constexpr int64_t kMaxRows = 16;  // more rows: only int8 weights on the VNNI path (the generation's prefill)
+constexpr int64_t kVnniMaxRows = 4;   // decode rows on the VNNI path; one group of the prefill's rows
+constexpr int64_t kWidenMaxRows = 8;  // 5..8 rows widen int8 to float32 (faster at decode's batch 8)
 
 using jaxaccel::widen;
 
@@ -109,29 +111,32 @@ struct QuantizedX {
     return 0;
   }
 
-  void quantize(const float* x, int64_t M, int64_t K, int64_t b) {
+  // sizes the buffers for x [M, K] in blocks of b (0: the float path); then quantize_row(m) for each m
+  void prepare(int64_t M, int64_t K, int64_t b) {
     block = b;
     if (b == 0) return;
-    const int64_t nb = K / b;
     q.resize(size_t(M * K));
-    s.resize(size_t(M * nb));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < nb; ++j) {
-        const float* xb = x + m * K + j * b;
-        float top = 0.0f;
-        bool finite = true;
-        for (int64_t k = 0; k < b; ++k) {
-          finite &= std::isfinite(xb[k]);
-          top = std::max(top, std::fabs(xb[k]));
-        }
-        const float sc = finite ? top / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-        s[m * nb + j] = sc;
-        int16_t* qb = q.data() + m * K + j * b;
-        for (int64_t k = 0; k < b; ++k)
-          qb[k] = (finite && sc > 0.0f)  // clamped: a subnormal scale can round just past 32767
-                      ? int16_t(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xb[k] / sc))))
-                      : int16_t(0);
+    s.resize(size_t(M * (K / b)));
+  }
+
+  void quantize_row(const float* x, int64_t K, int64_t m) {
+    const int64_t b = block, nb = K / b;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* xb = x + m * K + j * b;
+      float top = 0.0f;
+      bool finite = true;
+      for (int64_t k = 0; k < b; ++k) {
+        finite &= std::isfinite(xb[k]);
+        top = std::max(top, std::fabs(xb[k]));
       }
+      const float sc = finite ? top / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      s[m * nb + j] = sc;
+      int16_t* qb = q.data() + m * K + j * b;
+      for (int64_t k = 0; k < b; ++k)
+        qb[k] = (finite && sc > 0.0f)  // clamped: a subnormal scale can round just past 32767
+                    ? int16_t(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xb[k] / sc))))
+                    : int16_t(0);
+    }
   }
 };
 
@@ -205,10 +210,9 @@ void nk_fixed(const float* x, const int8_t* w, const float* scale, int64_t G, fl
 // Overflow: an int32 lane sums XB / 16 <= 8 products of at most 127 * 32767 per block, far below 2^31.
 // With more rows the vpdpwssd per row and 32 weights costs more than the FMA path's two widening
 // instructions per 16 weights shared by all rows (measured: 8 rows run faster there).
-constexpr int64_t kVnniMaxRows = 4;
 
-template <int M, int PER>  // PER = XB / 32 vectors per activation block
-void nk_vnni_row(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y,
+template <int M, int PER>  // PER = XB / 32 vectors per activation block; xv, xs, y: M rows from the group's first
+void nk_vnni_row(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
                  int64_t K, int64_t N, int64_t n) {
   const int8_t* row = w + n * K;
   const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / K);
@@ -218,8 +222,6 @@ void nk_vnni_row(const QuantizedX& xq, const int8_t* w, const float* scale, int6
   constexpr int64_t XB = 32 * PER;
   const int64_t nb = K / XB, blocks_per_group = K / G / XB;
   const float* sw = scale + n * G;
-  const int16_t* xv = xq.q.data();
-  const float* xs = xq.s.data();
   __m512 acc[2][M];  // blocks alternate between two sums (the FMA's latency)
   for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
   float cs[M][16];  // scale[n, g] * x's block scale for 16 blocks at a time
@@ -249,14 +251,35 @@ void nk_vnni_row(const QuantizedX& xq, const int8_t* w, const float* scale, int6
   for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
 }
 
-template <int M>
-void nk_vnni(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t K,
-             int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) switch (xq.block) {
-      case 32: nk_vnni_row<M, 1>(xq, w, scale, G, y, K, N, n); break;
-      case 64: nk_vnni_row<M, 2>(xq, w, scale, G, y, K, N, n); break;
-      default: nk_vnni_row<M, 4>(xq, w, scale, G, y, K, N, n); break;
+// Rows [n0, n1) of W for all M rows of x: blocks of kVnniBlock weight rows (kept in cache) against
+// groups of up to kVnniMaxRows rows of x, so prefill's many rows reuse each weight row from cache.
+constexpr int64_t kVnniBlock = 16;
+
+template <int PER>
+void nk_vnni_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M,
+                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / (32 * PER);
+  for (int64_t b0 = n0; b0 < n1; b0 += kVnniBlock)
+    for (int64_t m0 = 0; m0 < M; m0 += kVnniMaxRows) {
+      const int16_t* xv = xq.q.data() + m0 * K;
+      const float* xs = xq.s.data() + m0 * nb;
+      float* ym = y + m0 * N;
+      for (int64_t n = b0; n < std::min(n1, b0 + kVnniBlock); ++n) switch (std::min(kVnniMaxRows, M - m0)) {
+          case 1: nk_vnni_row<1, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+          case 2: nk_vnni_row<2, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+          case 3: nk_vnni_row<3, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+          default: nk_vnni_row<4, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+        }
     }
+}
+
+void nk_vnni(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M, int64_t K,
+             int64_t N, int64_t n0, int64_t n1) {
+  switch (xq.block) {
+    case 32: return nk_vnni_rows<1>(xq, w, scale, G, y, M, K, N, n0, n1);
+    case 64: return nk_vnni_rows<2>(xq, w, scale, G, y, M, K, N, n0, n1);
+    default: return nk_vnni_rows<4>(xq, w, scale, G, y, M, K, N, n0, n1);
+  }
 }
 #endif
 
@@ -265,12 +288,7 @@ void nk_chunk(const float* x, const QuantizedX& xq, const T* w, const float* sca
               int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   if constexpr (std::is_same<T, int8_t>::value) {
 #ifdef JAXACCEL_VNNI
-    if (xq.block) switch (M) {  // Run quantizes x only for M <= kVnniMaxRows
-        case 1: return nk_vnni<1>(xq, w, scale, G, y, K, N, n0, n1);
-        case 2: return nk_vnni<2>(xq, w, scale, G, y, K, N, n0, n1);
-        case 3: return nk_vnni<3>(xq, w, scale, G, y, K, N, n0, n1);
-        case 4: return nk_vnni<4>(xq, w, scale, G, y, K, N, n0, n1);
-      }
+    if (xq.block) return nk_vnni(xq, w, scale, G, y, M, K, N, n0, n1);  // Run quantized x (UseVnni)
 #endif
     if ((K / G) % kLanes == 0 && K / kLanes <= kMaxVectors) switch (M) {
         case 1: return nk_fixed<1>(x, w, scale, G, y, K, N, n0, n1);
@@ -340,8 +358,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
   Job job;
   job.kn = w_in_axis == 0;
   const int64_t N = job.kn ? wd[1] : wd[0];
-  if ((job.kn ? wd[0] : wd[1]) != K || M > kMaxRows || M < 1)
-    return ffi::Error::InvalidArgument("jaxaccel matvec: x [M, K] and w do not match (or M > 16)");
+  if ((job.kn ? wd[0] : wd[1]) != K || M < 1)
+    return ffi::Error::InvalidArgument("jaxaccel matvec: x [M, K] and w do not match");
   switch (w.element_type()) {
     case ffi::DataType::F32: job.type = WType::kF32; break;
     case ffi::DataType::BF16: job.type = WType::kBF16; break;
@@ -352,14 +370,23 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
     return ffi::Error::InvalidArgument("jaxaccel matvec: int8 weights need [N, K] layout and scales [N, G], G | K");
   job.x = x; job.w = w.untyped_data(); job.scale = scale; job.G = G; job.y = y;
   job.M = M; job.K = K; job.N = N;
-  QuantizedX xq;
+  int64_t block = 0;  // x rounded to int16 in blocks of this many inputs (0: the float paths)
 #ifdef JAXACCEL_VNNI
-  if (job.type == WType::kI8 && M <= kVnniMaxRows) xq.quantize(x, M, K, QuantizedX::block_for(K / G));
+  if (job.type == WType::kI8 && (M <= kVnniMaxRows || M > kWidenMaxRows)) block = QuantizedX::block_for(K / G);
 #endif
+  if (M > kMaxRows && block == 0)
+    return ffi::Error::InvalidArgument("jaxaccel matvec: more than 16 rows need int8 weights, K / G a multiple of 32 "
+                                       "and an AVX-512 VNNI build (kernels.int8_vnni())");
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
+  if (w.size_bytes() < (128 << 10) && M <= kMaxRows) helpers = 0;  // too small to pay for a hand-off
+  QuantizedX xq;
+  xq.prepare(M, K, block);
+  if (block && M <= kVnniMaxRows)
+    for (int64_t m = 0; m < M; ++m) xq.quantize_row(x, K, m);
+  else if (block)  // prefill's rows
+    jaxaccel::parallel_for(pool, M, helpers, [&](int64_t m) { xq.quantize_row(x, K, m); });
   job.xq = &xq;
 
-  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
-  if (w.size_bytes() < (128 << 10)) helpers = 0;  // too small to pay for a hand-off
   const int64_t extent = job.kn ? K : N;
   // nk: several chunks per participant, so a late starter still helps. kn: each chunk costs a
   // partial [M, N] to zero and add, so about two per participant.
