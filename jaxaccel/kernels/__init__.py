@@ -64,7 +64,7 @@ TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "Jaxac
            "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows",
            "jaxaccel_write_rows": "JaxaccelWriteRows", "jaxaccel_decode_attention": "JaxaccelDecodeAttention"}
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
-INT8_PREFILL_MAX_ROWS = 256  # int8 weights (VNNI): the kernel takes up to this many rows (`int8_prefill`)
+INT8_PREFILL_MAX_ROWS = 512  # int8 weights (VNNI): the kernel takes up to this many rows (`int8_prefill`)
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
 FLAGS_ENV = "JAXACCEL_CPU_KERNEL_FLAGS"
@@ -213,10 +213,10 @@ def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
     scales [N, G] go to the kernel: on AVX-512 VNNI CPUs, with groups of a multiple of 32 inputs,
     it rounds x to int16 per block as the decode steps do and multiplies in integers, reading
     each weight row once for all rows. XLA instead dequantizes every weight to a float32 temporary
-    on one thread, which also page-faults fresh memory on every call (Gemma 3 270M int8, time to
-    the first token of a 32-token prompt: 189 ms that way, 70 ms this way, float32 81 ms). Past
-    INT8_PREFILL_MAX_ROWS rows XLA's float32 GEMM wins back its fixed cost (256-token prompt: 467
-    against 474 ms)."""
+    on one thread, which also page-faults fresh memory on every call. Gemma 3 270M int8, time to
+    the first token (this 2-core Zen 4): 32-token prompt 189 ms that way, 49 ms this way (float32
+    81 ms); 256 tokens 467 / 315 ms; 512 tokens 837 / 709 ms; at 1,024 both take 2.0 s, so
+    XLA keeps prefills of more than INT8_PREFILL_MAX_ROWS rows."""
     return (scale is not None and w.dtype == jnp.int8 and scale.ndim == 2
             and MAX_ROWS < x2.shape[0] <= INT8_PREFILL_MAX_ROWS
             and (x2.shape[1] // scale.shape[1]) % 32 == 0 and int8_vnni())

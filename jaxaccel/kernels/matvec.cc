@@ -251,6 +251,46 @@ void nk_vnni_row(const int16_t* xv, const float* xs, const int8_t* w, const floa
   for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
 }
 
+// Two weight rows n, n + 1 against M rows of x (the prefill's groups): each x vector feeds both rows'
+// sums, so the loads of x, the larger operand there, are shared.
+template <int M, int PER>
+void nk_vnni_2rows(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
+                   int64_t K, int64_t N, int64_t n) {
+  constexpr int64_t XB = 32 * PER;
+  const int8_t* r0 = w + n * K;
+  const int8_t* r1 = r0 + K;
+  const float* s0 = scale + n * G;
+  const float* s1 = s0 + G;
+  const int64_t nb = K / XB, blocks_per_group = K / G / XB;
+  __m512 acc0[M], acc1[M];
+  for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  int64_t g = 0, in_group = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i t0[M], t1[M];
+    for (int m = 0; m < M; ++m) t0[m] = t1[m] = _mm512_setzero_si512();
+    for (int j = 0; j < PER; ++j) {
+      const int64_t k = b * XB + j * 32;
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r0 + k)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r1 + k)));
+      for (int m = 0; m < M; ++m) {
+        const __m512i xm = _mm512_loadu_si512((const void*)(xv + m * K + k));
+        t0[m] = _mm512_dpwssd_epi32(t0[m], w0, xm);
+        t1[m] = _mm512_dpwssd_epi32(t1[m], w1, xm);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const float xb = xs[m * nb + b];
+      acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0[m]), _mm512_set1_ps(s0[g] * xb), acc0[m]);
+      acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1[m]), _mm512_set1_ps(s1[g] * xb), acc1[m]);
+    }
+    if (++in_group == blocks_per_group) in_group = 0, ++g;
+  }
+  for (int m = 0; m < M; ++m) {
+    y[m * N + n] = _mm512_reduce_add_ps(acc0[m]);
+    y[m * N + n + 1] = _mm512_reduce_add_ps(acc1[m]);
+  }
+}
+
 // Rows [n0, n1) of W for all M rows of x: blocks of kVnniBlock weight rows (kept in cache) against
 // groups of up to kVnniMaxRows rows of x, so prefill's many rows reuse each weight row from cache.
 constexpr int64_t kVnniBlock = 16;
@@ -264,7 +304,16 @@ void nk_vnni_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int
       const int16_t* xv = xq.q.data() + m0 * K;
       const float* xs = xq.s.data() + m0 * nb;
       float* ym = y + m0 * N;
-      for (int64_t n = b0; n < std::min(n1, b0 + kVnniBlock); ++n) switch (std::min(kVnniMaxRows, M - m0)) {
+      const int64_t rows = std::min(kVnniMaxRows, M - m0), end = std::min(n1, b0 + kVnniBlock);
+      int64_t n = b0;
+      if (M > kVnniMaxRows)  // the prefill: two weight rows at a time
+        for (; n + 2 <= end; n += 2) switch (rows) {
+            case 1: nk_vnni_2rows<1, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+            case 2: nk_vnni_2rows<2, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+            case 3: nk_vnni_2rows<3, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+            default: nk_vnni_2rows<4, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+          }
+      for (; n < end; ++n) switch (rows) {
           case 1: nk_vnni_row<1, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
           case 2: nk_vnni_row<2, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
           case 3: nk_vnni_row<3, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
