@@ -44,12 +44,13 @@ def test_float_matvec_equals_dot(built, dtype, axis, M, K, N):
 
 
 def _activation_block(M, K, G):
-    """The int16 block the int8 kernel rounds x to (matvec.cc: at most 4 rows (decode) or more
-    than 8 (prefill), the largest of 128 / 64 / 32 dividing the weight's group size), 0 where it
-    keeps float32 x."""
-    if not kernels.int8_vnni() or 4 < M <= 8:  # what this machine's build does (AVX-512 VNNI or not)
+    """The int16 block the int8 kernel rounds x to (matvec.cc: the largest of 128 / 64 / 32
+    dividing the weight's group size, except for 5..8 rows unless K >= 1024 and the block >= 64),
+    0 where it keeps float32 x."""
+    if not kernels.int8_vnni():  # what this machine's build does (AVX-512 VNNI or not)
         return 0
-    return next((b for b in (128, 64, 32) if (K // G) % b == 0), 0)
+    block = next((b for b in (128, 64, 32) if (K // G) % b == 0), 0)
+    return 0 if 4 < M <= 8 and (K < 1024 or block < 64) else block  # 5..8 rows: long rows only
 
 
 def _int16_rounded(x, block):
@@ -64,7 +65,8 @@ def _int16_rounded(x, block):
 @pytest.mark.parametrize("M,K,N,G", [(1, 640, 2048, 1), (1, 640, 4096, 20), (8, 256, 512, 8), (5, 320, 300, 10),
                                      (2, 96, 33, 4), (3, 70, 40, 2), (2, 256, 300, 2), (4, 192, 64, 3),
                                      (3, 96, 100, 1), (9, 640, 300, 1), (37, 256, 500, 8), (256, 640, 64, 20),
-                                     (14, 512, 70, 2), (11, 192, 63, 3)])
+                                     (14, 512, 70, 2), (11, 192, 63, 3),
+                                     (6, 1024, 100, 4), (8, 2048, 33, 1)])
 def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
     """Up to 4 rows (decode) and more than 8 (prefill: groups of 4 rows, any remainder), on a CPU
     with AVX-512 VNNI, the kernel rounds x to int16 per block (2^-16 of the block's largest |x|):

@@ -3,10 +3,11 @@ bfloat16 embedding rows and in-place KV cache writes for the generation loop.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
-With int8 weights (at most 4 rows, AVX-512 VNNI CPUs) it rounds x to int16 per block of 32-128
-inputs, within 2^-16 of the block's largest |x| (far below int8's own weight error), and
-multiplies in integers, 1.4-1.7x faster than widening (the grouped int8 embedding of Gemma 3
-270M as its lm_head: 8.2 -> 5.0 ms a token).
+With int8 weights (AVX-512 VNNI CPUs; 1-4 rows, 5-8 rows of 1024+ inputs, and the prefill's
+9-512 rows, see `int8_prefill`) it rounds x to int16 per block of 32-128 inputs, within 2^-16 of
+the block's largest |x| (far below int8's own weight error), and multiplies in integers,
+1.4-1.7x faster than widening (the grouped int8 embedding of Gemma 3 270M as its lm_head: 8.2 ->
+5.0 ms a token).
 XLA's own CPU dot gains nothing from fewer bytes at batch 1 (Gemma 3 270M: 17.7 tok/s with
 bfloat16 weights, 18.4 float32, 9.8 int8); with this kernel a decode step reads half (bfloat16)
 or about a quarter (int8) of float32's bytes and runs 1.5-1.8x faster than float32
@@ -176,7 +177,7 @@ def load() -> bool:
 
 def int8_vnni() -> bool:
     """Whether this machine's build takes the int8 VNNI path (activations rounded to int16 per
-    block of inputs, at most 4 rows; `matvec`), as opposed to widening int8 to float32."""
+    block of inputs; `matvec`), as opposed to widening int8 to float32 (and refusing prefill rows)."""
     return load() and bool(_loaded["lib"].JaxaccelInt8Vnni())
 
 

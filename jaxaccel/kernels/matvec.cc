@@ -4,9 +4,10 @@
 // nothing from bfloat16 weights and loses 2x with int8 ones at a handful of rows (it converts
 // them before multiplying). Decoding reads every weight once per token, so the
 // bytes of the weights set the speed; this kernel reads bfloat16 or int8 weights as they are
-// stored and widens them to float32 in registers. For int8 weights and at most 4 rows, on CPUs
-// with AVX-512 VNNI, x is instead rounded to int16 per block of 32-128 inputs (2^-16 of the
-// block's largest |x|) and multiplied in int32 (vpdpwssd): 1.4-1.7x faster than widening.
+// stored and widens them to float32 in registers. For int8 weights on CPUs with AVX-512 VNNI, x
+// is instead rounded to int16 per block of 32-128 inputs (2^-16 of the block's largest |x|) and
+// multiplied in int32 (vpdpwssd): 1.4-1.7x faster than widening at 1-4 rows; 5-8 rows take it
+// for long rows only; more than 8 rows (the generation's prefill, int8 only) always take it.
 //
 // Threads: the weight rows are cut into chunks shared by the calling thread and XLA's intra-op
 // pool threads (parallel.h).
@@ -38,7 +39,7 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;  // more rows: only int8 weights on the VNNI path (the generation's prefill)
 constexpr int64_t kVnniMaxRows = 4;   // decode rows on the VNNI path; one group of the prefill's rows
-constexpr int64_t kWidenMaxRows = 8;  // 5..8 rows widen int8 to float32 (faster at decode's batch 8)
+constexpr int64_t kWidenMaxRows = 8;  // 5..8 rows may widen int8 to float32 instead (see Run)
 
 using jaxaccel::widen;
 
@@ -421,7 +422,13 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
   job.M = M; job.K = K; job.N = N;
   int64_t block = 0;  // x rounded to int16 in blocks of this many inputs (0: the float paths)
 #ifdef JAXACCEL_VNNI
-  if (job.type == WType::kI8 && (M <= kVnniMaxRows || M > kWidenMaxRows)) block = QuantizedX::block_for(K / G);
+  if (job.type == WType::kI8) {
+    block = QuantizedX::block_for(K / G);
+    // 5..8 rows (batched decode): widening measured faster for short rows or blocks of 32
+    // (Gemma 3's grouped lm_head: 22.5 against 26 ms at 8 rows), the VNNI path for rows of
+    // 1024+ inputs in blocks of 64+ (its 2048-input down_proj: 160 against 300 us)
+    if (M > kVnniMaxRows && M <= kWidenMaxRows && (K < 1024 || block < 64)) block = 0;
+  }
 #endif
   if (M > kMaxRows && block == 0)
     return ffi::Error::InvalidArgument("jaxaccel matvec: more than 16 rows need int8 weights, K / G a multiple of 32 "
