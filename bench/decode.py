@@ -36,7 +36,10 @@ and transformers in bfloat16. Each row gives its own roofline (its bytes per ste
 "vs pt f32 / f32 roof" line, its speed over transformers float32 and over the float32 roofline;
 "agree" there is the common greedy prefix with transformers float32.
 
-Never part of the tests. Example:
+--temperature / --top-k / --top-p sample on both sides instead (same settings; transformers
+with do_sample=True): the speed of the sampling path, without the greedy agreement check.
+
+Timings are never asserted in tests (tests/test_bench_decode.py runs it at tiny sizes). Example:
   python -m bench.decode                       # both models, batch 1 and 8, 128 new tokens
   python -m bench.decode --quick               # smoke run: random model, tiny sizes
 """
@@ -271,8 +274,11 @@ def _timed_runs(ttft_once, total_once, repeats: int, probe: BandwidthProbe | Non
             "total_all_s": totals, "warmup_s": warmup_s, "tokens": tokens, "bandwidth_samples": bandwidth}
 
 
-def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe=None) -> dict:
+def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe=None, sampling=None) -> dict:
+    """sampling: generate_tokens' temperature / top_k / top_p (default greedy), seed 0 per row."""
     from jaxaccel.engine import generate_tokens
+
+    sampling = sampling or {"temperature": 0.0}
 
     B = len(prompts)
     stamp = {}
@@ -284,13 +290,13 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe
     def ttft_once():
         stamp.clear()
         t0 = time.perf_counter()
-        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, temperature=0.0, host_step=first_only)
+        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, host_step=first_only, **sampling)
         assert all(len(r) == 1 for r in out), [len(r) for r in out]
         return stamp["t"] - t0
 
     def total_once():
         t0 = time.perf_counter()
-        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, temperature=0.0)
+        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, **sampling)
         dt = time.perf_counter() - t0
         lens = sorted({len(r) for r in out})
         if lens != [new_tokens]:
@@ -306,7 +312,7 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe
             return np.zeros(tokens_.shape[0], bool)
 
         t0 = time.perf_counter()
-        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, temperature=0.0, host_step=keep_going)
+        out = generate_tokens(model, prompts, max_new_tokens=new_tokens, host_step=keep_going, **sampling)
         end = time.perf_counter()
         assert all(len(r) == new_tokens for r in out)
         res["stream_ttft_s"] = first["t"] - t0
@@ -315,7 +321,9 @@ def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe
     return res
 
 
-def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None) -> dict:
+def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None, sampling=None) -> dict:
+    """sampling as bench_jax's: transformers samples with the same temperature / top_k / top_p
+    (top_k 0 and top_p 1.0 when not given: no generation_config defaults slip in)."""
     import torch
 
     ids = torch.tensor(prompts, dtype=torch.long)
@@ -323,6 +331,9 @@ def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None) -> dict:
     gen_kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                       min_new_tokens=new_tokens, pad_token_id=0, top_k=None, top_p=None,
                       temperature=None)
+    if sampling and sampling.get("temperature", 0.0) > 0:
+        gen_kwargs.update(do_sample=True, temperature=sampling["temperature"], top_k=sampling.get("top_k") or 0,
+                          top_p=sampling.get("top_p") or 1.0)
 
     def ttft_once():
         t0 = time.perf_counter()
@@ -401,7 +412,7 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     roof = lambda v: f"{v.get('roofline_tok_s', 0.0):.1f}"
     for r in results:
         j, t = r["jaxaccel"], r["transformers"]
-        agree = f"{r['agreement']['min_common_prefix']}/{r['new_tokens']}"
+        agree = f"{r['agreement']['min_common_prefix']}/{r['new_tokens']}" if r["agreement"] else "-"
         rows.append([r["model"], r["batch"], "jaxaccel", f"{1e3 * j['ttft_s']:.1f}", f"{j['prefill_tok_s']:.0f}",
                      f"{j['decode_tok_s']:.1f}", roof(j), pct(j, "roofline_fraction"), pct(j, "read_roofline_fraction"),
                      f"{j['stream_decode_tok_s']:.1f}" if "stream_decode_tok_s" in j else "-", agree])
@@ -442,6 +453,10 @@ def main(argv=None):
     ap.add_argument("--torch-dtypes", default=None,
                     help="extra transformers dtypes beside float32 (default bfloat16; 'none' to skip)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature on both sides (default 0: greedy, with the agreement check)")
+    ap.add_argument("--top-k", type=int, default=None, help="top-k when sampling")
+    ap.add_argument("--top-p", type=float, default=None, help="top-p when sampling")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: random model, batch 1,2, 16-token prompts, 16 new tokens, 1 repeat")
     ap.add_argument("--out", default=None, help="JSON output (default bench/results/decode.json; with --quick "
@@ -458,6 +473,10 @@ def main(argv=None):
     out_path = Path(args.out) if args.out else (QUICK_OUT if q else DEFAULT_OUT)
     extra = lambda text, default: [w for w in (text or default).split(",") if w and w != "none"]
     weight_formats = extra(args.weights, "none" if q else "bfloat16,int8")
+    greedy = args.temperature <= 0
+    if greedy and (args.top_k or args.top_p):
+        raise SystemExit("--top-k / --top-p need --temperature > 0 (greedy ignores them)")
+    sampling = {"temperature": max(args.temperature, 0.0), "top_k": args.top_k, "top_p": args.top_p}
     torch_dtypes = extra(args.torch_dtypes, "none" if q else "bfloat16")
     if new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode excludes the first token)")
@@ -514,25 +533,28 @@ def main(argv=None):
                 prompts = rng.integers(min(100, V // 2), V, size=(B, prompt_len)).tolist()
                 nbytes = decode_bytes(jmodel, B, prompt_len, new_tokens)
                 roof = B * bandwidth / nbytes["total"]
-                j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream, probe=probe)
-                t = bench_torch(tm, prompts, new_tokens, repeats, probe=probe)
+                j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream, probe=probe,
+                              sampling=sampling)
+                t = bench_torch(tm, prompts, new_tokens, repeats, probe=probe, sampling=sampling)
                 derive(j, B, prompt_len, new_tokens, roof, nbytes["total"], kind)
                 derive(t, B, prompt_len, new_tokens, roof, nbytes["total"], kind)
                 reference = t.pop("tokens")
-                agree = agreement(j.pop("tokens"), reference)
+                agree = agreement(j.pop("tokens"), reference) if greedy else None
                 extra_runs = {}
                 for impl, vm in {**variants, **torch_variants}.items():
                     vb = decode_bytes(vm, B, prompt_len, new_tokens) if impl.startswith("jaxaccel") else nbytes
                     if impl.startswith("transformers") and "bfloat16" in impl:
                         vb = {**nbytes, "total": nbytes["total"] // 2}
-                    v = (bench_jax(vm, prompts, new_tokens, repeats, stream=False, probe=probe)
-                         if impl.startswith("jaxaccel") else bench_torch(vm, prompts, new_tokens, repeats, probe=probe))
+                    v = (bench_jax(vm, prompts, new_tokens, repeats, stream=False, probe=probe, sampling=sampling)
+                         if impl.startswith("jaxaccel")
+                         else bench_torch(vm, prompts, new_tokens, repeats, probe=probe, sampling=sampling))
                     v["roofline_tok_s"] = B * bandwidth / vb["total"]
                     derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"], vb["total"], kind)
                     # the float32 roofline at the bandwidth of this variant's own minutes
                     v["f32_roofline_fraction"] = v["roofline_fraction"] * vb["total"] / nbytes["total"]
                     v["bytes_per_step"] = vb
-                    v["agreement"] = agreement(v.pop("tokens"), reference)  # vs transformers float32
+                    tokens = v.pop("tokens")
+                    v["agreement"] = agreement(tokens, reference) if greedy else None  # vs transformers float32
                     extra_runs[impl] = v
                     print(f"  B={B}: {impl} decode {v['decode_tok_s']:.1f} tok/s "
                           f"({v['decode_tok_s'] / t['decode_tok_s']:.2f}x transformers float32; "
@@ -557,7 +579,7 @@ def main(argv=None):
                       f"{kind} bandwidth beside jaxaccel's runs ({adj['copy'] / 1e9:.1f} copy, {adj['read'] / 1e9:.1f} "
                       f"read GB/s; jaxaccel read {j['achieved_bytes_s'] / 1e9:.1f} GB/s), {roof:.1f} at the start's "
                       f"({nbytes['total'] / 2**20:.0f} MiB/step) | greedy agreement "
-                      f"{agree['min_common_prefix']}/{new_tokens}", flush=True)
+                      f"{agree['min_common_prefix'] if agree else '- (sampling)'}/{new_tokens}", flush=True)
             del tm, jmodel, variants, torch_variants
 
     header, rows = table_rows(results)
@@ -573,7 +595,8 @@ def main(argv=None):
 
     doc = {"benchmark": "decode", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
-           "settings": {"models": models, "batch": batches, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "settings": {"models": models, "sampling": sampling, "batch": batches, "prompt_len": prompt_len,
+                        "new_tokens": new_tokens,
                         "repeats": repeats, "statistic": "median", "dtype": "float32",
                         "weight_formats": weight_formats, "torch_dtypes": torch_dtypes,
                         "torch_num_threads": threads, "transformers_attn": "eager",

@@ -27,3 +27,14 @@ def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
             v["decode_tok_s"] * step / v["adjacent_bandwidth_bytes_s"]["read"])
     table = capsys.readouterr().out
     assert "% read roof" in table and "ratio jax/pt" in table
+
+
+def test_quick_run_samples_on_both_sides(tmp_path):
+    """--temperature / --top-p: both implementations sample (no greedy agreement to check)."""
+    doc = decode.main(["--quick", "--batch", "1", "--new-tokens", "4", "--repeats", "1", "--no-stream",
+                       "--temperature", "1.0", "--top-p", "0.9", "--out", str(tmp_path / "s.json")])
+    (r,) = doc["results"]
+    assert r["agreement"] is None and doc["settings"]["sampling"]["top_p"] == 0.9
+    assert r["jaxaccel"]["decode_tok_s"] > 0 and r["transformers"]["decode_tok_s"] > 0
+    with pytest.raises(SystemExit, match="need --temperature"):
+        decode.main(["--quick", "--top-p", "0.9", "--out", str(tmp_path / "g.json")])
