@@ -551,7 +551,7 @@ def main(argv=None):
                     v["roofline_tok_s"] = B * bandwidth / vb["total"]
                     derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"], vb["total"], kind)
                     # the float32 roofline at the bandwidth of this variant's own minutes
-                    v["f32_roofline_fraction"] = v["roofline_fraction"] * vb["total"] / nbytes["total"]
+                    v["f32_roofline_fraction"] = v["roofline_fraction"] * nbytes["total"] / vb["total"]
                     v["bytes_per_step"] = vb
                     tokens = v.pop("tokens")
                     v["agreement"] = agreement(tokens, reference) if greedy else None  # vs transformers float32

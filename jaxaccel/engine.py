@@ -66,11 +66,12 @@ class Sampler:
 
 
 def argmax(x):
-    """jnp.argmax over the last axis (the first maximum; the first NaN if any) as two plain
+    """jnp.argmax over the last axis (the first maximum; the first NaN if any) as plain
     reductions: XLA's CPU backend runs argmax's (value, index) reduction element by element, 1.2
-    ms for Gemma 3's 262,144 logits against 0.1 ms this way (a tenth of a decode step)."""
+    ms for Gemma 3's 262,144 logits against 0.1 ms this way (a tenth of a decode step). NaN is
+    looked for on its own: XLA's CPU max drops NaN for long rows (6,000 values: -inf)."""
     top = jnp.max(x, axis=-1, keepdims=True)
-    hit = jnp.where(jnp.isnan(top), jnp.isnan(x), x == top)
+    hit = jnp.where(jnp.any(jnp.isnan(x), axis=-1, keepdims=True), jnp.isnan(x), x == top)
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
 
@@ -108,8 +109,9 @@ def _top_p(keys, logits, top_p, lse, counts):
     else all V sorted. Either way the noise is drawn by sorted position, and jax's threefry
     noise for n positions is the first n of V's (jax_threefry_partitionable), so a row draws
     the same token whichever way its batch went (tested)."""
-    if not counts:
-        return _draw(keys, *_sorted(logits), top_p)
+    if not counts:  # the same probabilities as the candidates' (exp(logit - lse)), so the same set
+        best, index = _sorted(logits)
+        return _draw(keys, best, index, top_p, jnp.exp(best - lse))
     best, index = jax.lax.top_k(logits, counts[0])
     probs = jnp.exp(best - lse)
     enough = jnp.all(jnp.sum(probs, axis=-1) >= top_p)
@@ -155,14 +157,18 @@ def _blocked_draw(keys, logits):
     B, n = logits.shape
     nb = -(-n // DRAW_BLOCK)
     z = jnp.pad(logits, ((0, 0), (0, nb * DRAW_BLOCK - n)), constant_values=-jnp.inf).reshape(B, nb, DRAW_BLOCK)
-    top = jnp.max(logits, axis=-1)[:, None, None]
-    mass = jnp.sum(jnp.exp(z - top), axis=-1)  # [B, nb]; NaN in a block holding a NaN or the +inf
+    top = jnp.max(logits, axis=-1)
+    mass = jnp.sum(jnp.exp(z - top[:, None, None]), axis=-1)  # [B, nb]
+
     def per_row(key, log_mass, blocks):
         k_block, k_token = jax.random.split(key)
         b = argmax(log_mass + jax.random.gumbel(k_block, log_mass.shape, log_mass.dtype))
         within = blocks[b]
         return b * DRAW_BLOCK + argmax(within + jax.random.gumbel(k_token, within.shape, within.dtype))
-    return jax.vmap(per_row)(keys, jnp.log(mass), z)
+
+    drawn = jax.vmap(per_row)(keys, jnp.log(mass), z)
+    odd = jnp.any(jnp.isnan(logits), axis=-1) | (top == jnp.inf)  # no softmax: as the plain draw
+    return jnp.where(odd, argmax(logits), drawn)
 
 
 def _keys(seeds, step):
@@ -233,7 +239,9 @@ class Engine:
                     f32, f32, i32(n_eos), jax.ShapeDtypeStruct((), bool), i32(), jax.ShapeDtypeStruct((B,), bool))
             m = self.model
             fast = kernels.usable(m)
-            name = f"generate {m.config!r} {m.dtype} {m.quant!r} {sampler!r} {key[1:]} cpu_kernels={fast}"
+            # int8_vnni: such builds also take the int8 prefill's rows (a portable build refuses them)
+            name = (f"generate {m.config!r} {m.dtype} {m.quant!r} {sampler!r} {key[1:]} cpu_kernels={fast} "
+                    f"int8_vnni={fast and kernels.int8_vnni()}")
             with kernels.decoding(fast):  # decode-step dots read weights through the CPU kernel
                 finish = programs.lower_cached(partial(self._step, sampler), args, (1,), state, name)
             self._caches[(B, S)] = state.cache

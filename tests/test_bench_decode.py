@@ -11,20 +11,23 @@ from bench import decode
 
 def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
     out = tmp_path / "decode.json"
-    doc = decode.main(["--quick", "--batch", "1", "--new-tokens", "4", "--repeats", "2", "--no-stream",
-                       "--out", str(out)])
-    assert json.loads(out.read_text())["results"][0]["batch"] == 1
+    doc = decode.main(["--quick", "--batch", "2", "--new-tokens", "4", "--repeats", "2", "--no-stream",
+                       "--weights", "int8", "--out", str(out)])
+    assert json.loads(out.read_text())["results"][0]["batch"] == 2
     (r,) = doc["results"]
     assert r["agreement"]["min_common_prefix"] == 4  # float32 greedy equals transformers'
-    for impl in ("jaxaccel", "transformers"):
-        v = r[impl]
-        assert len(v["bandwidth_samples"]) == 2  # one sample before each timed run
-        step = r["roofline"]["bytes_per_step"]["total"]
-        bw = v["adjacent_bandwidth_bytes_s"]["copy"]
-        assert v["roofline_tok_s"] == pytest.approx(bw / step)
+    f32_step = r["roofline"]["bytes_per_step"]["total"]
+    for impl, v in [("jaxaccel", r["jaxaccel"]), ("transformers", r["transformers"]), *r["variants"].items()]:
+        assert len(v["bandwidth_samples"]) == 2, impl  # one sample before each timed run
+        step = v.get("bytes_per_step", {}).get("total", f32_step)
+        bw = v["adjacent_bandwidth_bytes_s"]
+        assert v["roofline_tok_s"] == pytest.approx(2 * bw["copy"] / step)  # B = 2 rows a step
         assert v["roofline_fraction"] == pytest.approx(v["decode_tok_s"] / v["roofline_tok_s"])
-        assert v["read_roofline_fraction"] == pytest.approx(
-            v["decode_tok_s"] * step / v["adjacent_bandwidth_bytes_s"]["read"])
+        assert v["read_roofline_fraction"] == pytest.approx(v["decode_tok_s"] / 2 * step / bw["read"])
+    int8 = r["variants"]["jaxaccel int8"]
+    assert int8["bytes_per_step"]["total"] < f32_step / 3
+    f32_roof = 2 * int8["adjacent_bandwidth_bytes_s"]["copy"] / f32_step  # tok/s at float32's bytes
+    assert int8["f32_roofline_fraction"] == pytest.approx(int8["decode_tok_s"] / f32_roof)
     table = capsys.readouterr().out
     assert "% read roof" in table and "ratio jax/pt" in table
 

@@ -191,8 +191,12 @@ def test_argmax_and_sampling_draw_equal_jax():
     from jaxaccel.engine import Sampler, argmax, sample
 
     rng = np.random.default_rng(0)
+    long_nan = rng.standard_normal((2, 262144))  # XLA's CPU max drops NaN in long rows
+    long_nan[0, [7000, 9]] = np.nan
+    long_nan[1, [5999, 260000]] = np.nan
     cases = [rng.standard_normal((3, 1000)), rng.integers(0, 3, (4, 50)).astype(float),
-             [[1, 3, 3, 2.], [np.nan, 1, np.nan, 5], [-np.inf] * 4, [np.inf, 1, np.inf, 0]]]
+             [[1, 3, 3, 2.], [np.nan, 1, np.nan, 5], [-np.inf] * 4, [np.inf, 1, np.inf, 0]],
+             long_nan, long_nan[:, :6000]]
     for x in map(lambda a: jnp.asarray(a, jnp.float32), cases):
         np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.asarray(jnp.argmax(x, axis=-1)))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(64))
@@ -236,11 +240,13 @@ def test_blocked_draw_matches_softmax():
     assert len(exp) > 40
     stat, pvalue = chisquare(obs, exp)
     assert pvalue > 1e-3, (stat, pvalue)
-    for bad in (np.nan, np.inf):
-        y = np.broadcast_to(logits, (2, V)).copy()
-        y[:, [4321, 5999]] = bad
-        got = draw(jnp.asarray(y, jnp.float32), jax.vmap(jax.random.PRNGKey)(jnp.arange(2)))
-        np.testing.assert_array_equal(np.asarray(got), [4321, 4321])
+    for n in (V, 70000):  # XLA's CPU max drops NaN at both lengths (-inf at 6,000, a number at 70,000)
+        for bad in (np.nan, np.inf):
+            y = np.broadcast_to(np.resize(logits, n), (2, n)).copy()
+            y[:, [4321, 5999]] = bad
+            y[1, 3] = np.inf  # a NaN comes first whatever else; else the first +inf
+            got = draw(jnp.asarray(y, jnp.float32), jax.vmap(jax.random.PRNGKey)(jnp.arange(2)))
+            np.testing.assert_array_equal(np.asarray(got), [4321, 4321 if bad != bad else 3])
 
 
 @pytest.mark.parametrize("counts", [(6,), (6, 48), (6, 20)])  # flat row: ~40 of 50 tokens

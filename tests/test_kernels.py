@@ -146,6 +146,33 @@ print("ok")
 """
 
 
+INT8_GENERATE = """
+import os, pathlib, jaxaccel
+from jaxaccel import QuantConfig, engine, kernels, programs
+from jaxaccel.config import ModelConfig
+programs.set_folder(pathlib.Path(os.environ["JAXACCEL_CACHE"]) / "programs")  # saved traces, as the CLI has them
+m = jaxaccel.init_random(ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128), seed=0)
+m = m.quantize(QuantConfig(mode="int8"))
+out = engine.generate_tokens(m, [list(range(3, 23))], max_new_tokens=4)  # a 32-row prefill
+assert len(out[0]) == 4 and kernels.usable(m), out
+print("vnni", kernels.int8_vnni())
+"""
+
+
+@pytest.mark.skipif(not kernels.int8_vnni(), reason="needs an AVX-512 VNNI CPU to build the two kinds")
+def test_saved_generation_programs_are_kept_apart_per_kernel_build(tmp_path):
+    """A VNNI build sends the int8 prefill's rows to the kernel, which a portable build refuses:
+    a generation program saved by the one must not be reused by the other (a shared cache folder,
+    e.g. a home directory on several machines)."""
+    from mesh_util import run_python
+
+    env = {"JAXACCEL_CACHE": str(tmp_path)}
+    assert "vnni True" in run_python("-c", INT8_GENERATE, devices=1, env=env).stdout
+    generic = run_python("-c", INT8_GENERATE, devices=1, env={**env, kernels.FLAGS_ENV: "-DJAXACCEL_GENERIC"})
+    assert "vnni False" in generic.stdout
+
+
 def test_portable_build_without_avx512_code_is_equal_too(tmp_path):
     """The code for CPUs without AVX-512 (this machine has it, so build it on purpose)."""
     from mesh_util import run_python
@@ -199,6 +226,8 @@ def test_int8_prefill_rows_go_to_the_kernel_on_vnni_only(built):
         assert not kernels.wants(x(32), q.astype(jnp.float32)) and not kernels.wants(x(32), q)  # no scales
         assert not kernels.wants(x(32, 96), jnp.ones((48, 96), jnp.int8), jnp.ones((48, 2), jnp.float32))  # 48 / group
         assert kernels.wants(x(1), q, s)  # decode rows: every build
+        odd = jnp.ones((48, 65), jnp.int8)  # 65 inputs in 2 groups: refused by the kernel, so never sent
+        assert not kernels.wants(x(32, 65), odd, s) and not kernels.wants(x(32), q, jnp.ones((48, 0)))
 
 
 def test_dot_routes_only_decode_sized_dots_to_the_kernel(built):

@@ -3,8 +3,8 @@ bfloat16 embedding rows and in-place KV cache writes for the generation loop.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
-With int8 weights (AVX-512 VNNI CPUs; 1-4 rows, 5-8 rows of 1024+ inputs, and the prefill's
-9-512 rows, see `int8_prefill`) it rounds x to int16 per block of 32-128 inputs, within 2^-16 of
+With int8 weights (AVX-512 VNNI CPUs; 1-4 rows, 5-8 rows of 1024+ inputs in blocks of 64+,
+and the prefill's 9-512 rows, see `int8_prefill`) it rounds x to int16 per block of 32-128 inputs, within 2^-16 of
 the block's largest |x| (far below int8's own weight error), and multiplies in integers,
 1.4-1.7x faster than widening (the grouped int8 embedding of Gemma 3 270M as its lm_head: 8.2 ->
 5.0 ms a token).
@@ -32,10 +32,10 @@ compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and attention are used (a
 once).
 
 Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
-generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, bfloat16 table rows, the KV
-cache writes, one-query attention) and the encoders' programs
-(`encoding()`: bidirectional attention, computed in float32). Training, scoring, prefill's
-attention and prefill-sized dots keep XLA's ops.
+generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, int8 dots of up to
+`INT8_PREFILL_MAX_ROWS` rows on VNNI CPUs, bfloat16 table rows, the KV cache writes, one-query
+attention) and the encoders' programs (`encoding()`: bidirectional attention, computed in
+float32). Training, scoring, prefill's attention and other prefill-sized dots keep XLA's ops.
 The kernels have no gradient: the switches act at trace time, so never trace a function you will
 differentiate inside them (jax's jit cache does not see them). The matvec's sums are deterministic
 (same input, same bits) but ordered differently from XLA's, so decode logits agree with
@@ -64,7 +64,7 @@ HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
            "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows",
            "jaxaccel_write_rows": "JaxaccelWriteRows", "jaxaccel_decode_attention": "JaxaccelDecodeAttention"}
-MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better
+MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better (but int8)
 INT8_PREFILL_MAX_ROWS = 512  # int8 weights (VNNI): the kernel takes up to this many rows (`int8_prefill`)
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
@@ -197,7 +197,8 @@ def _switch(var: contextvars.ContextVar, on: bool):
 
 
 def decoding(on: bool = True):
-    """Within this context, traced dots of at most MAX_ROWS rows use the kernel (when `on`)."""
+    """Within this context (when `on`), traced dots of at most MAX_ROWS rows use the kernel, and
+    so do int8 ones of up to INT8_PREFILL_MAX_ROWS rows on VNNI CPUs (`wants`)."""
     return _switch(_on, on)
 
 
@@ -218,9 +219,10 @@ def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
     the first token (this 2-core Zen 4): 32-token prompt 189 ms that way, 49 ms this way (float32
     81 ms); 256 tokens 467 / 315 ms; 512 tokens 837 / 709 ms; at 1,024 both take 2.0 s, so
     XLA keeps prefills of more than INT8_PREFILL_MAX_ROWS rows."""
-    return (scale is not None and w.dtype == jnp.int8 and scale.ndim == 2
-            and MAX_ROWS < x2.shape[0] <= INT8_PREFILL_MAX_ROWS
-            and (x2.shape[1] // scale.shape[1]) % 32 == 0 and int8_vnni())
+    if scale is None or w.dtype != jnp.int8 or scale.ndim != 2 or not MAX_ROWS < x2.shape[0] <= INT8_PREFILL_MAX_ROWS:
+        return False
+    K, G = x2.shape[1], scale.shape[1]
+    return G > 0 and K % G == 0 and (K // G) % 32 == 0 and w.shape[1] == K and int8_vnni()
 
 
 def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array | None = None) -> jax.Array | None:

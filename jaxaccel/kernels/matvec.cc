@@ -1,4 +1,5 @@
-// jaxaccel CPU matvec for decode steps: y[M, N] = x[M, K] . W with M small (batch rows).
+// jaxaccel CPU matvec for decode steps: y[M, N] = x[M, K] . W with M small (batch rows); for int8
+// weights on VNNI CPUs also the generation's prefill (up to 512 rows, see Run).
 //
 // Why: XLA's CPU dot reads float32 weights at about the speed of this kernel, but it gains
 // nothing from bfloat16 weights and loses 2x with int8 ones at a handful of rows (it converts
@@ -209,8 +210,9 @@ void nk_fixed(const float* x, const int8_t* w, const float* scale, int64_t G, fl
 // costs two instructions per 16 weights plus the FMA; this costs two per 32 plus one per block,
 // which makes the tied 262144 x 640 embedding of Gemma 3 (one scale per 32) read at memory speed.
 // Overflow: an int32 lane sums XB / 16 <= 8 products of at most 127 * 32767 per block, far below 2^31.
-// With more rows the vpdpwssd per row and 32 weights costs more than the FMA path's two widening
-// instructions per 16 weights shared by all rows (measured: 8 rows run faster there).
+// At 5-8 rows the vpdpwssd per row and 32 weights can cost more than the float path's two widening
+// instructions per 16 weights shared by all rows: Run keeps widening there for rows of fewer than
+// 1024 inputs or blocks of 32 (measured), and for more than 8 rows always takes this path.
 
 template <int M, int PER>  // PER = XB / 32 vectors per activation block; xv, xs, y: M rows from the group's first
 void nk_vnni_row(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
