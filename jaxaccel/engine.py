@@ -170,7 +170,8 @@ def _blocked_draw(keys, logits):
 
     drawn = jax.vmap(per_row)(keys, jnp.log(mass), z)
     odd = jnp.any(jnp.isnan(logits), axis=-1) | (top == jnp.inf)  # no softmax: as the plain draw
-    return jnp.where(odd, argmax(logits), drawn)
+    # the full argmax only when some row needs it, not at every step
+    return jax.lax.cond(jnp.any(odd), lambda: jnp.where(odd, argmax(logits), drawn), lambda: drawn)
 
 
 def _keys(seeds, step):
