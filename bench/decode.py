@@ -30,6 +30,12 @@ bytes read per second by the read bandwidth (arr.sum, all threads) of the same s
 only reads, and on some machines reading alone cannot reach the copy figure.
 The KV cache jaxaccel really reads (it attends over every preallocated slot) is in the JSON.
 
+On an accelerator (jax's default backend is not the CPU) the bandwidth samples are the device
+memory's (`DeviceBandwidthProbe`: jitted copy and sum), transformers runs on the GPU when torch
+sees one, and "% peak BW" is the MBU: bytes read per second over the datasheet bandwidth
+(--peak-bw; H200 4.8 TB/s). The GGUF cannot travel to a lent GPU machine, so its runs use
+`--models gemma-random`: Gemma 3 270M's shapes, random weights (speed does not depend on them).
+
 Weight formats (--weights, --torch-dtypes): beside float32, jaxaccel also decodes with its
 bfloat16 and int8 (weight-only, per-channel scales; the embedding one scale per 32) weights,
 and transformers in bfloat16. Each row gives its own roofline (its bytes per step) and, on the
@@ -96,7 +102,11 @@ def machine_info() -> dict:
         mem = psutil.virtual_memory().total
     except ImportError:
         pass
+    dev = jax.devices()[0]
+    accel = None if dev.platform == "cpu" else {"platform": dev.platform, "kind": dev.device_kind,
+                                                 "count": jax.device_count()}
     return {
+        "accelerator": accel,
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
@@ -106,6 +116,7 @@ def machine_info() -> dict:
         "jax": jax.__version__,
         "jax_devices": [str(d) for d in jax.devices()],
         "torch": torch.__version__,
+        "torch_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_num_threads": torch.get_num_threads(),
         "transformers": transformers.__version__,
     }
@@ -178,6 +189,62 @@ class BandwidthProbe:
         return {"copy": m["copy"], "read": m["read"]}
 
 
+class DeviceBandwidthProbe:
+    """BandwidthProbe's figures for an accelerator's own memory (GPU / TPU runs): copy = 2 * bytes
+    / time of a jitted `x * 2` over `nbytes` float32, read = bytes / time of a jitted sum. Each
+    figure is the best of `repeats` timings of LOOP back-to-back calls (dispatch is asynchronous,
+    so the per-call launch cost hides behind the previous call), divided by LOOP."""
+
+    LOOP = 10
+
+    def __init__(self, nbytes: int):
+        import jax
+        import jax.numpy as jnp
+
+        self.x = jnp.ones(nbytes // 4, jnp.float32)
+        self.device = str(self.x.devices().pop())
+        self._copy, self._read = jax.jit(lambda x: x * 2), jax.jit(jnp.sum)
+        for f in (self._copy, self._read):
+            f(self.x).block_until_ready()  # compile
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        del self.x
+
+    def _seconds(self, f, repeats: int) -> float:
+        def run():
+            out = [f(self.x) for _ in range(self.LOOP)]
+            out[-1].block_until_ready()
+        return best_of(run, repeats) / self.LOOP
+
+    def measure(self, repeats: int, single_thread: bool = False) -> dict:
+        n = self.x.nbytes
+        return {"array_bytes": int(n), "repeats": repeats, "device": self.device, "calls_per_timing": self.LOOP,
+                "copy": 2 * n / self._seconds(self._copy, repeats), "read": n / self._seconds(self._read, repeats)}
+
+    def sample(self) -> dict:
+        m = self.measure(3)
+        return {"copy": m["copy"], "read": m["read"]}
+
+
+def probe_class():
+    """The bandwidth that bounds decode: host memory on the CPU backend, else the device's."""
+    import jax
+
+    return BandwidthProbe if jax.default_backend() == "cpu" else DeviceBandwidthProbe
+
+
+# Vendor datasheet memory bandwidth (bytes/s) by device kind, for MBU (model bandwidth utilization)
+DATASHEET_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12}
+
+
+def datasheet_bandwidth(machine: dict) -> float | None:
+    accel = machine.get("accelerator") or {}
+    return next((bw for name, bw in DATASHEET_BW.items() if name in accel.get("kind", "")), None)
+
+
 # --- models ---------------------------------------------------------------------------------
 def load_models(name: str, tmp: Path):
     """-> (display name, jaxaccel Model without tokenizer / EOS, HF folder for transformers, info)."""
@@ -192,8 +259,13 @@ def load_models(name: str, tmp: Path):
 
         model = jaxaccel.load(g.assemble(), dtype="float32")
         label = "gemma3-270m"
+    elif name == "gemma-random":  # the same shapes, random weights (where the GGUF cannot go)
+        from jaxaccel.presets import preset
+
+        model = jaxaccel.init_random(preset("gemma3-270m"), seed=0, dtype="float32")
+        label = "gemma3-270m-random"
     else:
-        raise SystemExit(f"unknown model {name!r}; choose from random, gemma")
+        raise SystemExit(f"unknown model {name!r}; choose from random, gemma, gemma-random")
     load_s = time.perf_counter() - t0
     folder = tmp / name
     t0 = time.perf_counter()
@@ -208,13 +280,13 @@ def load_models(name: str, tmp: Path):
     return label, bench_model, folder, info
 
 
-def load_torch(folder: Path, dtype: str = "float32"):
+def load_torch(folder: Path, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     tm = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation="eager")
-    tm.eval()
+    tm.eval().to(device)
     # Same stopping rule as the jaxaccel side (no EOS): min_new_tokens alone would instead
     # *suppress* the EOS logit and change the greedy tokens wherever EOS is the argmax.
     tm.generation_config.eos_token_id = None
@@ -326,8 +398,10 @@ def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None, sampling
     (top_k 0 and top_p 1.0 when not given: no generation_config defaults slip in)."""
     import torch
 
-    ids = torch.tensor(prompts, dtype=torch.long)
+    device = next(tm.parameters()).device
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen_kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                       min_new_tokens=new_tokens, pad_token_id=0, top_k=None, top_p=None,
                       temperature=None)
@@ -346,6 +420,7 @@ def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None, sampling
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = tm.generate(ids, **gen_kwargs)
+            sync()
         dt = time.perf_counter() - t0
         gen = out[:, ids.shape[1]:]
         if gen.shape[1] != new_tokens:
@@ -356,7 +431,7 @@ def bench_torch(tm, prompts, new_tokens: int, repeats: int, probe=None, sampling
 
 
 def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: float, step_bytes: int | None = None,
-           kind: str = "copy") -> dict:
+           kind: str = "copy", peak_bw: float | None = None) -> dict:
     """tok/s figures and roofline fractions: against `roof_tok_s` (the start-of-run bandwidth)
     and, with `step_bytes`, against the median of the bandwidth samples taken right before this
     implementation's timed runs ("adjacent": the same minutes), copy and read."""
@@ -374,6 +449,8 @@ def derive(res: dict, B: int, prompt_len: int, new_tokens: int, roof_tok_s: floa
         res["roofline_tok_s"] = B * bw[kind] / step_bytes
         res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
         res["read_roofline_fraction"] = res["achieved_bytes_s"] / bw["read"]
+        if peak_bw:  # MBU: bytes read per second over the datasheet bandwidth
+            res["mbu"] = res["achieved_bytes_s"] / peak_bw
     return res
 
 
@@ -404,7 +481,9 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return format_table(header, rows)
 
 
-def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+def table_rows(results: list[dict], mbu: bool = False) -> tuple[list[str], list[list[str]]]:
+    """One row per implementation; with `mbu`, a last column "% peak BW": bytes read per second
+    over the datasheet bandwidth (model bandwidth utilization)."""
     header = ["model", "B", "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "roofline tok/s",
               "% roofline", "% read roof", "stream decode tok/s", "agree"]
     rows = []
@@ -429,12 +508,18 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
                          pct(v, "read_roofline_fraction"), "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""])
             rows.append(["", "", "  vs pt f32 / f32 roof", "", "", f"{v['decode_tok_s'] / t['decode_tok_s']:.2f}x",
                          "", pct(v, "f32_roofline_fraction"), "", "", ""])
+    if mbu:  # the run dicts behind the rows, in order: None for the ratio / "vs pt f32" lines
+        runs = [x for r in results for x in (r["jaxaccel"], r["transformers"], None,
+                                              *(y for v in r.get("variants", {}).values() for y in (v, None)))]
+        header = header + ["% peak BW"]
+        rows = [row + [pct(v, "mbu") if v else ""] for row, v in zip(rows, runs)]
     return header, rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=None, help="comma list of: random, gemma (default random,gemma)")
+    ap.add_argument("--models", default=None, help="comma list of: random, gemma, gemma-random (Gemma 3 270M's shapes "
+                                                    "with random weights; default random,gemma)")
     ap.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 128)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 32)")
@@ -446,6 +531,13 @@ def main(argv=None):
     ap.add_argument("--roofline-bw", choices=("copy", "read"), default="copy",
                     help="bandwidth used for the roofline: copy (2*bytes/time of np.copyto, default) or "
                          "read (bytes/time of arr.sum())")
+    ap.add_argument("--peak-bw", type=float, default=None,
+                    help="datasheet memory bandwidth in GB/s for the MBU column (default: known accelerators' "
+                         f"datasheet figure, {', '.join(f'{k} {v / 1e9:.0f}' for k, v in DATASHEET_BW.items())}; "
+                         "none on CPU)")
+    ap.add_argument("--torch-device", default=None,
+                    help="device of the transformers models (default: cuda when jax runs on a GPU and torch "
+                         "sees one, else cpu)")
     ap.add_argument("--no-stream", action="store_true", help="skip the streaming (host_step) decode run")
     ap.add_argument("--weights", default=None,
                     help="comma list of extra jaxaccel weight formats to run beside float32: bfloat16, int8 "
@@ -490,9 +582,16 @@ def main(argv=None):
     transformers.logging.disable_progress_bar()
 
     machine = machine_info()
+    accel = machine["accelerator"]
+    peak_bw = args.peak_bw * 1e9 if args.peak_bw else datasheet_bandwidth(machine)
+    torch_device = args.torch_device or ("cuda" if accel and accel["platform"] == "gpu" and torch.cuda.is_available()
+                                         else "cpu")
     load_before = os.getloadavg()
     print(f"machine: {machine['cpu']}, {machine['cpu_count']} cores ({machine['cpus_usable']} usable), "
           f"{(machine['memory_bytes'] or 0) / 2**30:.0f} GiB")
+    if accel:
+        print(f"accelerator: {accel['count']} x {accel['kind']} ({accel['platform']}); transformers on {torch_device}; "
+              f"MBU against {peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet)")
     print(f"python {machine['python']}, numpy {machine['numpy']}, jax {machine['jax']} {machine['jax_devices']}, "
           f"torch {machine['torch']} (torch.set_num_threads({threads})), transformers {machine['transformers']}")
     print(f"sizes: models={models} batch={batches} prompt_len={prompt_len} new_tokens={new_tokens} "
@@ -502,24 +601,32 @@ def main(argv=None):
         print("WARNING: other processes seem to be using the CPUs (1-min load average above half the "
               "cores); the numbers below may be affected, transformers' OpenMP threads most", flush=True)
 
-    bw = memory_bandwidth(bw_mib << 20)
+    Probe = probe_class()
+    if Probe is BandwidthProbe:
+        bw = memory_bandwidth(bw_mib << 20)
+        print(f"memory bandwidth ({bw_mib} MiB float32, best of {bw['repeats']}): "
+              f"copy {bw['copy'] / 1e9:.1f} GB/s (2*bytes/t; 1 thread {bw['copy_1thread'] / 1e9:.1f}, "
+              f"{bw['threads']} threads {bw['copy_all_threads'] / 1e9:.1f}), "
+              f"read {bw['read'] / 1e9:.1f} GB/s (arr.sum; 1 thread {bw['read_1thread'] / 1e9:.1f}, "
+              f"{bw['threads']} threads {bw['read_all_threads'] / 1e9:.1f})", end="")
+    else:
+        with Probe(bw_mib << 20) as device_probe:
+            bw = device_probe.measure(5)
+        print(f"device memory bandwidth ({bw_mib} MiB float32 on {bw['device']}, best of {bw['repeats']} x "
+              f"{bw['calls_per_timing']} calls): copy {bw['copy'] / 1e9:.0f} GB/s (2*bytes/t of jit(x*2)), "
+              f"read {bw['read'] / 1e9:.0f} GB/s (jit(sum))", end="")
     bandwidth = bw[args.roofline_bw]
-    print(f"memory bandwidth ({bw_mib} MiB float32, best of {bw['repeats']}): "
-          f"copy {bw['copy'] / 1e9:.1f} GB/s (2*bytes/t; 1 thread {bw['copy_1thread'] / 1e9:.1f}, "
-          f"{bw['threads']} threads {bw['copy_all_threads'] / 1e9:.1f}), "
-          f"read {bw['read'] / 1e9:.1f} GB/s (arr.sum; 1 thread {bw['read_1thread'] / 1e9:.1f}, "
-          f"{bw['threads']} threads {bw['read_all_threads'] / 1e9:.1f}); roofline uses {args.roofline_bw} "
-          f"= {bandwidth / 1e9:.1f} GB/s", flush=True)
+    print(f"; roofline uses {args.roofline_bw} = {bandwidth / 1e9:.1f} GB/s", flush=True)
 
     rng = np.random.default_rng(args.seed)
     results, model_info = [], {}
     started = time.perf_counter()
-    probe = BandwidthProbe(probe_mib << 20)
+    probe = Probe(probe_mib << 20)
     kind = args.roofline_bw
     with probe, tempfile.TemporaryDirectory(prefix="jaxaccel-bench-") as tmpdir:
         for name in models:
             label, jmodel, folder, info = load_models(name.strip(), Path(tmpdir))
-            tm, info["transformers_load_s"] = load_torch(folder)
+            tm, info["transformers_load_s"] = load_torch(folder, device=torch_device)
             model_info[label] = info
             print(f"\n{label}: {info['num_params'] / 1e6:.1f}M params, {info['params_bytes'] / 2**20:.0f} MiB float32 "
                   f"(jaxaccel load {info['jaxaccel_load_s']:.1f}s, save_hf {info['save_hf_s']:.1f}s, "
@@ -527,7 +634,7 @@ def main(argv=None):
             from jaxaccel import QuantConfig
 
             variants = {f"jaxaccel {w}": jmodel.quantize(QuantConfig(mode=w)) for w in weight_formats}
-            torch_variants = {f"transformers {d}": load_torch(folder, d)[0] for d in torch_dtypes}
+            torch_variants = {f"transformers {d}": load_torch(folder, d, torch_device)[0] for d in torch_dtypes}
             V = jmodel.config.vocab_size
             for B in batches:
                 prompts = rng.integers(min(100, V // 2), V, size=(B, prompt_len)).tolist()
@@ -536,8 +643,8 @@ def main(argv=None):
                 j = bench_jax(jmodel, prompts, new_tokens, repeats, stream=not args.no_stream, probe=probe,
                               sampling=sampling)
                 t = bench_torch(tm, prompts, new_tokens, repeats, probe=probe, sampling=sampling)
-                derive(j, B, prompt_len, new_tokens, roof, nbytes["total"], kind)
-                derive(t, B, prompt_len, new_tokens, roof, nbytes["total"], kind)
+                derive(j, B, prompt_len, new_tokens, roof, nbytes["total"], kind, peak_bw)
+                derive(t, B, prompt_len, new_tokens, roof, nbytes["total"], kind, peak_bw)
                 reference = t.pop("tokens")
                 agree = agreement(j.pop("tokens"), reference) if greedy else None
                 extra_runs = {}
@@ -549,7 +656,7 @@ def main(argv=None):
                          if impl.startswith("jaxaccel")
                          else bench_torch(vm, prompts, new_tokens, repeats, probe=probe, sampling=sampling))
                     v["roofline_tok_s"] = B * bandwidth / vb["total"]
-                    derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"], vb["total"], kind)
+                    derive(v, B, prompt_len, new_tokens, v["roofline_tok_s"], vb["total"], kind, peak_bw)
                     # the float32 roofline at the bandwidth of this variant's own minutes
                     v["f32_roofline_fraction"] = v["roofline_fraction"] * nbytes["total"] / vb["total"]
                     v["bytes_per_step"] = vb
@@ -582,7 +689,7 @@ def main(argv=None):
                       f"{agree['min_common_prefix'] if agree else '- (sampling)'}/{new_tokens}", flush=True)
             del tm, jmodel, variants, torch_variants
 
-    header, rows = table_rows(results)
+    header, rows = table_rows(results, mbu=bool(peak_bw))
     print()
     print(fmt_table(rows, header))
     print(f"\ndecode tok/s and prefill tok/s count all rows of the batch; decode excludes the first token. "
@@ -600,6 +707,7 @@ def main(argv=None):
                         "repeats": repeats, "statistic": "median", "dtype": "float32",
                         "weight_formats": weight_formats, "torch_dtypes": torch_dtypes,
                         "torch_num_threads": threads, "transformers_attn": "eager",
+                        "torch_device": torch_device, "peak_bandwidth_bytes_s": peak_bw,
                         "quick": q, "seed": args.seed},
            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
            "memory_bandwidth": bw, "models": model_info, "results": results}

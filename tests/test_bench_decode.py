@@ -12,7 +12,7 @@ from bench import decode
 def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
     out = tmp_path / "decode.json"
     doc = decode.main(["--quick", "--batch", "2", "--new-tokens", "4", "--repeats", "2", "--no-stream",
-                       "--weights", "int8", "--out", str(out)])
+                       "--weights", "int8", "--peak-bw", "100", "--out", str(out)])
     assert json.loads(out.read_text())["results"][0]["batch"] == 2
     (r,) = doc["results"]
     assert r["agreement"]["min_common_prefix"] == 4  # float32 greedy equals transformers'
@@ -24,12 +24,14 @@ def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
         assert v["roofline_tok_s"] == pytest.approx(2 * bw["copy"] / step)  # B = 2 rows a step
         assert v["roofline_fraction"] == pytest.approx(v["decode_tok_s"] / v["roofline_tok_s"])
         assert v["read_roofline_fraction"] == pytest.approx(v["decode_tok_s"] / 2 * step / bw["read"])
+        assert v["mbu"] == pytest.approx(v["decode_tok_s"] / 2 * step / 100e9)  # --peak-bw 100 (GB/s)
     int8 = r["variants"]["jaxaccel int8"]
     assert int8["bytes_per_step"]["total"] < f32_step / 3
     f32_roof = 2 * int8["adjacent_bandwidth_bytes_s"]["copy"] / f32_step  # tok/s at float32's bytes
     assert int8["f32_roofline_fraction"] == pytest.approx(int8["decode_tok_s"] / f32_roof)
     table = capsys.readouterr().out
-    assert "% read roof" in table and "ratio jax/pt" in table
+    assert "% read roof" in table and "ratio jax/pt" in table and "% peak BW" in table
+    assert doc["settings"]["peak_bandwidth_bytes_s"] == 100e9 and doc["settings"]["torch_device"] == "cpu"
 
 
 def test_quick_run_samples_on_both_sides(tmp_path):
@@ -41,3 +43,14 @@ def test_quick_run_samples_on_both_sides(tmp_path):
     assert r["jaxaccel"]["decode_tok_s"] > 0 and r["transformers"]["decode_tok_s"] > 0
     with pytest.raises(SystemExit, match="need --temperature"):
         decode.main(["--quick", "--top-p", "0.9", "--out", str(tmp_path / "g.json")])
+
+
+def test_device_bandwidth_probe_measures_the_backend_memory():
+    """The accelerator runs' probe (jitted copy and sum) works on any backend; on the CPU here."""
+    with decode.DeviceBandwidthProbe(4 << 20) as probe:
+        m = probe.measure(2)
+        s = probe.sample()
+    assert m["array_bytes"] == 4 << 20 and m["copy"] > 0 and m["read"] > 0 and set(s) == {"copy", "read"}
+    assert decode.probe_class() is decode.BandwidthProbe  # the CPU backend: host memory
+    assert decode.datasheet_bandwidth({"accelerator": {"kind": "NVIDIA H200"}}) == 4.8e12
+    assert decode.datasheet_bandwidth({"accelerator": None}) is None
