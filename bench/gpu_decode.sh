@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The decode benchmark on one CUDA GPU, in one go (a lent GPU machine's minutes are few):
-#   bash bench/gpu_decode.sh OUT_DIR
-# 1. bench.decode on Gemma 3 270M's shapes with random weights (the GGUF is not on such a
-#    machine) at batch 1 and 8: jaxaccel float32 / bfloat16 / int8 against transformers eager
-#    float32 / bfloat16 on the same GPU, MBU against the datasheet bandwidth;
-# 2. the same at batch 1, bfloat16, with XLA's command buffers (CUDA graphs) also covering
-#    while loops and conditionals, the decode loop's shape;
-# 3. bench.decode on the ~56M random Llama;
-# 4. the float32 parity tests against transformers with jax on the GPU (full-precision matmuls).
+# The decode benchmarks on one CUDA GPU, in one go (a lent GPU machine's minutes are few):
+#   bash bench/gpu_decode.sh OUT_DIR [STEP ...]      (default: every step, in this order)
+# gemma    bench.decode on Gemma 3 270M's shapes with random weights (the GGUF is not on such a
+#          machine) at batch 1 and 8: jaxaccel float32 / bfloat16 / int8 against transformers
+#          eager float32 / bfloat16 on the same GPU, MBU against the datasheet bandwidth
+# profile  bench.profile_decode on the same model in bfloat16, batch 1: decode ms/step of a whole
+#          generation, a streamed one and one program call per token, with XLA's defaults and
+#          with other command-buffer (CUDA graph) / GEMM settings; a trace of the defaults
+# random   bench.decode on the ~56M random Llama
+# tests    parity and greedy-generation tests against transformers with jax on the GPU
+#          (full-precision float32 matmuls)
 # Each step has its own time limit and a failure does not stop the next. Everything printed
-# goes to OUT_DIR/log.txt; each benchmark's JSON to OUT_DIR/NAME.json.
+# goes to OUT_DIR/log.txt; each benchmark's JSON to OUT_DIR/STEP.json.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_decode.sh OUT_DIR}
+out=${1:?usage: bash bench/gpu_decode.sh OUT_DIR [gemma] [profile] [random] [tests]}
+shift
+steps=${*:-gemma profile random tests}
 mkdir -p "$out"
 log=$out/log.txt
 py=${PYTHON:-python3}
@@ -25,13 +29,24 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, report 
     echo "=== $name rc=${PIPESTATUS[0]} in $((SECONDS - start))s" | tee -a "$log"
 }
 
+wants() { [[ " $steps " == *" $1 "* ]]; }
+
 step gpu 30 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
-step versions 60 "$py" -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), \
-'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-step gemma 300 "$py" -m bench.decode --models gemma-random --batch 1,8 --bw-mib 4096 --out "$out/gemma.json"
-XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
---xla_gpu_graph_min_graph_size=1" step gemma_cmdbuf 100 "$py" -m bench.decode --models gemma-random --batch 1 \
-    --weights bfloat16 --torch-dtypes none --no-stream --bw-mib 4096 --out "$out/gemma_cmdbuf.json"
-step random 100 "$py" -m bench.decode --models random --batch 1,8 --bw-mib 4096 --out "$out/random.json"
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest step parity 80 "$py" -m pytest -q -x -p no:cacheprovider \
-    tests/test_parity.py
+if wants gemma; then
+    step gemma 300 "$py" -m bench.decode --models gemma-random --batch 1,8 --bw-mib 4096 --out "$out/gemma.json"
+fi
+if wants profile; then
+    graphs_all=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
+    step profile 200 "$py" -m bench.profile_decode --model gemma-random --weights bfloat16 --repeats 3 \
+        --variant "no_graphs:xla_gpu_enable_command_buffer=" \
+        --variant "graphs_with_loops:xla_gpu_enable_command_buffer=$graphs_all xla_gpu_graph_min_graph_size=1" \
+        --variant "no_triton_gemm:xla_gpu_enable_triton_gemm=false" --out "$out/profile.json"
+fi
+if wants random; then
+    step random 100 "$py" -m bench.decode --models random --batch 1,8 --bw-mib 4096 --out "$out/random.json"
+fi
+if wants tests; then
+    JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest step tests 110 "$py" -m pytest -v -p no:cacheprovider \
+        tests/test_engine.py tests/test_parity.py -k "greedy_equals or streaming_chunks or same_seed or \
+sampling_frequencies or (prefill_then_decode and gemma3) or decode_rows or bfloat16_load"
+fi

@@ -6,8 +6,11 @@ until a step limit, `max_new_tokens`, or every row has stopped (EOS). The loop s
 preallocated KV cache included, is donated in and handed back, so buffers are reused.
 
 Without streaming or stop strings the host calls the program once. With them it calls it
-once per token (same program, a different step limit): the host streams the new text,
-checks stop strings and tells the next call which rows to stop. No host callbacks are
+once per chunk of tokens (same program, a different step limit): the host streams the new
+text, checks stop strings and tells the next call which rows to stop. The first chunk is one
+token (time to first token); later chunks last about STREAM_INTERVAL_S, so a fast device (a GPU
+decodes a small model in ~1 ms a token, and a program call costs a few ms) is not held back by
+one host round trip per token, while a slow one still streams every token. No host callbacks are
 compiled in, so the program lands in XLA's persistent compilation cache.
 """
 
@@ -32,6 +35,15 @@ from .sharding import cache_shardings, init_cache
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_QUANTUM = 64  # output buffer / cache tail is rounded up to this many tokens
 EOS_SLOTS = 8  # EOS ids are passed padded (with -1) to this many, so the program's shapes are known early
+STREAM_INTERVAL_S = 0.025  # streaming: each program call after the first decodes for about this long
+MAX_STREAM_CHUNK = 64  # ... but at most this many tokens
+
+
+def next_chunk(tokens: int, seconds: float) -> int:
+    """Tokens for the next streaming call, from the last call's `tokens` in `seconds` (its whole
+    cost, per-call overhead included): enough to last STREAM_INTERVAL_S, 1..MAX_STREAM_CHUNK."""
+    per_token = seconds / max(tokens, 1)
+    return int(min(MAX_STREAM_CHUNK, max(1, STREAM_INTERVAL_S // max(per_token, 1e-9))))
 
 
 def eos_array(eos: Sequence[int]) -> np.ndarray:
@@ -318,11 +330,12 @@ class Engine:
 
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
             temperature: float, top_p: float | None, seeds: Sequence[int], eos: Sequence[int],
-            host_step: Callable | None = None, chunk: int = 1) -> list[np.ndarray]:
+            host_step: Callable | None = None, chunk: int | None = None) -> list[np.ndarray]:
         """Generate for validated token-id prompts; returns each row's tokens (0s after an EOS).
 
         host_step(tokens [B, k], first_step) -> bool [B] is called after every chunk of k new
-        tokens (streaming, stop strings); rows it flags stop.
+        tokens (streaming, stop strings); rows it flags stop there (their tokens end with that
+        chunk). `chunk`: k for every call; None: 1 for the first, then `next_chunk`.
         """
         n = len(prompts)
         B, T, new_cap, S = self.shapes(n, max(len(p) for p in prompts), max_new_tokens)
@@ -339,11 +352,14 @@ class Engine:
         program = self._program(sampler, B, T, new_cap, n_eos=fixed[-1].size).result()
         state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
         stop_len = np.full((B,), max_new_tokens)  # where the host stopped a row
+        k = chunk or 1
         while True:
-            stop_at = max_new_tokens if host_step is None else done_at + chunk
+            stop_at = max_new_tokens if host_step is None else done_at + k
+            t0 = time.perf_counter()
             state = program(self.model.params, state, *fixed, np.bool_(done_at == 0),
                             np.int32(stop_at), host_done)
             step = int(state.step)
+            k = chunk or next_chunk(step - done_at, time.perf_counter() - t0)
             if host_step is not None:
                 flagged = np.asarray(host_step(_host(state.out)[:, done_at:step], done_at), bool)
                 stop_len = np.where(flagged & ~host_done, step, stop_len)

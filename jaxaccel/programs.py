@@ -14,6 +14,10 @@ aqtp / numpy versions, every jax config flag (PRNG implementation, x64, ...), th
 the source of every jaxaccel module, so any change makes a new program instead of reusing a
 stale one. An unreadable file is traced again and
 rewritten; files unused for 30 days are deleted when a new one is written.
+
+`COMPILER_OPTIONS[backend]`: XLA options (DebugOptions names, e.g. "xla_gpu_enable_command_buffer")
+every program `lower_cached` returns is compiled with on that backend; XLA's persistent cache
+keys on them. bench/profile_decode.py measures variants through it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ import numpy as np
 from . import kernels
 
 _folder: Path | None = None
+COMPILER_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def _compile(lowered):
+    return lowered.compile(COMPILER_OPTIONS.get(jax.default_backend()) or None)
 
 
 def set_folder(path) -> None:
@@ -93,7 +102,8 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
     structure of fn's output; the program takes and returns pytrees."""
     if _folder is None or not _can_serialize() or any(
             isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) for x in jax.tree.leaves(args)):
-        return jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args).compile
+        lowered = jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args)
+        return lambda: _compile(lowered)
     from jax import export
 
     leaves_per_arg = [len(jax.tree.leaves(a)) for a in args]
@@ -122,7 +132,7 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
     lowered = jax.jit(exported.call, donate_argnums=donated).lower(*abstract)
 
     def finish() -> Callable:
-        compiled = lowered.compile()
+        compiled = _compile(lowered)
         return lambda *a: jax.tree.unflatten(out_tree, compiled(*jax.tree.leaves(a)))
 
     return finish

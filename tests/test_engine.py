@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import jaxaccel
+from jaxaccel import engine
 from jaxaccel.engine import MIN_PROMPT_BUCKET, _engine, bucket, generate_tokens
 from conftest import FAMILY_KINDS
 
@@ -133,7 +134,9 @@ def test_cache_reuse_is_clean(hf_folder):
     assert generate_tokens(m, PROMPTS, max_new_tokens=20) == first
 
 
-def test_host_step_streams_every_token_and_can_stop_rows(hf_folder):
+def test_host_step_streams_every_token_and_can_stop_rows(hf_folder, monkeypatch):
+    """A slow device (here: a zero streaming interval) streams one token per call."""
+    monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 0.0)
     folder, _ = hf_folder("llama_tied")
     m = jaxaccel.load(folder)
     seen = []
@@ -147,6 +150,36 @@ def test_host_step_streams_every_token_and_can_stop_rows(hf_folder):
     assert [s for s, _ in seen][:4] == [0, 1, 2, 3]
     assert out[0] == full[0][:4]  # row 0 stopped by the host after 4 tokens
     assert out[1] == full[1]
+
+
+def test_streaming_chunks_grow_on_a_fast_device(hf_folder, monkeypatch):
+    """Where a token takes far less than STREAM_INTERVAL_S, calls after the first decode several
+    tokens (at most MAX_STREAM_CHUNK): the same tokens as one call, and a row the host stops
+    ends with the chunk it was stopped in."""
+    monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 60.0)
+    monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 4)
+    folder, _ = hf_folder("llama_tied")
+    m = jaxaccel.load(folder)
+    full = generate_tokens(m, PROMPTS[:2], max_new_tokens=12)
+    seen = []
+
+    def host(tokens, first_step):
+        seen.append((first_step, tokens.shape[1]))
+        return np.array([first_step >= 5] + [False] * (tokens.shape[0] - 1))
+
+    out = generate_tokens(m, PROMPTS[:2], max_new_tokens=12, host_step=host)
+    assert seen == [(0, 1), (1, 4), (5, 4), (9, 3)]
+    assert out[0] == full[0][:9]  # stopped in the chunk that starts at 5
+    assert out[1] == full[1]
+
+
+def test_next_chunk_lasts_the_stream_interval(monkeypatch):
+    monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 0.025)
+    monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 64)
+    assert engine.next_chunk(1, 0.004) == 6  # a GPU: 4 ms for a call of one token
+    assert engine.next_chunk(6, 0.0125) == 12
+    assert engine.next_chunk(1, 0.030) == 1  # a CPU decoding Gemma 3 270M: every token
+    assert engine.next_chunk(8, 0.0) == 64
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -1,0 +1,216 @@
+"""Where a decode step's time goes: timings of one jaxaccel generation without and with
+streaming, and a profiler trace of each, summarised per device line (kernels per step, busy time
+per step, the costliest ops).
+
+    python -m bench.profile_decode --model gemma-random --weights bfloat16 --out prof.json
+
+The wall time per decode step against the device's busy time per step says what bounds decode:
+busy ~ wall means the kernels themselves (their count and size); busy << wall means launches,
+host round trips or synchronisation. `bench/gpu_decode.sh` runs it on a GPU; on the CPU backend
+the trace has XLA's CPU ops instead of kernels. Timings are medians of --repeats runs after a
+warm-up (compilation excluded); the traced runs are extra and slower than untraced ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import gzip
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build(name: str, weights: str):
+    """Random-weight model `name` (bench.decode's) on the default device, in `weights`."""
+    import jaxaccel
+    from bench.decode import RANDOM_CONFIG, random_model
+    from jaxaccel.presets import preset
+
+    configs = {"random": lambda: jaxaccel.ModelConfig(**RANDOM_CONFIG), "gemma-random": lambda: preset("gemma3-270m")}
+    if name not in configs:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(configs)}")
+    model = random_model(configs[name]().replace(eos_token_id=None))  # no EOS: every row runs the full length
+    if weights != "float32":
+        model = model.quantize(jaxaccel.QuantConfig(mode=weights))
+    return model
+
+
+def keep_going(tokens, first_step):
+    return np.zeros(tokens.shape[0], bool)
+
+
+def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
+    """Median seconds of: a whole generation (one program call), its prefill + first token, a
+    streamed one (host_step: chunks of about engine.STREAM_INTERVAL_S) and one with a program
+    call per token; decode ms per step of each (first token excluded)."""
+    from jaxaccel.engine import _engine, generate_tokens, make_sampler
+
+    gen = lambda **kw: lambda: generate_tokens(model, prompts, max_new_tokens=new_tokens, **kw)
+    per_token = lambda: _engine(model).run(prompts, new_tokens, make_sampler(model, 0.0, None, None), 0.0, None,
+                                           [0] * len(prompts), [], keep_going, chunk=1)
+    runs = {"whole": gen(), "first_token": gen(host_step=lambda t, f: np.ones(t.shape[0], bool)),
+            "streamed": gen(host_step=keep_going), "per_token_calls": per_token}
+    out = {}
+    for name, fn in runs.items():
+        fn()  # compiles (once: every run is the same program)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_s"] = statistics.median(times)
+    for name in ("whole", "streamed", "per_token_calls"):
+        out[f"{name}_decode_ms_per_step"] = 1e3 * (out[f"{name}_s"] - out["first_token_s"]) / (new_tokens - 1)
+    return out
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"NAME:OPTION=VALUE OPTION=VALUE" -> (NAME, {OPTION: value}); true/false and integers parsed."""
+    name, _, rest = text.partition(":")
+    opts = {}
+    for item in rest.split():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: options are OPTION=VALUE, got {item!r}")
+        low = value.lower()
+        opts[key] = True if low == "true" else False if low == "false" else int(value) if value.isdigit() else value
+    return name, opts
+
+
+def load_trace(trace_dir: Path) -> dict:
+    (path,) = sorted(trace_dir.rglob("perfetto_trace.json.gz"))[-1:]
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def summarise(trace: dict, steps: int, top: int = 25) -> dict:
+    """Per (process, thread) line: complete events, their summed duration, both per decode step,
+    and the costliest event names (by summed duration). Lines are the trace's own: on a GPU the
+    stream lines hold one event per kernel / copy."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    lines = collections.defaultdict(lambda: {"events": 0, "busy_us": 0.0, "names": collections.Counter(),
+                                             "counts": collections.Counter(), "first": None, "last": None})
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        key = (procs.get(e["pid"], str(e["pid"])), threads.get((e["pid"], e["tid"]), str(e["tid"])))
+        line, dur, ts = lines[key], float(e.get("dur", 0.0)), float(e["ts"])
+        line["events"] += 1
+        line["busy_us"] += dur
+        line["names"][e["name"]] += dur
+        line["counts"][e["name"]] += 1
+        line["first"] = ts if line["first"] is None else min(line["first"], ts)
+        line["last"] = ts + dur if line["last"] is None else max(line["last"], ts + dur)
+    out = []
+    for (proc, thread), line in sorted(lines.items(), key=lambda kv: -kv[1]["busy_us"]):
+        out.append({"process": proc, "thread": thread, "events": line["events"],
+                    "events_per_step": line["events"] / steps, "busy_us": line["busy_us"],
+                    "busy_us_per_step": line["busy_us"] / steps, "span_us": line["last"] - line["first"],
+                    "top": [{"name": n[:160], "us": us, "count": line["counts"][n], "us_per_step": us / steps}
+                            for n, us in line["names"].most_common(top)]})
+    return {"lines": out}
+
+
+def profile(model, prompts, new_tokens: int, trace_dir: Path, **kw) -> dict:
+    import jax
+
+    from jaxaccel.engine import generate_tokens
+
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        generate_tokens(model, prompts, max_new_tokens=new_tokens, **kw)
+        wall = time.perf_counter() - t0
+    return {"traced_wall_s": wall, **summarise(load_trace(trace_dir), new_tokens - 1)}
+
+
+def print_summary(label: str, s: dict, lines: int = 8, top: int = 15) -> None:
+    """The busiest lines, then the costliest events of the busiest device line (of the busiest
+    non-Python host line on the CPU backend) and of the Python line."""
+    from jaxaccel.quant import format_table
+
+    print(f"\n{label}: traced wall {1e3 * s['traced_wall_s']:.1f} ms")
+    rows = [[x["process"][:28], x["thread"][:36], x["events"], f"{x['events_per_step']:.1f}",
+             f"{x['busy_us_per_step']:.1f}", f"{x['span_us'] / 1e3:.1f}"] for x in s["lines"][:lines]]
+    print(format_table(["process", "line", "events", "per step", "busy us/step", "span ms"], rows))
+    device = [x for x in s["lines"] if not x["process"].startswith("/host")]
+    host = [x for x in s["lines"] if x["process"].startswith("/host") and x["thread"] != "python"]
+    python = [x for x in s["lines"] if x["thread"] == "python"]
+    for x in (device or host)[:1] + python[:1]:
+        print(f"costliest on {x['process']} / {x['thread']}:")
+        print(format_table(["name", "count", "us/step"],
+                           [[t["name"][:100], t["count"], f"{t['us_per_step']:.2f}"] for t in x["top"][:top]]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma-random", help="random or gemma-random (random weights)")
+    ap.add_argument("--weights", default="bfloat16", help="float32, bfloat16 or int8 (QuantConfig modes)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-trace", action="store_true", help="timings only")
+    ap.add_argument("--variant", action="append", default=[],
+                    help='"NAME:OPTION=VALUE ..." XLA compile options to time beside the defaults (no trace), e.g. '
+                         '"no_graphs:xla_gpu_enable_command_buffer="; repeatable')
+    ap.add_argument("--out", default=None, help="JSON output")
+    args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        raise SystemExit("--new-tokens must be >= 2 (decode excludes the first token)")
+    variants = [parse_variant(v) for v in args.variant]
+    import jax
+
+    from bench.decode import machine_info
+    from jaxaccel import programs
+
+    model = build(args.model, args.weights)
+    V = model.config.vocab_size
+    prompts = np.random.default_rng(0).integers(100, V, size=(args.batch, args.prompt_len)).tolist()
+    doc = {"benchmark": "profile_decode", "argv": argv, "machine": machine_info(), "settings": vars(args),
+           "params_bytes": model.params_bytes, "backend": jax.default_backend()}
+    print(f"{args.model} {args.weights} B={args.batch} on {jax.devices()[0]}; weights "
+          f"{model.params_bytes / 2**20:.0f} MiB; decode ms/step (tok/s) of a whole generation / streamed / "
+          "one call per token:", flush=True)
+    backend = jax.default_backend()
+    doc["timings"] = {}
+    for name, opts in [("default", {}), *variants]:
+        programs.COMPILER_OPTIONS[backend] = opts
+        try:  # another Model object has its own engine: programs compiled with these options
+            t = timings(model if name == "default" else dataclasses.replace(model), prompts, args.new_tokens,
+                        args.repeats)
+        except Exception as e:  # noqa: BLE001 - an option this XLA lacks: say so, time the rest
+            print(f"  {name} {opts}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            doc["timings"][name] = {"options": opts, "error": str(e)[:2000]}
+            continue
+        doc["timings"][name] = {"options": opts, **t}
+        tok_s = lambda k: f"{t[k]:.3f} ({args.batch * 1e3 / t[k]:.0f})"
+        print(f"  {name}: {tok_s('whole_decode_ms_per_step')} / {tok_s('streamed_decode_ms_per_step')} / "
+              f"{tok_s('per_token_calls_decode_ms_per_step')}; first token {1e3 * t['first_token_s']:.1f} ms",
+              flush=True)
+    programs.COMPILER_OPTIONS.pop(backend, None)
+    if not args.no_trace:
+        with tempfile.TemporaryDirectory(prefix="jaxaccel-prof-") as tmp:
+            for label, kw in (("whole", {}), ("streamed", {"host_step": keep_going})):
+                doc[f"trace_{label}"] = s = profile(model, prompts, args.new_tokens, Path(tmp) / label, **kw)
+                print_summary(f"trace of one {label} generation", s)
+    if args.out:
+        from bench.decode import write_json
+
+        write_json(doc, args.out)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
