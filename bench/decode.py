@@ -11,7 +11,7 @@ How each number is taken
                the time when the first token reaches the host and stops every row, so the call
                runs prefill + first token only. decode tok/s = B * (N - 1) / (total - TTFT).
                "stream decode" is the same generation with a `host_step` that never stops
-               (one host round trip per token, as streaming / stop strings do).
+               (a host round trip per chunk of ~25 ms of tokens, as streaming / stop strings do).
   transformers total: `model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N)` with
                `generation_config.eos_token_id = None` (both sides run exactly N steps and the
                greedy tokens stay comparable; see "agree").
