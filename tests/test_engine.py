@@ -173,6 +173,20 @@ def test_streaming_chunks_grow_on_a_fast_device(hf_folder, monkeypatch):
     assert out[1] == full[1]
 
 
+def test_compiler_options_reach_the_generation_program(hf_folder, monkeypatch):
+    """programs.COMPILER_OPTIONS[backend] is what bench.profile_decode's variants set: XLA sees it
+    (an unknown option is refused at compile time; a known one compiles and generates the same)."""
+    from jaxaccel import programs
+
+    folder, _ = hf_folder("llama3")
+    expected = generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4)
+    monkeypatch.setitem(programs.COMPILER_OPTIONS, "cpu", {"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+        generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4)
+    monkeypatch.setitem(programs.COMPILER_OPTIONS, "cpu", {"xla_gpu_enable_command_buffer": ""})
+    assert generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4) == expected
+
+
 def test_next_chunk_lasts_the_stream_interval(monkeypatch):
     monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 0.025)
     monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 64)
