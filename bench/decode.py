@@ -71,6 +71,7 @@ import numpy as np
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "decode_quick.json"
 
+MODELS = ("random", "gemma", "gemma-random")
 # "(a) ~56M Llama-style random model"
 RANDOM_CONFIG = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                      num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
@@ -277,7 +278,7 @@ def load_models(name: str, tmp: Path):
         model = random_model(preset("gemma3-270m"))
         label = "gemma3-270m-random"
     else:
-        raise SystemExit(f"unknown model {name!r}; choose from random, gemma, gemma-random")
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     load_s = time.perf_counter() - t0
     folder = tmp / name
     t0 = time.perf_counter()
@@ -567,7 +568,10 @@ def main(argv=None):
                                                "bench/results/decode_quick.json)")
     args = ap.parse_args(argv)
     q = args.quick
-    models = (args.models or ("random" if q else "random,gemma")).split(",")
+    models = [m.strip() for m in (args.models or ("random" if q else "random,gemma")).split(",")]
+    for name in models:
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     batches = [int(b) for b in (args.batch or ("1,2" if q else "1,8")).split(",")]
     new_tokens = args.new_tokens or (16 if q else 128)
     prompt_len = args.prompt_len or (16 if q else 32)
@@ -584,6 +588,8 @@ def main(argv=None):
     torch_dtypes = extra(args.torch_dtypes, "none" if q else "bfloat16")
     if new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode excludes the first token)")
+    if args.peak_bw is not None and args.peak_bw <= 0:
+        raise SystemExit(f"--peak-bw must be a bandwidth in GB/s > 0, got {args.peak_bw}")
 
     import torch
     import transformers

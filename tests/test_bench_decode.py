@@ -43,6 +43,10 @@ def test_quick_run_samples_on_both_sides(tmp_path):
     assert r["jaxaccel"]["decode_tok_s"] > 0 and r["transformers"]["decode_tok_s"] > 0
     with pytest.raises(SystemExit, match="need --temperature"):
         decode.main(["--quick", "--top-p", "0.9", "--out", str(tmp_path / "g.json")])
+    with pytest.raises(SystemExit, match="--peak-bw must be a bandwidth in GB/s > 0, got -5.0"):
+        decode.main(["--quick", "--peak-bw", "-5", "--out", str(tmp_path / "g.json")])
+    with pytest.raises(SystemExit, match="unknown model 'gemma-7b'; choose from random, gemma, gemma-random"):
+        decode.main(["--quick", "--models", "gemma-7b", "--out", str(tmp_path / "g.json")])
 
 
 def test_device_bandwidth_probe_measures_the_backend_memory():

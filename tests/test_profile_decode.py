@@ -28,6 +28,10 @@ def test_parse_variant():
         "g", {"xla_a": "", "xla_b": "FUSION,WHILE", "xla_c": 1, "xla_d": False})
     with pytest.raises(SystemExit, match="options are OPTION=VALUE, got 'xla_a'"):
         profile_decode.parse_variant("g:xla_a")
+    with pytest.raises(SystemExit, match="unknown model 'gemma'; choose from random, gemma-random"):
+        profile_decode.main(["--model", "gemma"])
+    with pytest.raises(SystemExit, match="--new-tokens must be >= 2"):
+        profile_decode.main(["--new-tokens", "1"])
 
 
 def test_small_run_reports_timings_variants_and_a_trace(tmp_path, capsys):
