@@ -296,6 +296,36 @@ def test_blocked_draw_matches_softmax():
             np.testing.assert_array_equal(np.asarray(got), [4321, 4321 if bad != bad else 3])
 
 
+def test_top_p_full_sort_equals_argsort_draw():
+    """The full-sort top-p (keys sorted, the drawn rank's id found after) gives the token a stable
+    argsort of -logits gives, with ties, -0.0 / 0.0 and -inf; NaN / +inf rows give argmax's."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel import engine
+
+    def reference(keys, logits, top_p, lse):
+        index = jnp.argsort(-logits, axis=-1)
+        best = jnp.take_along_axis(logits, index, axis=-1)
+        return engine._draw(keys, best, index, top_p, jnp.exp(best - lse))
+
+    run = lambda f: jax.jit(lambda k, x, p: f(k, x, p, jax.nn.logsumexp(x, axis=-1, keepdims=True)))
+    new, ref = run(engine._top_p_sorted), run(reference)
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        x = rng.standard_normal((3, 700)).astype(np.float32) * (0.1, 1.0, 5.0)[trial % 3]
+        if trial % 2:
+            x = np.round(x * 2) / 2  # many ties
+        x[:, :7], x[0, 3], x[1, rng.integers(700, size=20)] = 0.0, -0.0, -np.inf
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(trial, trial + 3))
+        for top_p in (0.3, 0.9, 1.0):
+            args = (keys, jnp.asarray(x), jnp.float32(top_p))
+            np.testing.assert_array_equal(new(*args), ref(*args))
+    negative_nan = np.array(0xFFC00000, np.uint32).view(np.float32)  # sorts last, not first
+    x[0, 500], x[1, 600], x[2, 100], x[2, 50] = np.nan, np.inf, negative_nan, -np.inf
+    assert new(keys, jnp.asarray(x), jnp.float32(0.9)).tolist() == [500, 600, 100]
+
+
 @pytest.mark.parametrize("counts", [(6,), (6, 48), (6, 20)])  # flat row: ~40 of 50 tokens
 def test_top_p_token_of_a_row_does_not_depend_on_other_rows(counts, monkeypatch):
     """Top-p alone decides among engine.TOP_P_CANDIDATES tokens when every row's candidates hold
