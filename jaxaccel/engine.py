@@ -8,10 +8,11 @@ preallocated KV cache included, is donated in and handed back, so buffers are re
 Without streaming or stop strings the host calls the program once. With them it calls it
 once per chunk of tokens (same program, a different step limit): the host streams the new
 text, checks stop strings and tells the next call which rows to stop. The first chunk is one
-token (time to first token); later chunks last about STREAM_INTERVAL_S, so a fast device (a GPU
-decodes a small model in ~1 ms a token, and a program call costs a few ms) is not held back by
-one host round trip per token, while a slow one still streams every token. No host callbacks are
-compiled in, so the program lands in XLA's persistent compilation cache.
+token (time to first token); later ones are sized by `StreamChunks` to last about
+STREAM_INTERVAL_S, so a fast device (a GPU decodes a small model in ~1 ms a token, and a program
+call costs a few ms) is not held back by one host round trip per token, while a slow one still
+streams every token. No host callbacks are compiled in, so the program lands in XLA's
+persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -39,11 +40,35 @@ STREAM_INTERVAL_S = 0.025  # streaming: each program call after the first decode
 MAX_STREAM_CHUNK = 64  # ... but at most this many tokens
 
 
-def next_chunk(tokens: int, seconds: float) -> int:
-    """Tokens for the next streaming call, from the last call's `tokens` in `seconds` (its whole
-    cost, per-call overhead included): enough to last STREAM_INTERVAL_S, 1..MAX_STREAM_CHUNK."""
-    per_token = seconds / max(tokens, 1)
-    return int(min(MAX_STREAM_CHUNK, max(1, STREAM_INTERVAL_S // max(per_token, 1e-9))))
+class StreamChunks:
+    """Tokens for each streaming program call. The first call prefills and decodes 1 token; the
+    next two decode 1 and 2, so that a call's fixed cost and a token's cost can be told apart (a
+    line through the last two calls of different sizes; a device slower than two intervals a
+    token is not measured: it streams every token). Later calls take as many tokens as last
+    STREAM_INTERVAL_S, or, where the fixed cost alone comes near that (a remote device), enough to
+    make it at most a fifth of the call: 1..MAX_STREAM_CHUNK."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, float]] = []  # (tokens, seconds) after the first call
+        self.first_done = False
+        self.per_call, self.per_token = 0.0, None
+
+    def next(self, tokens: int, seconds: float) -> int:
+        if not self.first_done:  # the prefill's call says nothing about a decode call
+            self.first_done = True
+            return 1
+        self.calls.append((tokens, seconds))
+        if len(self.calls) == 1:  # measure with 2 unless a token alone nearly fills two intervals
+            return 2 if seconds < 2 * STREAM_INTERVAL_S else 1
+        (k1, s1), (k2, s2) = self.calls[-2:]
+        if k1 != k2 and (s2 - s1) / (k2 - k1) > 0:
+            self.per_token = (s2 - s1) / (k2 - k1)
+            self.per_call = max(s2 - k2 * self.per_token, 0.0)
+        elif self.per_token is None:  # noise: the larger call was not slower
+            self.per_token, self.per_call = s2 / k2, 0.0
+        t = max(self.per_token, 1e-9)
+        k = max((STREAM_INTERVAL_S - self.per_call) / t, 4 * self.per_call / t)
+        return int(min(MAX_STREAM_CHUNK, max(1, k + 1e-6)))  # 1e-6: 21.999... tokens is 22
 
 
 def eos_array(eos: Sequence[int]) -> np.ndarray:
@@ -158,9 +183,8 @@ def _top_p_sorted(keys, logits, top_p, lse):
     equal = key == value
     nth = rank - jnp.sum(key < value, axis=-1)  # 0 unless the drawn value is tied
     iota = jax.lax.broadcasted_iota(jnp.int32, key.shape, 1)
-    lowest = lambda mask: jnp.min(jnp.where(mask, iota, key.shape[-1]), axis=-1)
-    tied = lambda: lowest(equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) == nth[:, None] + 1))
-    token = jax.lax.cond(jnp.any(nth > 0), tied, lambda: lowest(equal))
+    nth_equal = equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) == nth[:, None] + 1)
+    token = jnp.min(jnp.where(nth_equal, iota, key.shape[-1]), axis=-1)
     odd = jnp.any(jnp.isnan(logits), axis=-1) | (jnp.max(logits, axis=-1) == jnp.inf)
     return jnp.where(odd, argmax(logits), token).astype(jnp.int32)
 
@@ -362,8 +386,13 @@ class Engine:
 
         host_step(tokens [B, k], first_step) -> bool [B] is called after every chunk of k new
         tokens (streaming, stop strings); rows it flags stop there (their tokens end with that
-        chunk). `chunk`: k for every call; None: 1 for the first, then `next_chunk`.
+        chunk). `chunk`: k for every call; None: sized by `StreamChunks` (on several processes 1:
+        every process must ask its program for the same steps, and timings differ between them).
         """
+        if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
+            raise ValueError(f"chunk must be an integer >= 1 (or None: sized by timing), got {chunk!r}")
+        if chunk is None and jax.process_count() > 1:
+            chunk = 1
         n = len(prompts)
         B, T, new_cap, S = self.shapes(n, max(len(p) for p in prompts), max_new_tokens)
         tokens = np.zeros((B, T), np.int32)
@@ -379,14 +408,14 @@ class Engine:
         program = self._program(sampler, B, T, new_cap, n_eos=fixed[-1].size).result()
         state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
         stop_len = np.full((B,), max_new_tokens)  # where the host stopped a row
-        k = chunk or 1
+        k, sizes = chunk or 1, StreamChunks()
         while True:
             stop_at = max_new_tokens if host_step is None else done_at + k
             t0 = time.perf_counter()
             state = program(self.model.params, state, *fixed, np.bool_(done_at == 0),
                             np.int32(stop_at), host_done)
             step = int(state.step)
-            k = chunk or next_chunk(step - done_at, time.perf_counter() - t0)
+            k = chunk or sizes.next(step - done_at, time.perf_counter() - t0)
             if host_step is not None:
                 flagged = np.asarray(host_step(_host(state.out)[:, done_at:step], done_at), bool)
                 stop_len = np.where(flagged & ~host_done, step, stop_len)
@@ -523,17 +552,24 @@ def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float
 
 
 class _TextStreamer:
-    """Host side of the decode loop: incremental detokenisation, stop strings, timing."""
+    """Host side of the decode loop: incremental detokenisation, stop strings, timing. Text that
+    could be the start of a stop string is held back until the next tokens tell; `flush` sends
+    what is held when generation ends."""
 
     def __init__(self, model, n, stop, stream, eos):
         self.tok, self.n, self.stop, self.stream, self.eos = model.tokenizer, n, stop, stream, set(eos)
         self.ids = [[] for _ in range(n)]
-        self.sent = [""] * n
+        self.sent = [""] * n  # streamed so far
+        self.texts = [""] * n  # the text so far (cut at a stop string)
         self.finished = [False] * n
         self.first_token_at = None
 
     def text(self, i) -> str:
         return self.tok.decode(self.ids[i], skip_special_tokens=True)
+
+    def _stop_at(self, text: str) -> int:
+        """Where the first stop string starts in `text`, -1 if none does."""
+        return min((text.find(s) for s in self.stop if s in text), default=-1)
 
     def __call__(self, tokens, first_step):
         """tokens [B, k]: the k newest tokens of every row -> bool [B] rows that hit a stop string."""
@@ -543,21 +579,39 @@ class _TextStreamer:
         for i in range(self.n):
             if self.finished[i]:
                 continue
+            new = []
             for t in tokens[i].tolist():
                 if t in self.eos:
                     self.finished[i] = True
                     break
-                self.ids[i].append(t)
+                new.append(t)
+            self.ids[i] += new
             text = self.text(i)
-            cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+            cut = self._stop_at(text)
             if cut >= 0:
+                # a chunk can run past the stop string: keep the tokens up to the one completing it
+                while len(new) > 1 and self._stop_at(self.tok.decode(self.ids[i][:-1], skip_special_tokens=True)) >= 0:
+                    self.ids[i].pop()
+                    new.pop()
                 text, hit[i], self.finished[i] = text[:cut], True, True
             elif text.endswith("\ufffd") and not self.finished[i]:
                 continue  # an incomplete multi-byte character: wait for the next token
-            if self.stream is not None and len(text) > len(self.sent[i]):
-                self.stream(i, text[len(self.sent[i]):])
-            self.sent[i] = text
+            self.texts[i] = text
+            held = 0 if self.finished[i] else max(
+                (n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            self._send(i, text[: len(text) - held])
         return hit
+
+    def _send(self, i, text):
+        if self.stream is not None and len(text) > len(self.sent[i]):
+            self.stream(i, text[len(self.sent[i]):])
+        self.sent[i] = text
+
+    def flush(self) -> list[str]:
+        """Send what was held back for a stop string that never came; -> every row's text."""
+        for i in range(self.n):
+            self._send(i, self.texts[i])
+        return list(self.sent)
 
 
 def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -582,10 +636,11 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
     streamer = _TextStreamer(model, len(ids), stop, stream, _eos_ids(model))
     start = time.perf_counter()
     generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, seed, host_step=streamer)
+    texts = streamer.flush()
     end = time.perf_counter()
     if stats is not None:
         stats.prompt_tokens = sum(len(p) for p in ids)
         stats.generated_tokens = sum(len(r) for r in streamer.ids)
         stats.time_to_first_token = (streamer.first_token_at or end) - start
         stats.total_time = end - start
-    return list(streamer.sent)
+    return texts

@@ -154,8 +154,8 @@ def test_host_step_streams_every_token_and_can_stop_rows(hf_folder, monkeypatch)
 
 def test_streaming_chunks_grow_on_a_fast_device(hf_folder, monkeypatch):
     """Where a token takes far less than STREAM_INTERVAL_S, calls after the first decode several
-    tokens (at most MAX_STREAM_CHUNK): the same tokens as one call, and a row the host stops
-    ends with the chunk it was stopped in."""
+    tokens (1, then 1 and 2 to measure, then at most MAX_STREAM_CHUNK): the same tokens as one
+    call, and a row the host stops ends with the chunk it was stopped in."""
     monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 60.0)
     monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 4)
     folder, _ = hf_folder("llama_tied")
@@ -165,35 +165,87 @@ def test_streaming_chunks_grow_on_a_fast_device(hf_folder, monkeypatch):
 
     def host(tokens, first_step):
         seen.append((first_step, tokens.shape[1]))
-        return np.array([first_step >= 5] + [False] * (tokens.shape[0] - 1))
+        return np.array([first_step >= 4] + [False] * (tokens.shape[0] - 1))
 
     out = generate_tokens(m, PROMPTS[:2], max_new_tokens=12, host_step=host)
-    assert seen == [(0, 1), (1, 4), (5, 4), (9, 3)]
-    assert out[0] == full[0][:9]  # stopped in the chunk that starts at 5
+    assert seen == [(0, 1), (1, 1), (2, 2), (4, 4), (8, 4)]
+    assert out[0] == full[0][:8]  # stopped in the chunk that starts at 4
     assert out[1] == full[1]
+    # several processes: every call one token (their timings would differ); chunk must be >= 1
+    monkeypatch.setattr(engine.jax, "process_count", lambda: 2)
+    seen.clear()
+    assert generate_tokens(m, PROMPTS[:2], max_new_tokens=5, host_step=lambda t, f: seen.append(f) or
+                           np.zeros(t.shape[0], bool)) == [r[:5] for r in full]
+    assert seen == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+        _engine(m).run(PROMPTS[:1], 4, engine.Sampler(), 0.0, None, [0], [], host, chunk=0)
 
 
 def test_compiler_options_reach_the_generation_program(hf_folder, monkeypatch):
     """programs.COMPILER_OPTIONS[backend] is what bench.profile_decode's variants set: XLA sees it
     (an unknown option is refused at compile time; a known one compiles and generates the same)."""
+    import jax
+
     from jaxaccel import programs
 
     folder, _ = hf_folder("llama3")
     expected = generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4)
-    monkeypatch.setitem(programs.COMPILER_OPTIONS, "cpu", {"xla_no_such_option": 1})
+    backend = jax.default_backend()
+    monkeypatch.setitem(programs.COMPILER_OPTIONS, backend, {"xla_no_such_option": 1})
     with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
         generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4)
-    monkeypatch.setitem(programs.COMPILER_OPTIONS, "cpu", {"xla_gpu_enable_command_buffer": ""})
+    monkeypatch.setitem(programs.COMPILER_OPTIONS, backend, {"xla_gpu_enable_command_buffer": ""})
     assert generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4) == expected
 
 
-def test_next_chunk_lasts_the_stream_interval(monkeypatch):
+def test_stream_chunks_tell_call_cost_from_token_cost(monkeypatch):
     monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 0.025)
     monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 64)
-    assert engine.next_chunk(1, 0.004) == 6  # a GPU: 4 ms for a call of one token
-    assert engine.next_chunk(6, 0.0125) == 12
-    assert engine.next_chunk(1, 0.030) == 1  # a CPU decoding Gemma 3 270M: every token
-    assert engine.next_chunk(8, 0.0) == 64
+
+    def sizes(per_call, per_token, calls=5, prefill=0.05):
+        plan, out = engine.StreamChunks(), []
+        k = plan.next(1, prefill + per_call + per_token)
+        for _ in range(calls):
+            out.append(k)
+            k = plan.next(k, per_call + k * per_token)
+        return out
+
+    assert sizes(0.003, 0.001) == [1, 2, 22, 22, 22]  # a GPU: a call 3 ms, a token 1 ms
+    assert sizes(0.0005, 0.030) == [1, 2, 1, 1, 1]  # this CPU, Gemma 3 float32: every token
+    assert sizes(0.040, 0.001) == [1, 2, 64, 64, 64]  # a call costs more than the interval
+    plan = engine.StreamChunks()
+    plan.next(1, 0.05), plan.next(1, 0.004)
+    assert plan.next(2, 0.003) == 16  # a faster 2-token call (noise): 1.5 ms a token, no call cost
+
+
+def test_generate_cuts_at_stop_strings_in_chunks(hf_folder, monkeypatch):
+    """Stop strings end the text where they start, the streamed pieces add up to exactly that
+    (text that may start a stop string is held back, and sent at the end if none comes), and the
+    counted tokens end with the one that completed the stop string, whatever the chunk sizes."""
+    import dataclasses
+
+    class Letters:  # token id -> one letter
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    folder, _ = hf_folder("llama_tied")
+    m = dataclasses.replace(jaxaccel.load(folder), tokenizer=Letters())
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=3)
+    text = Letters().decode(generate_tokens(m, PROMPTS[:1], **kw)[0])
+    # a first occurrence completed inside a chunk of 4 (chunks end after 1, 2, 4, 8, 12, ... tokens)
+    start = next(j for j in range(6, 20) if text.find(text[j:j + 2]) == j and (j + 2) % 4)
+    cases = [([text[start:start + 2]], text[:start], start + 2),  # cut where it starts; counted to its end
+             ([text[-1] + "#"], text, 24)]  # never completes: the held-back last letter is sent at the end
+    for interval in (0.0, 60.0):  # one token a call; chunks of up to 4
+        monkeypatch.setattr(engine, "STREAM_INTERVAL_S", interval)
+        monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 4)
+        for stop, expected, tokens in cases:
+            pieces, stats = [], engine.GenerationStats()
+            out = engine.generate(m, PROMPTS[:1], stop=stop, stream=lambda i, t: pieces.append(t), stats=stats, **kw)
+            assert out == [expected] and "".join(pieces) == expected, (stop, interval, pieces)
+            assert stats.generated_tokens == tokens, (stop, interval)
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -321,7 +373,7 @@ def test_top_p_full_sort_equals_argsort_draw():
         for top_p in (0.3, 0.9, 1.0):
             args = (keys, jnp.asarray(x), jnp.float32(top_p))
             np.testing.assert_array_equal(new(*args), ref(*args))
-    negative_nan = np.array(0xFFC00000, np.uint32).view(np.float32)  # sorts last, not first
+    negative_nan = np.array(0xFFC00000, np.uint32).view(np.float32)  # its key sorts last; argmax all the same
     x[0, 500], x[1, 600], x[2, 100], x[2, 50] = np.nan, np.inf, negative_nan, -np.inf
     assert new(keys, jnp.asarray(x), jnp.float32(0.9)).tolist() == [500, 600, 100]
 
