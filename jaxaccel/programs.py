@@ -16,8 +16,10 @@ stale one. An unreadable file is traced again and
 rewritten; files unused for 30 days are deleted when a new one is written.
 
 `COMPILER_OPTIONS[backend]`: XLA options (DebugOptions names, e.g. "xla_gpu_enable_command_buffer")
-every program `lower_cached` returns is compiled with on that backend; XLA's persistent cache
-keys on them. bench/profile_decode.py measures variants through it.
+that programs `lower_cached` returns are compiled with when jax's default backend is `backend`
+(the backend generation programs run on); XLA's persistent cache keys on them. A model's engine
+keeps the programs it has compiled, so a change reaches programs compiled after it (a fresh
+Model object: bench/profile_decode.py times variants that way).
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
     assert int8["f32_roofline_fraction"] == pytest.approx(int8["decode_tok_s"] / f32_roof)
     table = capsys.readouterr().out
     assert "% read roof" in table and "ratio jax/pt" in table and "% peak BW" in table
+    int8_line = next(line for line in table.splitlines() if "| " in line and "jaxaccel int8" in line)
+    assert int8_line.split("|")[-1].strip() == f"{100 * int8['mbu']:.1f}"  # each run's own MBU cell
     assert doc["settings"]["peak_bandwidth_bytes_s"] == 100e9 and doc["settings"]["torch_device"] == "cpu"
 
 
