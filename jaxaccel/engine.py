@@ -183,8 +183,10 @@ def _top_p_sorted(keys, logits, top_p, lse):
     equal = key == value
     nth = rank - jnp.sum(key < value, axis=-1)  # 0 unless the drawn value is tied
     iota = jax.lax.broadcasted_iota(jnp.int32, key.shape, 1)
-    nth_equal = equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) == nth[:, None] + 1)
-    token = jnp.min(jnp.where(nth_equal, iota, key.shape[-1]), axis=-1)
+    lowest = lambda mask: jnp.min(jnp.where(mask, iota, key.shape[-1]), axis=-1)
+    # the cumsum over V (1.7 ms here) only when some row drew a tied value past its first
+    tied = lambda: lowest(equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) == nth[:, None] + 1))
+    token = jax.lax.cond(jnp.any(nth > 0), tied, lambda: lowest(equal))
     odd = jnp.any(jnp.isnan(logits), axis=-1) | (jnp.max(logits, axis=-1) == jnp.inf)
     return jnp.where(odd, argmax(logits), token).astype(jnp.int32)
 
