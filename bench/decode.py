@@ -238,6 +238,24 @@ def probe_class():
     return BandwidthProbe if jax.default_backend() == "cpu" else DeviceBandwidthProbe
 
 
+def start_bandwidth(Probe, mib: int) -> dict:
+    """The start-of-run bandwidth (host memory: also one thread's; a device's own), printed."""
+    if Probe is BandwidthProbe:
+        bw = memory_bandwidth(mib << 20)
+        print(f"memory bandwidth ({mib} MiB float32, best of {bw['repeats']}): "
+              f"copy {bw['copy'] / 1e9:.1f} GB/s (2*bytes/t; 1 thread {bw['copy_1thread'] / 1e9:.1f}, "
+              f"{bw['threads']} threads {bw['copy_all_threads'] / 1e9:.1f}), "
+              f"read {bw['read'] / 1e9:.1f} GB/s (arr.sum; 1 thread {bw['read_1thread'] / 1e9:.1f}, "
+              f"{bw['threads']} threads {bw['read_all_threads'] / 1e9:.1f})", end="")
+        return bw
+    with Probe(mib << 20) as device_probe:
+        bw = device_probe.measure(5)
+    print(f"device memory bandwidth ({mib} MiB float32 on {bw['device']}, best of {bw['repeats']} x "
+          f"{bw['calls_per_timing']} calls): copy {bw['copy'] / 1e9:.0f} GB/s (2*bytes/t of jit(x*2)), "
+          f"read {bw['read'] / 1e9:.0f} GB/s (jit(sum))", end="")
+    return bw
+
+
 # Vendor datasheet memory bandwidth (bytes/s) by jax's device_kind, for MBU (model bandwidth
 # utilization); other parts (PCIe or 40 GB variants differ) need --peak-bw
 DATASHEET_BW = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA A100-SXM4-80GB": 2.039e12}
@@ -624,19 +642,7 @@ def main(argv=None):
               "cores); the numbers below may be affected, transformers' OpenMP threads most", flush=True)
 
     Probe = probe_class()
-    if Probe is BandwidthProbe:
-        bw = memory_bandwidth(bw_mib << 20)
-        print(f"memory bandwidth ({bw_mib} MiB float32, best of {bw['repeats']}): "
-              f"copy {bw['copy'] / 1e9:.1f} GB/s (2*bytes/t; 1 thread {bw['copy_1thread'] / 1e9:.1f}, "
-              f"{bw['threads']} threads {bw['copy_all_threads'] / 1e9:.1f}), "
-              f"read {bw['read'] / 1e9:.1f} GB/s (arr.sum; 1 thread {bw['read_1thread'] / 1e9:.1f}, "
-              f"{bw['threads']} threads {bw['read_all_threads'] / 1e9:.1f})", end="")
-    else:
-        with Probe(bw_mib << 20) as device_probe:
-            bw = device_probe.measure(5)
-        print(f"device memory bandwidth ({bw_mib} MiB float32 on {bw['device']}, best of {bw['repeats']} x "
-              f"{bw['calls_per_timing']} calls): copy {bw['copy'] / 1e9:.0f} GB/s (2*bytes/t of jit(x*2)), "
-              f"read {bw['read'] / 1e9:.0f} GB/s (jit(sum))", end="")
+    bw = start_bandwidth(Probe, bw_mib)
     bandwidth = bw[args.roofline_bw]
     print(f"; roofline uses {args.roofline_bw} = {bandwidth / 1e9:.1f} GB/s", flush=True)
 

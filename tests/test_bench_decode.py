@@ -58,5 +58,7 @@ def test_device_bandwidth_probe_measures_the_backend_memory():
         s = probe.sample()
     assert m["array_bytes"] == 4 << 20 and m["copy"] > 0 and m["read"] > 0 and set(s) == {"copy", "read"}
     assert decode.probe_class() is decode.BandwidthProbe  # the CPU backend: host memory
+    bw = decode.start_bandwidth(decode.DeviceBandwidthProbe, 4)  # what an accelerator run prints first
+    assert bw["copy"] > 0 and bw["read"] > 0 and bw["calls_per_timing"] == 10
     assert decode.datasheet_bandwidth({"accelerator": {"kind": "NVIDIA H200"}}) == 4.8e12
     assert decode.datasheet_bandwidth({"accelerator": None}) is None
