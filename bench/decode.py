@@ -143,7 +143,20 @@ def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
         return probe.measure(repeats, single_thread=True)
 
 
-class BandwidthProbe:
+class _Probe:
+    """What both probes share: a context manager; `sample()` = copy and read, best of SAMPLES."""
+
+    SAMPLES = 2
+
+    def __enter__(self):
+        return self
+
+    def sample(self) -> dict:
+        m = self.measure(self.SAMPLES)
+        return {"copy": m["copy"], "read": m["read"]}
+
+
+class BandwidthProbe(_Probe):
     """Copy and read bandwidth of `nbytes` float32 arrays kept between samples, so that a short
     sample can be taken right before each timed run: this VM's bandwidth moves up to 2x within
     minutes, so a roofline from one start-of-run sample says as much about the minute as about
@@ -157,9 +170,6 @@ class BandwidthProbe:
         self.threads = os.cpu_count() or 1
         self.slices = [slice(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), self.threads) if len(c)]
         self.pool = ThreadPoolExecutor(self.threads)
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         self.pool.shutdown()
@@ -185,18 +195,15 @@ class BandwidthProbe:
         out["read"] = max(out["read_all_threads"], out.get("read_1thread", 0.0))
         return out
 
-    def sample(self) -> dict:
-        m = self.measure(2)
-        return {"copy": m["copy"], "read": m["read"]}
 
-
-class DeviceBandwidthProbe:
+class DeviceBandwidthProbe(_Probe):
     """BandwidthProbe's figures for an accelerator's own memory (GPU / TPU runs): copy = 2 * bytes
     / time of a jitted `x * 2` over `nbytes` float32, read = bytes / time of a jitted sum. Each
     figure is the best of `repeats` timings of LOOP back-to-back calls (dispatch is asynchronous,
     so the per-call launch cost hides behind the previous call), divided by LOOP."""
 
     LOOP = 10
+    SAMPLES = 3
 
     def __init__(self, nbytes: int):
         import jax
@@ -207,9 +214,6 @@ class DeviceBandwidthProbe:
         self._copy, self._read = jax.jit(lambda x: x * 2), jax.jit(jnp.sum)
         for f in (self._copy, self._read):
             f(self.x).block_until_ready()  # compile
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         del self.x
@@ -225,10 +229,6 @@ class DeviceBandwidthProbe:
         n = self.x.nbytes
         return {"array_bytes": int(n), "repeats": repeats, "device": self.device, "calls_per_timing": self.LOOP,
                 "copy": 2 * n / self._seconds(self._copy, repeats), "read": n / self._seconds(self._read, repeats)}
-
-    def sample(self) -> dict:
-        m = self.measure(3)
-        return {"copy": m["copy"], "read": m["read"]}
 
 
 def probe_class():
@@ -653,7 +653,7 @@ def main(argv=None):
     kind = args.roofline_bw
     with probe, tempfile.TemporaryDirectory(prefix="jaxaccel-bench-") as tmpdir:
         for name in models:
-            label, jmodel, folder, info = load_models(name.strip(), Path(tmpdir))
+            label, jmodel, folder, info = load_models(name, Path(tmpdir))
             tm, info["transformers_load_s"] = load_torch(folder, device=torch_device)
             model_info[label] = info
             print(f"\n{label}: {info['num_params'] / 1e6:.1f}M params, {info['params_bytes'] / 2**20:.0f} MiB float32 "

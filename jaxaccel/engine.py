@@ -49,18 +49,18 @@ class StreamChunks:
     make it at most a fifth of the call: 1..MAX_STREAM_CHUNK."""
 
     def __init__(self):
-        self.calls: list[tuple[int, float]] = []  # (tokens, seconds) after the first call
-        self.first_done = False
+        self.calls = 0  # decode calls seen (after the first, prefill's)
+        self.last: tuple[int, float] | None = None  # the last call's (tokens, seconds)
         self.per_call, self.per_token = 0.0, None
 
     def next(self, tokens: int, seconds: float) -> int:
-        if not self.first_done:  # the prefill's call says nothing about a decode call
-            self.first_done = True
+        self.calls += 1
+        if self.calls == 1:  # the prefill's call says nothing about a decode call
             return 1
-        self.calls.append((tokens, seconds))
-        if len(self.calls) == 1:  # measure with 2 unless a token alone nearly fills two intervals
+        previous, self.last = self.last, (tokens, seconds)
+        if previous is None:  # measure with 2 unless a token alone nearly fills two intervals
             return 2 if seconds < 2 * STREAM_INTERVAL_S else 1
-        (k1, s1), (k2, s2) = self.calls[-2:]
+        (k1, s1), (k2, s2) = previous, self.last
         if k1 != k2 and (s2 - s1) / (k2 - k1) > 0:
             self.per_token = (s2 - s1) / (k2 - k1)
             self.per_call = max(s2 - k2 * self.per_token, 0.0)
@@ -187,8 +187,7 @@ def _top_p_sorted(keys, logits, top_p, lse):
     # the cumsum over V (1.7 ms here) only when some row drew a tied value past its first
     tied = lambda: lowest(equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) == nth[:, None] + 1))
     token = jax.lax.cond(jnp.any(nth > 0), tied, lambda: lowest(equal))
-    odd = jnp.any(jnp.isnan(logits), axis=-1) | (jnp.max(logits, axis=-1) == jnp.inf)
-    return jnp.where(odd, argmax(logits), token).astype(jnp.int32)
+    return _argmax_where_no_softmax(logits, token, jnp.max(logits, axis=-1)).astype(jnp.int32)
 
 
 def _draw(keys, logits, index, top_p, probs=None):
@@ -234,9 +233,15 @@ def _blocked_draw(keys, logits):
         return b * DRAW_BLOCK + argmax(within + jax.random.gumbel(k_token, within.shape, within.dtype))
 
     drawn = jax.vmap(per_row)(keys, jnp.log(mass), z)
-    odd = jnp.any(jnp.isnan(logits), axis=-1) | (top == jnp.inf)  # no softmax: as the plain draw
-    # the full argmax only when some row needs it, not at every step
-    return jax.lax.cond(jnp.any(odd), lambda: jnp.where(odd, argmax(logits), drawn), lambda: drawn)
+    return _argmax_where_no_softmax(logits, drawn, top)
+
+
+def _argmax_where_no_softmax(logits, token, top):
+    """`token`, except in rows with NaN or +inf logits (`top`: the rows' max), which have no
+    softmax to draw from: argmax's token there, as a greedy step gives. The full argmax runs only
+    when some row needs it, not at every step."""
+    odd = jnp.any(jnp.isnan(logits), axis=-1) | (top == jnp.inf)
+    return jax.lax.cond(jnp.any(odd), lambda: jnp.where(odd, argmax(logits), token), lambda: token)
 
 
 def _keys(seeds, step):
