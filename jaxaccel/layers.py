@@ -19,6 +19,7 @@ or decodes (T == 1), writing new keys/values at per-row slots `cache["index"]`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -49,6 +50,18 @@ def _wide_sums(out_dtype) -> bool:
     bfloat16 result runs below float32's (1024x768x3072 on this 2-core Zen 4: 382 vs 193 vs 176
     GFLOP/s; Gemma's lm_head at 32 rows: 180 vs 96 vs 37). The sums are float32 either way."""
     return out_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+def float32_matmuls(dtype):
+    """Context for tracing a model that computes in `dtype`: float32 models get full float32
+    matmuls. jax's default precision lets a GPU multiply float32 in TF32 (10-bit mantissas) and a
+    TPU in bfloat16 passes, so float32 logits would leave the PyTorch reference (an H200 run: a
+    random 56M Llama's greedy tokens left transformers' after 47 of 128). A precision the user
+    set (`jax_default_matmul_precision`, e.g. "tensorfloat32" for speed) is kept. The CPU
+    computes float32 dots in float32 either way."""
+    if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
+        return jax.default_matmul_precision("float32")
+    return contextlib.nullcontext()
 
 
 def _flat_dot(dot_general, x: Array, w: Array, w_in_axis: int, **kw) -> Array:
@@ -383,9 +396,14 @@ class DecoderLM(nn.Module):
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
 
+    def __call__(self, *args, **kw):
+        """See `forward`; float32 models trace with float32 matmuls (`float32_matmuls`)."""
+        with float32_matmuls(self.dtype):
+            return self.forward(*args, **kw)
+
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None, cache: dict | None = None,
-                 segment_ids: Array | None = None, logit_index: Array | None = None):
+    def forward(self, tokens: Array, positions: Array | None = None, cache: dict | None = None,
+                segment_ids: Array | None = None, logit_index: Array | None = None):
         """tokens [B, T] int -> (float32 logits [B, T, V], cache advanced by T or None).
 
         positions default to 0..T-1 (shifted by cache["index"] when decoding);

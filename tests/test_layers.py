@@ -106,3 +106,27 @@ def test_bfloat16_dots_take_float32_sums_on_cpu():
     assert jax.default_backend() != "cpu" or "-> tensor<32x32xf32>" in text, text
     ref = (np.asarray(x, np.float32).reshape(32, 64) @ np.asarray(w, np.float32)).reshape(2, 16, 32)
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2.0 ** -8, atol=1e-6)  # one rounding
+
+
+def _dot_precisions(model, **ctx):
+    import re
+
+    f = jax.jit(lambda p, t: model.module.apply({"params": p}, t))
+    text = f.lower(model.params, jnp.zeros((1, 4), jnp.int32)).as_text()
+    dots = re.findall(r"stablehlo\.dot_general.*", text)
+    assert dots, text
+    return [("HIGHEST" in d) for d in dots]
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_float32_models_trace_float32_matmuls(family):
+    """float32 models ask for full float32 matmuls (a GPU would otherwise take TF32, a TPU
+    bfloat16 passes); bfloat16 models keep the default; a precision the user set is kept."""
+    import jaxaccel
+
+    kw = dict(family="bert", head="encoder", type_vocab_size=2) if family == "bert" else {}
+    cfg = _cfg(**kw)
+    assert all(_dot_precisions(jaxaccel.init_random(cfg, dtype="float32")))
+    assert not any(_dot_precisions(jaxaccel.init_random(cfg, dtype="bfloat16")))
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert not any(_dot_precisions(jaxaccel.init_random(cfg, dtype="float32")))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..layers import LayerModule, Attention, Dense, DotGeneralCls, Embed, LayerNorm, logical
+from ..layers import LayerModule, Attention, Dense, DotGeneralCls, Embed, LayerNorm, float32_matmuls, logical
 
 MODEL_TYPES = {"bert": "bert"}
 ARCHITECTURES = {"BertModel": "encoder", "BertForMaskedLM": "masked_lm", "BertForPreTraining": "masked_lm",
@@ -67,8 +67,13 @@ class BertEncoder(nn.Module):
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
 
+    def __call__(self, *args, **kw):
+        """See `forward`; float32 models trace with float32 matmuls (`float32_matmuls`)."""
+        with float32_matmuls(self.dtype):
+            return self.forward(*args, **kw)
+
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, token_types=None):
+    def forward(self, tokens, positions=None, segment_ids=None, token_types=None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         B, T = tokens.shape
         if positions is None:
