@@ -9,12 +9,19 @@ busy ~ wall means the kernels themselves (their count and size); busy << wall me
 host round trips or synchronisation. `bench/gpu_decode.sh` runs it on a GPU; on the CPU backend
 the trace has XLA's CPU ops instead of kernels. Timings are medians of --repeats runs after a
 warm-up (compilation excluded); the traced runs are extra and slower than untraced ones.
+
+`--huge-pages ROUNDS` (CPU backend, Linux >= 6.1) times the decode with the weights in 4 KiB
+pages, as XLA allocates them, against a copy collapsed into 2 MiB transparent huge pages
+(madvise MADV_HUGEPAGE + MADV_COLLAPSE), alternating the two for ROUNDS rounds: the bandwidth
+probe of `bench.decode` reads numpy arrays, which numpy puts in huge pages, and the weights
+are not.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import dataclasses
 import gzip
 import json
@@ -69,6 +76,71 @@ def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
     for name in ("whole", "streamed", "per_token_calls"):
         out[f"{name}_decode_ms_per_step"] = 1e3 * (out[f"{name}_s"] - out["first_token_s"]) / (new_tokens - 1)
     return out
+
+
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # Linux <sys/mman.h>
+HUGE_PAGE = 2 << 20
+
+
+def collapse_huge_pages(arrays) -> dict:
+    """Back the whole 2 MiB pages inside each (CPU) array with transparent huge pages: madvise
+    MADV_HUGEPAGE, then MADV_COLLAPSE per 2 MiB (Linux >= 6.1; the data stay where they are).
+    -> {"bytes": collapsed, "failed": 2 MiB pages refused, "errno": the last refusal's, "seconds"}."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    out = {"bytes": 0, "failed": 0, "errno": 0}
+    t0 = time.perf_counter()
+    for x in arrays:
+        x.block_until_ready()  # an array still being computed has no pages to collapse yet
+        start = x.unsafe_buffer_pointer()
+        lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + x.nbytes) // HUGE_PAGE * HUGE_PAGE
+        if hi <= lo:
+            continue
+        libc.madvise(lo, hi - lo, MADV_HUGEPAGE)
+        for page in range(lo, hi, HUGE_PAGE):
+            if libc.madvise(page, HUGE_PAGE, MADV_COLLAPSE):
+                out["failed"] += 1
+                out["errno"] = ctypes.get_errno()
+            else:
+                out["bytes"] += HUGE_PAGE
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def huge_page_ab(model, prompts, new_tokens: int, rounds: int) -> dict:
+    """Decode ms/step of two copies of `model`'s params, one as XLA allocated it (4 KiB pages),
+    one collapsed into huge pages, timed alternately `rounds` times (this VM's bandwidth drifts
+    within minutes, so only neighbouring timings compare); medians and the median per-round ratio."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel.engine import generate_tokens
+
+    if jax.default_backend() != "cpu" or not Path("/proc/self/smaps").exists():
+        raise SystemExit("--huge-pages: CPU backend on Linux only (transparent huge pages of host memory)")
+    copy = jax.jit(lambda p: jax.tree.map(lambda x: x * jnp.ones((), x.dtype), p))  # fresh XLA buffers
+    small = dataclasses.replace(model, params=copy(model.params))
+    huge = dataclasses.replace(model, params=copy(model.params))
+    collapsed = collapse_huge_pages(jax.tree.leaves(huge.params))
+    first = lambda t, f: np.ones(t.shape[0], bool)  # host_step: stop after the first token
+
+    def step_ms(m):
+        t0 = time.perf_counter()
+        generate_tokens(m, prompts, max_new_tokens=new_tokens)
+        t1 = time.perf_counter()
+        generate_tokens(m, prompts, max_new_tokens=new_tokens, host_step=first)
+        return 1e3 * ((t1 - t0) - (time.perf_counter() - t1)) / (new_tokens - 1)
+
+    for m in (small, huge):
+        step_ms(m)  # compiles
+    times = {"4k": [], "huge": []}
+    for _ in range(rounds):
+        times["4k"].append(step_ms(small))
+        times["huge"].append(step_ms(huge))
+    ratios = [h / s for h, s in zip(times["huge"], times["4k"])]
+    return {"collapse": collapsed, "params_bytes": model.params_bytes, "ms_per_step": times,
+            "median_4k_ms": statistics.median(times["4k"]), "median_huge_ms": statistics.median(times["huge"]),
+            "median_ratio_huge_to_4k": statistics.median(ratios)}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -168,10 +240,15 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[],
                     help='"NAME:OPTION=VALUE ..." XLA compile options to time beside the defaults (no trace), e.g. '
                          '"no_graphs:xla_gpu_enable_command_buffer="; repeatable')
+    ap.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
+                    help="also time the weights in 4 KiB against 2 MiB (transparent huge) pages, alternating "
+                         "for ROUNDS rounds (CPU backend, Linux)")
     ap.add_argument("--out", default=None, help="JSON output")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode excludes the first token)")
+    if args.huge_pages < 0:
+        raise SystemExit("--huge-pages must be >= 0 rounds")
     variants = [parse_variant(v) for v in args.variant]
     import jax
 
@@ -206,6 +283,13 @@ def main(argv=None):
     programs.COMPILER_OPTIONS.pop(backend, None)
     if saved is not None:
         programs.COMPILER_OPTIONS[backend] = saved
+    if args.huge_pages:
+        doc["huge_pages"] = h = huge_page_ab(model, prompts, args.new_tokens, args.huge_pages)
+        c = h["collapse"]
+        print(f"  weights in 4 KiB pages {h['median_4k_ms']:.3f} ms/step, in huge pages {h['median_huge_ms']:.3f} "
+              f"(median ratio {h['median_ratio_huge_to_4k']:.3f} over {args.huge_pages} alternating rounds); "
+              f"collapsed {c['bytes'] / 2**20:.0f} of {h['params_bytes'] / 2**20:.0f} MiB in {c['seconds']:.1f} s"
+              + (f", {c['failed']} pages of 2 MiB refused (errno {c['errno']})" if c["failed"] else ""), flush=True)
     if not args.no_trace:
         with tempfile.TemporaryDirectory(prefix="jaxaccel-prof-") as tmp:
             for label, kw in (("whole", {}), ("streamed", {"host_step": keep_going})):

@@ -36,11 +36,45 @@ def test_parse_variant():
 
 def test_small_run_reports_timings_variants_and_a_trace(tmp_path, capsys):
     doc = profile_decode.main(["--model", "random", "--weights", "float32", "--new-tokens", "4", "--repeats", "1",
-                               "--variant", "bad:xla_no_such_option=1", "--out", str(tmp_path / "p.json")])
+                               "--variant", "bad:xla_no_such_option=1", "--huge-pages", "1",
+                               "--out", str(tmp_path / "p.json")])
     t = doc["timings"]["default"]
     for k in ("whole", "streamed", "per_token_calls"):
         assert t[f"{k}_decode_ms_per_step"] > 0
     assert "No such compile option" in doc["timings"]["bad"]["error"]  # the run goes on
+    h = doc["huge_pages"]
+    assert len(h["ms_per_step"]["4k"]) == len(h["ms_per_step"]["huge"]) == 1 and h["median_huge_ms"] > 0
+    assert h["collapse"]["bytes"] + h["collapse"]["failed"] > 0  # the embedding has whole 2 MiB pages
     lines = doc["trace_whole"]["lines"]
     assert any(x["thread"] == "python" for x in lines) and sum(x["events"] for x in lines) > 0
     assert "costliest on" in capsys.readouterr().out
+
+
+def test_collapse_huge_pages_accounts_for_every_whole_page():
+    """The whole 2 MiB pages inside an array are collapsed or counted as refused, and collapsed
+    ones show as AnonHugePages of the array's mapping (where the kernel refuses, the errno is
+    kept: THP off, or Linux < 6.1)."""
+    import re
+    from pathlib import Path
+
+    import jax.numpy as jnp
+
+    x = jnp.arange(3 << 20, dtype=jnp.float32) * 2  # 12 MiB: at least five whole 2 MiB pages
+    start = x.unsafe_buffer_pointer()
+    pages = ((start + x.nbytes) // profile_decode.HUGE_PAGE) - (-(-start // profile_decode.HUGE_PAGE))
+    out = profile_decode.collapse_huge_pages([x])
+    assert pages >= 5 and out["bytes"] + out["failed"] * profile_decode.HUGE_PAGE == pages * profile_decode.HUGE_PAGE
+    assert (out["failed"] == 0) == (out["errno"] == 0)
+    if out["bytes"]:
+        huge_kb = 0
+        for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+            lo, hi = (int(v, 16) for v in block.split()[0].split("-"))
+            if lo < start + x.nbytes and start < hi:
+                huge_kb += int(re.search(r"AnonHugePages:\s+(\d+)", block).group(1))
+        assert huge_kb * 1024 >= out["bytes"]
+    assert float((x[-1] / 2)) == (3 << 20) - 1  # the data stay
+
+
+def test_huge_pages_rounds_must_not_be_negative():
+    with pytest.raises(SystemExit, match="--huge-pages must be >= 0 rounds"):
+        profile_decode.main(["--huge-pages", "-1"])
