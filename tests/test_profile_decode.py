@@ -75,6 +75,11 @@ def test_collapse_huge_pages_accounts_for_every_whole_page():
     assert float((x[-1] / 2)) == (3 << 20) - 1  # the data stay
 
 
-def test_huge_pages_rounds_must_not_be_negative():
+def test_huge_pages_refusals(monkeypatch):
+    import jax
+
     with pytest.raises(SystemExit, match="--huge-pages must be >= 0 rounds"):
         profile_decode.main(["--huge-pages", "-1"])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(SystemExit, match="--huge-pages: CPU backend on Linux only"):
+        profile_decode.huge_page_ab(None, [[1, 2]], 4, 1)
