@@ -53,6 +53,10 @@ def keep_going(tokens, first_step):
     return np.zeros(tokens.shape[0], bool)
 
 
+def stop_after_first(tokens, first_step):  # host_step: every row stops after its first token
+    return np.ones(tokens.shape[0], bool)
+
+
 def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
     """Median seconds of: a whole generation (one program call), its prefill + first token, a
     streamed one (host_step: chunks of about engine.STREAM_INTERVAL_S) and one with a program
@@ -62,7 +66,7 @@ def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
     gen = lambda **kw: lambda: generate_tokens(model, prompts, max_new_tokens=new_tokens, **kw)
     per_token = lambda: _engine(model).run(prompts, new_tokens, make_sampler(model, 0.0, None, None), 0.0, None,
                                            [0] * len(prompts), [], keep_going, chunk=1)
-    runs = {"whole": gen(), "first_token": gen(host_step=lambda t, f: np.ones(t.shape[0], bool)),
+    runs = {"whole": gen(), "first_token": gen(host_step=stop_after_first),
             "streamed": gen(host_step=keep_going), "per_token_calls": per_token}
     out = {}
     for name, fn in runs.items():
@@ -122,13 +126,12 @@ def huge_page_ab(model, prompts, new_tokens: int, rounds: int) -> dict:
     small = dataclasses.replace(model, params=copy(model.params))
     huge = dataclasses.replace(model, params=copy(model.params))
     collapsed = collapse_huge_pages(jax.tree.leaves(huge.params))
-    first = lambda t, f: np.ones(t.shape[0], bool)  # host_step: stop after the first token
 
     def step_ms(m):
         t0 = time.perf_counter()
         generate_tokens(m, prompts, max_new_tokens=new_tokens)
         t1 = time.perf_counter()
-        generate_tokens(m, prompts, max_new_tokens=new_tokens, host_step=first)
+        generate_tokens(m, prompts, max_new_tokens=new_tokens, host_step=stop_after_first)
         return 1e3 * ((t1 - t0) - (time.perf_counter() - t1)) / (new_tokens - 1)
 
     for m in (small, huge):
