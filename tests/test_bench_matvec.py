@@ -1,0 +1,51 @@
+"""bench.matvec (the decode-step matmuls one by one, kernel against XLA's dot) runs end to end at
+tiny sizes, reports what it says it reports, and refuses bad options. No timing is asserted."""
+
+import json
+
+import jax
+import pytest
+
+from bench import matvec
+from bench.decode import random_config
+
+
+def test_shapes_are_the_weights_a_decode_step_multiplies_by():
+    """model_shapes lists exactly the (K, N) of the random Llama's layer kernels and lm_head."""
+    import jaxaccel
+
+    config = random_config("random")
+    params = jax.eval_shape(lambda: jaxaccel.init_random(config, seed=0).params)
+    dense = {tuple(leaf.shape) for leaf in jax.tree.leaves(params["layers_0"]) if leaf.ndim == 2}
+    got = {(K, N) for _, K, N, axis in matvec.model_shapes(config) if axis == 0}
+    lm_head = next(s for s in matvec.model_shapes(config) if "lm_head" in s[0])
+    assert got - {(lm_head[1], lm_head[2])} == dense
+    assert lm_head[1:3] == (config.hidden_size, config.vocab_size)  # untied: [hidden, vocab]
+    gemma = random_config("gemma-random")
+    assert matvec.model_shapes(gemma)[-1] == ("embedding (tied lm_head)", gemma.vocab_size, gemma.hidden_size, 1)
+
+
+def test_tiny_run_reports_kernel_and_xla_against_the_read_bandwidth(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    doc = matvec.main(["--model", "random", "--shapes", "k_proj,down", "--mib", "1", "--repeats", "1",
+                       "--probe-mib", "8", "--rows", "2", "--dtype", "bfloat16", "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["rows"] == 2
+    assert [r["weight"] for r in doc["results"]] == ["k_proj / v_proj", "down_proj"]
+    for r in doc["results"]:
+        assert r["kernel"]["bytes"] == r["K"] * r["N"] * 2 and r["kernel"]["copies"] >= 1
+        assert r["kernel"]["s"] > 0 and r["xla"]["s"] > 0
+        assert r["kernel_pct_read"] == pytest.approx(100 * r["kernel"]["bytes"] / r["kernel"]["s"] / r["read_bw"])
+    table = capsys.readouterr().out
+    assert "kernel / XLA speed" in table and "down_proj" in table
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rows", "9"], "--rows must be in 1..8"),
+    (["--dtype", "int8"], "--dtype must be float32 or bfloat16, got 'int8'"),
+    (["--mib", "0"], "--mib, --repeats and --probe-mib must be >= 1"),
+    (["--shapes", "nonsense"], "--shapes 'nonsense' matches none of"),
+])
+def test_bad_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        matvec.main(argv + ["--out", "/nonexistent/never-written.json"])
+    assert message in capsys.readouterr().err
