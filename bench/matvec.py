@@ -1,9 +1,9 @@
 """Decode-step matmuls one by one: jaxaccel's CPU matvec kernel against XLA's dot on the same
 weights, per weight shape of a model (default: Gemma 3 270M's), at batch 1 (--rows).
 
-Each shape is timed with its weights read from memory, as in a decode step: enough distinct
-copies of the matrix to exceed --mib MiB (far beyond the caches) are multiplied one after the
-other inside one jitted program (each product feeds the next input, so none overlap), and the
+Each shape is timed with its weights read from memory, as in a decode step: distinct copies of
+the matrix, about --mib MiB in all (at most 400 copies; far beyond the caches), are multiplied
+one after the other inside one jitted program (each product feeds the next input, so none overlap), and the
 time per product is the best of --repeats runs / the number of copies. Beside each shape the
 host's read bandwidth (arr.sum over 1 GiB on all threads, `bench.decode.BandwidthProbe`) is
 sampled, because this VM's bandwidth moves up to 2x within minutes: "% read" = bytes of one
