@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +47,7 @@ def time_shape(K: int, N: int, axis: int, rows: int, dtype, budget: int, repeats
     import jax
     import jax.numpy as jnp
 
+    from bench.decode import best_of
     from jaxaccel import kernels
 
     shape = (K, N) if axis == 0 else (N, K)
@@ -66,13 +66,9 @@ def time_shape(K: int, N: int, axis: int, rows: int, dtype, budget: int, repeats
             x = x + 0 * y[:, :1]  # the next product waits for this one
         return x
 
-    chain(x, ws).block_until_ready()  # compile
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        chain(x, ws).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return {"copies": copies, "bytes": nbytes, "s": best / copies}
+    run = lambda: chain(x, ws).block_until_ready()
+    run()  # compile
+    return {"copies": copies, "bytes": nbytes, "s": best_of(run, repeats) / copies}
 
 
 def main(argv=None) -> dict:
@@ -100,9 +96,10 @@ def main(argv=None) -> dict:
     from bench.decode import BandwidthProbe, fmt_table, machine_info, random_config, write_json
     from jaxaccel import kernels
 
-    if jax.default_backend() != "cpu" or not kernels.load():
+    backend = jax.default_backend()
+    if backend != "cpu" or not kernels.load():
         raise SystemExit(f"bench.matvec times jaxaccel's CPU kernel: it needs the CPU backend and a C++ compiler "
-                         f"(backend {jax.default_backend()}, kernels {'built' if kernels.load() else 'unavailable'})")
+                         f"(backend {backend}, kernels {'unavailable' if backend == 'cpu' else 'not tried'})")
     config = random_config(args.model)
     shapes = model_shapes(config)
     if args.shapes:

@@ -57,6 +57,11 @@ def stop_after_first(tokens, first_step):  # host_step: every row stops after it
     return np.ones(tokens.shape[0], bool)
 
 
+def decode_ms_per_step(total_s: float, first_token_s: float, new_tokens: int) -> float:
+    """ms per decode step of a generation of `new_tokens` (the first token's time excluded)."""
+    return 1e3 * (total_s - first_token_s) / (new_tokens - 1)
+
+
 def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
     """Median seconds of: a whole generation (one program call), its prefill + first token, a
     streamed one (host_step: chunks of about engine.STREAM_INTERVAL_S) and one with a program
@@ -78,7 +83,7 @@ def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
             times.append(time.perf_counter() - t0)
         out[f"{name}_s"] = statistics.median(times)
     for name in ("whole", "streamed", "per_token_calls"):
-        out[f"{name}_decode_ms_per_step"] = 1e3 * (out[f"{name}_s"] - out["first_token_s"]) / (new_tokens - 1)
+        out[f"{name}_decode_ms_per_step"] = decode_ms_per_step(out[f"{name}_s"], out["first_token_s"], new_tokens)
     return out
 
 
@@ -132,7 +137,7 @@ def huge_page_ab(model, prompts, new_tokens: int, rounds: int) -> dict:
         generate_tokens(m, prompts, max_new_tokens=new_tokens)
         t1 = time.perf_counter()
         generate_tokens(m, prompts, max_new_tokens=new_tokens, host_step=stop_after_first)
-        return 1e3 * ((t1 - t0) - (time.perf_counter() - t1)) / (new_tokens - 1)
+        return decode_ms_per_step(t1 - t0, time.perf_counter() - t1, new_tokens)
 
     for m in (small, huge):
         step_ms(m)  # compiles

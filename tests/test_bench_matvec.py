@@ -49,3 +49,11 @@ def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         matvec.main(argv + ["--out", "/nonexistent/never-written.json"])
     assert message in capsys.readouterr().err
+
+
+def test_other_backends_are_refused(monkeypatch):
+    """The kernel is a CPU one: on a GPU / TPU backend the bench says so instead of timing XLA alone."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    message = "needs the CPU backend and a C\\+\\+ compiler \\(backend gpu, kernels not tried\\)"
+    with pytest.raises(SystemExit, match=message):
+        matvec.main(["--out", "/nonexistent/never-written.json"])

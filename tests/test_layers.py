@@ -108,7 +108,7 @@ def test_bfloat16_dots_take_float32_sums_on_cpu():
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2.0 ** -8, atol=1e-6)  # one rounding
 
 
-def _dot_precisions(model, **ctx):
+def _dot_precisions(model):
     import re
 
     f = jax.jit(lambda p, t: model.module.apply({"params": p}, t))
