@@ -1,13 +1,31 @@
-"""jaxaccel: JAX-native language models — load real checkpoints, prove parity, run fast."""
+"""jaxaccel: JAX-native language models — load real checkpoints, prove parity, run fast.
 
-from .checkpoints import CheckpointError, load
-from .config import ModelConfig, RopeConfig
-from .engine import GenerationStats, generate, generate_tokens
-from .model import Model, init_random
-from .quant import QuantConfig
-from .train import finetune
-from .sharding import MeshConfig
+The public names are imported on first use (PEP 562), so `import jaxaccel` and the CLI's
+`--help` do not pay for importing jax."""
 
-__all__ = ["load", "Model", "QuantConfig", "ModelConfig", "RopeConfig", "CheckpointError", "init_random",
-           "generate", "generate_tokens", "GenerationStats", "finetune", "MeshConfig"]
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load": "model", "Model": "model", "init_random": "model",
+    "generate": "generation", "generate_tokens": "generation", "GenerationStats": "generation",
+    "finetune": "finetuning",
+    "QuantConfig": "quant",
+    "ModelConfig": "config", "RopeConfig": "config",
+    "CheckpointError": "checkpoints",
+    "MeshConfig": "sharding",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxaccel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,5 +1,6 @@
-"""`jaxaccel generate | embed | fill-mask | classify | convert | info | bench` — flags map
-straight onto API arguments."""
+"""`jaxaccel generate | embed | fill-mask | classify | finetune | quantize | convert | info | bench`:
+the top of the import graph. Flags map straight onto API arguments; jax and the model code are
+imported only once a command runs, so `--help` and bad flags answer at once."""
 
 from __future__ import annotations
 
@@ -7,28 +8,31 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+GEMMA, MINILM = "gemma3-270m", "minilm"  # default_models' names (not imported here: it would load jax)
 
 
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load(args, default=None, fast_tokenizer=False):
-    import jaxaccel
-    from .embedded import default_model_path
+def _load(args, default=GEMMA, fast_tokenizer=False):
+    from .default_models import resolve
+    from .model import load
 
-    path = args.model or (default() if default else default_model_path(_err))
+    path = resolve(args.model or default, _err)
     t = time.perf_counter()
-    m = jaxaccel.load(path, dtype=args.dtype, fast_tokenizer=fast_tokenizer, mesh=getattr(args, "mesh", None))
+    m = load(path, dtype=args.dtype, fast_tokenizer=fast_tokenizer, mesh=getattr(args, "mesh", None))
     _err(f"loaded {m.config.family} ({m.num_params / 1e6:.0f}M params, {args.dtype}) from {path} "
          f"in {time.perf_counter() - t:.1f}s")
     return m
 
 
 def cmd_generate(args) -> int:
-    from .engine import GenerationStats, generate, prepare
+    from .generation import GenerationStats, generate, prepare
 
-    m = _load(args, fast_tokenizer=True)  # generate needs only encode/decode: skip AutoTokenizer's ~5 s
+    m = _load(args, fast_tokenizer=True)  # generate needs only encode/decode: skip AutoTokenizer's slow load
     stats = GenerationStats()
     write = lambda i, text: (sys.stdout.write(text), sys.stdout.flush())
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -109,14 +113,14 @@ def read_texts(args) -> tuple[list, object]:
 def _encoder_task(args, task: str) -> int:
     import json
 
-    from . import encoder
+    from . import encoder_tasks as encoder
 
     texts, where = read_texts(args)  # all input errors come before loading the model
     if task != "classify":
         for i, t in enumerate(texts):
             if isinstance(t, tuple):
                 raise ValueError(f"{where(i)} has a \"text_pair\"; only classify takes sentence pairs")
-    m = _load(args, encoder.default_encoder_path if task == "embed" else None)
+    m = _load(args, MINILM if task == "embed" else None)
     stats = encoder.EncodeStats()
     kw = dict(truncate=args.truncate, batch_size=args.batch_size, progress=True, stats=stats, where=where)
     t = time.perf_counter()
@@ -147,14 +151,36 @@ def _encoder_task(args, task: str) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .fit import cli_main
+    from . import distributed
+    from .finetuning import finetune, summary
+    from .model import load
 
-    return cli_main(args)
+    model = load(args.model, dtype=args.dtype, fast_tokenizer=args.task == "sft", mesh=args.mesh)
+    keys = ("eval_data", "optimizer", "lr", "schedule", "warmup", "weight_decay", "batch_size", "accum",
+            "max_length", "pack", "truncate", "save_every", "keep", "lora_rank", "lora_alpha", "lora_dropout",
+            "compute_dtype", "quant", "seed", "tensorboard")
+    opts = {k: getattr(args, k) for k in keys}
+    opts.update(clip=args.clip or None, lora_targets=tuple(args.lora_targets.split(",")))
+    out = Path(args.out)
+    finetune(model, args.data, task=args.task, steps=args.steps, out=out, **opts)
+    if distributed.is_main():
+        print(summary(model, out))
+    return 0
+
+
+def _print_table(header: list, rows: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*map(str, row))
+    Console().print(table)
 
 
 def cmd_quantize(args) -> int:
     from . import quant
-    from .checkpoints.quantized import save
+    from .checkpoints.serving import save
 
     if not (args.out or args.report):
         raise ValueError("nothing to do: pass --out DIR (write a quantized checkpoint) and/or --report")
@@ -162,7 +188,7 @@ def cmd_quantize(args) -> int:
                             quantize_embedding=not args.float_embedding)  # bad flags fail before loading
     m = _load(args)
     if args.report:
-        print(quant.memory_report(m, args.group_size))
+        _print_table(*quant.memory_report(m, args.group_size))
     if args.out:
         t = time.perf_counter()
         q = m.quantize(cfg)
@@ -174,7 +200,6 @@ def cmd_quantize(args) -> int:
 
 def cmd_bench(args) -> int:
     import runpy
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / f"{args.which}.py"
     if not script.is_file():
@@ -185,14 +210,66 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    from .sharding import add_mesh_argument
+def _mesh(text):
+    """--mesh's type: parsed by sharding (imported only when the flag is given)."""
+    from .sharding import parse_mesh
 
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    """`--mesh data=2,fsdp=2,tensor=2` for any subcommand (generate, finetune, ...)."""
+    parser.add_argument("--mesh", type=_mesh, default=None, metavar="data=D,fsdp=F,tensor=T",
+                        help="shard over a device mesh (one axis may be -1 = the rest); default: one device")
+
+
+def add_finetune_arguments(sp) -> argparse.ArgumentParser:
+    """`jaxaccel finetune`'s flags: each maps onto a `finetune.TrainOptions` field."""
+    sp.add_argument("--model", required=True, help="HF folder, .gguf file or embedded model name to fine-tune")
+    sp.add_argument("--data", required=True, help="train.jsonl ({prompt,completion} | {text,label} | {text}) or .txt")
+    sp.add_argument("--eval", dest="eval_data", help="eval data (same format); best checkpoint by eval loss is kept")
+    sp.add_argument("--task", default="sft", choices=["sft", "classify", "mlm"])
+    sp.add_argument("--out", required=True, help="output folder; rerunning with the same --out resumes")
+    sp.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor", "lion"])
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    sp.add_argument("--warmup", type=int, default=0)
+    sp.add_argument("--weight-decay", type=float, default=0.0)
+    sp.add_argument("--clip", type=float, default=1.0, help="global-norm clipping (0: off)")
+    sp.add_argument("--steps", type=int, default=100)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
+    sp.add_argument("--max-length", type=int)
+    sp.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None)
+    sp.add_argument("--truncate", action="store_true", help="cut over-long rows (counted) instead of failing")
+    sp.add_argument("--save-every", type=int, default=100)
+    sp.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints (plus the best by eval loss)")
+    sp.add_argument("--lora-rank", type=int, default=0)
+    sp.add_argument("--lora-alpha", type=float, default=16.0)
+    sp.add_argument("--lora-dropout", type=float, default=0.0)
+    sp.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projection names")
+    sp.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="bfloat16: mixed precision")
+    sp.add_argument("--quant", choices=["qat"], help="quantization-aware training; the export holds the float weights: "
+                    "serve them quantized with `jaxaccel quantize --model OUT --mode qat --out DIR` (the same forward)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                    help="write TensorBoard events to OUT/tb (metrics.jsonl is always written)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="master-weight dtype")
+    add_mesh_argument(sp)
+    return sp
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxaccel", description="JAX-native language models")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_model(sp):
-        sp.add_argument("--model", help="HF folder or .gguf file (default: embedded Gemma 3 270M)")
+    def with_model(sp, default=f"the embedded {GEMMA}", required=False):
+        sp.add_argument("--model", required=required,
+                        help="HF folder, .gguf file, serving folder or embedded model name "
+                             f"({GEMMA}, {MINILM})" + ("" if required else f"; default: {default}"))
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         return sp
 
@@ -217,7 +294,8 @@ def parser() -> argparse.ArgumentParser:
     for name, help_ in (("embed", "sentence embeddings (default model: all-MiniLM-L6-v2)"),
                         ("fill-mask", "top-k tokens for each [MASK] (BertForMaskedLM folder)"),
                         ("classify", "top label per text (BertForSequenceClassification folder)")):
-        e = with_model(sub.add_parser(name, help=help_ + "; writes JSONL"))
+        e = with_model(sub.add_parser(name, help=help_ + "; writes JSONL"), default=f"the embedded {MINILM}",
+                       required=name != "embed")
         e.add_argument("texts", nargs="*", help="texts (or use --input)")
         e.add_argument("--input", help="file with one text per line, or JSONL (strings or {\"text\": ...}; "
                        "classify also takes sentence pairs {\"text\": ..., \"text_pair\": ...})")
@@ -234,9 +312,7 @@ def parser() -> argparse.ArgumentParser:
                            help="every label's score, best first (multi-label checkpoints), not only the top label")
         e.set_defaults(fn=lambda a, task=name: _encoder_task(a, task))
 
-    from .fit import add_arguments as finetune_arguments
-
-    finetune_arguments(sub.add_parser("finetune", help="fine-tune with optax; rerun on the same --out to resume"))\
+    add_finetune_arguments(sub.add_parser("finetune", help="fine-tune with optax; rerun on the same --out to resume"))\
         .set_defaults(fn=cmd_finetune)
 
     q = with_model(sub.add_parser("quantize", help="write a quantized checkpoint that jaxaccel.load serves; "
@@ -258,10 +334,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from . import programs
-    from .embedded import enable_compilation_cache
+    from . import program_cache
 
-    enable_compilation_cache()
+    program_cache.enable()
     try:
         if getattr(args, "mesh", None) is not None or os.environ.get("JAXACCEL_COORDINATOR"):
             # Multi-host: every host runs the same command. Joins the cluster jax finds (TPU VM
@@ -275,7 +350,7 @@ def main(argv=None) -> int:
         _err(f"error: {e}")
         return 2
     finally:
-        programs.set_folder(None)  # saved traces are the command's; a caller's process keeps its own setting
+        program_cache.set_folder(None)  # saved traces are the command's; a caller's process keeps its own setting
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Dimension legend (used in einsum strings and shape comments):
 Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`,
 `vocab`, `norm`); `sharding.py` maps them onto mesh axes. Every matmul goes through the
 `dot_general` of a `Dense` (or `Embed.attend`), built by an injectable `dot_general_cls`
-factory: quantization swaps that factory and nothing else. A factory whose object has a
+factory: quantization swaps that factory and nothing else. Which CPU kernels a program calls
+(decode matvec, in-place cache writes, decode / segment attention) is the `kernels` field
+(`kernels.KernelChoice`), set where the top module is built and passed to every layer. A factory whose object has a
 `weight(module, name, init, shape, axes, transposed)` method (quant.py) also owns the weight's
 storage: when serving, int8/int4 values + scales replace the float param.
 
@@ -24,6 +26,7 @@ import math
 from typing import Any, Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +34,8 @@ from jax import lax
 
 from . import kernels
 from .config import ModelConfig, RopeConfig
+from .kernels import XLA, KernelChoice
+from .quant import dequantize, quantize
 
 Array = jax.Array
 DotGeneralCls = Callable[[], Callable] | None
@@ -40,23 +45,38 @@ NEG_INF = float(np.finfo(np.float32).min)
 _kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+@flax.struct.dataclass
+class ModelOutput:
+    """What every family's module returns (a pytree, so jitted functions may return it whole).
+
+    logits: float32 [B, T, V] (decoders, masked LM), [B, labels] (classifier), None (bare encoder);
+    cache: the KV cache advanced by T (decoders called with a cache), else None;
+    hidden: [B, T, D] final hidden states (encoders); pooled: [B, D] (BERT encoder / classifier heads).
+    Under jit, fields a caller does not return are never computed."""
+
+    logits: Any = None
+    cache: Any = None
+    hidden: Any = None
+    pooled: Any = None
+
+
 def logical(init, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(init, axes)
 
 
 def _wide_sums(out_dtype) -> bool:
     """Whether an XLA dot with a bfloat16 result should ask for float32 and round after: on CPU
-    its GEMM then runs on the bfloat16 dot-product instructions, 1.8-1.9x float32's speed, where a
-    bfloat16 result runs below float32's (1024x768x3072 on this 2-core Zen 4: 382 vs 193 vs 176
-    GFLOP/s; Gemma's lm_head at 32 rows: 180 vs 96 vs 37). The sums are float32 either way."""
+    its GEMM then runs on the bfloat16 dot-product instructions (AVX512_BF16), about twice
+    float32's speed, where a bfloat16 result runs below float32's (`python -m bench.encoder`
+    measures it). The sums are float32 either way."""
     return out_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
 def float32_matmuls(dtype):
     """Context for tracing a model that computes in `dtype`: float32 models get full float32
     matmuls. jax's default precision lets a GPU multiply float32 in TF32 (10-bit mantissas) and a
-    TPU in bfloat16 passes, so float32 logits would leave the PyTorch reference (an H200 run: a
-    random 56M Llama's greedy tokens left transformers' after 47 of 128). A precision the user
+    TPU in bfloat16 passes, so float32 logits would leave the PyTorch reference (on a GPU, greedy
+    tokens of a random Llama left transformers' float32 ones within 128 tokens). A precision the user
     set (`jax_default_matmul_precision`, e.g. "tensorfloat32" for speed) is kept. The CPU
     computes float32 dots in float32 either way."""
     if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
@@ -64,13 +84,14 @@ def float32_matmuls(dtype):
     return contextlib.nullcontext()
 
 
-def _flat_dot(dot_general, x: Array, w: Array, w_in_axis: int, **kw) -> Array:
+def _flat_dot(dot_general, x: Array, w: Array, w_in_axis: int, choice: KernelChoice = XLA, **kw) -> Array:
     """x [..., in] . w (contracting w's axis `w_in_axis`) with x flattened to 2-D: XLA's backward
-    dW then contracts one merged batch axis, ~2x faster on CPU than over [B, T] separately.
-    bfloat16 results on CPU come from float32 ones (`_wide_sums`)."""
+    dW then contracts one merged batch axis, faster on CPU than over [B, T] separately.
+    bfloat16 results on CPU come from float32 ones (`_wide_sums`). Decode programs
+    (`choice.decode`) send decode-sized dots to the CPU matvec kernel."""
     x2 = x.reshape(-1, x.shape[-1])
     y, out = None, kw.get("preferred_element_type") or jnp.result_type(x, w)
-    if dot_general is lax.dot_general:  # generation on CPU: kernels/ picks the fastest dot
+    if choice.decode and dot_general is lax.dot_general:
         y = kernels.dot(x2, w, w_in_axis, out)
     if y is None:
         dims = (((1,), (w_in_axis,)), ((), ()))
@@ -90,6 +111,7 @@ class Dense(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
+    kernels: KernelChoice = XLA
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -100,7 +122,7 @@ class Dense(nn.Module):
             y = dot_general.weight(self, "kernel", init, (x.shape[-1], self.features), self.axes, True).dot(x)
         else:
             kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
-            y = _flat_dot(dot_general, x, kernel.astype(self.dtype), 0)
+            y = _flat_dot(dot_general, x, kernel.astype(self.dtype), 0, self.kernels)
         if self.use_bias:
             bias = self.param(
                 "bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype
@@ -117,6 +139,7 @@ class Embed(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
+    kernels: KernelChoice = XLA
 
     def setup(self):
         init = logical(nn.initializers.normal(stddev=1.0), ("vocab", "embed"))
@@ -131,7 +154,7 @@ class Embed(nn.Module):
     def __call__(self, ids: Array) -> Array:
         if self.quantized is not None:
             return self.quantized.take(ids).astype(self.dtype)
-        rows = kernels.take_rows(self.embedding, ids)  # generation on CPU, bfloat16 tables
+        rows = kernels.take_rows(self.embedding, ids) if self.kernels.decode else None  # bfloat16 tables
         if rows is None:
             rows = jnp.take(self.embedding, ids, axis=0)
         return rows.astype(self.dtype)
@@ -142,7 +165,8 @@ class Embed(nn.Module):
         if self.quantized is not None:
             return self.quantized.dot(x, preferred_element_type=jnp.float32)
         dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
-        return _flat_dot(dot_general, x, self.embedding.astype(self.dtype), 1, preferred_element_type=jnp.float32)
+        return _flat_dot(dot_general, x, self.embedding.astype(self.dtype), 1, self.kernels,
+                         preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -233,28 +257,27 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
     return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layer() for _ in range(cfg.num_layers))}
 
 
-def _write_rows(buf: Array, new: Array, index: Array) -> Array:
-    """buf [B, S, K, H] <- new [B, T, K, H] at slots index[b] .. index[b] + T - 1."""
-    written = kernels.write_rows(buf, new, index)  # the generation loop on CPU: in place
+def _write_rows(buf: Array, new: Array, index: Array, choice: KernelChoice = XLA) -> Array:
+    """buf [B, S, K, H] <- new [B, T, K, H] at slots index[b] .. index[b] + T - 1 (in place
+    through the CPU kernel in decode programs)."""
+    written = kernels.write_rows(buf, new, index) if choice.decode else None
     if written is not None:
         return written
     write = lambda b, n, i: lax.dynamic_update_slice(b, n.astype(b.dtype), (i, 0, 0))
     return jax.vmap(write)(buf, new, index)
 
 
-def _cache_update(cache: dict, k: Array, v: Array, index: Array):
+def _cache_update(cache: dict, k: Array, v: Array, index: Array, choice: KernelChoice = XLA):
     """Write k, v [B, T, K, H] at each row's slots -> (layer cache, keys, values [B, S, K, H]).
     An int8 cache stores each (token, kv head) vector as int8 + one float32 scale."""
     if "k_scale" not in cache:
-        new = {"k": _write_rows(cache["k"], k, index), "v": _write_rows(cache["v"], v, index)}
+        new = {"k": _write_rows(cache["k"], k, index, choice), "v": _write_rows(cache["v"], v, index, choice)}
         return new, new["k"], new["v"]
-    from .quant import dequantize, quantize
-
     new, out = {}, []
     for name, x in (("k", k), ("v", v)):
         q, scale = quantize(x.reshape(-1, x.shape[-1]), 8)  # [B*T*K, H], [B*T*K, 1]
-        new[name] = _write_rows(cache[name], q.reshape(x.shape), index)
-        new[name + "_scale"] = _write_rows(cache[name + "_scale"], scale.reshape(x.shape[:3] + (1,)), index)
+        new[name] = _write_rows(cache[name], q.reshape(x.shape), index, choice)
+        new[name + "_scale"] = _write_rows(cache[name + "_scale"], scale.reshape(x.shape[:3] + (1,)), index, choice)
         S = new[name].shape
         flat = dequantize(new[name].reshape(-1, S[-1]), new[name + "_scale"].reshape(-1, 1))
         out.append(flat.reshape(S))
@@ -279,21 +302,27 @@ def attention_mask(q_slot: Array, k_slot: Array, window: int | None,
 
 class LayerModule(nn.Module):
     """The fields of every per-layer module (attention, family blocks): which layer of which
-    config, compute/param dtypes and the matmul factory. `DecoderLM` builds blocks with them."""
+    config, compute/param dtypes, the matmul factory and the CPU kernels its programs call.
+    `DecoderLM` builds blocks with them; `sub` passes them on to a block's own modules."""
 
     cfg: ModelConfig
     layer: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
+    kernels: KernelChoice = XLA
+
+    def shared(self) -> dict:
+        """The fields every sub-module takes: dtypes, matmul factory, kernels."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+                    kernels=self.kernels)
 
 
 class Attention(LayerModule):
     """Multi-head / grouped-query / multi-query attention of layer `layer` of `cfg`."""
 
     def _dense(self, features, axes, bias, name):
-        return Dense(features, axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                     dot_general_cls=self.dot_general_cls, name=name)
+        return Dense(features, axes, use_bias=bias, name=name, **self.shared())
 
     def _norm(self, name):
         return RMSNorm(self.cfg.rms_norm_eps, self.cfg.norm_plus_one, self.dtype, self.param_dtype, name=name)
@@ -314,10 +343,10 @@ class Attention(LayerModule):
             inv_freq = rope_inv_freq(cfg.rope_for(self.layer), H)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-        if (cache is None and segment_ids is not None and not cfg.causal and cfg.window(self.layer) is None
-                and not cfg.attn_logit_softcap and kernels.wants_attention(q, k, v)):
-            # the encoders' programs on CPU (kernels.encoding()): only the pairs inside a segment;
-            # padding positions get zeros (XLA: the mean of all values), read by no caller
+        if (self.kernels.segment_attention and cache is None and segment_ids is not None and not cfg.causal
+                and cfg.window(self.layer) is None and not cfg.attn_logit_softcap and kernels.wants_attention(q, k, v)):
+            # encoder programs on CPU: only the pairs inside a segment; padding positions get
+            # zeros (XLA: the mean of all values), read by no caller
             out, new_cache = kernels.attention(q, k, v, segment_ids, cfg.attn_scale).astype(self.dtype), None
         else:
             out, new_cache = self._attend(q, k, v, segment_ids, cache, index)
@@ -338,8 +367,8 @@ class Attention(LayerModule):
         else:
             if not cfg.causal:
                 raise ValueError("a KV cache needs causal attention; encoders score full sequences (cache=None)")
-            new_cache, keys, values = _cache_update(cache, k, v, index)
-            if T == 1 and kernels.wants_decode_attention(q, keys, self.dtype):  # generation on CPU
+            new_cache, keys, values = _cache_update(cache, k, v, index, self.kernels)
+            if T == 1 and self.kernels.decode and kernels.wants_decode_attention(q, keys, self.dtype):
                 out = kernels.decode_attention(q, keys, values, index, cfg.attn_scale, cfg.window(self.layer),
                                                cfg.attn_logit_softcap)
                 return out.astype(self.dtype), new_cache
@@ -369,13 +398,14 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
+    kernels: KernelChoice = XLA
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         dense = lambda f, axes, name: Dense(f, axes, use_bias=cfg.mlp_bias, dtype=self.dtype,
-                                            param_dtype=self.param_dtype,
-                                            dot_general_cls=self.dot_general_cls, name=name)
+                                            param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+                                            kernels=self.kernels, name=name)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
@@ -386,8 +416,8 @@ class MLP(nn.Module):
 class DecoderLM(nn.Module):
     """Embedding -> blocks -> final norm -> logits; the block comes from the family file.
 
-    `block_cls(cfg, layer, dtype, param_dtype, dot_general_cls, name)` must be a module with
-    `__call__(x, positions, segment_ids, cache, index) -> (x, cache)`.
+    `block_cls(cfg, layer, dtype=, param_dtype=, dot_general_cls=, kernels=, name=)` must be a
+    module with `__call__(x, positions, segment_ids, cache, index) -> (x, cache)`.
     """
 
     cfg: ModelConfig
@@ -395,6 +425,7 @@ class DecoderLM(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     dot_general_cls: DotGeneralCls = None
+    kernels: KernelChoice = XLA
 
     def __call__(self, *args, **kw):
         """See `forward`; float32 models trace with float32 matmuls (`float32_matmuls`)."""
@@ -404,7 +435,7 @@ class DecoderLM(nn.Module):
     @nn.compact
     def forward(self, tokens: Array, positions: Array | None = None, cache: dict | None = None,
                 segment_ids: Array | None = None, logit_index: Array | None = None):
-        """tokens [B, T] int -> (float32 logits [B, T, V], cache advanced by T or None).
+        """tokens [B, T] int -> ModelOutput(float32 logits [B, T, V], cache advanced by T or None).
 
         positions default to 0..T-1 (shifted by cache["index"] when decoding);
         segment_ids [B, T] (0 = padding, equal ids attend to each other) apply without cache;
@@ -418,8 +449,9 @@ class DecoderLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             if index is not None:
                 positions = positions + index[:, None]
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, self.param_dtype,
-                      self.dot_general_cls, name="embed_tokens")
+        shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
+                      kernels=self.kernels)
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **shared)
         x = embed(tokens)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(self.dtype)
@@ -427,8 +459,8 @@ class DecoderLM(nn.Module):
         new_layers = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = self.block_cls(cfg, i, self.dtype, self.param_dtype, self.dot_general_cls,
-                                            name=f"layers_{i}")(x, positions, segment_ids, layer_cache, index)
+            x, layer_cache = self.block_cls(cfg, i, name=f"layers_{i}", **shared)(
+                x, positions, segment_ids, layer_cache, index)
             x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
             new_layers.append(layer_cache)
         if logit_index is not None:
@@ -437,11 +469,10 @@ class DecoderLM(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
-                           dot_general_cls=self.dot_general_cls, name="lm_head")(x)
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **shared)(x)
         logits = logits.astype(jnp.float32)
         if cfg.final_logit_softcap:
             logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         if cache is not None:
             cache = {"index": index + T, "layers": tuple(new_layers)}
-        return logits, cache
+        return ModelOutput(logits=logits, cache=cache)

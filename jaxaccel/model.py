@@ -1,4 +1,10 @@
-"""The public `Model`: config + params + tokenizer + the jitted pure function."""
+"""The public `Model` (config + params + tokenizer + the jitted pure function) and how one is
+made: `load` (a checkpoint path or an embedded model's name) and `init_random`.
+
+`Model` is a facade: it holds the parts and hands each task to the module that owns it
+(encoder_tasks, quant, checkpoints); those modules take any object with a Model's attributes
+and never import this one, so imports go one way.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from . import checkpoints, default_models, encoder_tasks, quant, sharding
+from .checkpoints.hf import save_folder
 from .config import ModelConfig
 from .models import registry
 
@@ -40,8 +48,7 @@ class Model:
     @cached_property
     def _forward(self):
         def forward(params, tokens, positions, segment_ids):
-            out = self.module.apply({"params": params}, tokens, positions, segment_ids=segment_ids)
-            return out["logits"] if isinstance(out, dict) else out[0]  # encoders return a dict
+            return self.module.apply({"params": params}, tokens, positions, segment_ids=segment_ids).logits
 
         return jax.jit(forward)
 
@@ -85,39 +92,29 @@ class Model:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         return self._forward(self.params, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask))
 
-    # --- encoders (BERT): batched, bucketed; see encoder.py -----------------------------
+    # --- encoders (BERT): batched, bucketed; see encoder_tasks.py -----------------------------
     def embed(self, texts, **kw) -> np.ndarray:
         """texts (a list, or one string) -> float32 [N, D] unit-norm sentence embeddings."""
-        from . import encoder
-
-        return encoder.embed(self, [texts] if isinstance(texts, str) else texts, **kw)
+        return encoder_tasks.embed(self, [texts] if isinstance(texts, str) else texts, **kw)
 
     def fill_mask(self, text: str, top_k: int = 5, **kw) -> list:
         """A text with one [MASK] -> [(token, prob)] best first (several masks: one list per mask)."""
-        from . import encoder
-
-        per_mask = encoder.fill_mask(self, [text], top_k=top_k, **kw)[0]
+        per_mask = encoder_tasks.fill_mask(self, [text], top_k=top_k, **kw)[0]
         return per_mask[0] if len(per_mask) == 1 else per_mask
 
     def classify(self, texts, **kw) -> list:
         """texts (a list, or one string or (text, text_pair) tuple) -> [(label, score)] of the top
-        class per text; list items may be (text, text_pair) sentence pairs (see encoder.classify)."""
-        from . import encoder
-
-        one = isinstance(texts, str) or (isinstance(texts, tuple) and encoder.is_pair(texts))
-        return encoder.classify(self, [texts] if one else texts, **kw)
+        class per text; list items may be (text, text_pair) sentence pairs (see encoder_tasks.classify)."""
+        one = isinstance(texts, str) or (isinstance(texts, tuple) and encoder_tasks.is_pair(texts))
+        return encoder_tasks.classify(self, [texts] if one else texts, **kw)
 
     def quantize(self, cfg) -> "Model":
         """A new Model serving `cfg` (a jaxaccel.QuantConfig): int8 / int4 / w8a8 params become
         int values + scales (no float copy); float modes recast the params. See quant.py."""
-        from . import quant
-
         return quant.quantize_model(self, cfg)
 
     def save_hf(self, out_dir) -> Path:
         """Export as an HF folder (model.safetensors + config.json + tokenizer) that transformers loads."""
-        from .checkpoints.hf import save_folder
-
         return save_folder(out_dir, self.config, self.params, self.tokenizer)
 
     @property
@@ -134,8 +131,26 @@ class Model:
         return sum(int(x.nbytes) for x in jax.tree.leaves(self.params))
 
 
-def init_random(config: ModelConfig, seed: int = 0, dtype="float32") -> Model:
-    """A randomly initialised model (tests, benchmarks, shape presets)."""
+def load(path, dtype="float32", fast_tokenizer: bool = False, mesh=None) -> Model:
+    """A Model from an HF folder, a .gguf file, a serving folder (`jaxaccel quantize`), or an
+    embedded model's name: "gemma3-270m" (converted once into the cache) or "minilm".
+
+    fast_tokenizer: use `jaxaccel.tokenizer.FastTokenizer` (the Rust `tokenizers` object) where a
+    folder has tokenizer.json: much faster to load, same ids, a smaller API.
+    mesh: a `jaxaccel.MeshConfig` (or jax Mesh): params load sharded over it (see sharding.py).
+    """
+    got = checkpoints.read(default_models.resolve(path), dtype, fast_tokenizer, mesh)
+    dot = None if got.quant is None else quant.dot_general_cls(got.quant, serving=True)
+    return Model(got.config, got.params, got.tokenizer, got.dtype, dot_general_cls=dot, quant=got.quant,
+                 mesh=got.mesh)
+
+
+def init_random(config: ModelConfig, seed: int = 0, dtype="float32", mesh=None) -> Model:
+    """A randomly initialised model (tests, benchmarks, shape presets); with `mesh`, its params
+    are created already sharded over it (equal to the single-device init of the same seed)."""
+    if mesh is not None:
+        mesh = sharding.build_mesh(mesh)
+        return Model(config, sharding.init_params(config, mesh, seed, dtype), None, dtype, mesh=mesh)
     module = registry.build(config, dtype)
     variables = jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))
     return Model(config, meta.unbox(variables["params"]), None, dtype)

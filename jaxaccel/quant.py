@@ -18,7 +18,7 @@ TRAIN -> CONVERT -> SERVE (also the fine-tuning recipe for train.py):
 
     qcfg = QuantConfig(mode="qat")
     module = registry.build(config, "float32", dot_general_cls=quant.dot_general_cls(qcfg))
-    loss = lambda p: xent(module.apply({"params": p}, tokens)[0], targets)
+    loss = lambda p: xent(module.apply({"params": p}, tokens).logits, targets)
     grads = jax.jit(jax.grad(loss))(float_params)  # straight-through: d fake_quant(w) / dw = 1
     served = Model(config, float_params).quantize(qcfg)  # = quant.convert: int8 values + scales
 
@@ -43,6 +43,7 @@ from flax import traverse_util
 from jax import lax
 
 from . import kernels
+from .kernels import XLA, KernelChoice
 
 FLOAT_MODES = ("float32", "bfloat16", "float16")
 MODES = FLOAT_MODES + ("int8", "int4", "w8a8", "qat")
@@ -57,9 +58,9 @@ class QuantConfig:
     mode: one of MODES. group_size: inputs sharing one int4 scale (must divide every int4
     weight's input dim). int8_group_size: the same for int8 weights (None: one scale per
     output channel). quantize_embedding: also quantize the token embedding / lm_head (in Gemma 3
-    270M the tied embedding is 63% of the params); in every integer mode it is stored int8 with
-    `embedding_group_size` inputs per scale and served weight-only (measured on Gemma 3: int4
-    there costs +16% perplexity, one scale per row costs 5% of top-1 agreement).
+    270M the tied embedding is most of the params); in every integer mode it is stored int8 with
+    `embedding_group_size` inputs per scale and served weight-only (int4 there, or one scale per
+    row, loses visibly more quality: `bench/quant_quality.py`, docs/quantization.md).
     kv_cache_int8: int8 KV cache. rules: ((regex on the "/"-joined param path, mode or
     "float"), ...): first match wins, e.g. (("layers_0/mlp/down_proj", "float"),) keeps one
     sensitive layer in float.
@@ -339,6 +340,7 @@ class Weight:
     value: jax.Array | None
     stored: tuple | None
     group: int | None
+    kernels: KernelChoice = XLA  # the module's: decode programs on CPU read int8 through the kernel
 
     def _frozen(self, w):
         """Float w [out, in] -> `stored` as convert makes it (the optimization barrier keeps XLA
@@ -351,7 +353,7 @@ class Weight:
         exact = lambda x, w: lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=preferred_element_type)
         if self.mode == "float":
             return exact(x, self.value)
-        serve = lambda x, stored: _serve_dot(self.mode, x, stored, preferred_element_type)
+        serve = lambda x, stored: _serve_dot(self.mode, x, stored, preferred_element_type, self.kernels)
         if self.stored is not None:
             return serve(x, self.stored)
         return _ste(lambda x, w: serve(x, self._frozen(w)), exact)(x, self.value)
@@ -373,18 +375,18 @@ def _ste(serve, exact):
     return f
 
 
-def _serve_dot(mode, x, stored, preferred_element_type=None):
+def _serve_dot(mode, x, stored, preferred_element_type=None, choice: KernelChoice = XLA):
     """x [..., in] . stored weight [out, in] -> [..., out]."""
     q, scale, zero = stored
     if mode == "w8a8":
         return _aqt_dot(x, q, scale)
-    if mode == "int8" and zero is None:  # decode steps on CPU: int8 read as stored (kernels/)
+    if mode == "int8" and zero is None and choice.decode:  # decode programs on CPU: int8 read as stored
         y = kernels.dot(x.reshape(-1, x.shape[-1]), q, 1, preferred_element_type or x.dtype, scale)
         if y is not None:
             return y.reshape(*x.shape[:-1], y.shape[-1])
     # Dequantize, then a dot against the transposed [in, out] view: XLA fuses the conversion into
     # the dot's operand and on CPU this ties float32 at batch 1 (bench/quant_speed.py measures the
-    # alternatives: contracting the last axis of [out, in] is 2x slower, multiply + reduce 40x).
+    # alternatives, contracting the last axis of [out, in] or multiply + reduce: both slower).
     w = dequantize(_values(mode, q), scale, zero, x.dtype)
     return lax.dot_general(x, w.T, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=preferred_element_type)
 
@@ -410,7 +412,7 @@ class QuantDot:
         mode, group = self.cfg.plan(path)
         if not self.serving or mode == "float":
             w = module.param(name, init, shape, module.param_dtype)
-            return Weight(mode, w.T if transposed else w, None, group)
+            return Weight(mode, w.T if transposed else w, None, group, module.kernels)
         out_axis, in_axis = axes[::-1] if transposed else axes
         out, n = shape[::-1] if transposed else shape
         if group and n % group:
@@ -422,7 +424,7 @@ class QuantDot:
         stored = (param("q", (out_axis, in_axis), (out, n // packed), dtype),
                   param("scale", (out_axis, None), (out, groups), jnp.float32),
                   param("zero", (out_axis, None), (out, groups), jnp.float32) if mode == "int4" else None)
-        return Weight(mode, None, stored, group)
+        return Weight(mode, None, stored, group, module.kernels)
 
 
 def dot_general_cls(cfg: QuantConfig, serving: bool = False):
@@ -485,24 +487,9 @@ def quantize_model(model, cfg: QuantConfig):
                                dot_general_cls=dot_general_cls(cfg, serving=True))
 
 
-def serving_shapes(config, cfg: QuantConfig, dtype="float32") -> dict:
-    """"/"-joined path -> ShapeDtypeStruct of the serving params of `config` under `cfg`."""
-    from .models import registry
-
-    shapes = registry.abstract_params(config, dtype, dot_general_cls(cfg, serving=True), every_layer=bool(cfg.rules))
-    return traverse_util.flatten_dict(nn.unbox(shapes), sep="/")
-
-
-def format_table(header: list, rows: list) -> str:
-    """Rows of cells -> an aligned text table (first column left, the rest right)."""
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    width = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width)))
-    return "\n".join([fmt(cells[0]), "-+-".join("-" * w for w in width), *map(fmt, cells[1:])])
-
-
-def memory_report(model, group_size: int = 128) -> str:
-    """Params bytes per mode, measured on the arrays each quantized model really holds."""
+def memory_report(model, group_size: int = 128) -> tuple[list[str], list[list[str]]]:
+    """Params bytes per mode, measured on the arrays each quantized model really holds ->
+    (header, rows) for a table."""
     base = model.params_bytes
     rows = []
     for mode, emb in [("float32", True), ("bfloat16", True), ("float16", True), ("int8", True), ("int8", False),
@@ -512,4 +499,4 @@ def memory_report(model, group_size: int = 128) -> str:
         label = mode + (f" g={group_size}" if mode == "int4" else "")
         rows.append([label, "yes" if cfg.integer and emb else ("n/a" if not cfg.integer else "no"),
                      f"{n / 2**20:.1f}", f"{n / base:.3f}"])
-    return format_table(["mode", "embedding quantized", "params MiB", "vs float32"], rows)
+    return ["mode", "embedding quantized", "params MiB", "vs float32"], rows

@@ -14,7 +14,6 @@ mesh axes and finally to replication: that is always correct, only less parallel
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .layers import init_cache as make_cache
+from .models import registry
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -103,19 +105,6 @@ def parse_mesh(text: str) -> MeshConfig:
     return MeshConfig(**{"data": -1 if rest else 1, "fsdp": 1, "tensor": 1, **sizes})
 
 
-def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
-    """`--mesh data=2,fsdp=2,tensor=2` for any subcommand (generate, finetune, ...)."""
-
-    def parse(text):
-        try:
-            return parse_mesh(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parser.add_argument("--mesh", type=parse, default=None, metavar="data=D,fsdp=F,tensor=T",
-                        help="shard over a device mesh (one axis may be -1 = the rest); default: one device")
-
-
 def build_mesh(mesh: MeshConfig | Mesh | str | tuple | None = None, devices=None) -> Mesh:
     """A `Mesh` over all devices of all processes (or `devices`), axes (data, fsdp, tensor)."""
     if isinstance(mesh, Mesh):
@@ -163,9 +152,7 @@ def logical_spec(names, shape, mesh: Mesh, what: str | None = None) -> P:
 
 def _param_table(cfg, mesh: Mesh, dtype="float32") -> dict:
     """Flat param path -> (shape, NamedSharding); divisibility errors before any allocation."""
-    from .models.registry import abstract_params
-
-    boxed = abstract_params(cfg, dtype)
+    boxed = registry.abstract_params(cfg, dtype)
     names = traverse_util.flatten_dict(nn.get_partition_spec(boxed))
     shapes = traverse_util.flatten_dict(meta.unbox(boxed))
     return {path: (s.shape, NamedSharding(mesh, logical_spec(tuple(names[path]) or (None,) * len(s.shape), s.shape,
@@ -236,19 +223,9 @@ def shard(model, mesh) -> Any:
 def init_params(cfg, mesh: Mesh, seed: int = 0, dtype="float32"):
     """Sharded random init: eval_shape -> partition specs -> jit(init, out_shardings=...).
     Equal to the single-device init of the same seed (partitionable threefry)."""
-    from .models import registry
-
     module = registry.build(cfg, dtype)
     init = lambda key: meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh, dtype))(jax.random.PRNGKey(seed))
-
-
-def init_random(cfg, mesh, seed: int = 0, dtype="float32"):
-    """`jaxaccel.init_random` with params created already sharded over `mesh`."""
-    from .model import Model
-
-    mesh = build_mesh(mesh)
-    return Model(cfg, init_params(cfg, mesh, seed, dtype), None, dtype, mesh=mesh)
 
 
 def batch_sharding(shape, mesh: Mesh) -> NamedSharding:
@@ -270,9 +247,7 @@ def cache_shardings(cache, mesh: Mesh):
 
 def init_cache(cfg, batch: int, length: int, dtype=jnp.float32, mesh: Mesh | None = None):
     """layers.init_cache, created directly sharded over `mesh` when one is given."""
-    from .layers import init_cache as make
-
-    fn = partial(make, cfg, batch, length, dtype)
+    fn = partial(make_cache, cfg, batch, length, dtype)
     if mesh is None:
         return fn()
     return jax.jit(fn, out_shardings=cache_shardings(jax.eval_shape(fn), mesh))()

@@ -31,7 +31,7 @@ class FastTokenizer:
     def __init__(self, folder, process: bool = False):
         """process=True: tokenizer.json is parsed, and
         every encode/decode runs, in a worker process (tokenizer_worker.py): the parse holds
-        the GIL for ~1 s on Gemma's vocabulary, so the CLI has it done on the other core while
+        the GIL for a noticeable time on a large vocabulary (Gemma's), so the CLI has it done on the other core while
         it traces and compiles the generation program."""
         self.folder = Path(folder)
         if process:

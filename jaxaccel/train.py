@@ -1,4 +1,6 @@
-"""Fine-tuning with optax on the inference graph: train step, optimizers, the `finetune` loop.
+"""Training math with optax on the inference graph: losses, the train step, optimizers, FLOPs.
+Pure functions of (state, batch); the loop that runs them (data, checkpoints, metrics, resume)
+is finetuning.py.
 
 The step differentiates the same `model.module.apply` (cache=None) that inference runs.
 `make_train_step(...)` returns a jitted pure `(state, batch) -> (state, metrics)` that
@@ -15,8 +17,6 @@ accumulation gives exactly the full-batch mean.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,6 @@ from .models import registry
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-class TrainingError(RuntimeError):
-    """Training stopped (non-finite loss / gradients); the message names the step and checkpoint."""
 
 
 @flax.struct.dataclass
@@ -152,7 +148,7 @@ def make_loss_fn(model, task: str, *, compute_dtype=None, lora: lora_lib.LoraCon
             else:
                 out = lora_lib.apply(module, frozen, params, lora, tokens, batch["positions"],
                                      rng=jax.random.fold_in(rng, 1) if train else None, **kw)
-            return out["logits"] if isinstance(out, dict) else out[0]
+            return out.logits
 
         return loss_sums(logits_fn, batch, task, jax.random.fold_in(rng, 0), mask_token_id, model.config.vocab_size)
 
@@ -253,84 +249,7 @@ def flops_per_token(cfg, seq_len: int, trainable_fraction: float = 1.0) -> float
     return matmul + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
 
 
-# --- the fine-tuning loop ---------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class TrainOptions:
-    """Every `finetune` option (CLI flags map onto these fields)."""
-
-    task: str = "sft"
-    steps: int = 100
-    batch_size: int = 8
-    accum: int = 1
-    max_length: int | None = None  # default: the model's max positions, at most 1024
-    pack: bool | None = None  # default: on for sft
-    truncate: bool = False
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "cosine"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    clip: float | None = 1.0
-    compute_dtype: str | None = None  # "bfloat16": bf16 compute on float32 master weights
-    seed: int = 0
-    save_every: int = 100
-    keep: int = 3
-    async_save: bool = True
-    eval_data: Any = None
-    eval_every: int | None = None  # default: save_every
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    quant: str | None = None  # "qat": train through quant.py's QAT dot_general
-    progress: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self):
-        if self.task not in data_lib.TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(data_lib.TASKS)}")
-        for name in ("steps", "batch_size", "accum", "save_every", "keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.accum:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
-        if self.quant not in (None, "qat"):
-            raise ValueError(f"unknown quant mode {self.quant!r} for training; only 'qat' is supported")
-
-    @property
-    def lora(self) -> lora_lib.LoraConfig | None:
-        if not self.lora_rank:
-            return None
-        return lora_lib.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                                   targets=tuple(self.lora_targets))
-
-    def setup(self) -> dict:
-        """What fixes the checkpoint's structure (a resume must match it)."""
-        return {"task": self.task, "optimizer": self.optimizer, "lora": self.lora and asdict(self.lora),
-                "quant": self.quant, "batch_size": self.batch_size, "accum": self.accum, "seed": self.seed,
-                "max_length": self.max_length, "pack": self.pack}
-
-
-def model_meta(model) -> dict:
-    return json.loads(json.dumps(asdict(model.config)))
-
-
 def checkpoint_tree(state: TrainState) -> dict:
     """What a checkpoint holds: everything but the frozen base (reloaded from the model)."""
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": state.rng,
             "data_pos": state.data_pos}
-
-
-def finetune(model, data, *, task: str = "sft", steps: int = 100, out, **options):
-    """Fine-tune `model` (a Model or a checkpoint path) on `data` (a .jsonl/.txt path or rows).
-
-    Writes OUT/checkpoints (orbax; the same call on the same `out` resumes from the latest
-    committed step), OUT/metrics.jsonl (one JSON object per step), OUT/tb (TensorBoard),
-    OUT/lora (adapters alone, under LoRA) and the final model as an HF folder at OUT's root,
-    so `jaxaccel.load(out)` loads the result. Returns the fine-tuned Model.
-    Options: see `TrainOptions`.
-    """
-    from .fit import run
-
-    return run(model, data, TrainOptions(task=task, steps=steps, **options), Path(out))

@@ -44,7 +44,7 @@ def main(mode, coord, nproc, pid, ckpt, out, mesh_text="data=2,fsdp=2,tensor=2")
         distributed.shutdown()
         return
     mesh = sharding.build_mesh(mesh_text)
-    model = sharding.init_random(CFG, mesh, seed=0)
+    model = jaxaccel.init_random(CFG, seed=0, mesh=mesh)
     optimizer = train.make_optimizer("adamw", 1e-2, schedule="constant")
     step_fn = train.make_train_step(model, optimizer, "sft")
     state = sharding.shard_state(train.init_state(model, optimizer), CFG, mesh)

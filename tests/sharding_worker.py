@@ -84,10 +84,10 @@ def main(folder, gguf_file, folder97, dest):
     out["quant_single"] = np.asarray(base.quantize(q).logits(ids))
     out["quant_mesh"] = np.asarray(jaxaccel.load(folder, mesh=jaxaccel.MeshConfig(2, 2, 2)).quantize(q).logits(ids))
     # a float serving folder (the embedded model's cache format) loads sharded too
-    from jaxaccel.checkpoints import quantized
+    from jaxaccel.checkpoints import serving
 
-    serving = quantized.save(base.quantize(jaxaccel.QuantConfig(mode="float32")), Path(dest).parent / "serving")
-    served = jaxaccel.load(serving, mesh=jaxaccel.MeshConfig(1, 2, 4))
+    folder_path = serving.save(base.quantize(jaxaccel.QuantConfig(mode="float32")), Path(dest).parent / "serving")
+    served = jaxaccel.load(folder_path, mesh=jaxaccel.MeshConfig(1, 2, 4))
     out["serving_logits"] = np.asarray(served.logits(ids))
     out["serving_devices"] = np.asarray(len(served.params["lm_head"]["kernel"].sharding.device_set))
     moved = sharding.shard(base, jaxaccel.MeshConfig(2, 2, 2))
@@ -125,7 +125,7 @@ def main(folder, gguf_file, folder97, dest):
     # sharded init == single-device init of the same seed
     mesh = sharding.build_mesh(jaxaccel.MeshConfig(2, 2, 2))
     ref = jaxaccel.init_random(base.config, seed=3).params
-    got = sharding.init_random(base.config, mesh, seed=3).params
+    got = jaxaccel.init_random(base.config, seed=3, mesh=mesh).params
     out["init_max_diff"] = np.asarray(max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                                           for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))))
     out["init_sharded"] = np.asarray(len(got["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set))

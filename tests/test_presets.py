@@ -33,4 +33,4 @@ def test_full_size_preset_eval_shape(name):
     boxed = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, meta.Partitioned))
     assert all(isinstance(x, meta.Partitioned) and len(x.names) == len(x.value.shape) for x in boxed)
     out = jax.eval_shape(lambda p, t: module.apply({"params": p}, t), meta.unbox(shapes), tokens)
-    assert out[0].shape == (1, 8, cfg.vocab_size) and out[0].dtype == jnp.float32
+    assert out.logits.shape == (1, 8, cfg.vocab_size) and out.logits.dtype == jnp.float32

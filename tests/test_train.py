@@ -17,7 +17,7 @@ import transformers
 from flax import traverse_util
 
 import jaxaccel
-from jaxaccel import cli, train
+from jaxaccel import cli, finetuning, train
 from jaxaccel import data as data_lib
 from jaxaccel.checkpoints import hf, store
 from train_util import VOCAB, llama_folder, padded_causal_batch, sft_rows, tokenizer_into, write_jsonl
@@ -263,7 +263,7 @@ def test_long_rows_error_or_truncate_and_count(tiny):
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny, tmp_path):
     _, model = tiny
     out = tmp_path / "out"
-    with pytest.raises(train.TrainingError, match=r"not finite at step (\d+)") as info:
+    with pytest.raises(finetuning.TrainingError, match=r"not finite at step (\d+)") as info:
         jaxaccel.finetune(model, sft_rows(8), steps=20, out=out, optimizer="sgd", lr=1e5, clip=None,
                           schedule="constant", batch_size=4, save_every=1, progress=False, tensorboard=False)
     bad = int(info.value.args[0].split("at step ")[1].split(";")[0])
@@ -277,9 +277,9 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         train.make_optimizer("adam")
     with pytest.raises(ValueError, match="unknown task"):
-        train.TrainOptions(task="dpo")
+        finetuning.TrainOptions(task="dpo")
     with pytest.raises(ValueError, match="divisible by accum"):
-        train.TrainOptions(batch_size=6, accum=4)
+        finetuning.TrainOptions(batch_size=6, accum=4)
 
 
 def test_finetune_classifier_with_eval(tmp_path):

@@ -44,7 +44,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 def check(args, mesh_cfg, cfg) -> dict:
     mesh = sharding.build_mesh(mesh_cfg)
-    m = jaxaccel.load(args.model, mesh=mesh) if args.model else sharding.init_random(cfg, mesh, seed=0)
+    m = jaxaccel.load(args.model, mesh=mesh) if args.model else jaxaccel.init_random(cfg, seed=0, mesh=mesh)
     per_device = sharding.bytes_per_device(m.params)
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (args.batch, args.length)).astype(np.int32)
     logits_s = timed(lambda: m.logits(ids).block_until_ready())

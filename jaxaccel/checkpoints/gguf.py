@@ -38,6 +38,8 @@ import gguf
 from gguf import GGMLQuantizationType
 
 from .gguf_header import GGUFError, _header, _Header, _parse_header, _TensorInfo  # noqa: F401  (re-exported)
+from .hf import load_tensors, with_tokenizer_in_background
+from ..models import registry
 
 __all__ = [
     "SUPPORTED_QUANT_TYPES",
@@ -437,9 +439,6 @@ def gguf_tensor_specs(path: str | os.PathLike, config: dict | None = None) -> li
 
 def load_file(path: str | os.PathLike, dtype="float32", placer=None, mesh=None):
     """A .gguf file -> (ModelConfig, params, tokenizer | None), streaming tensor by tensor."""
-    from ..models import registry
-    from .hf import load_tensors, with_tokenizer_in_background
-
     config = read_gguf_config(path)
     try:
         cfg = registry.config_from_hf(config)

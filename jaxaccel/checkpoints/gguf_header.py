@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .hf import CheckpointError
+from .loaded import CheckpointError
 
 # GGUF versions whose header layout (64-bit counts and lengths) we parse.
 _SUPPORTED_VERSIONS = (2, 3)

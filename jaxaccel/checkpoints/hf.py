@@ -28,12 +28,11 @@ from safetensors.numpy import save_file
 
 from ..config import ModelConfig, resolve_dtype
 from ..models import registry
+from ..sharding import placer as mesh_placer
+from ..tokenizer import FastTokenizer
+from .loaded import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message says which file/tensor and why."""
 
 
 # --- name table ----------------------------------------------------------------------------
@@ -171,8 +170,6 @@ def load_tensors(cfg: ModelConfig, specs: Iterable[tuple[str, tuple[int, ...]]],
     if problems:
         raise CheckpointError(f"{source} does not match the {cfg.family} config: " + " | ".join(problems))
     if mesh is not None:  # shardings (and their divisibility errors) before any data is read
-        from ..sharding import placer as mesh_placer
-
         placer = mesh_placer(cfg, mesh, dtype)
     placer = placer or (lambda path, a: jax.device_put(a))
     flat = {}
@@ -192,8 +189,6 @@ def load_tokenizer(folder: Path, fast: bool = False):
     if not any((folder / n).exists() for n in names):
         return None
     if fast and (folder / "tokenizer.json").is_file():
-        from ..tokenizer import FastTokenizer
-
         return FastTokenizer(folder, process=True)  # parsed in a worker process meanwhile
     from transformers import AutoTokenizer
 

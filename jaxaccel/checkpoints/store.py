@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from .hf import CheckpointError
+from .loaded import CheckpointError
 
 
 def _options(keep: int, best: bool, async_save: bool, read_only: bool = False):

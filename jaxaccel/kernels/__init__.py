@@ -2,28 +2,22 @@
 bfloat16 embedding rows and in-place KV cache writes for the generation loop.
 
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
-reading the weight as stored and spreading the rows of the weight over XLA's intra-op threads.
-With int8 weights (AVX-512 VNNI CPUs; 1-4 rows, 5-8 rows of 1024+ inputs in blocks of 64+,
-and the prefill's 9-512 rows, see `int8_prefill`) it rounds x to int16 per block of 32-128 inputs, within 2^-16 of
-the block's largest |x| (far below int8's own weight error), and multiplies in integers,
-1.4-1.7x faster than widening (the grouped int8 embedding of Gemma 3 270M as its lm_head: 8.2 ->
-5.0 ms a token).
-XLA's own CPU dot gains nothing from fewer bytes at batch 1 (Gemma 3 270M: 17.7 tok/s with
-bfloat16 weights, 18.4 float32, 9.8 int8); with this kernel a decode step reads half (bfloat16)
-or about a quarter (int8) of float32's bytes and runs 1.5-1.8x faster than float32
-(`python -m bench.decode`, and the same with JAXACCEL_CPU_KERNELS=0 for XLA alone).
+reading the weight as stored (XLA's CPU dot widens a bfloat16 or int8 weight to a float32 copy
+first, so fewer bytes buy nothing there) and spreading the rows of the weight over XLA's
+intra-op threads. With int8 weights on AVX-512 VNNI CPUs it rounds x to int16 per block of 32-128
+inputs, within 2^-16 of the block's largest |x| (far below int8's own weight error), and
+multiplies in integers; it also takes the prefill's rows of int8 weights (`int8_prefill`).
 
 `attention.cc` is bidirectional softmax attention within segments (the encoders): it scores only
 the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
 so padding and several texts packed in one row cost nothing (see `attention`). It also holds the
 decode steps' attention (`decode_attention`): one query per row against the KV cache as stored,
-up to the row's current slot (XLA transposed every layer's cache each step and scored all slots).
+up to the row's current slot (XLA transposes every layer's cache each step and scores all slots).
 
 `take.cc` copies the rows of a bfloat16 embedding table for the decode loop (`take_rows`): XLA
-gathers bfloat16 rows from a float32 copy of the whole table and hoists that copy out of the
-loop, so each generate call wrote 671 MB for Gemma 3 before its first token. It also writes the
-KV cache in place (`write_rows`): XLA copied each layer's cache four times per decode step
-(models with one KV head, such as Gemma 3 270M), a cost that grows with the cache's length.
+gathers bfloat16 rows from a float32 copy of the whole table, hoisted out of the loop, so every
+generate call would write the whole table once. It also writes the KV cache in place
+(`write_rows`): XLA's CPU backend copies each layer's cache several times per decode step.
 
 The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
 jaxlib's FFI headers, for this machine's CPU (`-march=native`), and cached under the jaxaccel
@@ -31,21 +25,19 @@ cache folder, keyed by the sources, jaxlib's version, the compiler and the CPU. 
 compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and attention are used (a warning says why
 once).
 
-Only two places turn them on, while tracing, on the CPU backend, for unsharded models: the
-generation engine (`decoding()`: dots of at most `MAX_ROWS` rows, int8 dots of up to
-`INT8_PREFILL_MAX_ROWS` rows on VNNI CPUs, bfloat16 table rows, the KV cache writes, one-query
-attention) and the encoders' programs (`encoding()`: bidirectional attention, computed in
-float32). Training, scoring, prefill's attention and other prefill-sized dots keep XLA's ops.
-The kernels have no gradient: the switches act at trace time, so never trace a function you will
-differentiate inside them (jax's jit cache does not see them). The matvec's sums are deterministic
-(same input, same bits) but ordered differently from XLA's, so decode logits agree with
-`Model.logits` to float rounding (int8 weights: to the int16 rounding of x), not bit for bit.
+Which programs use them is an argument, never a global switch: a module is built with a
+`KernelChoice` (`registry.build(..., kernels=...)`), which every layer carries. The generation
+engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
+(dots of at most `MAX_ROWS` rows, int8 dots of up to `INT8_PREFILL_MAX_ROWS` rows on VNNI CPUs,
+bfloat16 table rows, the KV cache writes, one-query attention); the encoders' programs with
+`KernelChoice(segment_attention=True)`. Training and scoring build theirs without: the kernels
+have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
+differently from XLA's, so decode logits agree with `Model.logits` to float rounding (int8
+weights: to the int16 rounding of x), not bit for bit.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 import os
 import platform
@@ -53,11 +45,14 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ..paths import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc", "take.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
@@ -70,8 +65,6 @@ WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
 FLAGS_ENV = "JAXACCEL_CPU_KERNEL_FLAGS"
 
-_on = contextvars.ContextVar("jaxaccel_cpu_kernels", default=False)
-_attend = contextvars.ContextVar("jaxaccel_cpu_attention", default=False)
 _lock = threading.Lock()
 _loaded: dict = {}  # "ok": bool, "error": str, "path": Path
 
@@ -105,11 +98,9 @@ def _ask_compiler(*args: str) -> str:
 
 def _library_path() -> Path:
     """The cached library's name hashes all it depends on: the source, jaxlib (FFI headers), the
-    compiler, the flags, and what -march=native means on this CPU (as the compiler resolves it;
+    compiler, the flags, and what -march=native means on the CPU at hand (as the compiler resolves it;
     a library built for another CPU of a shared cache folder could crash on an instruction)."""
     import jaxlib
-
-    from ..embedded import cache_dir
 
     key = "\x00".join([*(p.read_text() for p in SOURCES + HEADERS), jaxlib.__version__, _compiler(), _ask_compiler("--version"),
                         " ".join(_flags()), _ask_compiler("-march=native", "-Q", "--help=target"), _cpu_tag()])
@@ -169,7 +160,7 @@ def load() -> bool:
         except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dots
             _loaded.update(ok=False, error=f"{type(e).__name__}: {e}")
             warnings.warn(f"jaxaccel's CPU kernels are unavailable, so decoding uses XLA's dots (bfloat16 / "
-                          f"int8 weights decode about 2-4x slower) and encoders XLA's attention: {_loaded['error']}\n"
+                          f"int8 weights decode several times slower) and encoders XLA's attention: {_loaded['error']}\n"
                           f"Install a C++ compiler (e.g. apt install g++) or set $CXX; set {ENV}=0 to "
                           "silence this.", RuntimeWarning, stacklevel=2)
         return _loaded["ok"]
@@ -187,25 +178,27 @@ def usable(model) -> bool:
     return jax.default_backend() == "cpu" and getattr(model, "mesh", None) is None and load()
 
 
-@contextlib.contextmanager
-def _switch(var: contextvars.ContextVar, on: bool):
-    token = var.set(bool(on))
-    try:
-        yield
-    finally:
-        var.reset(token)
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which CPU kernels a model's programs call, fixed where its module is built
+    (`registry.build(..., kernels=...)`) and carried by every layer.
+
+    decode: the generation loop's kernels: dots of at most MAX_ROWS rows (and int8 prefill rows,
+      see `int8_prefill`), bfloat16 embedding rows, in-place KV cache writes, one-query attention.
+    segment_attention: the encoders' bidirectional attention within segments.
+    The default (both off) is XLA's ops everywhere: training, scoring, sharded models."""
+
+    decode: bool = False
+    segment_attention: bool = False
 
 
-def decoding(on: bool = True):
-    """Within this context (when `on`), traced dots of at most MAX_ROWS rows use the kernel, and
-    so do int8 ones of up to INT8_PREFILL_MAX_ROWS rows on VNNI CPUs (`wants`)."""
-    return _switch(_on, on)
+XLA = KernelChoice()
 
 
 def wants(x2: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> bool:
-    """Should `x2 [M, K] . w` go to the kernel? (inside `decoding()` only: at most MAX_ROWS rows,
-    or any number of rows for int8 weights on the VNNI path, see `int8_prefill`)"""
-    if not (_on.get() and x2.ndim == 2 and w.ndim == 2 and any(w.dtype == d for d in WEIGHT_DTYPES)):
+    """Would `x2 [M, K] . w` go to the kernel in a decode program? (at most MAX_ROWS rows, or more
+    rows for int8 weights on the VNNI path, see `int8_prefill`)"""
+    if not (x2.ndim == 2 and w.ndim == 2 and any(w.dtype == d for d in WEIGHT_DTYPES)):
         return False
     return 1 <= x2.shape[0] <= MAX_ROWS or int8_prefill(x2, w, scale)
 
@@ -215,10 +208,8 @@ def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
     scales [N, G] go to the kernel: on AVX-512 VNNI CPUs, with groups of a multiple of 32 inputs,
     it rounds x to int16 per block as the decode steps do and multiplies in integers, reading
     each weight row once for all rows. XLA instead dequantizes every weight to a float32 temporary
-    on one thread, which also page-faults fresh memory on every call. Gemma 3 270M int8, time to
-    the first token (this 2-core Zen 4): 32-token prompt 189 ms that way, 49 ms this way (float32
-    81 ms); 256 tokens 467 / 315 ms; 512 tokens 837 / 709 ms; at 1,024 both take 2.0 s, so
-    XLA keeps prefills of more than INT8_PREFILL_MAX_ROWS rows."""
+    on one thread, which also page-faults fresh memory on every call. Past INT8_PREFILL_MAX_ROWS
+    rows the two take the same time (measured: `python -m bench.decode`), so XLA keeps those."""
     if scale is None or w.dtype != jnp.int8 or scale.ndim != 2 or not MAX_ROWS < x2.shape[0] <= INT8_PREFILL_MAX_ROWS:
         return False
     K, G = x2.shape[1], scale.shape[1]
@@ -226,9 +217,9 @@ def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
 
 
 def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array | None = None) -> jax.Array | None:
-    """Inside `decoding()`, `x2 [M, K] . w` (int8 w: times `scale`, see `matvec`) through the
-    kernel when it applies (`wants`), else None: the caller uses XLA's dot (prefill: for bfloat16
-    weights, XLA's bfloat16 GEMM with float32 sums, see layers._wide_sums)."""
+    """In a decode program (`KernelChoice.decode`), `x2 [M, K] . w` (int8 w: times `scale`, see
+    `matvec`) through the kernel when it applies (`wants`), else None: the caller uses XLA's dot
+    (prefill: for bfloat16 weights, XLA's bfloat16 GEMM with float32 sums, see layers._wide_sums)."""
     if wants(x2, w, scale):
         return matvec(x2, w, w_in_axis, scale).astype(out_dtype)
     return None
@@ -246,11 +237,11 @@ def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None 
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:
-    """Inside `decoding()`, the rows `ids` (any shape) of a bfloat16 table [V, D] -> [*ids.shape, D]
+    """In a decode program, the rows `ids` (any shape) of a bfloat16 table [V, D] -> [*ids.shape, D]
     through the kernel (`take.cc`: XLA copies the whole table to gather bfloat16 rows and hoists
-    that copy out of the decode loop); else None: the caller uses jnp.take. Ids as jnp.take's:
-    negative ones count from the end, ones still outside [0, V) give NaN rows."""
-    if not (_on.get() and table.ndim == 2 and table.dtype == jnp.bfloat16):
+    that copy out of the decode loop); else (another table) None: the caller uses jnp.take. Ids
+    as jnp.take's: negative ones count from the end, ones still outside [0, V) give NaN rows."""
+    if not (table.ndim == 2 and table.dtype == jnp.bfloat16):
         return None
     flat = ids.reshape(-1).astype(jnp.int32)
     out = jax.ffi.ffi_call("jaxaccel_take_rows", jax.ShapeDtypeStruct((flat.size, table.shape[1]), table.dtype))(table, flat)
@@ -258,21 +249,21 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:
 
 
 def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array) -> jax.Array | None:
-    """Inside `decoding()`, buf [B, S, ...] with rows [B, T, ...] written at slots index[b] ..
-    index[b] + T - 1 of row b, in place (the KV cache update); else None: the caller uses
-    lax.dynamic_update_slice. XLA's CPU backend fuses that update into each of its readers (the
-    new cache and the attention), each on its own copy of the cache: four copies per layer and
-    step. Starts are clamped to [0, S - T] as dynamic_update_slice clamps them."""
-    if not _on.get() or buf.ndim < 2 or rows.shape[0] != buf.shape[0] or rows.shape[2:] != buf.shape[2:]:
+    """In a decode program, buf [B, S, ...] with rows [B, T, ...] written at slots index[b] ..
+    index[b] + T - 1 of row b, in place (the KV cache update); else (shapes it does not take)
+    None: the caller uses lax.dynamic_update_slice. XLA's CPU backend fuses that update into each
+    of its readers (the new cache and the attention), each on its own copy of the cache. Starts
+    are clamped to [0, S - T] as dynamic_update_slice clamps them."""
+    if buf.ndim < 2 or rows.shape[0] != buf.shape[0] or rows.shape[2:] != buf.shape[2:]:
         return None
     call = jax.ffi.ffi_call("jaxaccel_write_rows", jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0})
     return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32))
 
 
 def wants_decode_attention(q: jax.Array, keys: jax.Array, dtype) -> bool:
-    """Should this attention go to the decode kernel? (inside `decoding()`: one query per row, a
+    """Would this attention go to the decode kernel in a decode program? (one query per row, a
     float32 / bfloat16 cache in the model's dtype)"""
-    return (_on.get() and q.ndim == 4 and q.shape[1] == 1 and keys.ndim == 4 and keys.dtype == jnp.dtype(dtype)
+    return (q.ndim == 4 and q.shape[1] == 1 and keys.ndim == 4 and keys.dtype == jnp.dtype(dtype)
             and any(keys.dtype == d for d in (jnp.float32, jnp.bfloat16)))
 
 
@@ -292,16 +283,10 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, index: ja
     return out.reshape(B, 1, N, H)
 
 
-def encoding(on: bool = True):
-    """Within this context, traced bidirectional segment attention (the encoders' programs) uses
-    the kernel (when `on`). Like `decoding()`, a trace-time switch without a gradient."""
-    return _switch(_attend, on)
-
-
 def wants_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    """Should this attention go to the kernel? (inside `encoding()`; the kernel computes in float32
-    whatever the heads' float type)"""
-    return _attend.get() and all(a.ndim == 4 and jnp.issubdtype(a.dtype, jnp.floating) for a in (q, k, v))
+    """Would this attention go to the kernel in an encoder program? (float heads; the kernel
+    computes in float32 whatever their float type)"""
+    return all(a.ndim == 4 and jnp.issubdtype(a.dtype, jnp.floating) for a in (q, k, v))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float) -> jax.Array:

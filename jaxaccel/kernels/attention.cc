@@ -6,7 +6,7 @@
 // query heads share a KV head). Padding queries (segment 0) get zeros.
 //
 // Why: on CPU, XLA computes BERT-shaped attention (32 rows of 64 tokens, 12 heads of 32) as 384
-// small batched matmuls with layout transposes around them, at ~25 GFLOP/s, and scores every
+// small batched matmuls with layout transposes around them, far below the CPU's peak, and scores every
 // (query, key) pair of a row, the masked ones too; when several texts share a row (packing)
 // most pairs are masked. This kernel reads q, k, v in the projections' [B, T, heads, H] layout
 // and scores only the pairs inside a segment, so a row's cost is the sum of its texts' squared
@@ -41,7 +41,8 @@ inline float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;  // e^-87 ~ 1.6e-38: 2^n stays a normal float; NaN stays NaN
   // n = round(x / ln2): adding and subtracting 1.5 * 2^23 rounds to an integer (|x / ln2| < 2^22),
   // and unlike std::floor it lets GCC vectorize the loop
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  constexpr float kLog2e = 1.44269504088896341f;  // 1 / ln2
+  const float n = (x * kLog2e + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // ln2 in two parts
   float p = 1.0f / 720;
   p = p * r + 1.0f / 120;
@@ -109,7 +110,7 @@ float softmax_row(float* __restrict s, int64_t L, int64_t Lp) {
 
 // Rows of q, k, v and out are H floats strided by the heads, which the hardware prefetchers do
 // not follow: each task first asks for all of its rows into L2, then each head for the rows it
-// reads next into L1 (together ~2x faster on short texts).
+// reads next into L1 (together a large gain on short texts; `python -m bench.encoder`).
 constexpr int64_t kAhead = 8;  // positions
 template <int Write = 0, int Locality = 3>
 inline void prefetch(const float* p, int64_t n) {
@@ -227,7 +228,7 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
     }
   }
   // A task takes all KV heads of a segment (its rows of q, k, v and out are read and written
-  // whole, which the caches like; one head per task measured ~2x slower on short segments),
+  // whole, which the caches like; one head per task measured slower on short segments),
   // unless that leaves too few tasks to share among threads: then heads are split.
   const int64_t workers = std::min<int64_t>(pool.num_threads(), jaxaccel::kMaxHelpers + 1);
   const int64_t splits = std::min<int64_t>(KH, (4 * workers + int64_t(job.tasks.size()) - 1) /

@@ -7,7 +7,7 @@
 // bytes of the weights set the speed; this kernel reads bfloat16 or int8 weights as they are
 // stored and widens them to float32 in registers. For int8 weights on CPUs with AVX-512 VNNI, x
 // is instead rounded to int16 per block of 32-128 inputs (2^-16 of the block's largest |x|) and
-// multiplied in int32 (vpdpwssd): 1.4-1.7x faster than widening at 1-4 rows; 5-8 rows take it
+// multiplied in int32 (vpdpwssd), measured faster than widening at 1-4 rows; 5-8 rows take it
 // for long rows only; more than 8 rows (the generation's prefill, int8 only) always take it.
 //
 // Threads: the weight rows are cut into chunks shared by the calling thread and XLA's intra-op
@@ -51,9 +51,8 @@ constexpr int kLanes = 16;  // float32 lanes of one AVX-512 register
 // pass over acc (GCC vectorizes the n loop; measured faster than hand-written AVX-512 here).
 // The four rows of a pass come from the four quarters of [k0, k1), not from one place: four
 // streams in different 4 KiB pages keep more reads in flight than one stream, whose hardware
-// prefetch stops at every page end. In a C++ loop over 512 MiB of Gemma 3's [640, 256] ..
-// [2048, 640] float32 layer weights this read 1.2-2.9x as fast as four adjacent rows on one core,
-// 1.1-1.8x on two; in XLA 1.03-1.5x float32 and 1.2-2.5x bfloat16 (`python -m bench.matvec`
+// prefetch stops at every page end. Measured faster than four adjacent rows for every Gemma 3
+// layer shape, float32 and bfloat16 (`python -m bench.matvec`
 // times each shape against XLA's dot and the read bandwidth).
 template <typename T>
 void kn_chunk(const float* __restrict x, const T* __restrict w, float* __restrict acc, int64_t M,
@@ -161,8 +160,7 @@ constexpr int64_t kMaxVectors = 4096;  // K / 16 limit of the AVX-512 path (K <=
 
 // One row of W at a time, read front to back (interleaving rows measured slower from DRAM: the
 // hardware prefetcher loses the stream), with a software prefetch ~10 KB ahead (short int8
-// rows need more bytes in flight than the out-of-order window keeps: 11 -> 19 GB/s on one
-// core). Group scales multiply the widened weights (one scale per 16-lane vector, expanded per
+// rows need more bytes in flight than the out-of-order window keeps; measured on one core). Group scales multiply the widened weights (one scale per 16-lane vector, expanded per
 // row), so there is one horizontal sum per output. U independent sums hide the FMA latency; M
 // and U known at compile time keep the sums in registers.
 template <int M, int U>
@@ -434,8 +432,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
   if (job.type == WType::kI8) {
     block = QuantizedX::block_for(K / G);
     // 5..8 rows (batched decode): widening measured faster for short rows or blocks of 32
-    // (Gemma 3's grouped lm_head: 22.5 against 26 ms at 8 rows), the VNNI path for rows of
-    // 1024+ inputs in blocks of 64+ (its 2048-input down_proj: 160 against 300 us)
+    // (Gemma 3's grouped lm_head), the VNNI path for rows of 1024+ inputs in blocks of 64+
+    // (its 2048-input down_proj)
     if (M > kVnniMaxRows && M <= kWidenMaxRows && (K < 1024 || block < 64)) block = 0;
   }
 #endif

@@ -24,10 +24,9 @@ class Gemma3Block(LayerModule):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, plus_one=True, name=name, **kw)
         h = norm("input_layernorm")(x)
-        h, cache = Attention(cfg, self.layer, dot_general_cls=self.dot_general_cls, name="self_attn", **kw)(
-            h, positions, segment_ids, cache, index)
+        h, cache = Attention(cfg, self.layer, name="self_attn", **self.shared())(h, positions, segment_ids, cache, index)
         x = x + norm("post_attention_layernorm")(h)
-        h = MLP(cfg, dot_general_cls=self.dot_general_cls, name="mlp", **kw)(norm("pre_feedforward_layernorm")(x))
+        h = MLP(cfg, name="mlp", **self.shared())(norm("pre_feedforward_layernorm")(x))
         x = x + norm("post_feedforward_layernorm")(h)
         return x, cache
 

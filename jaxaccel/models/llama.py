@@ -22,11 +22,10 @@ class LlamaBlock(LayerModule):
     def __call__(self, x, positions, segment_ids=None, cache=None, index=None):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, cache = Attention(cfg, self.layer, dot_general_cls=self.dot_general_cls, name="self_attn", **kw)(
-            h, positions, segment_ids, cache, index)
+        h, cache = Attention(cfg, self.layer, name="self_attn", **self.shared())(h, positions, segment_ids, cache, index)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + MLP(cfg, dot_general_cls=self.dot_general_cls, name="mlp", **kw)(h)
+        x = x + MLP(cfg, name="mlp", **self.shared())(h)
         return x, cache
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig, resolve_dtype
+from ..kernels import XLA, KernelChoice
 from ..layers import DecoderLM
 from . import bert, gemma3, llama
 
@@ -17,7 +18,7 @@ from . import bert, gemma3, llama
 @dataclass(frozen=True)
 class Family:
     """`block` goes into `DecoderLM`, unless the family builds its own module with
-    `build(cfg, dtype, param_dtype, dot_general_cls)`. `hf_name(cfg, path)` overrides the
+    `build(cfg, dtype, param_dtype, dot_general_cls, kernels)`. `hf_name(cfg, path)` overrides the
     generic HF name table (hf.py) and `hf_ignored(cfg)` names checkpoint tensors to read past."""
 
     block: Any
@@ -55,14 +56,19 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return FAMILIES[cfg.family].to_hf(cfg)
 
 
-def build(cfg: ModelConfig, dtype="float32", param_dtype=None, dot_general_cls=None):
-    """The Flax module of `cfg` (compute in `dtype`; params stored in `param_dtype` or `dtype`)."""
+def build(cfg: ModelConfig, dtype="float32", param_dtype=None, dot_general_cls=None, kernels: KernelChoice = XLA):
+    """The Flax module of `cfg` (compute in `dtype`; params stored in `param_dtype` or `dtype`).
+
+    dot_general_cls: the matmul factory (quant.dot_general_cls; None: XLA's dots in `dtype`).
+    kernels: which CPU kernels its programs call (kernels.KernelChoice; default none: XLA's ops,
+    as training needs). Only the generation engine and the encoder programs ask for them."""
     dtype = resolve_dtype(dtype)
     param_dtype = resolve_dtype(param_dtype) if param_dtype else dtype
     family = FAMILIES[cfg.family]
     if family.build is not None:
-        return family.build(cfg, dtype, param_dtype, dot_general_cls)
-    return DecoderLM(cfg, family.block, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls)
+        return family.build(cfg, dtype, param_dtype, dot_general_cls, kernels)
+    return DecoderLM(cfg, family.block, dtype=dtype, param_dtype=param_dtype, dot_general_cls=dot_general_cls,
+                     kernels=kernels)
 
 
 _FIRST_LAYER = re.compile(r"^(layers?)_0$")  # "layers_0" (decoders), "layer_0" (BERT)
@@ -73,8 +79,8 @@ def abstract_params(cfg: ModelConfig, dtype="float32", dot_general_cls=None, eve
 
     Traces a one-layer copy of the model and repeats its layer entry for every layer: all layers
     of a family hold the same params (only their attention window / rope differ), and tracing
-    one instead of all of them is what makes a warm load fast (0.02 s instead of 0.4 s for
-    Gemma 3 270M). `tests/test_fast_start.py` checks this against tracing the whole model.
+    one instead of all of them is what makes a warm load fast (tracing is pure Python, and grows
+    with the layer count). `tests/test_fast_start.py` checks this against tracing the whole model.
     every_layer=True traces them all: when a layer's params depend on its path (quantization
     rules that name layers).
     """

@@ -1,4 +1,4 @@
-"""Quantized (and float "serving") checkpoints: a folder `jaxaccel.load` serves as stored.
+"""Serving folders: quantized (or float) params in our own layout, which `jaxaccel.load` serves as stored.
 
   config.json         the HF config of the architecture (as an HF folder has)
   quant_config.json   {"format": "jaxaccel-quantized", "version": 1, "dtype": ..., "quant": QuantConfig}
@@ -15,7 +15,7 @@ every tensor 64-byte aligned in the file, so loading memory-maps it: on CPU each
 mapped file (copy-on-write, zero copies; pages come in as the first call touches them), on an
 accelerator it is one host-to-device copy. A float model is stored the same way with a float mode
 (`QuantConfig(mode="float32")`): the embedded default model's cache is such a folder, which is how
-a warm `jaxaccel generate` has its 1 GB of params in a few milliseconds.
+a warm `jaxaccel generate` has its params without reading or copying them.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
 from .. import quant
 from ..models import registry
 from ..config import resolve_dtype
-from .hf import CheckpointError, load_tokenizer, read_config, with_tokenizer_in_background
+from ..sharding import placer
+from .loaded import CheckpointError, Loaded
+from .hf import load_tokenizer, read_config, with_tokenizer_in_background
 
 FORMAT, VERSION, META = "jaxaccel-quantized", 1, "quant_config.json"
 
@@ -44,8 +47,16 @@ def is_quantized_folder(path: Path) -> bool:
     return path.is_dir() and (path / META).is_file()
 
 
+def serving_shapes(config, cfg: quant.QuantConfig, dtype="float32") -> dict:
+    """"/"-joined path -> ShapeDtypeStruct of the serving params of `config` under `cfg`."""
+    shapes = registry.abstract_params(config, dtype, quant.dot_general_cls(cfg, serving=True),
+                                      every_layer=bool(cfg.rules))
+    return traverse_util.flatten_dict(nn.unbox(shapes), sep="/")
+
+
 def save(model, out_dir) -> Path:
-    """Write `model` (from `Model.quantize`) as a quantized checkpoint folder, atomically."""
+    """Write `model` (a Model from `Model.quantize`, or anything with its config, params,
+    tokenizer, dtype and quant) as a serving folder, atomically."""
     if model.quant is None:
         raise ValueError("this model is not quantized: call model.quantize(QuantConfig(...)) first, "
                          "or save_hf() to export float weights")
@@ -84,11 +95,9 @@ def read_meta(folder: Path) -> tuple[str, quant.QuantConfig]:
                               "re-create it with `jaxaccel quantize`") from None
 
 
-def load_model(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32"):
-    """`jaxaccel.load` of a quantized folder: a Model serving the stored ints (no re-quantizing).
+def load_folder(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32"):
+    """A serving folder -> `Loaded` parts of a model serving the stored ints (no re-quantizing).
     A float32 folder is the plain float model; `dtype` casts it (e.g. bfloat16), as for HF folders."""
-    from ..model import Model
-
     folder = Path(folder)
     _, cfg = read_config(folder)
     requested, (stored, qcfg) = dtype, read_meta(folder)
@@ -101,8 +110,6 @@ def load_model(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32")
         check(flat, cfg, qcfg, stored, folder)
         if mesh is None:
             return traverse_util.unflatten_dict({k: jax.device_put(v) for k, v in flat.items()}, sep="/")
-        from ..sharding import placer
-
         place = placer(cfg, mesh, stored)
         return traverse_util.unflatten_dict({tuple(k.split("/")): place(tuple(k.split("/")), v)
                                              for k, v in flat.items()})
@@ -112,8 +119,8 @@ def load_model(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32")
         want = jnp.dtype(resolve_dtype(requested))
         if want != jnp.float32:
             p = jax.tree.map(lambda x: x.astype(want), p)
-        return Model(cfg, p, tok, want.name, mesh=mesh)
-    return Model(cfg, p, tok, stored, dot_general_cls=quant.dot_general_cls(qcfg, serving=True), quant=qcfg, mesh=mesh)
+        return Loaded(cfg, p, tok, want.name, mesh=mesh)
+    return Loaded(cfg, p, tok, stored, quant=qcfg, mesh=mesh)
 
 
 def check(flat: dict, cfg, qcfg: quant.QuantConfig, dtype: str, folder: Path) -> None:
@@ -122,7 +129,7 @@ def check(flat: dict, cfg, qcfg: quant.QuantConfig, dtype: str, folder: Path) ->
            f"quantize_embedding {qcfg.quantize_embedding}) and config.json; re-create the checkpoint with "
            "`jaxaccel quantize` instead of editing it")
     try:
-        expected = quant.serving_shapes(cfg, qcfg, dtype)
+        expected = serving_shapes(cfg, qcfg, dtype)
     except ValueError as e:
         raise CheckpointError(f"{why}: {e}") from None
     missing, extra = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))

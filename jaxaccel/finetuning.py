@@ -1,12 +1,12 @@
-"""The `finetune` loop: data -> jitted train step -> metrics (jsonl + TensorBoard) -> orbax
-checkpoints -> HF export. Exact resume: the state (params, optimizer state, step, rng, data
-position) is all a step depends on, and metrics.jsonl is cut back to the resumed step, so an
-interrupted-and-resumed run writes the same loss curve and final params as an uninterrupted one.
+"""Fine-tuning: `finetune(model, data, ...)` and its options (`TrainOptions`): data -> jitted
+train step (train.py) -> metrics (jsonl + TensorBoard) -> orbax checkpoints -> HF export.
+Exact resume: the state (params, optimizer state, step, rng, data position) is all a step
+depends on, and metrics.jsonl is cut back to the resumed step, so an interrupted-and-resumed run
+writes the same loss curve and final params as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -14,15 +14,97 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed
+from . import distributed, quant, sharding
 from . import lora as lora_lib
 from . import train as T
+from .checkpoints.store import Store
+from .model import Model, load
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (non-finite loss / gradients); the message names the step and checkpoint."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """Every `finetune` option (CLI flags map onto these fields)."""
+
+    task: str = "sft"
+    steps: int = 100
+    batch_size: int = 8
+    accum: int = 1
+    max_length: int | None = None  # default: the model's max positions, at most 1024
+    pack: bool | None = None  # default: on for sft
+    truncate: bool = False
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup: int = 0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    clip: float | None = 1.0
+    compute_dtype: str | None = None  # "bfloat16": bf16 compute on float32 master weights
+    seed: int = 0
+    save_every: int = 100
+    keep: int = 3
+    async_save: bool = True
+    eval_data: Any = None
+    eval_every: int | None = None  # default: save_every
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    quant: str | None = None  # "qat": train through quant.py's QAT dot_general
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.task not in data_lib.TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(data_lib.TASKS)}")
+        for name in ("steps", "batch_size", "accum", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
+        if self.quant not in (None, "qat"):
+            raise ValueError(f"unknown quant mode {self.quant!r} for training; only 'qat' is supported")
+
+    @property
+    def lora(self) -> lora_lib.LoraConfig | None:
+        if not self.lora_rank:
+            return None
+        return lora_lib.LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                                   targets=tuple(self.lora_targets))
+
+    def setup(self) -> dict:
+        """What fixes the checkpoint's structure (a resume must match it)."""
+        return {"task": self.task, "optimizer": self.optimizer, "lora": self.lora and asdict(self.lora),
+                "quant": self.quant, "batch_size": self.batch_size, "accum": self.accum, "seed": self.seed,
+                "max_length": self.max_length, "pack": self.pack}
+
+
+def model_meta(model) -> dict:
+    return json.loads(json.dumps(asdict(model.config)))
+
+
+def finetune(model, data, *, task: str = "sft", steps: int = 100, out, **options):
+    """Fine-tune `model` (a Model or a checkpoint path) on `data` (a .jsonl/.txt path or rows).
+
+    Writes OUT/checkpoints (orbax; the same call on the same `out` resumes from the latest
+    committed step), OUT/metrics.jsonl (one JSON object per step), OUT/tb (TensorBoard),
+    OUT/lora (adapters alone, under LoRA) and the final model as an HF folder at OUT's root,
+    so `jaxaccel.load(out)` loads the result. Returns the fine-tuned Model.
+    Options: see `TrainOptions`.
+    """
+    return run(model, data, TrainOptions(task=task, steps=steps, **options), Path(out))
 
 
 class MetricsLog:
@@ -67,7 +149,7 @@ _TB = None
 
 
 def tensorboard_module(background: bool = False):
-    """tensorboardX, imported once; it imports torch when installed (~2 s), so `run` starts the
+    """tensorboardX, imported once; it imports torch when installed (slow), so `run` starts the
     import in a thread (background=True) that overlaps loading and compiling."""
     global _TB
     if _TB is None:
@@ -92,8 +174,6 @@ def export(model, out: Path) -> None:
 def _quant_dot(mode):
     if mode is None:
         return None
-    from . import quant
-
     return quant.dot_general_cls(quant.QuantConfig(mode=mode))
 
 
@@ -105,11 +185,8 @@ def _evaluate(eval_fn, state, ds, place) -> float:
     return s / max(n, 1.0)
 
 
-def run(model, data, opts: T.TrainOptions, out: Path):
-    from .checkpoints import load
-    from .checkpoints.store import Store
-    from .model import Model
-
+def run(model, data, opts: TrainOptions, out: Path):
+    """The loop behind `finetune` (see there)."""
     if opts.tensorboard:
         tensorboard_module(background=True)
     if not isinstance(model, Model):
@@ -140,15 +217,13 @@ def run(model, data, opts: T.TrainOptions, out: Path):
     state = T.init_state(model, optimizer, opts.seed, opts.lora)
     mesh = model.mesh
     if mesh is not None:  # params, optimizer state and batches over the mesh (see sharding.RULES)
-        from . import sharding
-
         state = sharding.shard_state(state, cfg, mesh)
         place = lambda batch: sharding.shard_batch(batch, mesh)
     else:
         place = lambda batch: batch
 
     out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "checkpoints", {"model": T.model_meta(model), "setup": opts.setup()},
+    store = Store(out / "checkpoints", {"model": model_meta(model), "setup": opts.setup()},
                   save_every=opts.save_every, keep=opts.keep, best=eval_ds is not None, async_save=opts.async_save)
     start = store.latest_step() or 0
     if start:
@@ -173,7 +248,7 @@ def run(model, data, opts: T.TrainOptions, out: Path):
             if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m.pop("params_finite", 1.0)):
                 store.wait()
                 last = store.latest_step()
-                raise T.TrainingError(
+                raise TrainingError(
                     f"loss {m['loss']} (grad norm {m['grad_norm']}) or the updated params are not finite at step {s}; "
                     "stopped without "
                     f"saving that step. The last good checkpoint is "
@@ -229,57 +304,3 @@ def summary(model, out: Path) -> str:
     rows.append(("model", str(out)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-# --- command line (`jaxaccel finetune`): flags map onto TrainOptions ----------------------------
-def add_arguments(sp):
-    sp.add_argument("--model", required=True, help="HF folder or .gguf file to fine-tune")
-    sp.add_argument("--data", required=True, help="train.jsonl ({prompt,completion} | {text,label} | {text}) or .txt")
-    sp.add_argument("--eval", dest="eval_data", help="eval data (same format); best checkpoint by eval loss is kept")
-    sp.add_argument("--task", default="sft", choices=list(data_lib.TASKS))
-    sp.add_argument("--out", required=True, help="output folder; rerunning with the same --out resumes")
-    sp.add_argument("--optimizer", default="adamw", choices=list(T.OPTIMIZERS))
-    sp.add_argument("--lr", type=float, default=1e-4)
-    sp.add_argument("--schedule", default="cosine", choices=list(T.SCHEDULES))
-    sp.add_argument("--warmup", type=int, default=0)
-    sp.add_argument("--weight-decay", type=float, default=0.0)
-    sp.add_argument("--clip", type=float, default=1.0, help="global-norm clipping (0: off)")
-    sp.add_argument("--steps", type=int, default=100)
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
-    sp.add_argument("--max-length", type=int)
-    sp.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None)
-    sp.add_argument("--truncate", action="store_true", help="cut over-long rows (counted) instead of failing")
-    sp.add_argument("--save-every", type=int, default=100)
-    sp.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints (plus the best by eval loss)")
-    sp.add_argument("--lora-rank", type=int, default=0)
-    sp.add_argument("--lora-alpha", type=float, default=16.0)
-    sp.add_argument("--lora-dropout", type=float, default=0.0)
-    sp.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projection names")
-    sp.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="bfloat16: mixed precision")
-    sp.add_argument("--quant", choices=["qat"], help="quantization-aware training; the export holds the float weights: serve them "
-                    "quantized with `jaxaccel quantize --model OUT --mode qat --out DIR` (the same forward)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-                    help="write TensorBoard events to OUT/tb (metrics.jsonl is always written)")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="master-weight dtype")
-    from .sharding import add_mesh_argument
-
-    add_mesh_argument(sp)
-    return sp
-
-
-def cli_main(args) -> int:
-    from .checkpoints import load
-
-    model = load(args.model, dtype=args.dtype, fast_tokenizer=args.task == "sft", mesh=args.mesh)
-    keys = ("eval_data", "optimizer", "lr", "schedule", "warmup", "weight_decay", "batch_size", "accum",
-            "max_length", "pack", "truncate", "save_every", "keep", "lora_rank", "lora_alpha", "lora_dropout",
-            "compute_dtype", "quant", "seed", "tensorboard")
-    opts = {k: getattr(args, k) for k in keys}
-    opts.update(clip=args.clip or None, lora_targets=tuple(args.lora_targets.split(",")))
-    out = Path(args.out)
-    T.finetune(model, args.data, task=args.task, steps=args.steps, out=out, **opts)
-    if distributed.is_main():
-        print(summary(model, out))
-    return 0

@@ -1,11 +1,11 @@
-"""Traced programs kept on disk with `jax.export`, so a warm process skips Python tracing.
+"""Programs cached on disk: traced programs kept with `jax.export`, so a warm process skips
+Python tracing, and XLA's persistent compilation cache, so it skips compiling.
 
-Tracing the generation program of an 18-layer model takes about a second of pure Python
-(flax modules, jnp calls), every process start, before XLA's persistent compilation cache can
-even be asked for the executable. `lower_cached` saves the traced program (StableHLO, ~0.4 MB;
-params are arguments, not constants) the first time and deserializes it afterwards; compiling
-it then hits the XLA cache. The CLI turns this on with the compilation cache
-(`embedded.enable_compilation_cache`); the Python API traces as usual unless
+Tracing the generation program of a model with many layers is pure Python (flax modules, jnp
+calls) that runs at every process start, before XLA's persistent compilation cache can even be
+asked for the executable. `lower_cached` saves the traced program (StableHLO; params are
+arguments, not constants) the first time and deserializes it afterwards; compiling it then hits
+the XLA cache. The CLI turns both on (`enable`); the Python API traces as usual unless
 `set_folder(path)` is called.
 
 The file name is a hash of everything the program depends on: the caller's key (model config,
@@ -36,6 +36,7 @@ import jaxlib
 import numpy as np
 
 from . import kernels
+from .paths import cache_dir
 
 _folder: Path | None = None
 COMPILER_OPTIONS: dict[str, dict[str, Any]] = {}
@@ -43,6 +44,17 @@ COMPILER_OPTIONS: dict[str, dict[str, Any]] = {}
 
 def _compile(lowered):
     return lowered.compile(COMPILER_OPTIONS.get(jax.default_backend()) or None)
+
+
+def enable() -> Path:
+    """Turn on XLA's persistent compilation cache (warm starts skip compiling) and the saved
+    traces (warm starts skip tracing), both under the cache folder; returns XLA's folder."""
+    set_folder(cache_dir() / "programs")
+    path = cache_dir() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def set_folder(path) -> None:

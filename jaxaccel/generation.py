@@ -1,0 +1,165 @@
+"""The public generation API: `generate` (text in, text out, streaming, stop strings),
+`generate_tokens` (ids), `prepare` (compile ahead). Checks every argument before any device
+work, then runs the model's `engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .engine import Engine
+from .sampling import Sampler
+from .streaming import TextStreamer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = float("nan")
+    total_time: float = float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.time_to_first_token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding."""
+        return max(self.generated_tokens - 1, 0) / max(self.total_time - self.time_to_first_token, 1e-9)
+
+
+def _engine(model) -> Engine:
+    eng = model.__dict__.get("_engine")
+    if eng is None:
+        eng = model.__dict__["_engine"] = Engine(model)
+    return eng
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.config.eos_token_id
+    ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
+    tok = model.tokenizer
+    if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+        ids.append(int(tok.eos_token_id))
+    return sorted(set(ids))
+
+
+def encode_prompts(model, prompts) -> list[list[int]]:
+    """Strings (tokenized with the model's tokenizer, BOS added as it specifies) or id lists."""
+    if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        raise TypeError("prompts must be a list of prompts (strings or token-id lists), not a single prompt")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
+            ids = list(model.tokenizer(p)["input_ids"])
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        model.check_tokens(np.asarray(ids, np.int64))
+        out.append(ids)
+    return out
+
+
+def make_sampler(model, temperature: float, top_k: int | None, top_p: float | None) -> Sampler:
+    greedy = temperature == 0.0
+    top_k = None if greedy or top_k is None else min(int(top_k), model.config.vocab_size)
+    return Sampler(greedy=greedy, top_k=top_k, top_p=(not greedy and top_p is not None and top_p < 1.0))
+
+
+def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32, temperature: float = 0.0,
+            top_k: int | None = None, top_p: float | None = None) -> None:
+    """Trace the program that `generate` with these settings will run (its bucket of
+    `prompt_tokens`) and compile it in a thread; returns after tracing. Optional: generate
+    compiles on demand, and waits for a compile already in progress."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _engine(model).prepare(n_prompts, prompt_tokens, max_new_tokens, make_sampler(model, temperature, top_k, top_p))
+
+
+def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed=0,
+                    host_step: Callable | None = None) -> list[list[int]]:
+    """Token-level generation: prompts (strings or id lists) -> generated ids per prompt.
+
+    The ids stop after the first EOS (which is included) or at `max_new_tokens`.
+    `seed` is an int for all rows or one int per prompt; a row's samples depend only on its
+    own seed, so the same seed gives the same tokens whatever else is in the batch.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    return _generate_ids(model, encode_prompts(model, prompts), max_new_tokens, temperature, top_k, top_p, seed,
+                         host_step)
+
+
+def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, host_step) -> list[list[int]]:
+    """`generate_tokens` for prompts already encoded and checked (`encode_prompts`)."""
+    limit = model.config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{len(p) + max_new_tokens} positions but the model has {limit}; shorten the prompt "
+                "or lower max_new_tokens")
+    seeds = [int(seed)] * len(ids) if np.isscalar(seed) else [int(s) for s in seed]
+    if len(seeds) != len(ids):
+        raise ValueError(f"got {len(seeds)} seeds for {len(ids)} prompts")
+    sampler = make_sampler(model, temperature, top_k, top_p)
+    eos = _eos_ids(model)
+    out = _engine(model).run(ids, max_new_tokens, sampler, temperature, top_p, seeds, eos, host_step)
+    result = []
+    for row in out:
+        row = row.tolist()
+        stop = next((j for j, t in enumerate(row) if t in eos), None)
+        result.append(row if stop is None else row[: stop + 1])
+    return result
+
+
+def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed=0,
+             stop: Sequence[str] | str | None = None,
+             stream: Callable[[int, str], Any] | None = None,
+             stats: GenerationStats | None = None) -> list[str]:
+    """Generate continuations (prompt excluded) of each prompt.
+
+    prompts: list of strings or token-id lists. temperature 0 = greedy. stop: strings that end
+    a row (excluded from the text). stream(i, text) receives new text of prompt i as it is
+    produced. Pass a `GenerationStats` to get time to first token and throughput.
+    """
+    if model.tokenizer is None:
+        raise ValueError("generate() returns text and needs a tokenizer; this model has none. "
+                         "Use jaxaccel.generate_tokens() for token ids.")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stop):
+        raise ValueError("stop strings must be non-empty")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    ids = encode_prompts(model, prompts)
+    streamer = TextStreamer(model, len(ids), stop, stream, _eos_ids(model))
+    start = time.perf_counter()
+    _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, streamer)
+    texts = streamer.flush()
+    end = time.perf_counter()
+    if stats is not None:
+        stats.prompt_tokens = sum(len(p) for p in ids)
+        stats.generated_tokens = sum(len(r) for r in streamer.ids)
+        stats.time_to_first_token = (streamer.first_token_at or end) - start
+        stats.total_time = end - start
+    return texts
