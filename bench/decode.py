@@ -22,7 +22,7 @@ How each number is taken
 Roofline: bytes a decode step must read = weights actually read (all parameters, except
 that an untied input-embedding table only contributes B rows) + the KV cache of the tokens
 attended to, averaged over the decode steps. Bandwidth = host memory bandwidth (--roofline-bw:
-copy, the default, or read) sampled right before each timed run (`BandwidthProbe`; the median of
+copy, the default, or read) sampled right before each timed run (`bench.common.BandwidthProbe`; the median of
 one implementation's samples gives its row's roofline: a VM's bandwidth can move 2x within
 minutes, so the start-of-run figure, also printed and in the JSON, can be far from the minutes a
 row was timed in). Roofline tok/s = B * bandwidth / bytes per step. "% read roof" divides the
@@ -31,7 +31,7 @@ only reads, and on some machines reading alone cannot reach the copy figure.
 The KV cache jaxaccel really reads (it attends over every preallocated slot) is in the JSON.
 
 On an accelerator (jax's default backend is not the CPU) the bandwidth samples are the device
-memory's (`DeviceBandwidthProbe`: jitted copy and sum), transformers runs on the GPU when torch
+memory's (`bench.common.DeviceBandwidthProbe`: jitted copy and sum), transformers runs on the GPU when torch
 sees one, and "% peak BW" is the MBU: bytes read per second over the datasheet bandwidth
 (--peak-bw; H200 4.8 TB/s). The GGUF cannot travel to a lent GPU machine, so its runs use
 `--models gemma-random`: Gemma 3 270M's shapes, random weights (speed does not depend on them).
@@ -55,83 +55,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+try:
+    from bench.common import (BandwidthProbe, DeviceBandwidthProbe, flags_text, format_table, machine_info,
+                              random_config, random_model, write_json)
+except ImportError:  # run as a script: python bench/decode.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.common import (BandwidthProbe, DeviceBandwidthProbe, flags_text, format_table, machine_info,
+                              random_config, random_model, write_json)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "decode_quick.json"
 
 MODELS = ("random", "gemma", "gemma-random")
-# "(a) ~56M Llama-style random model"
-RANDOM_CONFIG = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
-                     num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
-                     max_position_embeddings=2048, rms_norm_eps=1e-5, eos_token_id=None)
 
 
-# --- machine --------------------------------------------------------------------------------
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import jax
-    import torch
-    import transformers
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    mem = None
-    try:
-        import psutil
-
-        mem = psutil.virtual_memory().total
-    except ImportError:
-        pass
-    dev = jax.devices()[0]
-    accel = None if dev.platform == "cpu" else {"platform": dev.platform, "kind": dev.device_kind,
-                                                 "count": jax.device_count()}
-    return {
-        "accelerator": accel,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "memory_bytes": mem,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "jax": jax.__version__,
-        "jax_devices": [str(d) for d in jax.devices()],
-        "torch": torch.__version__,
-        "torch_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_num_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-    }
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
+# --- bandwidth ------------------------------------------------------------------------------
 def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
     """Host memory bandwidth (bytes/s), best of `repeats`, single-threaded and with one thread
     per core (numpy releases the GIL in copies and reductions).
@@ -141,94 +89,6 @@ def memory_bandwidth(nbytes: int, repeats: int = 5) -> dict:
     """
     with BandwidthProbe(nbytes) as probe:
         return probe.measure(repeats, single_thread=True)
-
-
-class _Probe:
-    """What both probes share: a context manager; `sample()` = copy and read, best of SAMPLES."""
-
-    SAMPLES = 2
-
-    def __enter__(self):
-        return self
-
-    def sample(self) -> dict:
-        m = self.measure(self.SAMPLES)
-        return {"copy": m["copy"], "read": m["read"]}
-
-
-class BandwidthProbe(_Probe):
-    """Copy and read bandwidth of `nbytes` float32 arrays kept between samples, so that a short
-    sample can be taken right before each timed run: this VM's bandwidth moves up to 2x within
-    minutes, so a roofline from one start-of-run sample says as much about the minute as about
-    the code. `sample()` is the all-threads copy and read, best of 2 (~0.3 s at 1 GiB)."""
-
-    def __init__(self, nbytes: int):
-        n = nbytes // 4
-        self.src = np.ones(n, np.float32)
-        self.dst = np.empty_like(self.src)
-        np.copyto(self.dst, self.src)  # fault the pages in
-        self.threads = os.cpu_count() or 1
-        self.slices = [slice(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), self.threads) if len(c)]
-        self.pool = ThreadPoolExecutor(self.threads)
-
-    def __exit__(self, *exc):
-        self.pool.shutdown()
-
-    def _par(self, f):
-        return list(self.pool.map(f, self.slices))
-
-    def _copy(self, s):
-        np.copyto(self.dst[s], self.src[s])
-
-    def _read(self, s):
-        return self.src[s].sum()
-
-    def measure(self, repeats: int, single_thread: bool = False) -> dict:
-        src, dst = self.src, self.dst
-        out = {"array_bytes": int(src.nbytes), "repeats": repeats, "threads": self.threads}
-        if single_thread:
-            out["copy_1thread"] = 2 * src.nbytes / best_of(lambda: np.copyto(dst, src), repeats)
-            out["read_1thread"] = src.nbytes / best_of(lambda: src.sum(), repeats)
-        out["copy_all_threads"] = 2 * src.nbytes / best_of(lambda: self._par(self._copy), repeats)
-        out["read_all_threads"] = src.nbytes / best_of(lambda: self._par(self._read), repeats)
-        out["copy"] = max(out["copy_all_threads"], out.get("copy_1thread", 0.0))
-        out["read"] = max(out["read_all_threads"], out.get("read_1thread", 0.0))
-        return out
-
-
-class DeviceBandwidthProbe(_Probe):
-    """BandwidthProbe's figures for an accelerator's own memory (GPU / TPU runs): copy = 2 * bytes
-    / time of a jitted `x * 2` over `nbytes` float32, read = bytes / time of a jitted sum. Each
-    figure is the best of `repeats` timings of LOOP back-to-back calls (dispatch is asynchronous,
-    so the per-call launch cost hides behind the previous call), divided by LOOP."""
-
-    LOOP = 10
-    SAMPLES = 3
-
-    def __init__(self, nbytes: int):
-        import jax
-        import jax.numpy as jnp
-
-        self.x = jnp.ones(nbytes // 4, jnp.float32)
-        self.device = str(self.x.devices().pop())
-        self._copy, self._read = jax.jit(lambda x: x * 2), jax.jit(jnp.sum)
-        for f in (self._copy, self._read):
-            f(self.x).block_until_ready()  # compile
-
-    def __exit__(self, *exc):
-        del self.x
-
-    def _seconds(self, f, repeats: int) -> float:
-        def run():
-            for _ in range(self.LOOP):
-                out = f(self.x)  # one result alive at a time: 4 GiB stays 4 GiB more, not 40
-            out.block_until_ready()
-        return best_of(run, repeats) / self.LOOP
-
-    def measure(self, repeats: int, single_thread: bool = False) -> dict:
-        n = self.x.nbytes
-        return {"array_bytes": int(n), "repeats": repeats, "device": self.device, "calls_per_timing": self.LOOP,
-                "copy": 2 * n / self._seconds(self._copy, repeats), "read": n / self._seconds(self._read, repeats)}
 
 
 def probe_class():
@@ -266,32 +126,6 @@ def datasheet_bandwidth(machine: dict) -> float | None:
 
 
 # --- models ---------------------------------------------------------------------------------
-def random_config(name: str):
-    """The random-weight models' configs: "random" (the issue's ~56M Llama), "gemma-random"
-    (Gemma 3 270M's shapes, for machines the GGUF cannot be taken to)."""
-    import jaxaccel
-    from jaxaccel.presets import preset
-
-    return jaxaccel.ModelConfig(**RANDOM_CONFIG) if name == "random" else preset("gemma3-270m")
-
-
-def random_model(config):
-    """float32 random weights initialised on the CPU where jax has one, then put on the default
-    device: the bench's Gemma 3 270M-shaped model took 48-56 s to load with its init on an H200
-    (XLA compiles it there), ~8 s on this 2-core CPU."""
-    import jax
-
-    import jaxaccel
-
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:  # JAX_PLATFORMS without cpu
-        cpu = jax.devices()[0]
-    with jax.default_device(cpu):
-        model = jaxaccel.init_random(config, seed=0, dtype="float32")
-    return dataclasses.replace(model, params=jax.device_put(model.params, jax.devices()[0]))
-
-
 def load_models(name: str, tmp: Path):
     """-> (display name, jaxaccel Model without tokenizer / EOS, HF folder for transformers, info)."""
     import jaxaccel
@@ -386,7 +220,7 @@ def _timed_runs(ttft_once, total_once, repeats: int, probe: BandwidthProbe | Non
 
 def bench_jax(model, prompts, new_tokens: int, repeats: int, stream: bool, probe=None, sampling=None) -> dict:
     """sampling: generate_tokens' temperature / top_k / top_p (default greedy), seed 0 per row."""
-    from jaxaccel.engine import generate_tokens
+    from jaxaccel.generation import generate_tokens
 
     sampling = sampling or {"temperature": 0.0}
 
@@ -504,21 +338,6 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
             "rows_identical": sum(p == len(x) == len(y) for p, x, y in zip(pre, a, b))}
 
 
-# --- output ---------------------------------------------------------------------------------
-def write_json(doc: dict, path) -> None:
-    """Write a benchmark's results (bench/results/ by default) and say where."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
-def fmt_table(rows: list[list[str]], header: list[str]) -> str:
-    from jaxaccel.quant import format_table  # the package's one table formatter
-
-    return format_table(header, rows)
-
-
 def table_rows(results: list[dict], mbu: bool = False) -> tuple[list[str], list[list[str]]]:
     """One row per implementation; with `mbu`, a last column "% peak BW": bytes read per second
     over the datasheet bandwidth (model bandwidth utilization)."""
@@ -561,7 +380,7 @@ def main(argv=None):
     ap.add_argument("--bw-mib", type=int, default=None, help="array size for the bandwidth test (default 1024)")
     ap.add_argument("--probe-mib", type=int, default=None,
                     help="array size for the bandwidth samples taken before each timed run (default: --bw-mib; "
-                         "on a VM the copy figure can depend on it: 256 MiB gave ~30%% less than 1024 here)")
+                         "on a VM the copy figure can depend on it)")
     ap.add_argument("--roofline-bw", choices=("copy", "read"), default="copy",
                     help="bandwidth used for the roofline: copy (2*bytes/time of np.copyto, default) or "
                          "read (bytes/time of arr.sum())")
@@ -627,7 +446,7 @@ def main(argv=None):
                                          else "cpu")
     load_before = os.getloadavg()
     print(f"machine: {machine['cpu']}, {machine['cpu_count']} cores ({machine['cpus_usable']} usable), "
-          f"{(machine['memory_bytes'] or 0) / 2**30:.0f} GiB")
+          f"{(machine['memory_bytes'] or 0) / 2**30:.0f} GiB; {flags_text(machine)}")
     if accel:
         source = "--peak-bw" if args.peak_bw else "datasheet" if peak_bw else "unknown part: give --peak-bw GB/s"
         print(f"accelerator: {accel['count']} x {accel['kind']} ({accel['platform']}); transformers on {torch_device}; "
@@ -719,7 +538,7 @@ def main(argv=None):
 
     header, rows = table_rows(results, mbu=bool(peak_bw))
     print()
-    print(fmt_table(rows, header))
+    print(format_table(header, rows))
     print(f"\ndecode tok/s and prefill tok/s count all rows of the batch; decode excludes the first token. "
           f"roofline = B * {kind} bandwidth / (weights read + KV of the attended tokens) per step, with the "
           f"bandwidth measured right before each timed run of that row ({probe_mib} MiB, median of the samples; "

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.decode import fmt_table, machine_info, write_json  # noqa: E402
+from bench.common import format_table, machine_info, write_json  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encoder.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "encoder_quick.json"
@@ -71,10 +71,10 @@ SETTLE_S = 0.5  # pause before each timed call: the previous library's worker th
 
 def timed(fns: dict, repeats: int) -> dict:
     """name -> (warm-up seconds, median seconds, last result). After one warm-up call each, every
-    round calls each function once in turn, so a slow spell of this shared machine (its speed
-    drifts 10-20 % over minutes) slows all of them alike instead of one. Each timed call starts
+    round calls each function once in turn, so a slow spell of a shared machine (its speed can
+    drift over minutes) slows all of them alike instead of one. Each timed call starts
     SETTLE_S after the last one ended: torch's OpenMP and ONNX Runtime's pool threads spin-wait
-    for a while after their work, on the same two cores the next call needs."""
+    for a while after their work, on the same cores the next call needs."""
     warm, times, outs = {}, {name: [] for name in fns}, {}
     for name, fn in fns.items():
         t = time.perf_counter()
@@ -159,7 +159,7 @@ def bench_fixed(tmp: Path, repeats: int, B: int, T: int) -> dict:
     import transformers
 
     import jaxaccel
-    from jaxaccel import encoder
+    from jaxaccel import encoder_tasks
 
     torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(**BERT_BASE)).eval()
@@ -168,7 +168,7 @@ def bench_fixed(tmp: Path, repeats: int, B: int, T: int) -> dict:
     m16 = jaxaccel.load(tmp / "bert-base", dtype="bfloat16")
     ids = np.random.default_rng(0).integers(1000, BERT_BASE["vocab_size"], (B, T))
     mask = np.ones_like(ids)
-    fn, fn16 = encoder.programs(m)["embed"], encoder.programs(m16)["embed"]
+    fn, fn16 = encoder_tasks.programs(m)["embed"], encoder_tasks.programs(m16)["embed"]
     jids, jmask = jaxaccel_inputs(ids, mask)
     pooled = Pooled(bert)
     sess = export_onnx(pooled, tmp / "bert-base.onnx")
@@ -194,16 +194,16 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     import transformers
 
     import jaxaccel
-    from jaxaccel import encoder
+    from jaxaccel import default_models, encoder_tasks
 
-    folder = encoder.default_encoder_path()
+    folder = default_models.default_encoder_path()
     texts = corpus(n)
     m = jaxaccel.load(folder)
     m16 = jaxaccel.load(folder, dtype="bfloat16")
-    limit = encoder.max_length(m)
-    packed, unpacked = encoder.EncodeStats(), encoder.EncodeStats()
-    encoder.embed(m, texts, truncate=True, batch_size=batch, stats=packed)
-    encoder.embed(m, texts, truncate=True, batch_size=batch, stats=unpacked, pack=False)
+    limit = encoder_tasks.max_length(m)
+    packed, unpacked = encoder_tasks.EncodeStats(), encoder_tasks.EncodeStats()
+    encoder_tasks.embed(m, texts, truncate=True, batch_size=batch, stats=packed)
+    encoder_tasks.embed(m, texts, truncate=True, batch_size=batch, stats=unpacked, pack=False)
     tok = m.tokenizer
     pooled = Pooled(transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager").eval())
     sess = export_onnx(pooled, tmp / "minilm.onnx")
@@ -218,14 +218,14 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     }, repeats)
     (jw, jt, jout), (_, ut, _) = got["jaxaccel"], got["unpacked"]
     (_, tt, tout), (_, ot, oout) = got["transformers"], got["onnxruntime"]
-    compiled = encoder.compiled_programs(m)
+    compiled = encoder_tasks.compiled_programs(m)
     r = result(f"all-MiniLM-L6-v2, {n} mixed sentences", n, {"jaxaccel": jt, "transformers": tt, "onnxruntime": ot},
                jw, jout, tout, oout, m.num_params)
     lengths = [len(x) for x in tok(texts, truncation=True, max_length=limit)["input_ids"]]
     r.update(jaxaccel_unpacked_s=ut, jaxaccel_unpacked_sentences_per_s=n / ut,
              tokens=packed.tokens, padded_tokens_packed=packed.padded_tokens,
              padded_tokens_unpacked=unpacked.padded_tokens,
-             padded_tokens_per_batch_padding=per_batch_padding(lengths, batch), compiled_programs=compiled, bucket_shapes=len(encoder.length_buckets(limit)) * len(encoder.batch_shapes(batch)),
+             padded_tokens_per_batch_padding=per_batch_padding(lengths, batch), compiled_programs=compiled, bucket_shapes=len(encoder_tasks.length_buckets(limit)) * len(encoder_tasks.batch_shapes(batch)),
              tokens_mean=float(np.mean(lengths)), tokens_max=int(max(lengths)), batch=batch)
     return with_bfloat16(r, got["bfloat16"], tout)
 
@@ -376,16 +376,16 @@ def main(argv=None):
              f"{r['bfloat16']['ratio_vs_onnxruntime']:.2f}",
              f"{r['bfloat16']['min_cosine_vs_transformers_float32']:.6f}"] for r in results]
     if results:
-        print(fmt_table(rows, header))
+        print(format_table(header, rows))
     if attention:
-        print(fmt_table([[a["shape"], f"{a['xla_ms']:.2f}", f"{a['kernel_ms']:.2f}", f"{a['speedup']:.1f}",
-                          f"{a['kernel_gflops']:.0f}", f"{a['max_abs_diff']:.1e}"] for a in attention],
-                        ["attention core (float32)", "XLA ms", "kernel ms", "speedup", "kernel GFLOP/s (pairs in texts)",
-                         "max |diff|"]))
+        print(format_table(["attention core (float32)", "XLA ms", "kernel ms", "speedup",
+                            "kernel GFLOP/s (pairs in texts)", "max |diff|"],
+                           [[a["shape"], f"{a['xla_ms']:.2f}", f"{a['kernel_ms']:.2f}", f"{a['speedup']:.1f}",
+                             f"{a['kernel_gflops']:.0f}", f"{a['max_abs_diff']:.1e}"] for a in attention]))
     if gemm:
         kinds = [k for k in gemm[0] if k.endswith("GFLOP/s")]
-        print(fmt_table([[f"{g['M']}x{g['K']}x{g['N']}", *(f"{g[k]:.0f}" for k in kinds)] for g in gemm],
-                        ["GEMM M x K x N", *kinds]))
+        print(format_table(["GEMM M x K x N", *kinds],
+                           [[f"{g['M']}x{g['K']}x{g['N']}", *(f"{g[k]:.0f}" for k in kinds)] for g in gemm]))
     for r in results:
         if "compiled_programs" in r:
             print(f"{r['scenario']}: jaxaccel compiled {r['compiled_programs']} programs (bound "

@@ -5,8 +5,8 @@ Each shape is timed with its weights read from memory, as in a decode step: dist
 the matrix, about --mib MiB in all (at most 400 copies; far beyond the caches), are multiplied
 one after the other inside one jitted program (each product feeds the next input, so none overlap), and the
 time per product is the best of --repeats runs / the number of copies. Beside each shape the
-host's read bandwidth (arr.sum over 1 GiB on all threads, `bench.decode.BandwidthProbe`) is
-sampled, because this VM's bandwidth moves up to 2x within minutes: "% read" = bytes of one
+host's read bandwidth (arr.sum over 1 GiB on all threads, `bench.common.BandwidthProbe`) is
+sampled, because a VM's bandwidth can move 2x within minutes: "% read" = bytes of one
 weight / time per product / that bandwidth.
 
   python -m bench.matvec                       # Gemma 3 270M float32 shapes
@@ -47,7 +47,7 @@ def time_shape(K: int, N: int, axis: int, rows: int, dtype, budget: int, repeats
     import jax
     import jax.numpy as jnp
 
-    from bench.decode import best_of
+    from bench.common import best_of
     from jaxaccel import kernels
 
     shape = (K, N) if axis == 0 else (N, K)
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from bench.decode import BandwidthProbe, fmt_table, machine_info, random_config, write_json
+    from bench.common import BandwidthProbe, flags_text, format_table, machine_info, random_config, write_json
     from jaxaccel import kernels
 
     backend = jax.default_backend()
@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
             p.error(f"--shapes {args.shapes!r} matches none of {[s[0] for s in model_shapes(config)]}")
     dtype = jnp.dtype(args.dtype)
     machine = machine_info()
-    print(f"{machine.get('cpu', '?')}: {args.model} shapes, {args.dtype} weights, {args.rows} row(s); "
-          f"best of {args.repeats}, >= {args.mib} MiB of copies per shape", flush=True)
+    print(f"{machine.get('cpu', '?')} ({flags_text(machine)}): {args.model} shapes, {args.dtype} weights, "
+          f"{args.rows} row(s); best of {args.repeats}, >= {args.mib} MiB of copies per shape", flush=True)
     rows, header = [], ["weight", "K x N", "MiB", "kernel us", "kernel GB/s", "kernel % read", "XLA us", "XLA GB/s",
                         "kernel / XLA speed", "read GB/s"]
     results = []
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
                          f"{gbs(kern):.1f}", f"{100 * gbs(kern) * 1e9 / read:.0f}", f"{xla['s'] * 1e6:.1f}",
                          f"{gbs(xla):.1f}", f"{xla['s'] / kern['s']:.2f}x", f"{read / 1e9:.1f}"])
             print(f"  timed {name} ({len(rows)}/{len(shapes)})", file=sys.stderr, flush=True)
-    print(fmt_table(rows, header))
+    print(format_table(header, rows))
     doc = {"benchmark": "matvec", "argv": argv, "machine": machine, "settings": vars(args), "results": results}
     write_json(doc, args.out)
     return doc

@@ -13,8 +13,8 @@ warm-up (compilation excluded); the traced runs are extra and slower than untrac
 `--huge-pages ROUNDS` (CPU backend, Linux >= 6.1) times the decode with the weights in 4 KiB
 pages, as XLA allocates them, against a copy collapsed into 2 MiB transparent huge pages
 (madvise MADV_HUGEPAGE + MADV_COLLAPSE), alternating the two for ROUNDS rounds: the bandwidth
-probe of `bench.decode` reads numpy arrays, which numpy puts in huge pages, and the weights
-are not.
+probe of `bench.decode` (`bench.common.BandwidthProbe`) reads numpy arrays, which numpy puts in
+huge pages, and the weights are not.
 """
 
 from __future__ import annotations
@@ -26,20 +26,26 @@ import dataclasses
 import gzip
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+try:
+    from bench.common import flags_text, machine_info, random_config, random_model, write_json
+except ImportError:  # run as a script: python bench/profile_decode.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.common import flags_text, machine_info, random_config, random_model, write_json
 
 MODELS = ("random", "gemma-random")
 
 
 def build(name: str, weights: str):
-    """Random-weight model `name` (bench.decode's) on the default device, in `weights`."""
+    """Random-weight model `name` (bench.common's, as bench.decode builds it) on the default
+    device, in `weights`."""
     import jaxaccel
-    from bench.decode import random_config, random_model
 
     if name not in MODELS:
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -64,9 +70,9 @@ def decode_ms_per_step(total_s: float, first_token_s: float, new_tokens: int) ->
 
 def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
     """Median seconds of: a whole generation (one program call), its prefill + first token, a
-    streamed one (host_step: chunks of about engine.STREAM_INTERVAL_S) and one with a program
+    streamed one (host_step: chunks of about streaming.STREAM_INTERVAL_S) and one with a program
     call per token; decode ms per step of each (first token excluded)."""
-    from jaxaccel.engine import _engine, generate_tokens, make_sampler
+    from jaxaccel.generation import _engine, generate_tokens, make_sampler
 
     gen = lambda **kw: lambda: generate_tokens(model, prompts, max_new_tokens=new_tokens, **kw)
     per_token = lambda: _engine(model).run(prompts, new_tokens, make_sampler(model, 0.0, None, None), 0.0, None,
@@ -118,12 +124,12 @@ def collapse_huge_pages(arrays) -> dict:
 
 def huge_page_ab(model, prompts, new_tokens: int, rounds: int) -> dict:
     """Decode ms/step of two copies of `model`'s params, one as XLA allocated it (4 KiB pages),
-    one collapsed into huge pages, timed alternately `rounds` times (this VM's bandwidth drifts
+    one collapsed into huge pages, timed alternately `rounds` times (a VM's bandwidth can drift
     within minutes, so only neighbouring timings compare); medians and the median per-round ratio."""
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel.engine import generate_tokens
+    from jaxaccel.generation import generate_tokens
 
     if jax.default_backend() != "cpu" or not Path("/proc/self/smaps").exists():
         raise SystemExit("--huge-pages: CPU backend on Linux only (transparent huge pages of host memory)")
@@ -209,7 +215,7 @@ def summarise(trace: dict, steps: int, top: int = 25) -> dict:
 def profile(model, prompts, new_tokens: int, trace_dir: Path, **kw) -> dict:
     import jax
 
-    from jaxaccel.engine import generate_tokens
+    from jaxaccel.generation import generate_tokens
 
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         t0 = time.perf_counter()
@@ -221,7 +227,7 @@ def profile(model, prompts, new_tokens: int, trace_dir: Path, **kw) -> dict:
 def print_summary(label: str, s: dict, lines: int = 8, top: int = 15) -> None:
     """The busiest lines, then the costliest events of the busiest device line (of the busiest
     non-Python host line on the CPU backend) and of the Python line."""
-    from jaxaccel.quant import format_table
+    from bench.common import format_table
 
     print(f"\n{label}: traced wall {1e3 * s['traced_wall_s']:.1f} ms")
     rows = [[x["process"][:28], x["thread"][:36], x["events"], f"{x['events_per_step']:.1f}",
@@ -260,22 +266,23 @@ def main(argv=None):
     variants = [parse_variant(v) for v in args.variant]
     import jax
 
-    from bench.decode import machine_info
-    from jaxaccel import programs
+    from jaxaccel import program_cache
 
     model = build(args.model, args.weights)
     V = model.config.vocab_size
     prompts = np.random.default_rng(0).integers(100, V, size=(args.batch, args.prompt_len)).tolist()
-    doc = {"benchmark": "profile_decode", "argv": argv, "machine": machine_info(), "settings": vars(args),
+    machine = machine_info()
+    doc = {"benchmark": "profile_decode", "argv": argv, "machine": machine, "settings": vars(args),
            "params_bytes": model.params_bytes, "backend": jax.default_backend()}
+    print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable cores; {flags_text(machine)}")
     print(f"{args.model} {args.weights} B={args.batch} on {jax.devices()[0]}; weights "
           f"{model.params_bytes / 2**20:.0f} MiB; decode ms/step (tok/s) of a whole generation / streamed / "
           "one call per token:", flush=True)
     backend = jax.default_backend()
     doc["timings"] = {}
-    saved = programs.COMPILER_OPTIONS.get(backend)
+    saved = program_cache.COMPILER_OPTIONS.get(backend)
     for name, opts in [("default", saved or {}), *variants]:
-        programs.COMPILER_OPTIONS[backend] = opts
+        program_cache.COMPILER_OPTIONS[backend] = opts
         try:  # another Model object has its own engine: programs compiled with these options
             t = timings(model if name == "default" else dataclasses.replace(model), prompts, args.new_tokens,
                         args.repeats)
@@ -288,9 +295,9 @@ def main(argv=None):
         print(f"  {name}: {tok_s('whole_decode_ms_per_step')} / {tok_s('streamed_decode_ms_per_step')} / "
               f"{tok_s('per_token_calls_decode_ms_per_step')}; first token {1e3 * t['first_token_s']:.1f} ms",
               flush=True)
-    programs.COMPILER_OPTIONS.pop(backend, None)
+    program_cache.COMPILER_OPTIONS.pop(backend, None)
     if saved is not None:
-        programs.COMPILER_OPTIONS[backend] = saved
+        program_cache.COMPILER_OPTIONS[backend] = saved
     if args.huge_pages:
         doc["huge_pages"] = h = huge_page_ab(model, prompts, args.new_tokens, args.huge_pages)
         c = h["collapse"]
@@ -308,8 +315,6 @@ def main(argv=None):
                     continue
                 print_summary(f"trace of one {label} generation", s)
     if args.out:
-        from bench.decode import write_json
-
         write_json(doc, args.out)
     return doc
 

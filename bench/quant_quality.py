@@ -11,7 +11,7 @@ the corpus lines used as sentences (mean and minimum).
 Targets (issue 5): bf16 ppl delta <= 0.5 %; int8 ppl delta <= 1 % and top-1 >= 97 %; w8a8 ppl
 delta <= 3 %; int4 (g=32 or 128) ppl delta <= 8 %.
 
-  python bench/quant_quality.py                  # full corpus, every mode (~1 h on 2 busy CPU cores)
+  python bench/quant_quality.py                  # full corpus, every mode
   python bench/quant_quality.py --tokens 10220   # the first 20 windows (the run in the issue note)
   python bench/quant_quality.py --tokens 10220 --skip-encoder --modes "int8,int4 g=32,int4 g=128"
 Never part of the tests (tests/test_quant.py has a quick real-model check with loose bounds).
@@ -28,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from bench.decode import machine_info, write_json  # noqa: E402
+from bench.common import flags_text, format_table, machine_info, write_json  # noqa: E402
 
 CORPUS = HERE / "data" / "corpus.txt"
 OUT = HERE / "results" / "quant_quality.json"
@@ -89,7 +89,7 @@ def lm_quality(args) -> list[dict]:
     import jax
 
     import jaxaccel
-    from jaxaccel.embedded import default_model_path
+    from jaxaccel.default_models import default_model_path
 
     base = jaxaccel.load(default_model_path(print), dtype="float32")
     rows = windows(base.tokenizer, CORPUS.read_text(encoding="utf-8"), args.window, args.tokens)
@@ -124,7 +124,7 @@ def lm_quality(args) -> list[dict]:
 
 def encoder_quality(args) -> list[dict]:
     import jaxaccel
-    from jaxaccel.encoder import default_encoder_path
+    from jaxaccel.default_models import default_encoder_path
 
     base = jaxaccel.load(default_encoder_path(), dtype="float32")
     lines = [ln.strip() for ln in CORPUS.read_text(encoding="utf-8").splitlines() if len(ln.split()) >= 4]
@@ -143,7 +143,8 @@ def encoder_quality(args) -> list[dict]:
 def save(args, data: dict) -> None:
     out = Path(args.out)
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable CPUs, devices {machine['jax_devices']}")
+    print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable CPUs, devices {machine['jax_devices']}; "
+          f"{flags_text(machine)}")
     write_json({"machine": machine, "window": args.window, "tokens_limit": args.tokens, **data}, out)
 
 
@@ -158,7 +159,6 @@ def main(argv=None):
     ap.add_argument("--skip-encoder", action="store_true")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    from jaxaccel.quant import format_table
 
     lm = lm_quality(args)
     enc = [] if args.skip_encoder else encoder_quality(args)

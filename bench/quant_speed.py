@@ -35,7 +35,7 @@ def formulations(repeats: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from bench.decode import best_of
+    from bench.common import best_of
     from jaxaccel import quant
 
     rng = np.random.default_rng(0)
@@ -68,12 +68,13 @@ def formulations(repeats: int) -> list[dict]:
 
 def end_to_end(args) -> list[dict]:
     import jaxaccel
-    from bench.decode import RANDOM_CONFIG, bench_jax
+    from bench.common import RANDOM_CONFIG
+    from bench.decode import bench_jax
 
     if args.quick:
         base = jaxaccel.init_random(jaxaccel.ModelConfig(**RANDOM_CONFIG), seed=0)
     else:
-        from jaxaccel.embedded import default_model_path
+        from jaxaccel.default_models import default_model_path
 
         base = jaxaccel.load(default_model_path(print))
     base = dataclasses.replace(base, config=base.config.replace(eos_token_id=None), tokenizer=None)
@@ -114,11 +115,11 @@ def main(argv=None):
 
     import jax
 
-    from bench.decode import machine_info, write_json
-    from jaxaccel.quant import format_table
+    from bench.common import flags_text, format_table, machine_info, write_json
 
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable cores; jax {machine['jax']} {machine['jax_devices']}")
+    print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable cores; jax {machine['jax']} {machine['jax_devices']}; "
+          f"{flags_text(machine)}")
     forms = formulations(args.repeats)
     print("\nweight-only matmul at batch 1, [1, 640] x [2048, 640]^T, backend " + jax.default_backend())
     print(format_table(["formulation", "us", "speed vs float32"],

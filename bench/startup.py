@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 try:
-    from bench.decode import fmt_table, machine_info, write_json
+    from bench.common import flags_text, format_table, machine_info, write_json
 except ImportError:  # run as a script: python bench/startup.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.decode import fmt_table, machine_info, write_json
+    from bench.common import flags_text, format_table, machine_info, write_json
 
 PROMPT = "The capital of France is"
 
@@ -84,9 +84,10 @@ def main(argv=None) -> None:
         doc["transformers"] = ref
         doc["ratio_transformers_over_jaxaccel_warm"] = ref["first_token_s"] / median
         rows.append(["transformers (GGUF, fresh process)", f"{ref['first_token_s']:.2f}", f"{ref['exit_s']:.2f}"])
-    print(f"machine: {doc['machine']['cpu']} ({doc['machine']['cpus_usable']} usable cores), jax {doc['machine']['jax']}")
+    print(f"machine: {doc['machine']['cpu']} ({doc['machine']['cpus_usable']} usable cores), jax {doc['machine']['jax']}; "
+          f"{flags_text(doc['machine'])}")
     print(f"prompt {PROMPT!r}, {args.max_new_tokens} new tokens; seconds from launching the process")
-    print(fmt_table(rows, ["run", "first token s", "exit s"]))
+    print(format_table(["run", "first token s", "exit s"], rows))
     print(f"warm median {median:.2f}s to the first token" +
           (f"; transformers {doc['transformers']['first_token_s']:.1f}s "
            f"({doc['ratio_transformers_over_jaxaccel_warm']:.1f}x longer)" if "transformers" in doc else ""))

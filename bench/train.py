@@ -35,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.decode import fmt_table, machine_info, write_json  # noqa: E402
+from bench.common import flags_text, format_table, machine_info, write_json  # noqa: E402
 
 CPU_CONFIG = dict(family="llama", vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6,
                   num_heads=6, num_kv_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -153,13 +153,13 @@ def main(argv=None):
     print(f"training: {config.num_params / 1e6:.1f}M-param llama, batch {B} x {T}, AdamW, median of {steps} "
           f"alternating steps, {'bf16 compute / f32 master' if dtype else 'float32'}; peak {peak / 1e9:.0f} "
           f"GFLOP/s ({peak_kind}), {fpt / 1e6:.1f} MFLOP/token")
-    print(fmt_table(rows, ["implementation", "tokens/s", "ms/step", "MFU", "first loss"]))
+    print(format_table(["implementation", "tokens/s", "ms/step", "MFU", "first loss"], rows))
     if "transformers eager" in results:
         ratio = results["jaxaccel"]["tokens_per_s"] / results["transformers eager"]["tokens_per_s"]
         print(f"jaxaccel / transformers eager: {ratio:.2f}x (target >= 2x)")
         results["ratio"] = ratio
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cpus_usable']} usable CPUs, devices {info['jax_devices']}")
+    print(f"machine: {info['cpu']}, {info['cpus_usable']} usable CPUs, devices {info['jax_devices']}; {flags_text(info)}")
     out = args.out or ROOT / "bench" / "results" / f"train{'_gpu' if gpu else ''}{'_quick' if args.quick else ''}.json"
     write_json({"date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "machine": info,
                 "config": cfg, "batch": B, "length": T, "steps": steps, "compute_dtype": dtype,

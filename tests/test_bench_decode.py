@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import decode
+from bench import common, decode
 
 
 def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
@@ -53,12 +53,12 @@ def test_quick_run_samples_on_both_sides(tmp_path):
 
 def test_device_bandwidth_probe_measures_the_backend_memory():
     """The accelerator runs' probe (jitted copy and sum) works on any backend; on the CPU here."""
-    with decode.DeviceBandwidthProbe(4 << 20) as probe:
+    with common.DeviceBandwidthProbe(4 << 20) as probe:
         m = probe.measure(2)
         s = probe.sample()
     assert m["array_bytes"] == 4 << 20 and m["copy"] > 0 and m["read"] > 0 and set(s) == {"copy", "read"}
-    assert decode.probe_class() is decode.BandwidthProbe  # the CPU backend: host memory
-    bw = decode.start_bandwidth(decode.DeviceBandwidthProbe, 4)  # what an accelerator run prints first
+    assert decode.probe_class() is common.BandwidthProbe  # the CPU backend: host memory
+    bw = decode.start_bandwidth(common.DeviceBandwidthProbe, 4)  # what an accelerator run prints first
     assert bw["copy"] > 0 and bw["read"] > 0 and bw["calls_per_timing"] == 10
     assert decode.datasheet_bandwidth({"accelerator": {"kind": "NVIDIA H200"}}) == 4.8e12
     assert decode.datasheet_bandwidth({"accelerator": None}) is None

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from bench import matvec
-from bench.decode import random_config
+from bench.common import random_config
 
 
 def test_shapes_are_the_weights_a_decode_step_multiplies_by():
