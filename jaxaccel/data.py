@@ -43,7 +43,12 @@ def read_rows(source) -> tuple[list[dict], list[str]]:
             raise FileNotFoundError(f"data file {path} not found")
         rows, where = [], []
         jsonl = path.suffix in (".jsonl", ".ndjson", ".json")  # one JSON object per line
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {n} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             if jsonl:
@@ -74,6 +79,29 @@ def _need(row: dict, keys: Sequence[str], where: str, task: str):
         if k != "label" and not isinstance(row[k], str):
             raise ValueError(f"{where}: {k!r} must be a string, got {type(row[k]).__name__}")
     return [row[k] for k in keys]
+
+
+def labels_in(source) -> tuple[str, ...]:
+    """The class names a classification data set uses, for a new classifier head: its string
+    labels sorted, or LABEL_0 .. LABEL_n for integer labels 0 .. n (as transformers names them).
+    Mixing the two, or a row without a label, is an error naming the row."""
+    rows, where = read_rows(source)
+    names, ints = set(), set()
+    for row, w in zip(rows, where):
+        label = row.get("label")
+        if isinstance(label, str) and label:
+            names.add(label)
+        elif isinstance(label, int) and not isinstance(label, bool) and label >= 0:
+            ints.add(label)
+        else:
+            raise ValueError(f"{w}: a classification row needs a \"label\" (a class name or an index >= 0), "
+                             f"got {label!r}")
+    if names and ints:
+        raise ValueError("the data mixes class names and class indices as labels; use one kind")
+    labels = tuple(sorted(names)) if names else tuple(f"LABEL_{i}" for i in range(max(ints) + 1))
+    if len(labels) < 2:
+        raise ValueError(f"the data has {len(labels)} class ({', '.join(labels)}); a classifier needs at least 2")
+    return labels
 
 
 def _label_index(label, labels: Sequence[str], where: str) -> int:

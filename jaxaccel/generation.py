@@ -5,6 +5,7 @@ work, then runs the model's `engine.Engine`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -40,15 +41,60 @@ def _engine(model) -> Engine:
     return eng
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+    if not isinstance(temperature, (int, float, np.number)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
+    if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+SEED_RANGE = (-(2**31), 2**32)  # int32 and uint32 seeds; a uint32 one wraps to the int32 with its bits
+
+
+def _seeds(seed, n: int) -> list[int]:
+    """`seed` (one integer, or one per prompt) -> n int32 seeds."""
+    seeds = [seed] * n if np.isscalar(seed) else list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    for s in seeds:
+        if not _is_int(s) or not SEED_RANGE[0] <= s < SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer in [-2**31, 2**32), got {s!r}")
+    return [int(s) - 2**32 if s >= 2**31 else int(s) for s in seeds]
+
+
+def _check_room(model, n_prompts: int, longest_prompt: int, max_new_tokens: int) -> None:
+    """Refuse, before anything is allocated, a request beyond the model's positions or larger
+    than the memory its KV cache would take."""
+    limit = model.config.max_position_embeddings
+    if longest_prompt + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {longest_prompt} tokens with max_new_tokens={max_new_tokens} needs "
+            f"{longest_prompt + max_new_tokens} positions but the model has {limit}; shorten the prompt "
+            "or lower max_new_tokens")
+    need = Engine.cache_bytes(model, n_prompts, longest_prompt, max_new_tokens)
+    free = _free_memory()
+    if free is not None and need > free:
+        raise ValueError(f"this request's KV cache needs {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of memory "
+                         "is free; lower max_new_tokens or the number of prompts")
+
+
+def _free_memory() -> int | None:
+    """Bytes free where generation runs: the accelerator's memory, else the host's."""
+    import jax
+    import psutil
+
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return int(psutil.virtual_memory().available)
 
 
 def _eos_ids(model) -> list[int]:
@@ -69,6 +115,11 @@ def encode_prompts(model, prompts) -> list[list[int]]:
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt {i} is not valid text: character {e.start} is a lone surrogate "
+                                 f"(U+{ord(p[e.start]):04X}); pass text decoded from UTF-8") from None
             if model.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
             ids = list(model.tokenizer(p)["input_ids"])
@@ -93,6 +144,7 @@ def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32,
     `prompt_tokens`) and compile it in a thread; returns after tracing. Optional: generate
     compiles on demand, and waits for a compile already in progress."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_room(model, n_prompts, prompt_tokens, max_new_tokens)
     _engine(model).prepare(n_prompts, prompt_tokens, max_new_tokens, make_sampler(model, temperature, top_k, top_p))
 
 
@@ -119,9 +171,8 @@ def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, h
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
                 f"{len(p) + max_new_tokens} positions but the model has {limit}; shorten the prompt "
                 "or lower max_new_tokens")
-    seeds = [int(seed)] * len(ids) if np.isscalar(seed) else [int(s) for s in seed]
-    if len(seeds) != len(ids):
-        raise ValueError(f"got {len(seeds)} seeds for {len(ids)} prompts")
+    seeds = _seeds(seed, len(ids))
+    _check_room(model, len(ids), max(map(len, ids)), max_new_tokens)
     sampler = make_sampler(model, temperature, top_k, top_p)
     eos = _eos_ids(model)
     out = _engine(model).run(ids, max_new_tokens, sampler, temperature, top_p, seeds, eos, host_step)

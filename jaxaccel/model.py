@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from flax.core import meta
 
 from . import checkpoints, default_models, encoder_tasks, quant, sharding
@@ -108,14 +109,31 @@ class Model:
         one = isinstance(texts, str) or (isinstance(texts, tuple) and encoder_tasks.is_pair(texts))
         return encoder_tasks.classify(self, [texts] if one else texts, **kw)
 
+    def with_head(self, head: str, labels=(), seed: int = 0) -> "Model":
+        """This encoder with another output head ("classifier" over `labels`, "masked_lm", or
+        "encoder"): the shared params (embeddings, layers, a pooler both heads have) are kept, the
+        new head's are initialised as transformers initialises them (normal(0.02) weights, zero
+        biases, unit norms; the masked-LM decoder is tied to the word embeddings, as BERT's is)."""
+        if self.config.family != "bert":
+            raise ValueError(f"with_head() changes encoder heads; this is a {self.config.family} model")
+        if self.quant is not None and self.quant.integer:
+            raise ValueError("with_head() needs the float model; quantize after fine-tuning")
+        cfg = self.config.replace(head=head, labels=tuple(labels) if head == "classifier" else (),
+                                  problem_type="single_label_classification" if head == "classifier" else None)
+        fresh = init_random(cfg, seed, self.dtype).params
+        old = traverse_util.flatten_dict(self.params)
+        kept = {k: (old[k] if k in old and old[k].shape == v.shape else v)
+                for k, v in traverse_util.flatten_dict(fresh).items()}
+        return Model(cfg, traverse_util.unflatten_dict(kept), self.tokenizer, self.dtype, mesh=self.mesh)
+
     def quantize(self, cfg) -> "Model":
         """A new Model serving `cfg` (a jaxaccel.QuantConfig): int8 / int4 / w8a8 params become
         int values + scales (no float copy); float modes recast the params. See quant.py."""
         return quant.quantize_model(self, cfg)
 
-    def save_hf(self, out_dir) -> Path:
+    def save_hf(self, out_dir, overwrite: bool = True) -> Path:
         """Export as an HF folder (model.safetensors + config.json + tokenizer) that transformers loads."""
-        return save_folder(out_dir, self.config, self.params, self.tokenizer)
+        return save_folder(out_dir, self.config, self.params, self.tokenizer, overwrite)
 
     @property
     def cache_dtype(self):

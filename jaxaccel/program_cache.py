@@ -12,8 +12,8 @@ The file name is a hash of everything the program depends on: the caller's key (
 dtype, quantization, sampler, shapes), the argument shapes and dtypes, the jax / jaxlib / flax /
 aqtp / numpy versions, every jax config flag (PRNG implementation, x64, ...), the backend, and
 the source of every jaxaccel module, so any change makes a new program instead of reusing a
-stale one. An unreadable file is traced again and
-rewritten; files unused for 30 days are deleted when a new one is written.
+stale one. Each file starts with its payload's sha256: an unreadable or damaged file is traced
+again and rewritten; files unused for 30 days are deleted when a new one is written.
 
 `COMPILER_OPTIONS[backend]`: XLA options (DebugOptions names, e.g. "xla_gpu_enable_command_buffer")
 that programs `lower_cached` returns are compiled with when jax's default backend is `backend`
@@ -25,8 +25,9 @@ Model object: bench/profile_decode.py times variants that way).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,7 +37,7 @@ import jaxlib
 import numpy as np
 
 from . import kernels
-from .paths import cache_dir
+from .paths import cache_dir, cache_writable, write_atomic
 
 _folder: Path | None = None
 COMPILER_OPTIONS: dict[str, dict[str, Any]] = {}
@@ -51,10 +52,51 @@ def enable() -> Path:
     traces (warm starts skip tracing), both under the cache folder; returns XLA's folder."""
     set_folder(cache_dir() / "programs")
     path = cache_dir() / "xla"
+    if not cache_writable():  # read what a warm, read-only cache holds; write nothing
+        if not path.is_dir():
+            return path
+        warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
+    else:
+        drop_damaged_xla_entries(path)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def drop_damaged_xla_entries(path: Path) -> list[Path]:
+    """Delete XLA cache entries (under `path`) that no longer decompress: jax warns about such an
+    entry and compiles again on every run but never replaces it. Only entries changed since the
+    last check (size, mtime; `.checked`) are read, so a warm start reads none."""
+    from jax._src import compilation_cache  # the decompression jax itself applies to its entries
+
+    stamp, dropped = path / ".checked", []
+    try:
+        seen = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    now = {}
+    for entry in sorted(path.glob("*-cache")) if path.is_dir() else []:
+        try:
+            st = entry.stat()
+            key = [st.st_size, st.st_mtime_ns]
+            if seen.get(entry.name) != key:
+                compilation_cache.decompress_executable(entry.read_bytes())
+            now[entry.name] = key
+        except OSError:
+            continue  # pruned by jax or another process meanwhile
+        except Exception:  # noqa: BLE001 - any decompression error: the entry is damaged
+            entry.unlink(missing_ok=True)
+            dropped.append(entry)
+    if dropped:
+        warnings.warn(f"dropped {len(dropped)} damaged XLA cache entr{'y' if len(dropped) == 1 else 'ies'} in {path}; "
+                      "they are compiled again", RuntimeWarning, stacklevel=3)
+    if now != seen:
+        try:
+            write_atomic(stamp, json.dumps(now).encode())
+        except OSError:
+            pass
+    return dropped
 
 
 def set_folder(path) -> None:
@@ -133,16 +175,25 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
     exported = None
     if path.is_file():
         try:
-            exported = export.deserialize(bytearray(path.read_bytes()))
-            os.utime(path)  # last used now: pruning keeps it
+            exported = export.deserialize(bytearray(_checked(path.read_bytes())))
         except Exception:  # noqa: BLE001 - a damaged file is traced again and replaced
             exported = None
+        else:
+            try:
+                os.utime(path)  # last used now: pruning keeps it
+            except OSError:
+                pass  # a read-only cache: still a hit
     if exported is None:
         flat_fn = lambda *xs: jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, xs)))
         exported = export.export(jax.jit(flat_fn), disabled_checks=[  # our FFI kernels (kernels/)
             export.DisabledSafetyCheck.custom_call(t) for t in kernels.TARGETS])(*abstract)
-        _write_atomic(path, exported.serialize())
-        _prune(_folder)
+        if cache_writable():
+            try:
+                payload = bytes(exported.serialize())
+                write_atomic(path, hashlib.sha256(payload).digest() + payload)
+                _prune(_folder)
+            except OSError as e:  # the cache filled up, or went read-only, meanwhile: run without saving
+                _warn_once(f"cannot save traced programs in {_folder} ({type(e).__name__}: {e.strerror or e})")
     lowered = jax.jit(exported.call, donate_argnums=donated).lower(*abstract)
 
     def finish() -> Callable:
@@ -150,6 +201,24 @@ def lower_cached(fn: Callable, args: Sequence[Any], donate_argnums: Sequence[int
         return lambda *a: jax.tree.unflatten(out_tree, compiled(*jax.tree.leaves(a)))
 
     return finish
+
+
+def _checked(data: bytes) -> bytes:
+    """A saved trace's payload, after its sha256 (the file's first 32 bytes): a flipped bit could
+    otherwise deserialize into another program that runs."""
+    digest, payload = data[:32], data[32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("saved trace does not match its checksum")
+    return payload
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _prune(folder: Path, max_age_days: float = 30.0) -> None:
@@ -163,15 +232,3 @@ def _prune(folder: Path, max_age_days: float = 30.0) -> None:
                 f.unlink()
         except OSError:
             pass  # another process pruned or replaced it first
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -61,16 +61,21 @@ class QuantConfig:
     270M the tied embedding is most of the params); in every integer mode it is stored int8 with
     `embedding_group_size` inputs per scale and served weight-only (int4 there, or one scale per
     row, loses visibly more quality: `bench/quant_quality.py`, docs/quantization.md).
-    kv_cache_int8: int8 KV cache. rules: ((regex on the "/"-joined param path, mode or
-    "float"), ...): first match wins, e.g. (("layers_0/mlp/down_proj", "float"),) keeps one
-    sensitive layer in float.
+    int4_keeps_int8: in int4 mode, the projections of these names stay int8 (as llama.cpp's
+    Q4_K_M gives attn_v and ffn_down more bits: 4 bits there is what breaks greedy text most;
+    () keeps every weight int4). kv_cache_int8: int8 KV cache. rules: ((regex on the
+    "/"-joined param path, mode or "float"), ...): first match wins, e.g.
+    (("layers_0/mlp/down_proj", "float"),) keeps one sensitive layer in float.
+    The int4 defaults (groups of 32, v_proj / down_proj int8) keep the embedded Gemma 3 270M's
+    greedy text sensible where groups of 128 everywhere did not (`bench/quant_quality.py`).
     """
 
     mode: str = "int8"
-    group_size: int = 128
+    group_size: int = 32
     int8_group_size: int | None = None
     embedding_group_size: int | None = 32
     quantize_embedding: bool = True
+    int4_keeps_int8: tuple[str, ...] = ("v_proj", "down_proj")
     kv_cache_int8: bool = False
     rules: tuple[tuple[str, str], ...] = ()
 
@@ -92,6 +97,10 @@ class QuantConfig:
             except re.error as e:
                 raise ValueError(f"quantization rule {rule!r}: bad regex ({e})") from None
         object.__setattr__(self, "rules", rules)
+        keep = tuple(self.int4_keeps_int8)
+        if not all(isinstance(n, str) and re.fullmatch(r"\w+", n) for n in keep):
+            raise ValueError(f"int4_keeps_int8 must be projection names such as 'v_proj', got {self.int4_keeps_int8!r}")
+        object.__setattr__(self, "int4_keeps_int8", keep)
 
     @property
     def dtype(self) -> str:
@@ -112,6 +121,8 @@ class QuantConfig:
         mode = next((m for pattern, m in self.rules if re.search(pattern, path)), None)
         if mode is None:
             mode = ("int8" if self.quantize_embedding else "float") if embedding else self.mode
+            if mode == "int4" and any(f"/{name}/" in f"/{path}" for name in self.int4_keeps_int8):
+                mode = "int8"
         mode = "w8a8" if mode == "qat" else mode
         if mode == "int8":
             return mode, self.embedding_group_size if embedding else self.int8_group_size
@@ -123,7 +134,8 @@ class QuantConfig:
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
         d = json.loads(text)
-        return cls(**{**d, "rules": tuple(tuple(r) for r in d.get("rules", ()))})
+        # folders written before int4_keeps_int8 existed hold every int4 weight as int4
+        return cls(**{"int4_keeps_int8": (), **d, "rules": tuple(tuple(r) for r in d.get("rules", ()))})
 
 
 def quantizable(path: str) -> bool:
@@ -487,7 +499,7 @@ def quantize_model(model, cfg: QuantConfig):
                                dot_general_cls=dot_general_cls(cfg, serving=True))
 
 
-def memory_report(model, group_size: int = 128) -> tuple[list[str], list[list[str]]]:
+def memory_report(model, group_size: int = QuantConfig.group_size) -> tuple[list[str], list[list[str]]]:
     """Params bytes per mode, measured on the arrays each quantized model really holds ->
     (header, rows) for a table."""
     base = model.params_bytes

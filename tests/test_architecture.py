@@ -26,8 +26,7 @@ def test_a_cycle_breaks_the_contracts(tmp_path):
     shutil.copytree(ROOT / "jaxaccel", tmp_path / "jaxaccel", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     kernels = tmp_path / "jaxaccel" / "kernels" / "__init__.py"
-    kernels.write_text(kernels.read_text().replace("from ..paths import cache_dir\n",
-                                                   "from ..paths import cache_dir\nfrom .. import engine\n", 1))
+    kernels.write_text(kernels.read_text() + "\nfrom .. import engine  # noqa: E402\n")
     proc = subprocess.run([shutil.which("lint-imports") or "lint-imports"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1, proc.stdout[-3000:]

@@ -401,3 +401,40 @@ def test_minilm_matches_sentence_transformers():
         ref = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
     assert len(texts) >= 50 and cos.min() >= 0.99999, cos.min()
+
+
+@pytest.mark.parametrize("task", ["classify", "mlm"])
+def test_finetuning_a_bare_encoder_adds_the_head_and_exports_to_transformers(bert_folder, tmp_path, task):
+    """classify / mlm from a BertModel (no such head): a new head (labels read from the data for
+    classify, a decoder tied to the word embeddings for mlm), trained, saved with id2label, and
+    loaded by transformers' Auto class with logits equal to ours."""
+    path, _ = bert_folder("BertModel")
+    m = jaxaccel.load(path)
+    rows = [{"text": t, "label": lab} for t, lab in
+            [("the cat is happy", "pos"), ("the dog is sad", "neg"), ("a red ball", "neutral")] * 4]
+    if task == "mlm":
+        rows = [{"text": r["text"]} for r in rows]
+    out = tmp_path / "run"
+    tuned = jaxaccel.finetune(m, rows, task=task, steps=4, out=out, lr=1e-3, batch_size=4, progress=False,
+                              tensorboard=False)
+    cls = transformers.AutoModelForSequenceClassification if task == "classify" else transformers.AutoModelForMaskedLM
+    ref_model = cls.from_pretrained(out).eval()
+    if task == "classify":
+        assert tuned.config.labels == ("neg", "neutral", "pos")
+        assert ref_model.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    else:
+        assert tuned.config.head == "masked_lm"
+        assert ref_model.get_output_embeddings().weight.data_ptr() == \
+            ref_model.get_input_embeddings().weight.data_ptr()  # tied, as BERT's decoder is
+    ids, mask, types = padded_batch()
+    back = jaxaccel.load(out)
+    ours, theirs = ours_and_theirs(back, ref_model, ids, mask, types)
+    real = mask.astype(bool)
+    if task == "classify":
+        np.testing.assert_allclose(np.asarray(ours.logits), theirs.logits.numpy(), atol=1e-5)
+    else:
+        np.testing.assert_allclose(np.asarray(ours.logits)[real], theirs.logits.numpy()[real], atol=1e-4)
+    # the encoder itself was kept: the new heads start from the same hidden states
+    np.testing.assert_allclose(np.asarray(m.with_head("classifier", ["a", "b"]).module.apply(
+        {"params": m.with_head("classifier", ["a", "b"]).params}, np.asarray(ids), segment_ids=mask).hidden),
+        np.asarray(m.module.apply({"params": m.params}, np.asarray(ids), segment_ids=mask).hidden), atol=0)

@@ -248,7 +248,7 @@ def test_generate_cuts_at_stop_strings_in_chunks(hf_folder, monkeypatch):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
     (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5, temperature=1.0), r"top_p must be in \(0, 1\]"),
     (dict(top_k=0, temperature=1.0), "top_k must be an integer >= 1"),

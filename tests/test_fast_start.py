@@ -91,6 +91,12 @@ def test_corrupt_serving_folder_is_a_clear_error(hf_folder, tmp_path):
     _, folder = serving_folder(hf_folder, tmp_path)
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match="model.safetensors has .* bytes where .* were written .truncated"):
+        jaxaccel.load(folder)
+    # a folder without an integrity record (format version 1): safetensors' own checks still refuse it
+    meta_path = folder / "quant_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**{k: v for k, v in meta.items() if k != "files"}, "version": 1}))
     with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
         jaxaccel.load(folder)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")

@@ -5,6 +5,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +72,19 @@ def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
     """Up to 4 rows (decode) and more than 8 (prefill: groups of 4 rows, any remainder), on a CPU
     with AVX-512 VNNI, the kernel rounds x to int16 per block (2^-16 of the block's largest |x|):
     equal to the dot of that rounded x, and within the bound that rounding allows of the float
-    dot. Otherwise equal to the float dot."""
+    dot. Otherwise equal to the float dot. Builds without VNNI (AVX2 and portable tiers) refuse
+    more than 16 rows clearly; `kernels.wants` never sends them such rows."""
     rng = np.random.default_rng(K + N + G)
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
     q = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
     scale = jnp.asarray(rng.random((N, G)) * 0.02, jnp.float32)
-    got = np.asarray(jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))(x, q, scale))
+    matvec = jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))
+    if M > 2 * kernels.MAX_ROWS and not kernels.int8_vnni():
+        assert not kernels.wants(x, q, scale)
+        with pytest.raises(Exception, match="more than 16 rows need int8 weights.*VNNI build"):
+            matvec(x, q, scale).block_until_ready()
+        return
+    got = np.asarray(matvec(x, q, scale))
     exact = _reference(x, q, 1, scale)
     block = _activation_block(M, K, G)
     if not block:
@@ -181,6 +189,63 @@ def test_portable_build_without_avx512_code_is_equal_too(tmp_path):
                                                             "JAXACCEL_CACHE": str(tmp_path)})
     assert "ok" in proc.stdout
     assert len(list((tmp_path / "kernels").glob("cpu-*.so"))) == 1
+
+
+def _runnable_tiers():
+    tiers = []
+    for tier in kernels.ISA_TIERS:
+        try:
+            os.environ[kernels.ISA_ENV] = tier
+            kernels.isa_tier()
+            tiers.append(tier)
+        except ValueError:
+            pass
+        finally:
+            os.environ.pop(kernels.ISA_ENV, None)
+    return tiers
+
+
+@pytest.mark.parametrize("tier", [t for t in _runnable_tiers() if t != "native"])
+def test_kernel_tests_pass_on_every_isa_tier_this_cpu_runs(tmp_path, tier):
+    """The kernel equality tests, rerun in a process whose kernels are built for a lower ISA tier
+    (JAXACCEL_CPU_ISA): the AVX2 and portable code paths are checked on an AVX-512 machine too."""
+    from mesh_util import run_python
+
+    proc = run_python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "equal or refused or same_input or nan",
+                      str(Path(__file__).parent / "test_kernels.py"), str(Path(__file__).parent / "test_attention_kernel.py"),
+                      devices=1, env={kernels.ISA_ENV: tier, "JAXACCEL_CACHE": str(tmp_path)}, timeout=1200)
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
+    vnni = run_python("-c", "from jaxaccel import kernels; print('vnni', kernels.int8_vnni())", devices=1,
+                      env={kernels.ISA_ENV: tier, "JAXACCEL_CACHE": str(tmp_path)})
+    assert "vnni False" in vnni.stdout  # these tiers have no AVX-512 VNNI code: int8 widens to float32
+    assert len(list((tmp_path / "kernels").glob("cpu-*.so"))) == 1
+
+
+def test_unknown_or_unrunnable_isa_tier_is_refused(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_ENV, "avx1024")
+    with pytest.raises(ValueError, match="JAXACCEL_CPU_ISA='avx1024' is not a tier; choose one of native, avx2, generic"):
+        kernels.isa_tier()
+    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "popcnt"})
+    with pytest.raises(ValueError, match=r"needs CPU features this CPU lacks \(avx2, fma, bmi2, f16c, movbe\)"):
+        kernels.isa_tier()
+
+
+def test_damaged_cached_library_is_rebuilt_not_loaded(tmp_path):
+    """A truncated or emptied cached library (it crashed every run with SIGBUS) is rebuilt, with
+    a warning, and the next process loads the good one."""
+    from mesh_util import run_python
+
+    check = "from jaxaccel import kernels\nassert kernels.load(), kernels._loaded\nprint('built', kernels._loaded['path'])"
+    env = {"JAXACCEL_CACHE": str(tmp_path)}
+    run_python("-c", check, devices=1, env=env)
+    lib = next((tmp_path / "kernels").glob("cpu-*.so"))
+    good = lib.read_bytes()
+    assert kernels._verified(lib)
+    for damage in (good[: len(good) // 2], b""):
+        lib.write_bytes(damage)
+        proc = run_python("-c", check, devices=1, env=env)
+        assert "does not match its checksum" in proc.stderr and kernels._verified(lib) and lib.stat().st_size > 0
 
 
 def test_bad_shapes_are_refused_clearly(built):

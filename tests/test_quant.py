@@ -204,7 +204,7 @@ def test_generate_quantized_with_int8_kv_cache_matches_teacher_forced_logits(gem
 
 # --- checkpoints, CLI ------------------------------------------------------------------------
 def test_quantized_checkpoint_round_trip_serves_without_requantizing(gemma, tmp_path, monkeypatch):
-    from jaxaccel.checkpoints.quantized import save
+    from jaxaccel.checkpoints.serving import save
 
     q = gemma.quantize(QuantConfig(mode="int4", group_size=16))
     save(q, tmp_path / "q")
@@ -257,7 +257,7 @@ def test_quantizing_twice_is_refused(gemma):
 
 @pytest.mark.parametrize("edit", [{"group_size": 32}, {"mode": "int8"}, {"quantize_embedding": False}])
 def test_loading_with_a_mismatched_quant_config_is_a_clear_error(gemma, tmp_path, edit):
-    from jaxaccel.checkpoints.quantized import save
+    from jaxaccel.checkpoints.serving import save
 
     save(gemma.quantize(QuantConfig(mode="int4", group_size=16)), tmp_path / "q")
     meta_file = tmp_path / "q" / "quant_config.json"

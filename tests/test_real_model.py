@@ -173,3 +173,20 @@ def test_generate_text(m):
     assert text[0].strip() != ""
     assert text[0] == m.tokenizer.decode(ids, skip_special_tokens=True)
     print(f"\n[real] {prompt!r} -> {text[0]!r}", flush=True)
+
+
+def test_default_int4_keeps_the_readme_prompt_sensible(m):
+    """The default int4 recipe (groups of 32; v_proj and down_proj int8) on the README's prompt:
+    its greedy text starts as float32's does (int4 in groups of 128 everywhere answered "the
+    capital of the United States of America"), and top-1 agrees with float32 on most positions
+    of a held-out passage (bench/quant_quality.py has the full figures)."""
+    from pathlib import Path
+
+    q = m.quantize(jaxaccel.QuantConfig(mode="int4"))
+    prompt = [list(m.tokenizer("The capital of France is")["input_ids"])]
+    want, got = generate_tokens(m, prompt, max_new_tokens=5), generate_tokens(q, prompt, max_new_tokens=5)
+    assert got == want, (m.tokenizer.decode(want[0]), m.tokenizer.decode(got[0]))
+    corpus = (Path(__file__).resolve().parent.parent / "bench" / "data" / "corpus.txt").read_text()[:4000]
+    ids = np.asarray(m.tokenizer(corpus)["input_ids"][:256])[None]
+    agree = (np.asarray(q.logits(ids)).argmax(-1) == np.asarray(m.logits(ids)).argmax(-1)).mean()
+    assert agree > 0.75, agree

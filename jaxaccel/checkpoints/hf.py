@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,6 +21,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 from flax.core import meta
+from tqdm.auto import tqdm
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -30,6 +29,7 @@ from ..config import ModelConfig, resolve_dtype
 from ..models import registry
 from ..sharding import placer as mesh_placer
 from ..tokenizer import FastTokenizer
+from .folders import atomic_folder
 from .loaded import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -93,7 +93,17 @@ def read_config(folder: Path) -> tuple[dict, ModelConfig]:
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a JSON object with a \"weight_map\": {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard file names")
+        for f in set(weight_map.values()):  # a shard outside the model folder is never read
+            # judged by the name, not by where links lead: HF hub snapshots link to blobs elsewhere
+            if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == "..":
+                raise CheckpointError(f"{index} names the shard {f!r}, which is outside the model folder {folder}; "
+                                      "shards must be files inside it")
         files = sorted({folder / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -173,14 +183,23 @@ def load_tensors(cfg: ModelConfig, specs: Iterable[tuple[str, tuple[int, ...]]],
         placer = mesh_placer(cfg, mesh, dtype)
     placer = placer or (lambda path, a: jax.device_put(a))
     flat = {}
+    # a bar only where loading is slow (a large GGUF to dequantize) and stderr is a terminal
+    bar = tqdm(total=len(by_name), desc=f"loading {Path(source).name}", unit="tensor", delay=2, disable=None,
+               leave=False)
     for name, array in data:
         if name in skip:
             continue
         path = by_name[name]
         if not np.issubdtype(array.dtype, np.floating):
             raise CheckpointError(f"{source}: tensor {name!r} has non-float dtype {array.dtype}")
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise CheckpointError(f"{source}: tensor {name!r} holds {bad:,} NaN or infinite value(s) of {array.size:,}; "
+                                  "the checkpoint is damaged or was saved after training diverged")
         flat[path] = placer(path, np.ascontiguousarray(to_ours(path, array), dtype=dtype))
         del array
+        bar.update()
+    bar.close()
     return traverse_util.unflatten_dict(flat)
 
 
@@ -232,12 +251,10 @@ def hf_state_dict(params: dict, cfg: ModelConfig | None = None) -> Iterator[tupl
         yield name_of(path), np.ascontiguousarray(array.T if is_transposed(path) else array)
 
 
-def save_folder(out_dir, cfg: ModelConfig, params: dict, tokenizer=None) -> Path:
-    """Write model.safetensors + config.json (+ tokenizer) atomically: a temp folder renamed into place."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+def save_folder(out_dir, cfg: ModelConfig, params: dict, tokenizer=None, overwrite: bool = True) -> Path:
+    """Write model.safetensors + config.json (+ tokenizer) atomically (see folders.py); an existing
+    folder is replaced, or refused when not `overwrite`."""
+    with atomic_folder(out_dir, overwrite) as tmp:
         tensors = dict(hf_state_dict(params, cfg))
         dtypes = {str(a.dtype) for a in tensors.values()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -246,14 +263,4 @@ def save_folder(out_dir, cfg: ModelConfig, params: dict, tokenizer=None) -> Path
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir).expanduser()

@@ -8,7 +8,18 @@
   tokenizer files     when the model has a tokenizer
 
 Loading checks every tensor's name, shape and dtype against what `quant_config.json` makes the
-model expect, so a config that does not match the tensors is a clear error, never a wrong model.
+model expect, and the quantization mode the tensors were written with (kept in the safetensors
+header) against it, so a config that does not match the tensors is a clear error, never a wrong
+model.
+
+Integrity: `quant_config.json` records every other file's size and sha256 (version 2). Loading
+compares the sizes every time, and the sha256s whenever the files are not the ones last verified:
+a stamp (`.verified`: each file's size, mtime and inode, and the time of the check) says which
+files were verified, so any change through the filesystem (a rewrite, an in-place overwrite, a
+copy) is hashed at the next load, and unchanged files are hashed again after VERIFY_EVERY_S in
+case the medium decayed.
+A damaged file is a `DamagedCheckpoint` error; the embedded models' cache rebuilds itself on it
+(default_models.py). Folders of version 1 (no record) still load, unchecked.
 
 The params are in our own layout (no transposes on load) and `model.safetensors` is written with
 every tensor 64-byte aligned in the file, so loading memory-maps it: on CPU each array *is* the
@@ -20,10 +31,10 @@ a warm `jaxaccel generate` has its params without reading or copying them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
-import os
-import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -36,11 +47,20 @@ from safetensors import SafetensorError, safe_open
 from .. import quant
 from ..models import registry
 from ..config import resolve_dtype
+from ..paths import write_atomic
 from ..sharding import placer
+from .folders import atomic_folder
 from .loaded import CheckpointError, Loaded
 from .hf import load_tokenizer, read_config, with_tokenizer_in_background
 
-FORMAT, VERSION, META = "jaxaccel-quantized", 1, "quant_config.json"
+FORMAT, VERSION, META = "jaxaccel-quantized", 2, "quant_config.json"
+READABLE_VERSIONS = (1, 2)
+WEIGHTS, STAMP = "model.safetensors", ".verified"
+VERIFY_EVERY_S = 30 * 86400
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A serving folder whose files do not match what was written (truncated, overwritten)."""
 
 
 def is_quantized_folder(path: Path) -> bool:
@@ -54,41 +74,109 @@ def serving_shapes(config, cfg: quant.QuantConfig, dtype="float32") -> dict:
     return traverse_util.flatten_dict(nn.unbox(shapes), sep="/")
 
 
-def save(model, out_dir) -> Path:
+def save(model, out_dir, overwrite: bool = False) -> Path:
     """Write `model` (a Model from `Model.quantize`, or anything with its config, params,
-    tokenizer, dtype and quant) as a serving folder, atomically."""
+    tokenizer, dtype and quant) as a serving folder, atomically (see folders.py); an existing
+    non-empty folder is refused unless `overwrite`."""
     if model.quant is None:
         raise ValueError("this model is not quantized: call model.quantize(QuantConfig(...)) first, "
                          "or save_hf() to export float weights")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out folder or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        tmp = Path(tmp)
+    quant_json = json.loads(model.quant.to_json())
+    with atomic_folder(out_dir, overwrite) as tmp:
         save_aligned({k: np.asarray(jax.device_get(v)) for k, v in
                       traverse_util.flatten_dict(model.params, sep="/").items()},
-                     tmp / "model.safetensors", metadata={"format": FORMAT})
+                     tmp / WEIGHTS, metadata={"format": FORMAT, "quant": json.dumps(quant_json, sort_keys=True)})
         (tmp / "config.json").write_text(json.dumps(registry.config_to_hf(model.config), indent=2))
-        meta = {"format": FORMAT, "version": VERSION, "dtype": model.dtype,
-                "quant": json.loads(model.quant.to_json())}
-        (tmp / META).write_text(json.dumps(meta, indent=1))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        tmp.mkdir()  # TemporaryDirectory cleans up a (now empty) folder of its name
-    return out
+        files = {f.name: _record(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        meta = {"format": FORMAT, "version": VERSION, "dtype": model.dtype, "quant": quant_json, "files": files}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+    return Path(out_dir).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _stat_key(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def verify(folder) -> None:
+    """Check the folder's files against the record in quant_config.json (see the module doc);
+    DamagedCheckpoint naming the first that differs. Version-1 folders have no record and pass."""
+    folder = Path(folder)
+    records = _read_meta_json(folder).get("files")
+    if records is None:
+        return
+    if not isinstance(records, dict):
+        raise DamagedCheckpoint(f"{folder / META}: field 'files' must be an object")
+    keys = {}
+    for name, record in sorted(records.items()):
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{path} is missing")
+        size = path.stat().st_size
+        if not isinstance(record, dict) or size != record.get("size"):
+            raise DamagedCheckpoint(f"{path} has {size:,} bytes where {record.get('size')} were written "
+                                    "(truncated or replaced)")
+        keys[name] = _stat_key(path)
+    stamp = folder / STAMP
+    try:
+        seen = json.loads(stamp.read_text())
+        if seen.get("files") == keys and time.time() - seen.get("at", 0) < VERIFY_EVERY_S:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass  # no stamp (or a damaged one): verify
+    for name, record in sorted(records.items()):
+        if _sha256(folder / name) != record.get("sha256"):
+            raise DamagedCheckpoint(f"{folder / name} does not hold the bytes that were written (its sha256 differs)")
+    try:  # a read-only folder is verified at every load instead
+        write_atomic(stamp, json.dumps({"files": keys, "at": time.time()}).encode())
+    except OSError:
+        pass
+
+
+def _read_meta_json(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / META} cannot be read: {e}; re-create it with `jaxaccel quantize`") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder / META} must be a JSON object with format, version, dtype and quant; got a "
+                              f"{type(meta).__name__}; re-create it with `jaxaccel quantize`")
+    return meta
+
+
+def read_meta_version(folder: Path) -> int:
+    """The format version a serving folder was written with (CheckpointError if it is none)."""
+    version = _read_meta_json(folder).get("version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{folder / META}: version {version!r} is not one of {READABLE_VERSIONS}")
+    return version
 
 
 def read_meta(folder: Path) -> tuple[str, quant.QuantConfig]:
     """quant_config.json -> (float dtype, QuantConfig), with a clear error for anything else."""
+    meta = _read_meta_json(folder)
     try:
-        meta = json.loads((folder / META).read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r} is not "
-                             f"{FORMAT!r} version {VERSION}")
+                             f"{FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))}")
+        if not isinstance(meta.get("quant"), dict):
+            raise ValueError(f"field 'quant' must be an object (a QuantConfig), got {meta.get('quant')!r}")
+        if meta.get("dtype") not in quant.FLOAT_MODES:
+            raise ValueError(f"field 'dtype' must be one of {', '.join(quant.FLOAT_MODES)}, got {meta.get('dtype')!r}")
         return meta["dtype"], quant.QuantConfig.from_json(json.dumps(meta["quant"]))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / META} is not a valid jaxaccel quantized-checkpoint config: {e}; "
@@ -101,12 +189,22 @@ def load_folder(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32"
     folder = Path(folder)
     _, cfg = read_config(folder)
     requested, (stored, qcfg) = dtype, read_meta(folder)
+    verify(folder)
     if mesh is not None and qcfg.integer:
         raise CheckpointError("loading a quantized checkpoint sharded over a mesh is not supported yet; "
                               "load the float checkpoint with mesh=..., then call .quantize()")
 
     def params():
-        flat = read_mapped(folder / "model.safetensors")
+        flat, written_as = read_mapped(folder / WEIGHTS, with_metadata=True)
+        if "quant" in written_as:  # the QuantConfig the tensors were written with (version 2)
+            said, wrote = json.loads(qcfg.to_json()), json.loads(written_as["quant"])
+            diff = sorted(k for k in set(said) | set(wrote) if said.get(k) != wrote.get(k))
+            if diff:
+                raise CheckpointError(
+                    f"the tensors do not match {folder / META}: it says "
+                    + ", ".join(f"{k}={said.get(k)!r}" for k in diff) + "; they were written with "
+                    + ", ".join(f"{k}={wrote.get(k)!r}" for k in diff)
+                    + ". Re-create the checkpoint with `jaxaccel quantize` instead of editing it")
         check(flat, cfg, qcfg, stored, folder)
         if mesh is None:
             return traverse_util.unflatten_dict({k: jax.device_put(v) for k, v in flat.items()}, sep="/")
@@ -168,8 +266,9 @@ def save_aligned(tensors: dict[str, np.ndarray], path: Path, metadata: dict | No
             f.write(np.ascontiguousarray(tensors[k]).tobytes())
 
 
-def read_mapped(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file -> {name: array viewing a private (copy-on-write) memory map of it}.
+def read_mapped(path: Path, with_metadata: bool = False):
+    """A safetensors file -> {name: array viewing a private (copy-on-write) memory map of it}
+    (and its header's metadata, with `with_metadata`).
 
     safetensors' own reader validates the file first (header, offsets, sizes), so a truncated
     or corrupt file is a CheckpointError here, never a crash later."""
@@ -191,4 +290,4 @@ def read_mapped(path: Path) -> dict[str, np.ndarray]:
         if info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which jaxaccel does not serve")
         out[name] = buf[base + start: base + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+    return (out, header.get("__metadata__") or {}) if with_metadata else out

@@ -10,6 +10,8 @@ steps visible; uncommitted leftovers are removed when the store is next opened.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,24 @@ def _options(keep: int, best: bool, async_save: bool, read_only: bool = False):
     if best:  # reverse=True sorts descending, so the lowest eval loss is preserved
         keep_policies.append(policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
                                             keep_checkpoints_without_metrics=False))
+    # The keep policy's deletions first rename a step out of the committed namespace (into
+    # TRASH), and only then is it deleted (`_empty_trash`): a kill mid-delete leaves no
+    # half-deleted step that still looks committed.
     return ocp.CheckpointManagerOptions(
         best_fn=(lambda m: m["eval_loss"]) if best else None, best_mode="min",
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only, read_only=read_only,
-        create=not read_only)
+        create=not read_only, todelete_subdir=TRASH)
+
+
+TRASH = ".deleted"
+
+
+def _empty_trash(directory: Path) -> None:
+    """Delete the steps the keep policy moved out of the way (see _options)."""
+    trash = Path(directory) / TRASH
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _manager(directory, options) -> ocp.CheckpointManager:
@@ -47,8 +62,11 @@ class Store:
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
         self.directory = Path(directory)
+        # as it reads back from JSON (tuples are lists there), so a rerun compares equal
+        meta = json.loads(json.dumps(meta))
         self.meta, self.save_every = meta, save_every
         self.manager = _manager(self.directory, _options(keep, best, async_save))
+        _empty_trash(self.directory)  # what a killed run left there
         step = self.latest_step()
         if step is not None:
             stored = self.read_meta(step)
@@ -91,9 +109,11 @@ class Store:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        _empty_trash(self.directory)
 
     def close(self) -> None:
         self.manager.close()
+        _empty_trash(self.directory)
 
 
 def _restore_state(manager, directory, step, target):

@@ -20,10 +20,15 @@ generate call would write the whole table once. It also writes the KV cache in p
 (`write_rows`): XLA's CPU backend copies each layer's cache several times per decode step.
 
 The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
-jaxlib's FFI headers, for this machine's CPU (`-march=native`), and cached under the jaxaccel
-cache folder, keyed by the sources, jaxlib's version, the compiler and the CPU. Without a
-compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and attention are used (a warning says why
-once).
+jaxlib's FFI headers, for an ISA tier of this machine's CPU (`ISA_TIERS`: `native`, the default,
+`-march=native`; `avx2`, x86-64-v3 without AVX-512; `generic`, x86-64-v2), chosen with
+`JAXACCEL_CPU_ISA` (so the AVX2 code is built, tested and benchmarked on an AVX-512 machine too;
+a tier the CPU cannot run is refused). The library is cached under the jaxaccel cache folder,
+keyed by the sources, jaxlib's version, the compiler, the flags and the CPU, with its sha256
+beside it: a library that does not match it (a truncated or damaged file) is rebuilt, never
+loaded. A cache folder that cannot be written gives a build in a temporary folder for the
+process. Without a compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and attention are used
+(a warning says why once).
 
 Which programs use them is an argument, never a global switch: a module is built with a
 `KernelChoice` (`registry.build(..., kernels=...)`), which every layer carries. The generation
@@ -38,8 +43,10 @@ weights: to the int16 rounding of x), not bit for bit.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import platform
 import subprocess
 import tempfile
@@ -52,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..paths import cache_dir
+from ..paths import cache_dir, cache_writable
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc", "take.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
@@ -64,6 +71,13 @@ INT8_PREFILL_MAX_ROWS = 512  # int8 weights (VNNI): the kernel takes up to this 
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 ENV = "JAXACCEL_CPU_KERNELS"
 FLAGS_ENV = "JAXACCEL_CPU_KERNEL_FLAGS"
+ISA_ENV = "JAXACCEL_CPU_ISA"
+# tier -> (-march flags, /proc/cpuinfo flags the CPU needs to run that code)
+ISA_TIERS = {
+    "native": (["-march=native"], ()),
+    "avx2": (["-march=x86-64-v3", "-mtune=native"], ("avx2", "fma", "bmi2", "f16c", "movbe")),
+    "generic": (["-march=x86-64-v2", "-mtune=native"], ("sse4_2", "popcnt")),
+}
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "ok": bool, "error": str, "path": Path
@@ -83,9 +97,31 @@ def _compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+def isa_tier() -> str:
+    """The ISA tier the kernels are built for: $JAXACCEL_CPU_ISA, else "native"."""
+    tier = os.environ.get(ISA_ENV, "native").strip().lower() or "native"
+    if tier not in ISA_TIERS:
+        raise ValueError(f"{ISA_ENV}={tier!r} is not a tier; choose one of {', '.join(ISA_TIERS)}")
+    missing = [f for f in ISA_TIERS[tier][1] if f not in cpu_flags()]
+    if missing:
+        raise ValueError(f"{ISA_ENV}={tier} needs CPU features this CPU lacks ({', '.join(missing)}); "
+                         "choose a lower tier")
+    return tier
+
+
 def _flags() -> list[str]:
-    """Compiler flags; $JAXACCEL_CPU_KERNEL_FLAGS adds more (e.g. -DJAXACCEL_GENERIC: no AVX-512 code)."""
-    return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    """Compiler flags: the ISA tier's; $JAXACCEL_CPU_KERNEL_FLAGS adds more (e.g.
+    -DJAXACCEL_GENERIC: no hand-written AVX-512 code)."""
+    return ["-O3", *ISA_TIERS[isa_tier()][0], "-std=c++17", "-shared", "-fPIC", "-w",
             *os.environ.get(FLAGS_ENV, "").split()]
 
 
@@ -102,9 +138,46 @@ def _library_path() -> Path:
     a library built for another CPU of a shared cache folder could crash on an instruction)."""
     import jaxlib
 
+    flags = _flags()
+    march = [f for f in flags if f.startswith(("-march", "-mtune"))]
     key = "\x00".join([*(p.read_text() for p in SOURCES + HEADERS), jaxlib.__version__, _compiler(), _ask_compiler("--version"),
-                        " ".join(_flags()), _ask_compiler("-march=native", "-Q", "--help=target"), _cpu_tag()])
+                        " ".join(flags), _ask_compiler(*march, "-Q", "--help=target"), _cpu_tag()])
     return cache_dir() / "kernels" / f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    """Whether `path` is a library we built: its sha256 matches the one written beside it after
+    the build. A truncated library would crash the process (SIGBUS) when loaded."""
+    try:
+        return path.is_file() and path.with_suffix(".sha256").read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+def _built_library() -> Path:
+    """The verified library for this machine: from the cache, else built there (a damaged one is
+    rebuilt), else, where the cache cannot be written, built in a temporary folder."""
+    path = _library_path()
+    if _verified(path):
+        return path
+    if path.exists():
+        warnings.warn(f"rebuilding jaxaccel's CPU kernels: the cached {path} does not match its checksum",
+                      RuntimeWarning, stacklevel=3)
+    if cache_writable():
+        try:
+            _build(path)
+            return path
+        except OSError as e:  # the cache filled up, or went read-only, meanwhile
+            warnings.warn(f"cannot write jaxaccel's kernel cache ({e}); building the CPU kernels in a temporary "
+                          "folder for this process", RuntimeWarning, stacklevel=3)
+    tmp = Path(tempfile.mkdtemp(prefix="jaxaccel-kernels-")) / path.name
+    atexit.register(shutil.rmtree, tmp.parent, True)
+    _build(tmp)
+    return tmp
 
 
 def _build(path: Path) -> None:
@@ -128,6 +201,8 @@ def _build(path: Path) -> None:
                 link = subprocess.run([_compiler(), *_flags(), *objects, "-o", library], capture_output=True, text=True,
                                       timeout=600)
                 errors = [link.stderr[-2000:]] if link.returncode else []
+        except (OSError, subprocess.SubprocessError) as e:  # no compiler (not a cache problem)
+            raise RuntimeError(f"cannot run the C++ compiler {_compiler()!r}: {e}") from None
         finally:
             for proc in procs:  # a failed start or a timeout: stop the others too
                 if proc.poll() is None:
@@ -135,7 +210,10 @@ def _build(path: Path) -> None:
                     proc.wait()
         if errors:
             raise RuntimeError(f"{_compiler()} failed:\n" + "\n".join(errors))
-        os.replace(library, path)
+        digest = os.path.join(tmp, "lib.sha256")
+        Path(digest).write_text(_digest(Path(library)))
+        os.replace(library, path)  # the library first: one without its checksum is rebuilt
+        os.replace(digest, path.with_suffix(".sha256"))
 
 
 def load() -> bool:
@@ -150,9 +228,7 @@ def load() -> bool:
         try:
             import ctypes
 
-            path = _library_path()
-            if not path.is_file():
-                _build(path)
+            path = _built_library()
             lib = ctypes.cdll.LoadLibrary(str(path))
             for target, symbol in TARGETS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")

@@ -93,6 +93,11 @@ def common_from_hf(hf: dict) -> dict:
 
 def from_hf(hf: dict) -> ModelConfig:
     family = MODEL_TYPES[hf["model_type"]]
+    # every field that changes transformers' computation is either followed or refused by name
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} for {family}; supported: silu")
+    if (hf.get("pretraining_tp") or 1) != 1:
+        raise ValueError(f"unsupported pretraining_tp {hf['pretraining_tp']!r}; supported: 1")
     common = common_from_hf(hf)
     window = None
     if family == "mistral":

@@ -39,8 +39,52 @@ FAMILIES = {
 MODEL_TYPES = {**llama.MODEL_TYPES, **gemma3.MODEL_TYPES, **bert.MODEL_TYPES}
 
 
+# config.json fields every family reads, with what they must hold: a wrong type or value is an
+# error naming the field (not a traceback, and not a silently different model)
+_POSITIVE_INT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                 "sliding_window_pattern", "query_pre_attn_scalar")
+_NON_NEGATIVE_INT = ("type_vocab_size", "num_labels")
+_POSITIVE_FLOAT = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_base_freq",
+                   "final_logit_softcapping", "attn_logit_softcapping")
+_BOOL = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "is_decoder",
+         "add_cross_attention", "use_bidirectional_attention")
+_TOKEN_ID = ("bos_token_id", "pad_token_id")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_hf_fields(hf) -> None:
+    """Types and ranges of the config fields we read; ValueError naming the field otherwise.
+    Optional fields may be absent or null."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"a model config must be a JSON object, got a {type(hf).__name__}")
+    for key, ok, want in (
+            *((k, lambda v: _is_int(v) and v >= 1, "an integer >= 1") for k in _POSITIVE_INT),
+            *((k, lambda v: _is_int(v) and v >= 0, "an integer >= 0") for k in _NON_NEGATIVE_INT),
+            *((k, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+               "a number > 0") for k in _POSITIVE_FLOAT),
+            *((k, lambda v: isinstance(v, bool), "true or false") for k in _BOOL),
+            *((k, lambda v: _is_int(v) and v >= 0, "a token id (integer >= 0)") for k in _TOKEN_ID),
+            ("eos_token_id", lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and all(
+                _is_int(x) and x >= 0 for x in v)), "a token id or a list of token ids")):
+        value = hf.get(key)
+        if value is not None and not ok(value):
+            raise ValueError(f"field {key!r} must be {want}, got {value!r}")
+    heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ValueError(f"field 'num_key_value_heads' ({kv}) must divide 'num_attention_heads' ({heads})")
+    if hf.get("head_dim") is None and heads and hf.get("hidden_size") and hf["hidden_size"] % heads:
+        raise ValueError(f"field 'hidden_size' ({hf['hidden_size']}) must be a multiple of 'num_attention_heads' "
+                         f"({heads}) when 'head_dim' is not given")
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
-    """HF config.json dict -> ModelConfig; unknown model_type -> ValueError listing supported."""
+    """HF config.json dict -> ModelConfig; unknown model_type, or a field of the wrong type ->
+    ValueError naming it."""
+    check_hf_fields(hf)
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(
