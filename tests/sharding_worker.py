@@ -114,6 +114,13 @@ def main(folder, gguf_file, folder97, dest):
         out[f"{tag}/loss"] = np.asarray([json.loads(line)["loss"]
                                          for line in (ft_out / "metrics.jsonl").read_text().splitlines()])
         out[f"{tag}/lm_head"] = np.asarray(jaxaccel.load(ft_out).params["lm_head"]["kernel"])
+        # the identical command again resumes (it must not refuse its own checkpoints)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            rc = cli.main(["finetune", "--model", folder, "--data", str(data), "--steps", "3", "--batch-size", "4",
+                           "--optimizer", "sgd", "--lr", "0.5", "--schedule", "constant", "--no-tensorboard",
+                           "--save-every", "2", "--out", str(ft_out), *extra])
+        out[f"{tag}/rerun"] = np.asarray([str(rc), err.getvalue()])
     # one KV head on tensor=2: the cache is replicated; generating token by token hands it back
     # each call with the sharding it came in with (XLA once returned it split on head_dim)
     cfg1 = jaxaccel.ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,

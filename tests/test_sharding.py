@@ -126,6 +126,9 @@ def test_cli_finetune_with_mesh_equals_single_device(results):
     np.testing.assert_allclose(results["ft_mesh/loss"], results["ft_single/loss"], rtol=1e-5)
     assert len(results["ft_single/loss"]) == 3
     np.testing.assert_allclose(results["ft_mesh/lm_head"], results["ft_single/lm_head"], atol=1e-5)
+    for tag in ("ft_single", "ft_mesh"):  # rerunning the identical command resumes, mesh or not
+        rc, err = results[f"{tag}/rerun"]
+        assert rc == "0" and "resuming from step 3" in err, (tag, err[-2000:])
 
 
 def test_cli_mesh_flag_parsing(capsys):
