@@ -42,11 +42,11 @@ def cmd_generate(args) -> int:
     # for the bucket the prompt most likely needs (<= 1 token per 3 UTF-8 bytes, plus BOS); a
     # wrong guess only costs a second compile when generate() asks for the real bucket.
     guess = min(len(args.prompt.encode()) // 3 + 2, m.config.max_position_embeddings - args.max_new_tokens)
-    if guess >= 1:  # else generate() says what is too long
+    if guess >= 1 and args.speculative is None:  # else generate() says what is too long
         prepare(m, 1, guess, args.max_new_tokens, **sampling)
     started = time.time()
     generate(m, [args.prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop or None,
-             stream=write, stats=stats, **sampling)
+             stream=write, stats=stats, speculative=args.speculative, **sampling)
     sys.stdout.write("\n")
     import psutil
 
@@ -54,6 +54,10 @@ def cmd_generate(args) -> int:
     _err(f"first token {since_launch:.2f}s after launch ({stats.time_to_first_token:.2f}s after generate() was "
          f"called) | prefill {stats.prefill_tokens_per_s:.1f} tok/s ({stats.prompt_tokens} tokens) | "
          f"decode {stats.decode_tokens_per_s:.1f} tok/s ({stats.generated_tokens} tokens)")
+    if stats.speculative is not None:
+        s = stats.speculative
+        _err(f"speculative ({args.speculative}): {s.accepted} of {s.drafted} drafted tokens accepted "
+             f"({s.acceptance_rate:.0%}), {s.tokens_per_call:.2f} tokens per forward call over {s.calls} calls")
     return 0
 
 
@@ -303,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--speculative", choices=["prompt_lookup"],
+                   help="speculative decoding (greedy only; the same text, fewer forward calls when drafts hit)")
     add_mesh_argument(g)
     g.set_defaults(fn=cmd_generate)
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .engine import Engine
 from .sampling import Sampler
+from .speculative import SpeculativeStats, Speculator, make_drafter
 from .streaming import TextStreamer
 
 
@@ -23,6 +24,7 @@ class GenerationStats:
     generated_tokens: int = 0
     time_to_first_token: float = float("nan")
     total_time: float = float("nan")
+    speculative: SpeculativeStats | None = None  # drafts proposed / accepted, with `speculative=`
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -39,6 +41,24 @@ def _engine(model) -> Engine:
     if eng is None:
         eng = model.__dict__["_engine"] = Engine(model)
     return eng
+
+
+def _speculator(model) -> Speculator:
+    spec = model.__dict__.get("_speculator")
+    if spec is None:
+        spec = model.__dict__["_speculator"] = Speculator(model, _engine(model).module)
+    return spec
+
+
+def _check_speculative(model, speculative, temperature) -> None:
+    if speculative is None:
+        return
+    make_drafter(speculative)  # an unknown drafter is refused by name
+    if temperature != 0:
+        raise ValueError("speculative decoding is exact for greedy decoding (temperature=0) so far; sampling "
+                         "with a drafter is not implemented yet: pass temperature=0 or speculative=None")
+    if getattr(model, "mesh", None) is not None:
+        raise ValueError("speculative decoding on a device mesh is not supported yet; load the model without mesh=")
 
 
 def _is_int(x) -> bool:
@@ -150,19 +170,24 @@ def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32,
 
 def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed=0,
-                    host_step: Callable | None = None) -> list[list[int]]:
+                    host_step: Callable | None = None, speculative: str | None = None,
+                    stats: GenerationStats | None = None) -> list[list[int]]:
     """Token-level generation: prompts (strings or id lists) -> generated ids per prompt.
 
     The ids stop after the first EOS (which is included) or at `max_new_tokens`.
     `seed` is an int for all rows or one int per prompt; a row's samples depend only on its
     own seed, so the same seed gives the same tokens whatever else is in the batch.
+    speculative: "prompt_lookup" drafts tokens from the prompt and verifies several per forward
+    call (greedy only; the same tokens as without it); see speculative.py.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_speculative(model, speculative, temperature)
     return _generate_ids(model, encode_prompts(model, prompts), max_new_tokens, temperature, top_k, top_p, seed,
-                         host_step)
+                         host_step, speculative, stats)
 
 
-def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, host_step) -> list[list[int]]:
+def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, host_step, speculative=None,
+                  stats=None) -> list[list[int]]:
     """`generate_tokens` for prompts already encoded and checked (`encode_prompts`)."""
     limit = model.config.max_position_embeddings
     for i, p in enumerate(ids):
@@ -175,6 +200,11 @@ def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, h
     _check_room(model, len(ids), max(map(len, ids)), max_new_tokens)
     sampler = make_sampler(model, temperature, top_k, top_p)
     eos = _eos_ids(model)
+    if speculative is not None:
+        spec = SpeculativeStats()
+        if stats is not None:
+            stats.speculative = spec
+        return _speculator(model).run(ids, max_new_tokens, eos, make_drafter(speculative), host_step, spec)
     out = _engine(model).run(ids, max_new_tokens, sampler, temperature, top_p, seeds, eos, host_step)
     result = []
     for row in out:
@@ -188,12 +218,13 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed=0,
              stop: Sequence[str] | str | None = None,
              stream: Callable[[int, str], Any] | None = None,
-             stats: GenerationStats | None = None) -> list[str]:
+             stats: GenerationStats | None = None, speculative: str | None = None) -> list[str]:
     """Generate continuations (prompt excluded) of each prompt.
 
     prompts: list of strings or token-id lists. temperature 0 = greedy. stop: strings that end
     a row (excluded from the text). stream(i, text) receives new text of prompt i as it is
     produced. Pass a `GenerationStats` to get time to first token and throughput.
+    speculative: "prompt_lookup" for speculative decoding (greedy only; see `generate_tokens`).
     """
     if model.tokenizer is None:
         raise ValueError("generate() returns text and needs a tokenizer; this model has none. "
@@ -202,10 +233,11 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
     if any(not s for s in stop):
         raise ValueError("stop strings must be non-empty")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_speculative(model, speculative, temperature)
     ids = encode_prompts(model, prompts)
     streamer = TextStreamer(model, len(ids), stop, stream, _eos_ids(model))
     start = time.perf_counter()
-    _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, streamer)
+    _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, streamer, speculative, stats)
     texts = streamer.flush()
     end = time.perf_counter()
     if stats is not None:

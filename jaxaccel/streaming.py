@@ -71,12 +71,12 @@ class TextStreamer:
         """tokens [B, k]: the k newest tokens of every row -> bool [B] rows that hit a stop string."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        hit = np.zeros(tokens.shape[0], bool)
+        hit = np.zeros(len(tokens), bool)
         for i in range(self.n):
             if self.finished[i]:
                 continue
             new = []
-            for t in tokens[i].tolist():
+            for t in map(int, tokens[i]):  # an array [B, k], or one list per row (speculative decoding)
                 if t in self.eos:
                     self.finished[i] = True
                     break

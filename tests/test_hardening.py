@@ -331,3 +331,24 @@ def test_generate_reports_the_first_token_since_launch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "s after launch (" in proc.stderr and "after generate() was called" in proc.stderr
     assert "PyTorch was not found" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tensors_written_before_a_quant_config_field_existed_still_load(hf_folder, tmp_path):
+    """A field QuantConfig gained later (at its default) is no mismatch with older tensors."""
+    from jaxaccel.checkpoints import serving
+
+    m = jaxaccel.load(hf_folder("llama3")[0])
+    out = serving.save(m.quantize(jaxaccel.QuantConfig(mode="int8")), tmp_path / "q")
+    weights = out / "model.safetensors"
+    flat, header = serving.read_mapped(weights, with_metadata=True)
+    older = json.loads(header["quant"])
+    older.pop("int4_keeps_int8")
+    serving.save_aligned({k: np.array(v) for k, v in flat.items()}, weights,
+                         metadata={**header, "quant": json.dumps(older)})
+    meta = json.loads((out / "quant_config.json").read_text())
+    meta["quant"].pop("int4_keeps_int8")  # as the folder's writer knew QuantConfig then
+    meta["files"]["model.safetensors"] = serving._record(weights)  # the bytes changed on purpose
+    (out / "quant_config.json").write_text(json.dumps(meta))
+    ids = np.arange(1, 9)[None]
+    np.testing.assert_array_equal(np.asarray(jaxaccel.load(out).logits(ids)),
+                                  np.asarray(m.quantize(jaxaccel.QuantConfig(mode="int8")).logits(ids)))

@@ -197,7 +197,9 @@ def load_folder(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32"
     def params():
         flat, written_as = read_mapped(folder / WEIGHTS, with_metadata=True)
         if "quant" in written_as:  # the QuantConfig the tensors were written with (version 2)
-            said, wrote = json.loads(qcfg.to_json()), json.loads(written_as["quant"])
+            # both read through QuantConfig, so a field added since (at its default) is no difference
+            said = json.loads(qcfg.to_json())
+            wrote = json.loads(quant.QuantConfig.from_json(written_as["quant"]).to_json())
             diff = sorted(k for k in set(said) | set(wrote) if said.get(k) != wrote.get(k))
             if diff:
                 raise CheckpointError(
