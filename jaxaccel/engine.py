@@ -141,9 +141,9 @@ class Engine:
             args = (self.model.params, state, i32(B, T), i32(B), jax.ShapeDtypeStruct((B,), bool), i32(B), i32(),
                     f32, f32, i32(n_eos), jax.ShapeDtypeStruct((), bool), i32(), jax.ShapeDtypeStruct((B,), bool))
             m, fast = self.model, self.kernels.decode
-            # int8_vnni: such builds also take the int8 prefill's rows (a portable build refuses them)
+            # int8_path: int16-path builds also take the int8 prefill's rows (a portable build refuses them)
             name = (f"generate {m.config!r} {m.dtype} {m.quant!r} {sampler!r} {key[1:]} {self.kernels!r} "
-                    f"int8_vnni={fast and kernels.int8_vnni()}")
+                    f"int8_path={kernels.int8_path() if fast else None}")
             finish = program_cache.lower_cached(partial(self._step, sampler), args, (1,), state, name)
             self._caches[(B, S)] = state.cache
         except BaseException as e:

@@ -352,3 +352,15 @@ def test_tensors_written_before_a_quant_config_field_existed_still_load(hf_folde
     ids = np.arange(1, 9)[None]
     np.testing.assert_array_equal(np.asarray(jaxaccel.load(out).logits(ids)),
                                   np.asarray(m.quantize(jaxaccel.QuantConfig(mode="int8")).logits(ids)))
+
+
+def test_a_float32_serving_folder_is_the_plain_float_model_whatever_its_other_fields(hf_folder, tmp_path):
+    """Older float32 folders recorded QuantConfig defaults that have changed since (e.g. group
+    size 128): the folder still loads as the float model, which can be quantized."""
+    from jaxaccel.checkpoints import serving
+
+    m = jaxaccel.load(hf_folder("llama3")[0])
+    out = serving.save(m.quantize(jaxaccel.QuantConfig(mode="float32", group_size=128, int4_keeps_int8=())),
+                       tmp_path / "f")
+    back = jaxaccel.load(out)
+    assert back.quant is None and back.quantize(jaxaccel.QuantConfig(mode="int8")).quant.mode == "int8"

@@ -48,10 +48,13 @@ def _activation_block(M, K, G):
     """The int16 block the int8 kernel rounds x to (matvec.cc: the largest of 128 / 64 / 32
     dividing the weight's group size, except for 5..8 rows unless K >= 1024 and the block >= 64),
     0 where it keeps float32 x."""
-    if not kernels.int8_vnni():  # what this machine's build does (AVX-512 VNNI or not)
+    path = kernels.int8_path()  # what this machine's build does (AVX-512 VNNI, AVX2, or widening)
+    if path == "float":
         return 0
     block = next((b for b in (128, 64, 32) if (K // G) % b == 0), 0)
-    return 0 if 4 < M <= 8 and (K < 1024 or block < 64) else block  # 5..8 rows: long rows only
+    if path == "vnni" and 4 < M <= 8 and (K < 1024 or block < 64):
+        return 0  # 5..8 rows on VNNI: long rows only
+    return block
 
 
 def _int16_rounded(x, block):
@@ -79,9 +82,9 @@ def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
     q = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
     scale = jnp.asarray(rng.random((N, G)) * 0.02, jnp.float32)
     matvec = jax.jit(lambda x, q, s: kernels.matvec(x, q, 1, s))
-    if M > 2 * kernels.MAX_ROWS and not kernels.int8_vnni():
+    if M > 2 * kernels.MAX_ROWS and not _activation_block(M, K, G):
         assert not kernels.wants(x, q, scale)
-        with pytest.raises(Exception, match="more than 16 rows need int8 weights.*VNNI build"):
+        with pytest.raises(Exception, match="more than 16 rows need int8 weights.*AVX2 build"):
             matvec(x, q, scale).block_until_ready()
         return
     got = np.asarray(matvec(x, q, scale))
@@ -127,7 +130,7 @@ GENERIC_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxaccel import kernels
 assert kernels.load(), kernels._loaded
-assert not kernels.int8_vnni()  # the portable build widens int8 (no int16 rounding)
+assert kernels.int8_path() == "float"  # the portable build widens int8 (no int16 rounding)
 rng = np.random.default_rng(0)
 for M, K, N, G in [(1, 640, 300, 20), (4, 256, 512, 8), (3, 70, 40, 2)]:
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
@@ -164,21 +167,21 @@ m = jaxaccel.init_random(ModelConfig(family="llama", vocab_size=97, hidden_size=
 m = m.quantize(QuantConfig(mode="int8"))
 out = generation.generate_tokens(m, [list(range(3, 23))], max_new_tokens=4)  # a 32-row prefill
 assert len(out[0]) == 4 and kernels.usable(m), out
-print("vnni", kernels.int8_vnni())
+print("int8 path", kernels.int8_path())
 """
 
 
-@pytest.mark.skipif(not kernels.int8_vnni(), reason="needs an AVX-512 VNNI CPU to build the two kinds")
+@pytest.mark.skipif(not kernels.int8_int16(), reason="needs an AVX-512 VNNI or AVX2 CPU to build the two kinds")
 def test_saved_generation_programs_are_kept_apart_per_kernel_build(tmp_path):
-    """A VNNI build sends the int8 prefill's rows to the kernel, which a portable build refuses:
+    """An int16-path build (VNNI, AVX2) sends the int8 prefill's rows to the kernel, which a portable build refuses:
     a generation program saved by the one must not be reused by the other (a shared cache folder,
     e.g. a home directory on several machines)."""
     from mesh_util import run_python
 
     env = {"JAXACCEL_CACHE": str(tmp_path)}
-    assert "vnni True" in run_python("-c", INT8_GENERATE, devices=1, env=env).stdout
+    assert f"int8 path {kernels.int8_path()}" in run_python("-c", INT8_GENERATE, devices=1, env=env).stdout
     generic = run_python("-c", INT8_GENERATE, devices=1, env={**env, kernels.FLAGS_ENV: "-DJAXACCEL_GENERIC"})
-    assert "vnni False" in generic.stdout
+    assert "int8 path float" in generic.stdout
 
 
 def test_portable_build_without_avx512_code_is_equal_too(tmp_path):
@@ -192,7 +195,7 @@ def test_portable_build_without_avx512_code_is_equal_too(tmp_path):
 
 
 def _runnable_tiers():
-    tiers = []
+    tiers, before = [], os.environ.get(kernels.ISA_ENV)
     for tier in kernels.ISA_TIERS:
         try:
             os.environ[kernels.ISA_ENV] = tier
@@ -200,8 +203,10 @@ def _runnable_tiers():
             tiers.append(tier)
         except ValueError:
             pass
-        finally:
-            os.environ.pop(kernels.ISA_ENV, None)
+    if before is None:
+        os.environ.pop(kernels.ISA_ENV, None)
+    else:
+        os.environ[kernels.ISA_ENV] = before  # a tier the whole run was asked for stays asked for
     return tiers
 
 
@@ -215,9 +220,10 @@ def test_kernel_tests_pass_on_every_isa_tier_this_cpu_runs(tmp_path, tier):
                       str(Path(__file__).parent / "test_kernels.py"), str(Path(__file__).parent / "test_attention_kernel.py"),
                       devices=1, env={kernels.ISA_ENV: tier, "JAXACCEL_CACHE": str(tmp_path)}, timeout=1200)
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
-    vnni = run_python("-c", "from jaxaccel import kernels; print('vnni', kernels.int8_vnni())", devices=1,
+    path = run_python("-c", "from jaxaccel import kernels; print('int8 path', kernels.int8_path())", devices=1,
                       env={kernels.ISA_ENV: tier, "JAXACCEL_CACHE": str(tmp_path)})
-    assert "vnni False" in vnni.stdout  # these tiers have no AVX-512 VNNI code: int8 widens to float32
+    # no AVX-512 code in these tiers: AVX2's integer path, or widening to float32
+    assert f"int8 path {'avx2' if tier == 'avx2' else 'float'}" in path.stdout
     assert len(list((tmp_path / "kernels").glob("cpu-*.so"))) == 1
 
 
@@ -299,12 +305,12 @@ def test_only_modules_built_for_decoding_call_the_kernels(built):
     assert "jaxaccel_segment_attention" not in decode  # the encoders' kernel is another choice
 
 
-def test_int8_prefill_rows_go_to_the_kernel_on_vnni_only(built):
+def test_int8_prefill_rows_go_to_the_kernel_on_int16_builds_only(built):
     """More than MAX_ROWS rows reach the kernel only for int8 weights with scales whose groups are
-    a multiple of 32 inputs, up to INT8_PREFILL_MAX_ROWS rows, on a VNNI build, inside decoding()."""
+    a multiple of 32 inputs, up to INT8_PREFILL_MAX_ROWS rows, on an int16-path build (VNNI, AVX2)."""
     q, s = jnp.ones((48, 64), jnp.int8), jnp.ones((48, 2), jnp.float32)
     x = lambda m, k=64: jnp.ones((m, k))
-    vnni = kernels.int8_vnni()
+    vnni = kernels.int8_int16()
     assert kernels.wants(x(32), q, s) == vnni and kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS), q, s) == vnni
     assert not kernels.wants(x(kernels.INT8_PREFILL_MAX_ROWS + 1), q, s)
     assert not kernels.wants(x(32), q.astype(jnp.float32)) and not kernels.wants(x(32), q)  # no scales

@@ -215,7 +215,7 @@ def load_folder(folder, fast_tokenizer: bool = False, mesh=None, dtype="float32"
                                              for k, v in flat.items()})
 
     p, tok = with_tokenizer_in_background(params, lambda: load_tokenizer(folder, fast_tokenizer))
-    if qcfg == quant.QuantConfig(mode="float32"):  # the float model itself (can be cast, quantized, trained)
+    if qcfg.mode == "float32":  # the float model itself (can be cast, quantized, trained)
         want = jnp.dtype(resolve_dtype(requested))
         if want != jnp.float32:
             p = jax.tree.map(lambda x: x.astype(want), p)

@@ -4,7 +4,7 @@ bfloat16 embedding rows and in-place KV cache writes for the generation loop.
 `matvec.cc` multiplies a few activation rows by a float32, bfloat16 or int8 (+ scales) weight,
 reading the weight as stored (XLA's CPU dot widens a bfloat16 or int8 weight to a float32 copy
 first, so fewer bytes buy nothing there) and spreading the rows of the weight over XLA's
-intra-op threads. With int8 weights on AVX-512 VNNI CPUs it rounds x to int16 per block of 32-128
+intra-op threads. With int8 weights on AVX-512 VNNI and AVX2 CPUs it rounds x to int16 per block of 32-128
 inputs, within 2^-16 of the block's largest |x| (far below int8's own weight error), and
 multiplies in integers; it also takes the prefill's rows of int8 weights (`int8_prefill`).
 
@@ -33,7 +33,7 @@ process. Without a compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and at
 Which programs use them is an argument, never a global switch: a module is built with a
 `KernelChoice` (`registry.build(..., kernels=...)`), which every layer carries. The generation
 engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
-(dots of at most `MAX_ROWS` rows, int8 dots of up to `INT8_PREFILL_MAX_ROWS` rows on VNNI CPUs,
+(dots of at most `MAX_ROWS` rows, int8 dots of up to `INT8_PREFILL_MAX_ROWS` rows on int16-path builds,
 bfloat16 table rows, the KV cache writes, one-query attention); the encoders' programs with
 `KernelChoice(segment_attention=True)`. Training and scoring build theirs without: the kernels
 have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
@@ -242,10 +242,19 @@ def load() -> bool:
         return _loaded["ok"]
 
 
-def int8_vnni() -> bool:
-    """Whether this machine's build takes the int8 VNNI path (activations rounded to int16 per
-    block of inputs; `matvec`), as opposed to widening int8 to float32 (and refusing prefill rows)."""
-    return load() and bool(_loaded["lib"].JaxaccelInt8Vnni())
+INT8_PATHS = {0: "float", 1: "avx2", 2: "vnni"}
+
+
+def int8_path() -> str:
+    """How this build multiplies int8 weights: "vnni" (AVX-512 VNNI) or "avx2" (activations rounded
+    to int16 per block of inputs, integer dot products; `matvec`), or "float" (widened to float32,
+    and prefill-sized row counts refused)."""
+    return INT8_PATHS[int(_loaded["lib"].JaxaccelInt8Path())] if load() else "float"
+
+
+def int8_int16() -> bool:
+    """Whether int8 weights take an int16-activation path here (and so the prefill's rows)."""
+    return int8_path() != "float"
 
 
 def usable(model) -> bool:
@@ -281,7 +290,7 @@ def wants(x2: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> bool:
 
 def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
     """Whether more than MAX_ROWS rows (the generation's prefill) times int8 weights [N, K] with
-    scales [N, G] go to the kernel: on AVX-512 VNNI CPUs, with groups of a multiple of 32 inputs,
+    scales [N, G] go to the kernel: on AVX-512 VNNI or AVX2 builds (`int8_int16`), with groups of a multiple of 32 inputs,
     it rounds x to int16 per block as the decode steps do and multiplies in integers, reading
     each weight row once for all rows. XLA instead dequantizes every weight to a float32 temporary
     on one thread, which also page-faults fresh memory on every call. Past INT8_PREFILL_MAX_ROWS
@@ -289,7 +298,7 @@ def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
     if scale is None or w.dtype != jnp.int8 or scale.ndim != 2 or not MAX_ROWS < x2.shape[0] <= INT8_PREFILL_MAX_ROWS:
         return False
     K, G = x2.shape[1], scale.shape[1]
-    return G > 0 and K % G == 0 and (K // G) % 32 == 0 and w.shape[1] == K and int8_vnni()
+    return G > 0 and K % G == 0 and (K // G) % 32 == 0 and w.shape[1] == K and int8_int16()
 
 
 def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array | None = None) -> jax.Array | None:

@@ -9,6 +9,9 @@
 // is instead rounded to int16 per block of 32-128 inputs (2^-16 of the block's largest |x|) and
 // multiplied in int32 (vpdpwssd), measured faster than widening at 1-4 rows; 5-8 rows take it
 // for long rows only; more than 8 rows (the generation's prefill, int8 only) always take it.
+// AVX2 CPUs (no AVX-512) take the same int16 path for int8 weights at every row count, with
+// vpmaddwd + vpaddd in place of vpdpwssd: widening int8 to float32 eight lanes at a time made
+// int8 decode there no faster than float32.
 //
 // Threads: the weight rows are cut into chunks shared by the calling thread and XLA's intra-op
 // pool threads (parallel.h).
@@ -27,7 +30,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && !defined(JAXACCEL_GENERIC)
+#if (defined(__AVX512F__) || defined(__AVX2__)) && !defined(JAXACCEL_GENERIC)
 #include <immintrin.h>
 #endif
 
@@ -360,6 +363,81 @@ void nk_chunk(const float* x, const QuantizedX& xq, const T* w, const float* sca
   }
   nk_generic(x, w, scale, G, y, M, K, N, n0, n1);
 }
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(JAXACCEL_GENERIC)
+#define JAXACCEL_AVX2_INT16 1
+// ---- AVX2, int8 [N, K]: x rounded to int16 per block of XB inputs (QuantizedX), 16 int8 weights
+// sign-extended to int16 and multiplied with vpmaddwd (int32 sums of pairs) + vpaddd, one float
+// multiply-add per block with scale[n, g] * x's block scale. Overflow: an int32 lane sums XB / 8
+// <= 16 products of at most 127 * 32767 per block, far below 2^31.
+constexpr int64_t kAheadBytes = 10240;  // how far ahead to prefetch (as the AVX-512 path)
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int M, int PER>  // PER = XB / 32; xv, xs, y: M rows from the group's first
+void nk_avx2_row(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
+                 int64_t K, int64_t N, int64_t n) {
+  const int8_t* row = w + n * K;
+  const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / K);
+  const char* ahead = reinterpret_cast<const char*>(row + rows_ahead * K);
+  if (n + rows_ahead < N)
+    for (int64_t off = 0; off < K; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+  constexpr int64_t XB = 32 * PER;
+  const int64_t nb = K / XB, blocks_per_group = K / G / XB;
+  const float* sw = scale + n * G;
+  __m256 acc[2][M];  // blocks alternate between two sums (the FMA's latency)
+  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+  int64_t g = 0, in_group = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i t[M];
+    for (int m = 0; m < M; ++m) t[m] = _mm256_setzero_si256();
+    for (int j = 0; j < 2 * PER; ++j) {
+      const int64_t k = b * XB + j * 16;
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(row + k)));
+      for (int m = 0; m < M; ++m)
+        t[m] = _mm256_add_epi32(t[m], _mm256_madd_epi16(wv, _mm256_loadu_si256((const __m256i*)(xv + m * K + k))));
+    }
+    for (int m = 0; m < M; ++m)
+      acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[m]), _mm256_set1_ps(sw[g] * xs[m * nb + b]), acc[b & 1][m]);
+    if (++in_group == blocks_per_group) in_group = 0, ++g;
+  }
+  for (int m = 0; m < M; ++m) y[m * N + n] = hsum256(_mm256_add_ps(acc[0][m], acc[1][m]));
+}
+
+constexpr int64_t kInt16Block = 16;  // weight rows kept in cache while the prefill's row groups pass
+
+template <int PER>
+void nk_avx2_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M,
+                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / (32 * PER);
+  for (int64_t b0 = n0; b0 < n1; b0 += kInt16Block)
+    for (int64_t m0 = 0; m0 < M; m0 += kVnniMaxRows) {
+      const int16_t* xv = xq.q.data() + m0 * K;
+      const float* xs = xq.s.data() + m0 * nb;
+      float* ym = y + m0 * N;
+      const int64_t rows = std::min(kVnniMaxRows, M - m0), end = std::min(n1, b0 + kInt16Block);
+      for (int64_t n = b0; n < end; ++n) switch (rows) {
+          case 1: nk_avx2_row<1, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+          case 2: nk_avx2_row<2, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+          case 3: nk_avx2_row<3, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+          default: nk_avx2_row<4, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+        }
+    }
+}
+
+template <typename T>
+void nk_chunk(const float* x, const QuantizedX& xq, const T* w, const float* scale, int64_t G, float* y,
+              int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  if constexpr (std::is_same<T, int8_t>::value) {
+    if (xq.block == 32) return nk_avx2_rows<1>(xq, w, scale, G, y, M, K, N, n0, n1);
+    if (xq.block == 64) return nk_avx2_rows<2>(xq, w, scale, G, y, M, K, N, n0, n1);
+    if (xq.block == 128) return nk_avx2_rows<4>(xq, w, scale, G, y, M, K, N, n0, n1);
+  }
+  nk_generic(x, w, scale, G, y, M, K, N, n0, n1);
+}
 #else
 template <typename T>
 void nk_chunk(const float* x, const QuantizedX&, const T* w, const float* scale, int64_t G, float* y,
@@ -428,18 +506,18 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
   job.x = x; job.w = w.untyped_data(); job.scale = scale; job.G = G; job.y = y;
   job.M = M; job.K = K; job.N = N;
   int64_t block = 0;  // x rounded to int16 in blocks of this many inputs (0: the float paths)
+#if defined(JAXACCEL_VNNI) || defined(JAXACCEL_AVX2_INT16)
+  if (job.type == WType::kI8) block = QuantizedX::block_for(K / G);
+#endif
 #ifdef JAXACCEL_VNNI
-  if (job.type == WType::kI8) {
-    block = QuantizedX::block_for(K / G);
-    // 5..8 rows (batched decode): widening measured faster for short rows or blocks of 32
-    // (Gemma 3's grouped lm_head), the VNNI path for rows of 1024+ inputs in blocks of 64+
-    // (its 2048-input down_proj)
-    if (M > kVnniMaxRows && M <= kWidenMaxRows && (K < 1024 || block < 64)) block = 0;
-  }
+  // 5..8 rows (batched decode): widening measured faster for short rows or blocks of 32
+  // (Gemma 3's grouped lm_head), the VNNI path for rows of 1024+ inputs in blocks of 64+
+  // (its 2048-input down_proj)
+  if (job.type == WType::kI8 && M > kVnniMaxRows && M <= kWidenMaxRows && (K < 1024 || block < 64)) block = 0;
 #endif
   if (M > kMaxRows && block == 0)
     return ffi::Error::InvalidArgument("jaxaccel matvec: more than 16 rows need int8 weights, K / G a multiple of 32 "
-                                       "and an AVX-512 VNNI build (kernels.int8_vnni())");
+                                       "and an AVX-512 VNNI or AVX2 build (kernels.int8_path())");
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
   if (w.size_bytes() < (128 << 10) && M <= kMaxRows) helpers = 0;  // too small to pay for a hand-off
   QuantizedX xq;
@@ -481,9 +559,12 @@ ffi::Error MatvecScaled(ffi::ThreadPool pool, Matrix x, ffi::AnyBuffer w, Matrix
 
 }  // namespace
 
-// 1 when int8 weights take the VNNI path (x rounded to int16) in this build, else 0
-extern "C" int JaxaccelInt8Vnni() {
-#ifdef JAXACCEL_VNNI
+// How int8 weights are multiplied in this build: 2 = x rounded to int16, AVX-512 VNNI (vpdpwssd);
+// 1 = x rounded to int16, AVX2 (vpmaddwd); 0 = widened to float32
+extern "C" int JaxaccelInt8Path() {
+#if defined(JAXACCEL_VNNI)
+  return 2;
+#elif defined(JAXACCEL_AVX2_INT16)
   return 1;
 #else
   return 0;
