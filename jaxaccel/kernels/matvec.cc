@@ -151,6 +151,18 @@ struct QuantizedX {
   }
 };
 
+constexpr int64_t kAheadBytes = 10240;  // how far ahead the int8 [N, K] paths prefetch
+
+// Asks for the int8 weight row ~kAheadBytes after row n (rows of `K` bytes, `N` of them) to be
+// loaded into cache: short int8 rows need more bytes in flight than the out-of-order window
+// keeps while one row is multiplied.
+inline void prefetch_ahead(const int8_t* row, int64_t K, int64_t n, int64_t N) {
+  const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / K);
+  const char* ahead = reinterpret_cast<const char*>(row + rows_ahead * K);
+  if (n + rows_ahead < N)
+    for (int64_t off = 0; off < K; off += 64) __builtin_prefetch(ahead + off, 0, 3);  // as _MM_HINT_T0
+}
+
 #if defined(__AVX512F__) && !defined(JAXACCEL_GENERIC)
 // ---- AVX-512, int8 [N, K] only (for float32 / bfloat16 GCC's vectorized generic loops measured
 // faster than intrinsics): 16 int8 weights widened to float32 in a register, one FMA per row of x
@@ -158,7 +170,6 @@ inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-constexpr int64_t kAheadBytes = 10240;  // how far ahead to prefetch
 constexpr int64_t kMaxVectors = 4096;  // K / 16 limit of the AVX-512 path (K <= 65536)
 
 // One row of W at a time, read front to back (interleaving rows measured slower from DRAM: the
@@ -170,10 +181,7 @@ template <int M, int U>
 void nk_row(const float* x, const int8_t* w, const float* scale, int64_t G, float* y, int64_t K,
             int64_t N, int64_t n) {
   const int8_t* row = w + n * K;
-  const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / K);
-  const char* ahead = reinterpret_cast<const char*>(row + rows_ahead * K);
-  if (n + rows_ahead < N)
-    for (int64_t off = 0; off < K; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+  prefetch_ahead(row, K, n, N);
   const int64_t nv = K / kLanes, per_group = nv / G;
   const bool grouped = scale != nullptr && G > 1;
   float sv[kMaxVectors];
@@ -226,10 +234,7 @@ template <int M, int PER>  // PER = XB / 32 vectors per activation block; xv, xs
 void nk_vnni_row(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
                  int64_t K, int64_t N, int64_t n) {
   const int8_t* row = w + n * K;
-  const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / K);
-  const char* ahead = reinterpret_cast<const char*>(row + rows_ahead * K);
-  if (n + rows_ahead < N)
-    for (int64_t off = 0; off < K; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+  prefetch_ahead(row, K, n, N);
   constexpr int64_t XB = 32 * PER;
   const int64_t nb = K / XB, blocks_per_group = K / G / XB;
   const float* sw = scale + n * G;
@@ -369,7 +374,6 @@ void nk_chunk(const float* x, const QuantizedX& xq, const T* w, const float* sca
 // sign-extended to int16 and multiplied with vpmaddwd (int32 sums of pairs) + vpaddd, one float
 // multiply-add per block with scale[n, g] * x's block scale. Overflow: an int32 lane sums XB / 8
 // <= 16 products of at most 127 * 32767 per block, far below 2^31.
-constexpr int64_t kAheadBytes = 10240;  // how far ahead to prefetch (as the AVX-512 path)
 
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -381,10 +385,7 @@ template <int M, int PER>  // PER = XB / 32; xv, xs, y: M rows from the group's 
 void nk_avx2_row(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
                  int64_t K, int64_t N, int64_t n) {
   const int8_t* row = w + n * K;
-  const int64_t rows_ahead = std::max<int64_t>(1, kAheadBytes / K);
-  const char* ahead = reinterpret_cast<const char*>(row + rows_ahead * K);
-  if (n + rows_ahead < N)
-    for (int64_t off = 0; off < K; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+  prefetch_ahead(row, K, n, N);
   constexpr int64_t XB = 32 * PER;
   const int64_t nb = K / XB, blocks_per_group = K / G / XB;
   const float* sw = scale + n * G;
