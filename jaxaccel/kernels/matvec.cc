@@ -152,6 +152,21 @@ struct QuantizedX {
 };
 
 constexpr int64_t kAheadBytes = 10240;  // how far ahead the int8 [N, K] paths prefetch
+constexpr int64_t kInt16Tile = 16;      // weight rows kept in cache while the prefill's row groups pass
+
+// The int16 paths' loop over rows [n0, n1) of W for all M rows of x: tiles of kInt16Tile weight
+// rows (kept in cache) against groups of up to kVnniMaxRows rows of x, so the prefill's many
+// rows reuse each weight row from cache. tile(x rows, their block scales, y rows, row count,
+// first weight row, end) multiplies one tile.
+template <int PER, typename Tile>
+void int16_tiles(const QuantizedX& xq, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                 Tile tile) {
+  const int64_t nb = K / (32 * PER);
+  for (int64_t b0 = n0; b0 < n1; b0 += kInt16Tile)
+    for (int64_t m0 = 0; m0 < M; m0 += kVnniMaxRows)
+      tile(xq.q.data() + m0 * K, xq.s.data() + m0 * nb, y + m0 * N, std::min(kVnniMaxRows, M - m0), b0,
+           std::min(n1, b0 + kInt16Tile));
+}
 
 // Asks for the int8 weight row ~kAheadBytes after row n (rows of `K` bytes, `N` of them) to be
 // loaded into cache: short int8 rows need more bytes in flight than the out-of-order window
@@ -307,20 +322,11 @@ void nk_vnni_2rows(const int16_t* xv, const float* xs, const int8_t* w, const fl
   }
 }
 
-// Rows [n0, n1) of W for all M rows of x: blocks of kVnniBlock weight rows (kept in cache) against
-// groups of up to kVnniMaxRows rows of x, so prefill's many rows reuse each weight row from cache.
-constexpr int64_t kVnniBlock = 16;
-
 template <int PER>
 void nk_vnni_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M,
                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t nb = K / (32 * PER);
-  for (int64_t b0 = n0; b0 < n1; b0 += kVnniBlock)
-    for (int64_t m0 = 0; m0 < M; m0 += kVnniMaxRows) {
-      const int16_t* xv = xq.q.data() + m0 * K;
-      const float* xs = xq.s.data() + m0 * nb;
-      float* ym = y + m0 * N;
-      const int64_t rows = std::min(kVnniMaxRows, M - m0), end = std::min(n1, b0 + kVnniBlock);
+  int16_tiles<PER>(xq, y, M, K, N, n0, n1, [&](const int16_t* xv, const float* xs, float* ym, int64_t rows,
+                                               int64_t b0, int64_t end) {
       int64_t n = b0;
       if (M > kVnniMaxRows)  // the prefill: two weight rows at a time
         for (; n + 2 <= end; n += 2) switch (rows) {
@@ -335,7 +341,7 @@ void nk_vnni_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int
           case 3: nk_vnni_row<3, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
           default: nk_vnni_row<4, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
         }
-    }
+  });
 }
 
 void nk_vnni(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M, int64_t K,
@@ -408,25 +414,18 @@ void nk_avx2_row(const int16_t* xv, const float* xs, const int8_t* w, const floa
   for (int m = 0; m < M; ++m) y[m * N + n] = hsum256(_mm256_add_ps(acc[0][m], acc[1][m]));
 }
 
-constexpr int64_t kInt16Block = 16;  // weight rows kept in cache while the prefill's row groups pass
-
 template <int PER>
 void nk_avx2_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M,
                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t nb = K / (32 * PER);
-  for (int64_t b0 = n0; b0 < n1; b0 += kInt16Block)
-    for (int64_t m0 = 0; m0 < M; m0 += kVnniMaxRows) {
-      const int16_t* xv = xq.q.data() + m0 * K;
-      const float* xs = xq.s.data() + m0 * nb;
-      float* ym = y + m0 * N;
-      const int64_t rows = std::min(kVnniMaxRows, M - m0), end = std::min(n1, b0 + kInt16Block);
+  int16_tiles<PER>(xq, y, M, K, N, n0, n1, [&](const int16_t* xv, const float* xs, float* ym, int64_t rows,
+                                               int64_t b0, int64_t end) {
       for (int64_t n = b0; n < end; ++n) switch (rows) {
           case 1: nk_avx2_row<1, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
           case 2: nk_avx2_row<2, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
           case 3: nk_avx2_row<3, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
           default: nk_avx2_row<4, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
         }
-    }
+  });
 }
 
 template <typename T>
