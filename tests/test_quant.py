@@ -244,7 +244,10 @@ def test_unknown_mode_and_bad_settings():
 def test_group_size_must_divide_the_input_dim(gemma):
     with pytest.raises(ValueError, match=r"int4 group size 32 does not divide the input dim 112 of "
                                          r"layers_0/mlp/down_proj/kernel .*pick a group size"):
-        gemma.quantize(QuantConfig(mode="int4", group_size=32))
+        gemma.quantize(QuantConfig(mode="int4", group_size=32, int4_keeps_int8=()))
+    # by default down_proj stays int8 (one scale per row), so the same group size quantizes
+    q = gemma.quantize(QuantConfig(mode="int4", group_size=32))
+    assert q.params["layers_0"]["mlp"]["down_proj"]["kernel_q"].dtype == np.int8
 
 
 def test_quantizing_twice_is_refused(gemma):
