@@ -36,22 +36,22 @@ def formulations(repeats: int) -> list[dict]:
     import jax.numpy as jnp
 
     from bench.common import best_of
-    from jaxaccel import quant
+    from jaxaccel import quant_math
 
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=(2048, 640)).astype(np.float32) * 0.02)
     x = jnp.asarray(rng.normal(size=(1, 640)).astype(np.float32))
-    q, s = quant.quantize(w, 8)
+    q, s = quant_math.quantize(w, 8)
     dims = (((1,), (1,)), ((), ()))
-    q4, s4, z4 = quant.quantize_asymmetric(w, 4, 32)
-    p4 = quant.pack_int4(q4)
+    q4, s4, z4 = quant_math.quantize_asymmetric(w, 4, 32)
+    p4 = quant_math.pack_int4(q4)
     dot = lambda x, w, d=(((1,), (0,)), ((), ())): jax.lax.dot_general(x, w, d)  # w [in, out]
     cases = {
         "float32 dot, w [in, out]": (lambda x, w: dot(x, w.T), (x, w)),
-        "int8: dequantize, dot on w.T [in, out] (used)": (lambda x, q, s: dot(x, quant.dequantize(q, s).T), (x, q, s)),
-        "int8: dequantize, dot contracting w's last axis": (lambda x, q, s: dot(x, quant.dequantize(q, s), dims), (x, q, s)),
-        "int8: fused multiply + reduce over the last axis": (lambda x, q, s: jnp.sum(x[:, None, :] * quant.dequantize(q, s), -1), (x, q, s)),
-        "int4 g=32: unpack, dequantize, dot on w.T (used)": (lambda x, p, s, z: dot(x, quant.dequantize(quant.unpack_int4(p), s, z).T), (x, p4, s4, z4)),
+        "int8: dequantize, dot on w.T [in, out] (used)": (lambda x, q, s: dot(x, quant_math.dequantize(q, s).T), (x, q, s)),
+        "int8: dequantize, dot contracting w's last axis": (lambda x, q, s: dot(x, quant_math.dequantize(q, s), dims), (x, q, s)),
+        "int8: fused multiply + reduce over the last axis": (lambda x, q, s: jnp.sum(x[:, None, :] * quant_math.dequantize(q, s), -1), (x, q, s)),
+        "int4 g=32: unpack, dequantize, dot on w.T (used)": (lambda x, p, s, z: dot(x, quant_math.dequantize(quant_math.unpack_int4(p), s, z).T), (x, p4, s4, z4)),
         "bfloat16 dot": (lambda x, w: dot(x, w.T), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))),
     }
     cases = {k: (jax.jit(f), a) for k, (f, a) in cases.items()}

@@ -35,7 +35,7 @@ from jax import lax
 from . import kernels
 from .config import ModelConfig, RopeConfig
 from .kernels import XLA, KernelChoice
-from .quant import dequantize, quantize
+from .quant_math import dequantize, quantize
 
 Array = jax.Array
 DotGeneralCls = Callable[[], Callable] | None

@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 import jaxaccel
-from jaxaccel import QuantConfig, cli, quant
+from jaxaccel import QuantConfig, cli, quant, quant_math
 from jaxaccel.checkpoints import CheckpointError
 from jaxaccel.generation import generate_tokens
 from jaxaccel.models import registry
@@ -38,24 +38,24 @@ IDS = RNG.integers(0, 97, size=(2, 11))
 @pytest.mark.parametrize("group", [None, 16])
 def test_int8_error_bound_and_scales(group):
     w = RNG.normal(size=(24, 64)).astype(np.float32) * RNG.uniform(0.01, 3, size=(24, 1)).astype(np.float32)
-    q, scale = quant.quantize(jnp.asarray(w), 8, group)
+    q, scale = quant_math.quantize(jnp.asarray(w), 8, group)
     g = group or 64
     absmax = np.abs(w.reshape(24, 64 // g, g)).max(-1)
     assert q.dtype == jnp.int8 and scale.shape == (24, 64 // g)
     np.testing.assert_allclose(scale, absmax / 127, rtol=1e-6)  # one scale per row / per group
-    err = np.abs(np.asarray(quant.dequantize(q, scale)) - w).reshape(24, 64 // g, g)
+    err = np.abs(np.asarray(quant_math.dequantize(q, scale)) - w).reshape(24, 64 // g, g)
     assert (err <= np.asarray(scale)[..., None] * 0.5001).all()
 
 
 def test_int4_min_max_error_bound_and_group_scales():
     w = RNG.normal(size=(8, 96)).astype(np.float32)
     w[:, 32:64] *= 10  # the middle group of each row is 10x larger: it gets its own, larger scale
-    q, scale, zero = quant.quantize_asymmetric(jnp.asarray(w), 4, 32)
+    q, scale, zero = quant_math.quantize_asymmetric(jnp.asarray(w), 4, 32)
     wg = w.reshape(8, 3, 32)
     np.testing.assert_allclose(zero, wg.min(-1), rtol=1e-6)
     np.testing.assert_allclose(scale, (wg.max(-1) - wg.min(-1)) / 15, rtol=1e-5)
     assert int(q.max()) <= 15 and (np.asarray(scale)[:, 1] > 5 * np.asarray(scale)[:, 0]).all()
-    err = np.abs(np.asarray(quant.dequantize(q, scale, zero)) - w).reshape(8, 3, 32)
+    err = np.abs(np.asarray(quant_math.dequantize(q, scale, zero)) - w).reshape(8, 3, 32)
     assert (err <= np.asarray(scale)[..., None] * 0.5001).all()
 
 
@@ -66,12 +66,12 @@ def test_mse_search_is_never_worse_than_min_max_per_group(bits, group):
     w = (RNG.standard_t(3, size=(32, 128)) * RNG.uniform(0.01, 3, size=(32, 1))).astype(np.float32)
     g = group or 128
     if bits == 8:
-        q, scale = quant.quantize_mse(jnp.asarray(w), 8, group)
-        deq, ref = quant.dequantize(q, scale), quant.dequantize(*quant.quantize(jnp.asarray(w), 8, group))
+        q, scale = quant_math.quantize_mse(jnp.asarray(w), 8, group)
+        deq, ref = quant_math.dequantize(q, scale), quant_math.dequantize(*quant_math.quantize(jnp.asarray(w), 8, group))
         assert q.dtype == jnp.int8 and int(jnp.abs(q.astype(jnp.int32)).max()) <= 127
     else:
-        q, scale, zero = quant.quantize_asymmetric_mse(jnp.asarray(w), 4, group)
-        deq, ref = quant.dequantize(q, scale, zero), quant.dequantize(*quant.quantize_asymmetric(jnp.asarray(w), 4, group))
+        q, scale, zero = quant_math.quantize_asymmetric_mse(jnp.asarray(w), 4, group)
+        deq, ref = quant_math.dequantize(q, scale, zero), quant_math.dequantize(*quant_math.quantize_asymmetric(jnp.asarray(w), 4, group))
         assert q.dtype == jnp.uint8 and int(q.max()) <= 15 and zero.shape == (32, 128 // g)
     assert scale.shape == (32, 128 // g) and (np.asarray(scale) > 0).all()
     err = ((np.asarray(deq) - w) ** 2).reshape(32, -1, g).sum(-1)
@@ -88,17 +88,17 @@ def test_int4_search_recovers_weights_already_on_a_4_bit_grid():
     codes[..., 0], codes[..., 1] = 0, steps[..., 0]  # each group spans exactly `steps` levels
     w = (codes * RNG.uniform(0.001, 0.1, size=(16, 4, 1)) - RNG.uniform(0, 0.5, size=(16, 4, 1)))
     w = w.astype(np.float32).reshape(16, 128)
-    deq = np.asarray(quant.dequantize(*quant.quantize_asymmetric_mse(jnp.asarray(w), 4, 32)))
-    ref = np.asarray(quant.dequantize(*quant.quantize_asymmetric(jnp.asarray(w), 4, 32)))
+    deq = np.asarray(quant_math.dequantize(*quant_math.quantize_asymmetric_mse(jnp.asarray(w), 4, 32)))
+    ref = np.asarray(quant_math.dequantize(*quant_math.quantize_asymmetric(jnp.asarray(w), 4, 32)))
     assert np.abs(deq - w).max() <= 1e-5 * np.abs(w).max() < np.abs(ref - w).max() / 100
 
 
 def test_int4_pack_unpack_round_trip():
     q = jnp.asarray(RNG.integers(0, 16, size=(5, 64)), jnp.uint8)
     q = q.at[0, :16].set(jnp.arange(16, dtype=jnp.uint8))  # every nibble value, even and odd slots
-    packed = quant.pack_int4(q)
+    packed = quant_math.pack_int4(q)
     assert packed.shape == (5, 32) and packed.dtype == jnp.uint8
-    np.testing.assert_array_equal(quant.unpack_int4(packed), q)
+    np.testing.assert_array_equal(quant_math.unpack_int4(packed), q)
 
 
 @pytest.mark.parametrize("kind", ["zeros", "constant", "outlier"])
@@ -107,7 +107,7 @@ def test_degenerate_weights_stay_finite_and_exact_where_possible(kind):
          "outlier": np.r_[RNG.normal(size=(3, 64)) * 1e-3, np.eye(1, 64) * 1e4]}[kind].astype(np.float32)
     for mode in ("int8", "int4", "w8a8"):
         stored = quant._stored(mode, jnp.asarray(w), 32 if mode == "int4" else None)
-        deq = np.asarray(quant.dequantize(quant._values(mode, stored[0]), stored[1], stored[2]))
+        deq = np.asarray(quant_math.dequantize(quant._values(mode, stored[0]), stored[1], stored[2]))
         assert np.isfinite(deq).all() and all(np.isfinite(np.asarray(s)).all() for s in stored[1:] if s is not None)
         if kind != "outlier":
             np.testing.assert_allclose(deq, w, rtol=1e-6, atol=0)
