@@ -14,7 +14,7 @@ factory: quantization swaps that factory and nothing else. Which CPU kernels a p
 `weight(module, name, init, shape, axes, transposed)` method (quant.py) also owns the weight's
 storage: when serving, int8/int4 values + scales replace the float param.
 
-The KV cache is an explicit pytree (see `init_cache`), threaded through `__call__`:
+The KV cache is an explicit pytree (kv_cache.py), threaded through `__call__`:
 `cache=None` trains / scores full sequences; with a cache the same code prefills (T > 1)
 or decodes (T == 1), writing new keys/values at per-row slots `cache["index"]`.
 """
@@ -35,7 +35,7 @@ from jax import lax
 from . import kernels
 from .config import ModelConfig, RopeConfig
 from .kernels import XLA, KernelChoice
-from .quant_math import dequantize, quantize
+from .kv_cache import cache_update
 
 Array = jax.Array
 DotGeneralCls = Callable[[], Callable] | None
@@ -241,49 +241,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-# --- KV cache -------------------------------------------------------------------------------
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """Preallocated KV cache pytree.
-
-    {"index": int32 [B] next slot to write per row,
-     "layers": tuple over layers of {"k": [B, S, K, H], "v": [B, S, K, H]}} with S = length.
-    Slot s of a row holds the token at position s of that row. With dtype int8 (QuantConfig
-    kv_cache_int8) each layer also holds float32 "k_scale" / "v_scale" [B, S, K, 1].
-    """
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    int8 = jnp.dtype(dtype) == jnp.int8
-    scales = lambda: {f"{n}_scale": jnp.ones(shape[:3] + (1,), jnp.float32) for n in ("k", "v") if int8}
-    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), **scales()}
-    return {"index": jnp.zeros((batch,), jnp.int32), "layers": tuple(layer() for _ in range(cfg.num_layers))}
-
-
-def _write_rows(buf: Array, new: Array, index: Array, choice: KernelChoice = XLA) -> Array:
-    """buf [B, S, K, H] <- new [B, T, K, H] at slots index[b] .. index[b] + T - 1 (in place
-    through the CPU kernel in decode programs)."""
-    written = kernels.write_rows(buf, new, index) if choice.decode else None
-    if written is not None:
-        return written
-    write = lambda b, n, i: lax.dynamic_update_slice(b, n.astype(b.dtype), (i, 0, 0))
-    return jax.vmap(write)(buf, new, index)
-
-
-def _cache_update(cache: dict, k: Array, v: Array, index: Array, choice: KernelChoice = XLA):
-    """Write k, v [B, T, K, H] at each row's slots -> (layer cache, keys, values [B, S, K, H]).
-    An int8 cache stores each (token, kv head) vector as int8 + one float32 scale."""
-    if "k_scale" not in cache:
-        new = {"k": _write_rows(cache["k"], k, index, choice), "v": _write_rows(cache["v"], v, index, choice)}
-        return new, new["k"], new["v"]
-    new, out = {}, []
-    for name, x in (("k", k), ("v", v)):
-        q, scale = quantize(x.reshape(-1, x.shape[-1]), 8)  # [B*T*K, H], [B*T*K, 1]
-        new[name] = _write_rows(cache[name], q.reshape(x.shape), index, choice)
-        new[name + "_scale"] = _write_rows(cache[name + "_scale"], scale.reshape(x.shape[:3] + (1,)), index, choice)
-        S = new[name].shape
-        flat = dequantize(new[name].reshape(-1, S[-1]), new[name + "_scale"].reshape(-1, 1))
-        out.append(flat.reshape(S))
-    return new, *out
-
-
 def attention_mask(q_slot: Array, k_slot: Array, window: int | None,
                    q_seg: Array | None = None, k_seg: Array | None = None, causal: bool = True) -> Array:
     """Boolean [B, T, S]: causal over slots (bidirectional when not `causal`), optional
@@ -367,7 +324,7 @@ class Attention(LayerModule):
         else:
             if not cfg.causal:
                 raise ValueError("a KV cache needs causal attention; encoders score full sequences (cache=None)")
-            new_cache, keys, values = _cache_update(cache, k, v, index, self.kernels)
+            new_cache, keys, values = cache_update(cache, k, v, index, self.kernels)
             if T == 1 and self.kernels.decode and kernels.wants_decode_attention(q, keys, self.dtype):
                 out = kernels.decode_attention(q, keys, values, index, cfg.attn_scale, cfg.window(self.layer),
                                                cfg.attn_logit_softcap)

@@ -28,7 +28,7 @@ from flax import traverse_util
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .layers import init_cache as make_cache
+from .kv_cache import init_cache as make_cache
 from .models import registry
 
 AXES = ("data", "fsdp", "tensor")
@@ -240,13 +240,13 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def cache_shardings(cache, mesh: Mesh):
-    """KV cache pytree (see layers.init_cache) -> shardings: [B] index by batch, k/v by CACHE_AXES."""
+    """KV cache pytree (see kv_cache.init_cache) -> shardings: [B] index by batch, k/v by CACHE_AXES."""
     names = lambda x: ("batch",) if x.ndim == 1 else CACHE_AXES
     return jax.tree.map(lambda x: NamedSharding(mesh, logical_spec(names(x), x.shape, mesh)), cache)
 
 
 def init_cache(cfg, batch: int, length: int, dtype=jnp.float32, mesh: Mesh | None = None):
-    """layers.init_cache, created directly sharded over `mesh` when one is given."""
+    """kv_cache.init_cache, created directly sharded over `mesh` when one is given."""
     fn = partial(make_cache, cfg, batch, length, dtype)
     if mesh is None:
         return fn()

@@ -282,7 +282,7 @@ def test_wants_only_small_row_counts():
 
 def _decode_step_text(choice, dtype="bfloat16"):
     """The lowered text of one cached decode step of a tiny Llama built with `choice`."""
-    from jaxaccel.layers import init_cache
+    from jaxaccel.kv_cache import init_cache
     from jaxaccel.models import registry
 
     cfg = _tiny().config

@@ -10,7 +10,7 @@ import pytest
 import jax.numpy as jnp
 
 import jaxaccel
-from jaxaccel.layers import init_cache
+from jaxaccel.kv_cache import init_cache
 from conftest import FAMILY_KINDS, torch_logits
 
 SEQ = 12  # longer than the Mistral (5) and Gemma 3 (6) windows: the window really cuts

@@ -10,7 +10,7 @@ import jaxaccel
 from conftest import FAMILY_KINDS
 from jaxaccel import cli, speculative
 from jaxaccel.generation import GenerationStats, _speculator, generate, generate_tokens
-from jaxaccel.layers import init_cache
+from jaxaccel.kv_cache import init_cache
 
 
 def repetitive_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
