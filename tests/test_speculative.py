@@ -110,3 +110,11 @@ def test_cli_prints_the_acceptance(tmp_path, capsys, monkeypatch):
                      "--speculative", "prompt_lookup"]) == 0
     err = capsys.readouterr().err
     assert "speculative (prompt_lookup):" in err and "tokens per forward call" in err
+
+
+def test_speculative_decoding_on_a_mesh_is_refused(hf_folder):
+    import dataclasses
+
+    m = dataclasses.replace(jaxaccel.load(hf_folder("llama3")[0]), mesh=object())  # any mesh: refused first
+    with pytest.raises(ValueError, match="speculative decoding on a device mesh is not supported yet"):
+        generate_tokens(m, [[1, 2, 3]], speculative="prompt_lookup")
