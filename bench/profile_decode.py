@@ -72,10 +72,10 @@ def timings(model, prompts, new_tokens: int, repeats: int) -> dict:
     """Median seconds of: a whole generation (one program call), its prefill + first token, a
     streamed one (host_step: chunks of about streaming.STREAM_INTERVAL_S) and one with a program
     call per token; decode ms per step of each (first token excluded)."""
-    from jaxaccel.generation import _engine, generate_tokens, make_sampler
+    from jaxaccel.generation import _engine, generate_tokens, make_rows
 
     gen = lambda **kw: lambda: generate_tokens(model, prompts, max_new_tokens=new_tokens, **kw)
-    per_token = lambda: _engine(model).run(prompts, new_tokens, make_sampler(model, 0.0, None, None), 0.0, None,
+    per_token = lambda: _engine(model).run(prompts, new_tokens, make_rows(model, len(prompts), 0.0, None, None),
                                            [0] * len(prompts), [], keep_going, chunk=1)
     runs = {"whole": gen(), "first_token": gen(host_step=stop_after_first),
             "streamed": gen(host_step=keep_going), "per_token_calls": per_token}

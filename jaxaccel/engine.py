@@ -1,6 +1,7 @@
 """KV-cache generation programs: bucketing, prefill, the decode loop, batching.
 
-One compiled program per (sampler, batch bucket, prompt bucket, cache length): when asked it
+One compiled program per (batch bucket, prompt bucket, cache length); sampling settings are
+runtime values per row (`sampling.RowSampling`), so they never compile another: when asked it
 runs `prefill` on the right-padded prompts, then `decode_step` inside a `lax.while_loop`
 until a step limit, `max_new_tokens`, or every row has stopped (EOS). The loop state,
 preallocated KV cache included, is donated in and handed back, so buffers are reused.
@@ -22,7 +23,6 @@ import math
 import threading
 import time
 from concurrent.futures import Future
-from functools import partial
 from typing import Callable, Sequence
 
 import flax.struct
@@ -34,7 +34,7 @@ from . import kernels, program_cache
 from .distributed import gather
 from .kernels import KernelChoice
 from .models import registry
-from .sampling import Sampler, row_keys, sample
+from .sampling import RowSampling, pad_rows, row_keys, sample
 from .sharding import cache_shardings, init_cache
 from .streaming import StreamChunks
 
@@ -85,7 +85,7 @@ def decode_step(apply, params, token, cache):
 class Engine:
     """Compiled generation programs and preallocated caches for one model.
 
-    One program per (sampler, batch bucket, prompt bucket, cache length). A call runs the
+    One program per (batch bucket, prompt bucket, cache length). A call runs the
     prefill (when `prefill_now`) and then decode steps until `stop_at`, `max_new` or every row
     is done; the host calls it once (no streaming) or once per chunk of tokens (streaming,
     stop strings). The loop state, KV cache included, is donated on every call.
@@ -98,7 +98,7 @@ class Engine:
         self.module = registry.build(model.config, model.dtype, dot_general_cls=model.dot_general_cls,
                                      kernels=self.kernels)
         self._caches: dict[tuple[int, int], dict] = {}
-        self._compiled: dict[tuple, Future] = {}  # (sampler, B, T, S, EOS slots) -> Future of the program
+        self._compiled: dict[tuple, Future] = {}  # (B, T, S, EOS slots) -> Future of the program
         self._lock = threading.Lock()
 
     @property
@@ -123,12 +123,12 @@ class Engine:
         new_cap = NEW_TOKENS_QUANTUM * math.ceil(max_new_tokens / NEW_TOKENS_QUANTUM)
         return B, T, new_cap, T + new_cap
 
-    def _program(self, sampler: Sampler, B: int, T: int, new_cap: int, n_eos: int = EOS_SLOTS,
+    def _program(self, B: int, T: int, new_cap: int, n_eos: int = EOS_SLOTS,
                  background: bool = False) -> Future:
         """Future of the compiled program for these shapes: traced and lowered here, compiled (or
         fetched from XLA's persistent cache) here or, with `background`, in a thread (XLA runs
         without the GIL). Each shape is built once; later askers get the same future."""
-        key, S = (sampler, B, T, T + new_cap, n_eos), T + new_cap
+        key, S = (B, T, T + new_cap, n_eos), T + new_cap
         with self._lock:
             fut = self._compiled.get(key)
             if fut is not None:
@@ -137,14 +137,14 @@ class Engine:
         try:
             state = self._fresh_state(B, S, new_cap)
             i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-            f32 = jax.ShapeDtypeStruct((), jnp.float32)
+            rs = RowSampling(jax.ShapeDtypeStruct((B,), jnp.float32), i32(B), jax.ShapeDtypeStruct((B,), jnp.float32))
             args = (self.model.params, state, i32(B, T), i32(B), jax.ShapeDtypeStruct((B,), bool), i32(B), i32(),
-                    f32, f32, i32(n_eos), jax.ShapeDtypeStruct((), bool), i32(), jax.ShapeDtypeStruct((B,), bool))
+                    rs, i32(n_eos), jax.ShapeDtypeStruct((), bool), i32(), jax.ShapeDtypeStruct((B,), bool))
             m, fast = self.model, self.kernels.decode
             # int8_path: int16-path builds also take the int8 prefill's rows (a portable build refuses them)
-            name = (f"generate {m.config!r} {m.dtype} {m.quant!r} {sampler!r} {key[1:]} {self.kernels!r} "
+            name = (f"generate {m.config!r} {m.dtype} {m.quant!r} {key} {self.kernels!r} "
                     f"int8_path={kernels.int8_path() if fast else None}")
-            finish = program_cache.lower_cached(partial(self._step, sampler), args, (1,), state, name)
+            finish = program_cache.lower_cached(self._step, args, (1,), state, name)
             self._caches[(B, S)] = state.cache
         except BaseException as e:
             self._failed(key, fut, e)
@@ -167,14 +167,13 @@ class Engine:
             self._compiled.pop(key, None)
         fut.set_exception(e)
 
-    def prepare(self, n_prompts: int, longest_prompt: int, max_new_tokens: int, sampler: Sampler = Sampler()) -> None:
+    def prepare(self, n_prompts: int, longest_prompt: int, max_new_tokens: int) -> None:
         """Trace the program a request of this shape will run and start compiling it in a thread;
         returns once tracing is done (the CLI then parses the tokenizer while XLA compiles)."""
         B, T, new_cap, _ = self.shapes(n_prompts, longest_prompt, max_new_tokens)
-        self._program(sampler, B, T, new_cap, background=True)
+        self._program(B, T, new_cap, background=True)
 
-    def _step(self, sampler, params, state: LoopState, tokens, lengths, active, seeds, max_new,
-              temperature, top_p, eos, prefill_now, stop_at, host_done):
+    def _step(self, params, state: LoopState, tokens, lengths, active, seeds, max_new, rs: RowSampling, eos, prefill_now, stop_at, host_done):
         apply = self.module.apply
 
         def stopped(tok, step, done_before):
@@ -183,13 +182,13 @@ class Engine:
 
         def start(s: LoopState):
             logits, cache = prefill(apply, params, tokens, lengths, s.cache)
-            first = jnp.where(active, sample(logits, row_keys(seeds, 0), temperature, top_p, sampler), 0)
+            first = jnp.where(active, sample(logits, row_keys(seeds, 0), rs), 0)
             return LoopState(cache, first, s.out.at[:, 0].set(first), jnp.int32(1),
                              stopped(first, 0, ~active))
 
         def body(s: LoopState):
             logits, cache = decode_step(apply, params, s.token, s.cache)
-            tok = sample(logits, row_keys(seeds, s.step), temperature, top_p, sampler)
+            tok = sample(logits, row_keys(seeds, s.step), rs)
             tok = jnp.where(s.done, 0, tok)
             return LoopState(cache, tok, s.out.at[:, s.step].set(tok), s.step + 1,
                              stopped(tok, s.step, s.done))
@@ -214,8 +213,8 @@ class Engine:
         return LoopState(cache, zeros, jnp.zeros((B, new_cap), jnp.int32), jnp.int32(0),
                          jnp.zeros((B,), bool))
 
-    def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler,
-            temperature: float, top_p: float | None, seeds: Sequence[int], eos: Sequence[int],
+    def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, rs: RowSampling,
+            seeds: Sequence[int], eos: Sequence[int],
             host_step: Callable | None = None, chunk: int | None = None) -> list[np.ndarray]:
         """Generate for validated token-id prompts; returns each row's tokens (0s after an EOS).
 
@@ -237,10 +236,9 @@ class Engine:
             lengths[i] = len(p)
         seed_arr = np.zeros((B,), np.int32)
         seed_arr[:n] = seeds
-        fixed = (tokens, lengths, np.arange(B) < n, seed_arr, np.int32(max_new_tokens),
-                 np.float32(temperature if temperature > 0 else 1.0),
-                 np.float32(top_p if top_p is not None else 1.0), eos_array(eos))
-        program = self._program(sampler, B, T, new_cap, n_eos=fixed[-1].size).result()
+        fixed = (tokens, lengths, np.arange(B) < n, seed_arr, np.int32(max_new_tokens), pad_rows(rs, B),
+                 eos_array(eos))
+        program = self._program(B, T, new_cap, n_eos=fixed[-1].size).result()
         state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
         stop_len = np.full((B,), max_new_tokens)  # where the host stopped a row
         k, sizes = chunk or 1, StreamChunks()

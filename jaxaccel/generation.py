@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .engine import Engine
-from .sampling import Sampler
+from .sampling import RowSampling, rows
 from .speculative import SpeculativeStats, Speculator, make_drafter
 from .streaming import TextStreamer
 
@@ -152,10 +152,9 @@ def encode_prompts(model, prompts) -> list[list[int]]:
     return out
 
 
-def make_sampler(model, temperature: float, top_k: int | None, top_p: float | None) -> Sampler:
-    greedy = temperature == 0.0
-    top_k = None if greedy or top_k is None else min(int(top_k), model.config.vocab_size)
-    return Sampler(greedy=greedy, top_k=top_k, top_p=(not greedy and top_p is not None and top_p < 1.0))
+def make_rows(model, n: int, temperature: float, top_k: int | None, top_p: float | None) -> RowSampling:
+    """The same settings for n rows, as the engine's runtime arrays."""
+    return rows([(temperature, top_k, top_p)] * n, model.config.vocab_size)
 
 
 def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -165,7 +164,7 @@ def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32,
     compiles on demand, and waits for a compile already in progress."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_room(model, n_prompts, prompt_tokens, max_new_tokens)
-    _engine(model).prepare(n_prompts, prompt_tokens, max_new_tokens, make_sampler(model, temperature, top_k, top_p))
+    _engine(model).prepare(n_prompts, prompt_tokens, max_new_tokens)
 
 
 def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -198,14 +197,14 @@ def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, h
                 "or lower max_new_tokens")
     seeds = _seeds(seed, len(ids))
     _check_room(model, len(ids), max(map(len, ids)), max_new_tokens)
-    sampler = make_sampler(model, temperature, top_k, top_p)
     eos = _eos_ids(model)
     if speculative is not None:
         spec = SpeculativeStats()
         if stats is not None:
             stats.speculative = spec
         return _speculator(model).run(ids, max_new_tokens, eos, make_drafter(speculative), host_step, spec)
-    out = _engine(model).run(ids, max_new_tokens, sampler, temperature, top_p, seeds, eos, host_step)
+    out = _engine(model).run(ids, max_new_tokens, make_rows(model, len(ids), temperature, top_k, top_p), seeds, eos,
+                              host_step)
     result = []
     for row in out:
         row = row.tolist()

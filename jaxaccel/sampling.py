@@ -1,26 +1,16 @@
 """Sampling as pure functions of logits: greedy (argmax), temperature, top-k and top-p, one
-token per row; a row's randomness depends only on its own seed and the step (`row_keys`), so a
-row draws the same tokens whatever else is in its batch.
-
-`Sampler` is the static part (it selects the traced program); temperature and top_p are runtime
-values. Order as in transformers: temperature, then top-k, then top-p.
+token per row, with every setting a runtime value per row (`RowSampling`), so one compiled
+program serves every mix of settings; a row's randomness depends only on its own seed and its
+step (`row_keys`), so a row draws the same tokens whatever else is in its batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-@dataclass(frozen=True)
-class Sampler:
-    """Static part of sampling (changes the program); temperature/top_p values are dynamic."""
-
-    greedy: bool = True
-    top_k: int | None = None
-    top_p: bool = False
-
+import numpy as np
 
 def argmax(x):
     """jnp.argmax over the last axis (the first maximum; the first NaN if any) as plain
@@ -33,47 +23,96 @@ def argmax(x):
     return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
 
 
-# top-p alone looks for its set among this many most likely tokens first (lax.top_k), then among
-# the next count, and sorts all the logits (_top_p_sorted) when neither holds it; a larger third
-# count would cost about as much as the full sort (`python -m bench.profile_decode` times them)
-TOP_P_CANDIDATES = (1024, 4096)
+# Truncated rows (top-k, top-p) look for their set among this many most likely tokens first
+# (lax.top_k), then among the next count, and sort all the logits (_sorted_draw) when neither
+# holds it; a larger third count would cost about as much as the full sort (`python -m
+# bench.profile_decode` times them)
+CANDIDATES = (1024, 4096)
+TOP_LOGPROBS = 20  # most alternatives a logprobs request may ask for (OpenAI's limit)
 
 
-def sample(logits, keys, temperature, top_p, sampler: Sampler):
-    """logits [B, V] float32, keys [B] PRNG keys -> tokens [B] int32.
+class RowSampling(NamedTuple):
+    """Sampling settings, one value per row, as runtime arrays: every setting runs in the same
+    compiled program (a new temperature, top-k or top-p never compiles one)."""
+
+    temperature: Any  # [B] float32; 0 = greedy (argmax)
+    top_k: Any  # [B] int32; 0 = off
+    top_p: Any  # [B] float32; 1 = off
+
+
+def rows(settings, vocab_size: int) -> RowSampling:
+    """[(temperature, top_k or None, top_p or None)] per row -> RowSampling of numpy arrays; top_k
+    at or beyond the vocabulary is off, as is top_p 1."""
+    t = np.array([float(s[0]) for s in settings], np.float32)
+    k = np.array([0 if s[1] is None or s[1] >= vocab_size else int(s[1]) for s in settings], np.int32)
+    p = np.array([1.0 if s[2] is None else float(s[2]) for s in settings], np.float32)
+    return RowSampling(t, k, p)
+
+
+def pad_rows(rs: RowSampling, n: int) -> RowSampling:
+    """Rows appended up to n (greedy: the cheapest)."""
+    fill = lambda a, v: np.concatenate([a, np.full((n - len(a),), v, a.dtype)])
+    return RowSampling(fill(rs.temperature, 0.0), fill(rs.top_k, 0), fill(rs.top_p, 1.0))
+
+
+def sample(logits, keys, rs: RowSampling):
+    """logits [B, V] float32, keys [B] PRNG keys, per-row settings -> tokens [B] int32.
 
     Order as in transformers: temperature, then top-k, then top-p (smallest set of tokens
-    whose probability mass reaches top_p; the most likely token is always kept).
-    Top-p alone sorts only the TOP_P_CANDIDATES[0] most likely tokens (lax.top_k) when they hold
-    top_p of the mass, which decides the same set as sorting all V, else the next count's, and
-    sorts all V only when neither holds it (flat distributions), as uint32 keys (several times
-    faster than XLA's argsort on CPU). Natural text at top_p 0.95 rarely needs more than the
-    first count; prompts of random ids or temperatures above 1 flatten the distribution.
+    whose probability mass reaches top_p, under the softmax renormalised over the top-k set when
+    there is one; the most likely token is always kept). Rows without truncation draw from the
+    whole softmax (_blocked_draw); truncated rows from their most likely tokens, sorted (a lax.top_k
+    of CANDIDATES[0] when it holds every such row's set, else the next count, else a full sort).
+    The noise of a truncated draw is by sorted position, and jax's threefry noise for n positions
+    is the first n of a longer run's (jax_threefry_partitionable), so a row draws the same token
+    whichever count its batch needed (tested): a row's token depends only on its logits, its
+    settings and its key. Costly parts run only when some row needs them (lax.cond): a batch of
+    greedy rows costs one argmax. Rows with NaN / +inf logits give argmax's token.
     """
-    if sampler.greedy:
-        return argmax(logits)
-    logits = logits / temperature
-    if sampler.top_k:
-        return _draw(keys, *jax.lax.top_k(logits, sampler.top_k), top_p if sampler.top_p else None)
-    if not sampler.top_p:
-        return _draw(keys, logits, None, None)
-    return _top_p(keys, logits, top_p, jax.nn.logsumexp(logits, axis=-1, keepdims=True),
-                  tuple(n for n in TOP_P_CANDIDATES if n < logits.shape[-1]))
+    greedy = rs.temperature <= 0
+    truncated = (rs.top_k > 0) | (rs.top_p < 1)
+    zeros = lambda: jnp.zeros(logits.shape[:1], jnp.int32)
+
+    def sampled():
+        z = logits / jnp.where(greedy, 1.0, rs.temperature)[:, None]
+        plain = jax.lax.cond(jnp.any(~greedy & ~truncated), lambda: _draw(keys, z), zeros)
+        need = ~greedy & truncated
+        counts = tuple(n for n in CANDIDATES if n < z.shape[-1])
+        cut = jax.lax.cond(jnp.any(need), lambda: _truncated(keys, z, rs.top_k, rs.top_p,
+                                                             jax.nn.logsumexp(z, axis=-1, keepdims=True), need, counts),
+                           zeros)
+        token = jnp.where(greedy, argmax(logits), jnp.where(truncated, cut, plain))
+        return _argmax_where_no_softmax(logits, token, jnp.max(logits, axis=-1))
+
+    return jax.lax.cond(jnp.any(~greedy), sampled, lambda: argmax(logits))
 
 
-def _top_p(keys, logits, top_p, lse, counts):
-    """Top-p alone among the counts[0] most likely tokens when every row's hold top_p of the
-    mass (probabilities under the full softmax, `lse` its log-normaliser), else the next count,
-    else all V sorted. Either way the noise is drawn by sorted position, and jax's threefry
-    noise for n positions is the first n of V's (jax_threefry_partitionable), so a row draws
-    the same token whichever way its batch went (tested)."""
+def _truncated(keys, z, top_k, top_p, lse, need, counts):
+    """Truncated draws among the counts[0] most likely tokens where that holds every needing row's
+    set, else the next count's for the rows it does not hold, else all V sorted."""
     if not counts:
-        return _top_p_sorted(keys, logits, top_p, lse)
-    best, index = jax.lax.top_k(logits, counts[0])
-    probs = jnp.exp(best - lse)
-    enough = jnp.all(jnp.sum(probs, axis=-1) >= top_p)
-    return jax.lax.cond(enough, lambda: _draw(keys, best, index, top_p, probs),
-                        lambda: _top_p(keys, logits, top_p, lse, counts[1:]))
+        return _sorted_draw(keys, z, top_k, top_p, lse)
+    best, index = jax.lax.top_k(z, counts[0])
+    rank = _masked_draw(keys, best, top_k, top_p, lse)
+    token = jnp.take_along_axis(index, rank[:, None], axis=-1)[:, 0]
+    held = jnp.where(top_k > 0, top_k <= counts[0], jnp.sum(jnp.exp(best - lse), axis=-1) >= top_p)
+    return jax.lax.cond(jnp.all(held | ~need), lambda: token,
+                        lambda: jnp.where(held, token, _truncated(keys, z, top_k, top_p, lse, need, counts[1:])))
+
+
+def _masked_draw(keys, best, top_k, top_p, lse):
+    """The drawn rank per row among logits `best` [B, n] sorted descending: the top_k first (0:
+    all), then the top-p set of those (probabilities renormalised over the top-k set when there
+    is one, else the full softmax's, `lse` its log-normaliser); Gumbel-max, noise by position."""
+    rank = jax.lax.broadcasted_iota(jnp.int32, best.shape, 1)
+    k_on = (top_k > 0)[:, None]
+    keep = ~k_on | (rank < top_k[:, None])
+    lse = jnp.where(k_on, jax.nn.logsumexp(jnp.where(keep, best, -jnp.inf), axis=-1, keepdims=True), lse)
+    probs = jnp.where(keep, jnp.exp(best - lse), 0.0)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (top_p[:, None] >= 1.0) | (mass_before < top_p[:, None])
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, best.shape[-1:], best.dtype))(keys)
+    return argmax(jnp.where(keep, best, -jnp.inf) + gumbel)
 
 
 def _descending_key(x):
@@ -88,16 +127,15 @@ def _flip(b):
     return jnp.where(b >> 31 == 1, b, ~b & jnp.uint32(0x7FFFFFFF))
 
 
-def _top_p_sorted(keys, logits, top_p, lse):
-    """Top-p over all V logits sorted: the same token as a stable argsort of -logits would give
-    (the candidates' draw: noise by sorted position, probabilities exp(logit - lse)), with only
-    the keys sorted; the drawn rank's vocabulary id is found after: the (rank - first rank of its
-    value)-th logit equal to it, in vocabulary order. Rows with NaN / +inf logits give argmax's
-    token, as the other draws do."""
+def _sorted_draw(keys, logits, top_k, top_p, lse):
+    """A truncated draw over all V logits sorted: the token a stable argsort of -logits would give
+    (`_masked_draw` over the sorted logits), with only the keys sorted; the drawn rank's
+    vocabulary id is found after: the (rank - first rank of its value)-th logit equal to it, in
+    vocabulary order. Rows with NaN / +inf logits give argmax's token, as the other draws do."""
     key = _descending_key(logits)
     ordered = jnp.sort(key, axis=-1)
     best = jax.lax.bitcast_convert_type(_flip(ordered), jnp.float32)
-    rank = _draw(keys, best, None, top_p, jnp.exp(best - lse))
+    rank = _masked_draw(keys, best, top_k, top_p, lse)
     value = jnp.take_along_axis(ordered, rank[:, None], axis=-1)
     equal = key == value
     nth = rank - jnp.sum(key < value, axis=-1)  # 0 unless the drawn value is tied
@@ -109,23 +147,14 @@ def _top_p_sorted(keys, logits, top_p, lse):
     return _argmax_where_no_softmax(logits, token, jnp.max(logits, axis=-1)).astype(jnp.int32)
 
 
-def _draw(keys, logits, index, top_p, probs=None):
-    """A token per row from logits [B, n] (sorted descending where top_p is given; `index` maps
-    them to vocabulary ids, None: they are the vocabulary), keeping the top-p set; `probs` are
-    their probabilities when the n are not the whole vocabulary."""
-    if top_p is not None:
-        if probs is None:
-            probs = jax.nn.softmax(logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
-    if top_p is None and logits.shape[-1] >= BLOCKED_DRAW_MIN:
-        choice = _blocked_draw(keys, logits)
-    else:  # jax.random.categorical's Gumbel-max draw (the same numbers, so the same tokens), with argmax
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
-        choice = argmax(logits + gumbel)
-    if index is not None:
-        choice = jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0]
-    return choice.astype(jnp.int32)
+def _draw(keys, logits):
+    """A token per row from the whole softmax of logits [B, n]: blocked (_blocked_draw) over
+    large vocabularies, else jax.random.categorical's Gumbel-max draw (the same numbers, so the
+    same tokens) with argmax."""
+    if logits.shape[-1] >= BLOCKED_DRAW_MIN:
+        return _blocked_draw(keys, logits)
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
+    return argmax(logits + gumbel).astype(jnp.int32)
 
 
 DRAW_BLOCK = 512  # _blocked_draw's block of logits
@@ -164,5 +193,16 @@ def _argmax_where_no_softmax(logits, token, top):
 
 
 def row_keys(seeds, step):
-    """Per-row keys: a row's randomness depends only on its own seed and the step."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seeds)
+    """Per-row keys: a row's randomness depends only on its own seed and its step (a scalar for
+    every row, or one step per row: a server's rows are at different steps)."""
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), jnp.shape(seeds))
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds, steps)
+
+
+def logprobs(logits, tokens, n_top: int = TOP_LOGPROBS):
+    """The model's log-probabilities (log-softmax of the raw logits, before temperature and
+    truncation, as OpenAI reports them): of `tokens` [B] -> [B], and the n_top most likely
+    (ids [B, n_top], log-probabilities [B, n_top])."""
+    lsm = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    top_lp, top_ids = jax.lax.top_k(lsm, n_top)
+    return jnp.take_along_axis(lsm, tokens[:, None], axis=-1)[:, 0], top_ids, top_lp

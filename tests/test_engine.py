@@ -9,7 +9,7 @@ import torch
 import jaxaccel
 from jaxaccel import engine, generation, sampling, streaming
 from jaxaccel.engine import MIN_PROMPT_BUCKET, bucket
-from jaxaccel.generation import _engine, generate_tokens
+from jaxaccel.generation import _engine, _eos_ids, generate_tokens
 from conftest import FAMILY_KINDS
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], [40]]
@@ -76,7 +76,7 @@ def _expected_probs(logits, temperature, top_k=None, top_p=None):
                                                     (None, 0.6, "short")])
 def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, hf_folder, monkeypatch):
     """4096 independent samples of the first token (one seed per row) vs the exact distribution.
-    candidates: top-p alone with fewer candidates (sampling.TOP_P_CANDIDATES) than the vocabulary:
+    candidates: top-p alone with fewer candidates (sampling.CANDIDATES) than the vocabulary:
     the first count just enough to hold top_p of the mass; one short of it and the second count
     enough; or every count short (then the full sort decides)."""
     from scipy.stats import chisquare
@@ -92,7 +92,7 @@ def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, 
         needed = int(np.searchsorted(mass, top_p)) + 1  # the fewest most likely tokens holding top_p
         assert 2 < needed < m.config.vocab_size - 1
         counts = {"enough": (needed + 1,), "second": (needed - 1, needed + 1), "short": (needed - 2, needed - 1)}
-        monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", counts[candidates])
+        monkeypatch.setattr(sampling, "CANDIDATES", counts[candidates])
     scaled = m  # the model is fixed; temperature folds the 0.15 into the sampler below
     n = 4096
     out = generate_tokens(scaled, [prompt] * n, max_new_tokens=1, temperature=temperature / 0.15,
@@ -177,7 +177,7 @@ def test_streaming_chunks_grow_on_a_fast_device(hf_folder, monkeypatch):
                            np.zeros(t.shape[0], bool)) == [r[:5] for r in full]
     assert seen == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
-        _engine(m).run(PROMPTS[:1], 4, sampling.Sampler(), 0.0, None, [0], [], host, chunk=0)
+        _engine(m).run(PROMPTS[:1], 4, sampling.rows([(0.0, None, None)], 97), [0], [], host, chunk=0)
 
 
 def test_compiler_options_reach_the_generation_program(hf_folder, monkeypatch):
@@ -286,7 +286,7 @@ def test_argmax_and_sampling_draw_equal_jax():
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel.sampling import Sampler, argmax, sample
+    from jaxaccel.sampling import argmax, rows, sample
 
     rng = np.random.default_rng(0)
     long_nan = rng.standard_normal((2, 262144))  # XLA's CPU max drops NaN in long rows
@@ -299,7 +299,7 @@ def test_argmax_and_sampling_draw_equal_jax():
         np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.asarray(jnp.argmax(x, axis=-1)))
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(64))
     logits = jnp.asarray(rng.standard_normal((64, 300)), jnp.float32)
-    got = sample(logits, keys, jnp.float32(1.0), jnp.float32(1.0), Sampler(greedy=False))
+    got = sample(logits, keys, rows([(1.0, None, None)] * 64, 300))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
 
 
@@ -320,7 +320,7 @@ def test_blocked_draw_matches_softmax():
     logits[hot] += rng.uniform(2.0, 5.0, 40)
     p = np.exp(logits - logits.max())
     p /= p.sum()
-    draw = jax.jit(lambda x, keys: sampling.sample(x, keys, jnp.float32(1.0), None, sampling.Sampler(greedy=False)))
+    draw = jax.jit(lambda x, keys: sampling.sample(x, keys, sampling.rows([(1.0, None, None)] * len(x), x.shape[1])))
     x = jnp.asarray(np.broadcast_to(logits, (chunk, V)), jnp.float32)
     tokens = np.concatenate([np.asarray(draw(x, jax.vmap(jax.random.PRNGKey)(jnp.arange(c, c + chunk))))
                              for c in range(0, n, chunk)])
@@ -346,18 +346,22 @@ def test_blocked_draw_matches_softmax():
 
 
 def test_top_p_full_sort_equals_argsort_draw():
-    """The full-sort top-p (keys sorted, the drawn rank's id found after) gives the token a stable
+    """The full-sort truncated draw (keys sorted, the drawn rank's id found after) gives the token a stable
     argsort of -logits gives, with ties, -0.0 / 0.0 and -inf; NaN / +inf rows give argmax's."""
     import jax
     import jax.numpy as jnp
 
-    def reference(keys, logits, top_p, lse):
+    def reference(keys, logits, top_k, top_p, lse):
         index = jnp.argsort(-logits, axis=-1)
         best = jnp.take_along_axis(logits, index, axis=-1)
-        return sampling._draw(keys, best, index, top_p, jnp.exp(best - lse))
+        rank = sampling._masked_draw(keys, best, top_k, top_p, lse)
+        return jnp.take_along_axis(index, rank[:, None], axis=-1)[:, 0]
 
-    run = lambda f: jax.jit(lambda k, x, p: f(k, x, p, jax.nn.logsumexp(x, axis=-1, keepdims=True)))
-    new, ref = run(sampling._top_p_sorted), run(reference)
+    def run(draw):
+        lse = lambda x: jax.nn.logsumexp(x, axis=-1, keepdims=True)
+        return jax.jit(lambda k, x, p, top_k=0: draw(k, x, jnp.full(3, top_k, jnp.int32), jnp.full(3, p), lse(x)))
+
+    new, ref = run(sampling._sorted_draw), run(reference)
     rng = np.random.default_rng(0)
     for trial in range(12):
         x = rng.standard_normal((3, 700)).astype(np.float32) * (0.1, 1.0, 5.0)[trial % 3]
@@ -366,8 +370,9 @@ def test_top_p_full_sort_equals_argsort_draw():
         x[:, :7], x[0, 3], x[1, rng.integers(700, size=20)] = 0.0, -0.0, -np.inf
         keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(trial, trial + 3))
         for top_p in (0.3, 0.9, 1.0):
-            args = (keys, jnp.asarray(x), jnp.float32(top_p))
-            np.testing.assert_array_equal(new(*args), ref(*args))
+            for top_k in (0, 5):
+                args = (keys, jnp.asarray(x), jnp.float32(top_p), top_k)
+                np.testing.assert_array_equal(new(*args), ref(*args))
     negative_nan = np.array(0xFFC00000, np.uint32).view(np.float32)  # its key sorts last; argmax all the same
     x[0, 500], x[1, 600], x[2, 100], x[2, 50] = np.nan, np.inf, negative_nan, -np.inf
     assert new(keys, jnp.asarray(x), jnp.float32(0.9)).tolist() == [500, 600, 100]
@@ -375,20 +380,39 @@ def test_top_p_full_sort_equals_argsort_draw():
 
 @pytest.mark.parametrize("counts", [(6,), (6, 48), (6, 20)])  # flat row: ~40 of 50 tokens
 def test_top_p_token_of_a_row_does_not_depend_on_other_rows(counts, monkeypatch):
-    """Top-p alone decides among sampling.TOP_P_CANDIDATES tokens when every row's candidates hold
+    """Top-p alone decides among sampling.CANDIDATES tokens when every row's candidates hold
     top_p of the mass, else among the next count's, else sorts all: a peaked row must draw the
     same token beside a flat row (whole batch sorted) as alone (first candidates)."""
     import jax
     import jax.numpy as jnp
 
-    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", counts)
+    monkeypatch.setattr(sampling, "CANDIDATES", counts)
     rng = np.random.default_rng(1)
     peaked = np.concatenate([[4.0, 3.5, 3.0, 2.5], rng.standard_normal(46) - 8])
     flat = rng.standard_normal(50) * 0.1
-    sampler = sampling.Sampler(greedy=False, top_p=True)
-    draw = jax.jit(lambda logits, keys: sampling.sample(logits, keys, jnp.float32(1.0), jnp.float32(0.8), sampler))
+    draw = jax.jit(lambda logits, keys: sampling.sample(logits, keys, sampling.rows([(1.0, None, 0.8)] * len(logits), 50)))
     for seed in range(40):
         keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray([seed, seed + 1000]))
         both = draw(jnp.asarray(np.stack([peaked, flat]), jnp.float32), keys)
         alone = draw(jnp.asarray(peaked[None], jnp.float32), keys[:1])
         assert int(both[0]) == int(alone[0]) and int(both[0]) < 4
+
+
+def test_sampling_settings_are_runtime_values(hf_folder):
+    """Greedy, temperature, top-k and top-p of any value run in one compiled program, and a row's
+    tokens under one setting equal its tokens when the batch's other rows use other settings."""
+    folder, _ = hf_folder("llama3")
+    m = jaxaccel.load(folder)
+    settings = [dict(temperature=0.0), dict(temperature=0.7, seed=1), dict(temperature=1.3, top_k=5, seed=2),
+                dict(temperature=0.9, top_p=0.8, seed=3), dict(temperature=1.1, top_k=40, top_p=0.95, seed=4)]
+    solo = [generate_tokens(m, [PROMPTS[0]], max_new_tokens=12, **s)[0] for s in settings]
+    assert _engine(m).compiled_programs == 1
+    rows = sampling.rows([(s["temperature"], s.get("top_k"), s.get("top_p")) for s in settings], m.config.vocab_size)
+    mixed = _engine(m).run([PROMPTS[0]] * len(settings), 12, rows, [s.get("seed", 0) for s in settings],
+                           _eos_ids(m))
+    eos = set(_eos_ids(m))
+    for want, got in zip(solo, mixed):
+        got = got.tolist()
+        cut = next((j + 1 for j, t in enumerate(got) if t in eos), len(got))
+        assert got[:cut] == want
+    assert _engine(m).compiled_programs <= 2  # the batch of 5 rows is its own bucket, nothing per setting

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import engine, generation, kernels, sampling
+from jaxaccel import engine, generation, kernels
 from jaxaccel.config import ModelConfig
 
 
@@ -466,13 +466,13 @@ def test_generation_program_calls_the_kernel(built, monkeypatch):
         return real(target, *a, **k)
 
     monkeypatch.setattr(jax.ffi, "ffi_call", spy)
-    eng._program(sampling.Sampler(), 1, 16, 32).result()
+    eng._program(1, 16, 32).result()
     # 2 layers x (q, k, v, o, gate, up, down) + lm_head, all traced once in the decode body
     assert seen.get("jaxaccel_matvec", 0) >= 2 * 7 + 1, seen
     assert seen.get("jaxaccel_write_rows", 0) >= 2 * 2, seen  # k and v of each layer, in place
     assert seen.get("jaxaccel_decode_attention", 0) >= 2, seen  # each layer's decode attention
     assert "jaxaccel_take_rows" not in seen  # float32 table: XLA's gather
-    engine.Engine(model.quantize(jaxaccel.QuantConfig(mode="bfloat16")))._program(sampling.Sampler(), 1, 16, 32).result()
+    engine.Engine(model.quantize(jaxaccel.QuantConfig(mode="bfloat16")))._program(1, 16, 32).result()
     assert seen.get("jaxaccel_take_rows", 0) >= 1, seen  # bfloat16 table: the row kernel
 
 
@@ -484,7 +484,7 @@ def test_decode_loop_does_not_copy_the_kv_cache(built):
     model = jaxaccel.init_random(cfg, seed=3, dtype="float32")  # one KV head, as Gemma 3 270M: copied before
     eng = engine.Engine(model)
     B, S, T, new_cap = 1, 48, 16, 32
-    compiled = eng._program(sampling.Sampler(), B, T, new_cap).result()
+    compiled = eng._program(B, T, new_cap).result()
     text = compiled.as_text() if hasattr(compiled, "as_text") else str(compiled)
     cache_shape = f"f32[{B},{S},{model.config.num_kv_heads},{model.config.head_dim}]"
     copies = [ln for ln in text.splitlines() if " copy(" in ln and cache_shape in ln.split("=")[1].split("copy(")[0]]
