@@ -1,4 +1,4 @@
-"""`jaxaccel generate | embed | fill-mask | classify | finetune | quantize | convert | info | bench`:
+"""`jaxaccel generate | serve | embed | fill-mask | classify | finetune | quantize | convert | info | bench`:
 the top of the import graph. Flags map straight onto API arguments; jax and the model code are
 imported only once a command runs, so `--help` and bad flags answer at once."""
 
@@ -68,6 +68,30 @@ def cmd_convert(args) -> int:
     m = _load(args)
     out = m.save_hf(args.out, overwrite=args.overwrite)
     _err(f"wrote {out} ({m.params_bytes / 2**20:.0f} MiB of params)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .default_models import resolve
+    from .openai_api import find_chat_template
+    from .server import Server, serve
+
+    lm = _load(args, fast_tokenizer=True)
+    encoder = None
+    if args.embed_model != "none":
+        try:
+            encoder = _load(argparse.Namespace(model=args.embed_model, dtype="float32"), default=MINILM)
+        except RuntimeError as e:  # the embedded encoder's package is not installed: serve without it
+            if args.embed_model is not None:
+                raise
+            _err(f"no /v1/embeddings: {e}")
+    source = resolve(args.model or GEMMA, _err)
+    name = lambda arg, default: default if arg in (None, default) else Path(arg).name
+    server = Server(lm, name(args.model, GEMMA), encoder, name(args.embed_model, MINILM), slots=args.max_batch,
+                    context=args.context, max_queue=args.max_queue,
+                    api_key=args.api_key or os.environ.get("JAXACCEL_API_KEY") or None,
+                    chat_template=find_chat_template(source, args.chat_template), timeout=args.timeout)
+    serve(server, args.host, args.port, _err)
     return 0
 
 
@@ -311,6 +335,20 @@ def parser() -> argparse.ArgumentParser:
                    help="speculative decoding (greedy only; the same text, fewer forward calls when drafts hit)")
     add_mesh_argument(g)
     g.set_defaults(fn=cmd_generate)
+
+    v = with_model(sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, streaming)"))
+    v.add_argument("--embed-model", default=None, help=f"encoder for /v1/embeddings; default: the embedded {MINILM} "
+                   "when installed; 'none': no embeddings")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generating at once")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
+    v.add_argument("--context", type=int, default=2048, help="tokens per slot (prompt + output)")
+    v.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set JAXACCEL_API_KEY)")
+    v.add_argument("--chat-template", type=Path, help="jinja chat template for /v1/chat/completions "
+                   "(default: the model's own, if it has one)")
+    v.set_defaults(fn=cmd_serve)
 
     c = with_model(sub.add_parser("convert", help="load any supported checkpoint and write an HF folder"))
     c.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty)")

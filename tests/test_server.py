@@ -1,0 +1,280 @@
+"""`jaxaccel serve` as a real process on 127.0.0.1: the OpenAI client's calls, continuous batching
+(greedy = jaxaccel.generate, seeded = its solo run, under load), bad input answered with 4xx while
+the server keeps serving, disconnects, 429 / 401, SIGTERM draining; and the scheduler in-process."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+import jaxaccel
+from jaxaccel.generation import _eos_ids
+
+from conftest import random_hf_model, tiny_hf_config
+from serve_util import ServerProcess, write_char_tokenizer
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["hello world", "The quick brown fox", "a", "Once upon a time, in a land far away", "12345",
+           "What is the answer?", "zzz", "JAX and XLA"]
+
+
+def _folder(tmp_path_factory, name: str, chat_template: bool, positions: int | None = None):
+    path = tmp_path_factory.mktemp(name)
+    cfg = tiny_hf_config("gemma3")
+    cfg.max_position_embeddings = positions or cfg.max_position_embeddings
+    random_hf_model(cfg).save_pretrained(path)
+    write_char_tokenizer(path, chat_template)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _folder(tmp_path_factory, "tinyserve", chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    s = ServerProcess("--model", str(tiny), "--embed-model", "none", "--max-batch", "4", "--context", "128",
+                      "--max-queue", "300")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return jaxaccel.load(tiny)
+
+
+def client(server, **kw):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def metric(server, name: str, labels: str = "", headers=None) -> float:
+    text = httpx.get(server.url + "/metrics", headers=headers).text
+    m = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not in /metrics"
+    return float(m.group(1))
+
+
+def test_openai_client_completions_chat_streams_and_usage(server, model, tiny):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [tiny.name]
+    r = c.completions.create(model=tiny.name, prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=3)
+    want = jaxaccel.generate(model, [PROMPTS[0]], max_new_tokens=12)[0]
+    assert r.choices[0].text == want and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len(model.tokenizer(PROMPTS[0])["input_ids"]) and r.usage.completion_tokens >= 1
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == want and len(lp.top_logprobs[0]) == 3
+    assert lp.token_logprobs[0] == pytest.approx(max(lp.top_logprobs[0].values()), abs=1e-5)  # greedy: the top one
+    # chat: the folder's template, streamed, usage in the last chunk
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    ids = model.tokenizer("<bos><system>be brief\n<user>hi\n<assistant>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == model.tokenizer.bos_token_id and ids.count(ids[0]) == 1
+    want = jaxaccel.generate(model, [ids], max_new_tokens=10)[0]
+    stream = c.chat.completions.create(model=tiny.name, messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, logprobs=True, top_logprobs=2)
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+    assert chunks[-1].usage.completion_tokens >= 1 and chunks[-1].choices == []
+    assert any(ch.choices and ch.choices[0].logprobs for ch in chunks)
+    full = c.chat.completions.create(model=tiny.name, messages=msgs, max_tokens=10, temperature=0, n=2)
+    assert [ch.message.content for ch in full.choices] == [want, want] and full.usage.total_tokens > 0
+
+
+def test_stop_strings_and_seeded_sampling_equal_generate(server, model):
+    c = client(server)
+    ref = jaxaccel.generate(model, [PROMPTS[3]], max_new_tokens=30)[0]
+    stop = ref[5:7]
+    r = c.completions.create(model=server_name(server), prompt=PROMPTS[3], max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].text == jaxaccel.generate(model, [PROMPTS[3]], max_new_tokens=30, stop=[stop])[0]
+    assert r.choices[0].finish_reason == "stop"
+    for kw in ({"temperature": 0.9, "seed": 7}, {"temperature": 1.3, "top_p": 0.8, "seed": 3},
+               {"temperature": 0.7, "extra_body": {"top_k": 5}, "seed": 11}):
+        r = c.completions.create(model=server_name(server), prompt=PROMPTS[1], max_tokens=16, **kw)
+        extra = kw.pop("extra_body", {})
+        want = jaxaccel.generate(model, [PROMPTS[1]], max_new_tokens=16, **kw, **extra)[0]
+        assert r.choices[0].text == want, kw
+
+
+def server_name(server) -> str:
+    return httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+
+
+def _request(server, prompt, settings, stream=False):
+    """One completion over HTTP -> its text (SSE pieces joined when streaming)."""
+    body = {"model": server_name(server), "prompt": prompt, "max_tokens": 20, **settings, "stream": stream}
+    if not stream:
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    text = ""
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+
+def test_sixteen_concurrent_streams_equal_solo_runs_and_compile_nothing(server, model):
+    """16 streams, each its own prompt and settings, 4 slots: greedy ones equal jaxaccel.generate,
+    seeded ones their solo run; the program count does not grow with new sampling values."""
+    settings = [{"temperature": 0}, {"temperature": 0.8, "seed": 1}, {"temperature": 1.1, "top_p": 0.9, "seed": 2},
+                {"temperature": 0.6, "top_k": 7, "seed": 3}]
+    jobs = [(PROMPTS[i % len(PROMPTS)] + str(i), settings[i % 4] | ({"seed": 100 + i} if i % 4 else {}))
+            for i in range(16)]
+    _request(server, "warm", {"temperature": 0})
+    programs = metric(server, "jaxaccel_compiled_programs")
+    solo = [_request(server, p, s) for p, s in jobs]
+    with ThreadPoolExecutor(16) as pool:
+        busy = list(pool.map(lambda j: _request(server, *j, stream=True), jobs))
+    assert busy == solo
+    for (p, s), text in zip(jobs, solo):
+        if s["temperature"] == 0:
+            assert text == jaxaccel.generate(model, [p], max_new_tokens=20)[0]
+    assert metric(server, "jaxaccel_compiled_programs") == programs
+
+
+def test_load_then_bad_input_then_a_good_request(server, model):
+    """64 clients x 4 requests: none lost, truncated or mixed up; then every bad input gets a 4xx
+    with an OpenAI error body, a client that disconnects mid-stream frees its slot, and a good
+    request still succeeds."""
+    prompts = [f"{PROMPTS[i % 8]} #{i}" for i in range(32)]
+    want = {p: jaxaccel.generate(model, [p], max_new_tokens=8)[0] for p in prompts}
+
+    def client_run(k):
+        return [(p, _request(server, p, {"temperature": 0, "max_tokens": 8}, stream=(k + j) % 2 == 0))
+                for j, p in enumerate(prompts[(k + j) % 32] for j in range(4))]
+
+    t0 = time.time()
+    with ThreadPoolExecutor(64) as pool:
+        results = [r for rs in pool.map(client_run, range(64)) for r in rs]
+    assert len(results) == 256 and all(text == want[p] for p, text in results), time.time() - t0
+
+    V, url, name = model.config.vocab_size, server.url, server_name(server)
+    ok = {"model": name, "prompt": "hi", "max_tokens": 4}
+    bad = [("/v1/completions", b"{not json", 400, None),
+           ("/v1/completions", {**ok, "temperature": "hot"}, 400, "temperature"),
+           ("/v1/completions", {**ok, "max_tokens": "8"}, 400, "max_tokens"),
+           ("/v1/completions", {**ok, "model": "gpt-9"}, 404, "model"),
+           ("/v1/completions", {**ok, "max_tokens": 0}, 400, "max_tokens"),
+           ("/v1/completions", {**ok, "max_tokens": 200}, 400, "max_tokens"),
+           ("/v1/completions", {**ok, "prompt": "x" * 300}, 400, "prompt"),
+           ("/v1/completions", {**ok, "prompt": [1, 2, V]}, 400, "prompt"),
+           ("/v1/completions", {**ok, "n": 99}, 400, "n"),
+           ("/v1/chat/completions", {"model": name, "messages": []}, 400, "messages"),
+           ("/v1/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "x"}]}, 400,
+            "messages[0].role"),
+           ("/v1/embeddings", {"model": name, "input": "x"}, 404, "model")]
+    for path, body, status, param in bad:
+        r = httpx.post(url + path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"] and err["param"] == param, (body, err)
+    cancelled = metric(server, "jaxaccel_requests_total", '{finish="cancelled"}') if "cancelled" in \
+        httpx.get(url + "/metrics").text else 0.0
+    with httpx.stream("POST", url + "/v1/completions", json={**ok, "max_tokens": 120, "prompt": "long", "stream": True},
+                      timeout=60) as r:
+        next(r.iter_lines())  # the first event, then hang up
+    deadline = time.time() + 30
+    while time.time() < deadline and metric(server, "jaxaccel_active_slots") > 0:
+        time.sleep(0.1)
+    assert metric(server, "jaxaccel_active_slots") == 0
+    assert metric(server, "jaxaccel_requests_total", '{finish="cancelled"}') == cancelled + 1
+    r = httpx.post(url + "/v1/completions", json={**ok, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == jaxaccel.generate(model, ["hi"], max_new_tokens=4)[0]
+
+
+def test_api_key_queue_limit_chat_without_template_and_sigterm_drain(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "plain", chat_template=False, positions=4096)
+    s = ServerProcess("--model", str(folder), "--embed-model", "none", "--max-batch", "1", "--max-queue", "1",
+                      "--context", "4096", "--api-key", "sesame")
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200  # open without the key
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(s.url + path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        auth = {"Authorization": "Bearer sesame"}
+        r = httpx.post(s.url + "/v1/chat/completions", headers=auth,
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "--chat-template" in r.json()["error"]["message"]
+        # one slot, one queue place: with one request running and one waiting, the next is refused with 429
+        body = {"prompt": "hello", "max_tokens": 4000, "temperature": 0}
+        assert len(jaxaccel.generate_tokens(jaxaccel.load(folder), ["hello"], max_new_tokens=4000)[0]) == 4000  # no EOS
+        with ThreadPoolExecutor(2) as pool, httpx.stream("POST", s.url + "/v1/completions", headers=auth,
+                                                         json={**body, "stream": True}, timeout=120) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # it holds the slot
+            waiting = pool.submit(httpx.post, s.url + "/v1/completions", headers=auth, json={**body, "max_tokens": 4},
+                                  timeout=120)
+            while metric(s, "jaxaccel_queue_depth", headers=auth) < 1 and not waiting.done():
+                time.sleep(0.02)
+            third = httpx.post(s.url + "/v1/completions", headers=auth, json=body, timeout=120)
+            assert metric(s, "jaxaccel_active_slots", headers=auth) == 1, "the first request ended too soon to test 429"
+            assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+            assert waiting.result().status_code == 200
+        # SIGTERM while a stream runs: it finishes, then the process exits 0
+        text, finish = "", None
+        with httpx.stream("POST", s.url + "/v1/completions", headers=auth, json={**body, "stream": True},
+                          timeout=120) as r:
+            for i, line in enumerate(r.iter_lines()):
+                if i == 0:
+                    s.proc.send_signal(signal.SIGTERM)
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    text, finish = text + choice["text"], choice["finish_reason"] or finish
+        assert finish == "length" and len(text) > 0
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()
+
+
+def test_scheduler_timeout_and_cancel_free_the_slot(model):
+    """In-process: a request past its timeout ends with an error event, a cancelled one ends
+    silently, and the slots serve the next request with the same text as before."""
+    from jaxaccel.scheduler import Request, Scheduler
+
+    sch = Scheduler(model, slots=1, context=128, max_queue=4, eos=_eos_ids(model))
+    sch.start()
+    ids = list(model.tokenizer("hello")["input_ids"])
+    events = {k: [] for k in ("slow", "gone", "ok")}
+    slow = Request(ids, 100, timeout=1e-9, on_event=events["slow"].append)
+    gone = Request(ids, 100, on_event=events["gone"].append)
+    gone.cancelled = True
+    ok = Request(ids, 6, on_event=events["ok"].append)
+    for r in (slow, gone, ok):
+        sch.submit(r)
+    sch.stop(60)
+    assert events["slow"][-1].kind == "error" and "timeout" in events["slow"][-1].message
+    assert events["gone"] == []
+    assert "".join(e.text for e in events["ok"]) == jaxaccel.generate(model, ["hello"], max_new_tokens=6)[0]
+    assert events["ok"][-1].finish_reason in ("length", "stop") and sch.active == 0
+
+
+@pytest.mark.real_model
+def test_real_gemma_served_greedy_equals_generate():
+    """The embedded Gemma 3 270M behind the server: greedy text equals jaxaccel.generate, alone
+    and beside other requests."""
+    m = jaxaccel.load("gemma3-270m")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are"]
+    want = [jaxaccel.generate(m, [p], max_new_tokens=24)[0] for p in prompts]
+    s = ServerProcess("--embed-model", "none", "--max-batch", "4", "--context", "256")
+    try:
+        body = lambda p: {"prompt": p, "max_tokens": 24, "temperature": 0}
+        alone = [httpx.post(s.url + "/v1/completions", json=body(p), timeout=300).json()["choices"][0]["text"]
+                 for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            busy = list(pool.map(lambda p: httpx.post(s.url + "/v1/completions", json=body(p), timeout=300)
+                                 .json()["choices"][0]["text"], prompts))
+        assert alone == want and busy == want
+    finally:
+        assert s.stop() == 0
+    assert np.all([len(w) > 0 for w in want])
