@@ -159,9 +159,10 @@ def make_rows(model, n: int, temperature: float, top_k: int | None, top_p: float
 
 def prepare(model, n_prompts: int, prompt_tokens: int, max_new_tokens: int = 32, temperature: float = 0.0,
             top_k: int | None = None, top_p: float | None = None) -> None:
-    """Trace the program that `generate` with these settings will run (its bucket of
-    `prompt_tokens`) and compile it in a thread; returns after tracing. Optional: generate
-    compiles on demand, and waits for a compile already in progress."""
+    """Trace the program that `generate` will run for this shape (its bucket of `prompt_tokens`;
+    the sampling settings are runtime values, checked here only) and compile it in a thread;
+    returns after tracing. Optional: generate compiles on demand, and waits for a compile already
+    in progress."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_room(model, n_prompts, prompt_tokens, max_new_tokens)
     _engine(model).prepare(n_prompts, prompt_tokens, max_new_tokens)

@@ -9,7 +9,7 @@ the XLA cache. The CLI turns both on (`enable`); the Python API traces as usual 
 `set_folder(path)` is called.
 
 The file name is a hash of everything the program depends on: the caller's key (model config,
-dtype, quantization, sampler, shapes), the argument shapes and dtypes, the jax / jaxlib / flax /
+dtype, quantization, shapes), the argument shapes and dtypes, the jax / jaxlib / flax /
 aqtp / numpy versions, every jax config flag (PRNG implementation, x64, ...), the backend, and
 the source of every jaxaccel module, so any change makes a new program instead of reusing a
 stale one. Each file starts with its payload's sha256: an unreadable or damaged file is traced

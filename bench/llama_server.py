@@ -1,0 +1,105 @@
+"""llama.cpp's own `llama-server`, built once from the llama.cpp sources that the
+`llama-cpp-python` sdist vendors (pip downloads the sdist; cmake builds the server target for
+this CPU), kept in the jaxaccel cache, and run as the competitor in bench/serve.py.
+
+    python -m bench.llama_server        # build (about 10 minutes on 2 cores) and print the path
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from jaxaccel.paths import cache_dir
+
+VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp is built
+
+
+def binary_path(version: str = VERSION) -> Path:
+    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}" / "llama-server"
+
+
+def build(version: str = VERSION, log=print) -> Path:
+    """The llama-server binary, built from the sdist's vendor/llama.cpp unless already built."""
+    out = binary_path(version)
+    if out.is_file() and os.access(out, os.X_OK):
+        return out
+    with tempfile.TemporaryDirectory(prefix="jaxaccel-llama-") as tmp:
+        tmp = Path(tmp)
+        log(f"downloading the llama-cpp-python {version} sdist (its vendored llama.cpp) ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-binary", ":all:",
+                        "--no-deps", "-d", str(tmp)], check=True, stdout=subprocess.DEVNULL)
+        sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        src = next(tmp.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build_dir = src / "build"
+        flags = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF"]
+        log("building llama-server (cmake; several minutes) ...")
+        t = time.perf_counter()
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *flags], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                       check=True, stdout=subprocess.DEVNULL)
+        built = next(build_dir.rglob("llama-server"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".partial")
+        shutil.copy2(built, partial)
+        partial.replace(out)  # atomic: a half-copied binary is never taken for a built one
+        log(f"built {out} in {time.perf_counter() - t:.0f}s")
+    return out
+
+
+class LlamaServer:
+    """`llama-server -m GGUF -t THREADS -np SLOTS -c CTX` on 127.0.0.1 (continuous batching)."""
+
+    def __init__(self, gguf: Path, threads: int, slots: int, context: int, binary: Path | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(binary or build()), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
+               "-c", str(context), "--host", "127.0.0.1", "--port", str(self.port), "-cb", "--no-webui"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        import httpx
+
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("llama-server did not become healthy in 300 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", default=VERSION)
+    args = p.parse_args(argv)
+    print(build(args.version))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
