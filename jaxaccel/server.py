@@ -11,6 +11,7 @@ Shutdown (SIGTERM, Ctrl-C) lets uvicorn finish the open requests, then drains th
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -289,8 +290,9 @@ class Server:
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise ApiError(400, "'input' must be a non-empty string or list of non-empty strings", param="input")
-        if body.get("encoding_format", "float") not in ("float", None):
-            raise ApiError(400, "'encoding_format' must be \"float\" here", param="encoding_format")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
         if body.get("dimensions") is not None:
             raise ApiError(400, "'dimensions' is not supported: the model's embeddings have a fixed size",
                            param="dimensions")
@@ -303,7 +305,10 @@ class Server:
                 return embed(self.encoder, texts, truncate=True, stats=stats)
 
         vectors = await asyncio.to_thread(run)
-        data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
+        # base64: the float32 values' little-endian bytes (what OpenAI's client asks for by default)
+        as_json = (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if encoding == "base64" else \
+            (lambda v: v.tolist())
+        data = [{"object": "embedding", "index": i, "embedding": as_json(v)} for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": self.names["embed"],
                              "usage": {"prompt_tokens": stats.tokens, "total_tokens": stats.tokens}})
 

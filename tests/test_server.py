@@ -42,7 +42,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    s = ServerProcess("--model", str(tiny), "--embed-model", "none", "--max-batch", "4", "--context", "128",
+    s = ServerProcess("--model", str(tiny), "--embed-model", "minilm", "--max-batch", "4", "--context", "128",
                       "--max-queue", "300")
     yield s
     assert s.stop() == 0
@@ -66,7 +66,7 @@ def metric(server, name: str, labels: str = "", headers=None) -> float:
 
 def test_openai_client_completions_chat_streams_and_usage(server, model, tiny):
     c = client(server)
-    assert [m.id for m in c.models.list().data] == [tiny.name]
+    assert [m.id for m in c.models.list().data] == [tiny.name, "minilm"]
     r = c.completions.create(model=tiny.name, prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=3)
     want = jaxaccel.generate(model, [PROMPTS[0]], max_new_tokens=12)[0]
     assert r.choices[0].text == want and r.choices[0].finish_reason in ("length", "stop")
@@ -87,6 +87,18 @@ def test_openai_client_completions_chat_streams_and_usage(server, model, tiny):
     assert any(ch.choices and ch.choices[0].logprobs for ch in chunks)
     full = c.chat.completions.create(model=tiny.name, messages=msgs, max_tokens=10, temperature=0, n=2)
     assert [ch.message.content for ch in full.choices] == [want, want] and full.usage.total_tokens > 0
+
+
+def test_embeddings_equal_the_encoder(server):
+    """/v1/embeddings serves the embedded MiniLM: the same vectors as jaxaccel's embed()."""
+    texts = ["The cat sat on the mat.", "A quarterly revenue report", "x"]
+    r = client(server).embeddings.create(model="minilm", input=texts)
+    got = np.array([d.embedding for d in sorted(r.data, key=lambda d: d.index)])
+    want = jaxaccel.load("minilm").embed(texts)
+    np.testing.assert_allclose(got, want, atol=1e-6)  # the client asked for base64 (its default)
+    assert r.usage.prompt_tokens > len(texts)
+    plain = httpx.post(server.url + "/v1/embeddings", json={"input": texts[0], "encoding_format": "float"}).json()
+    np.testing.assert_allclose(plain["data"][0]["embedding"], want[0], atol=1e-6)
 
 
 def test_stop_strings_and_seeded_sampling_equal_generate(server, model):
@@ -173,7 +185,8 @@ def test_load_then_bad_input_then_a_good_request(server, model):
            ("/v1/chat/completions", {"model": name, "messages": []}, 400, "messages"),
            ("/v1/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "x"}]}, 400,
             "messages[0].role"),
-           ("/v1/embeddings", {"model": name, "input": "x"}, 404, "model")]
+           ("/v1/embeddings", {"model": name, "input": "x"}, 400, "model"),
+           ("/v1/embeddings", {"model": "minilm", "input": [""]}, 400, "input")]
     for path, body, status, param in bad:
         r = httpx.post(url + path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
         assert r.status_code == status, (body, r.text)
