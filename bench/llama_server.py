@@ -61,13 +61,19 @@ def build(version: str = VERSION, log=print) -> Path:
 class LlamaServer:
     """`llama-server -m GGUF -t THREADS -np SLOTS -c CTX` on 127.0.0.1 (continuous batching)."""
 
-    def __init__(self, gguf: Path, threads: int, slots: int, context: int, binary: Path | None = None):
+    def __init__(self, gguf: Path, threads: int, slots: int, context: int, binary: Path | None = None,
+                 repack: bool = True):
+        """repack=False: `--no-repack` (no AMX / interleaved weight copies; llama.cpp's AMX path
+        crashes on some VMs that list AMX flags, see `start`)."""
+        self.repack = repack
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(binary or build()), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
                "-c", str(context), "--host", "127.0.0.1", "--port", str(self.port), "-cb", "--no-webui"]
+        if not repack:
+            cmd.append("--no-repack")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         import httpx
 
@@ -91,6 +97,18 @@ class LlamaServer:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def start(gguf: Path, threads: int, slots: int, context: int, log=print) -> LlamaServer:
+    """LlamaServer as built; if it dies at start-up by a signal (its AMX matmul crashes on some
+    VMs whose CPU flags list AMX), again with --no-repack, saying so."""
+    try:
+        return LlamaServer(gguf, threads, slots, context)
+    except RuntimeError as e:
+        if "exited with -" not in str(e):
+            raise
+        log(f"llama-server crashed at start-up ({str(e).splitlines()[0][:80]}); retrying with --no-repack")
+        return LlamaServer(gguf, threads, slots, context, repack=False)
 
 
 def main(argv=None) -> int:

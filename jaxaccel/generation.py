@@ -50,13 +50,10 @@ def _speculator(model) -> Speculator:
     return spec
 
 
-def _check_speculative(model, speculative, temperature) -> None:
+def _check_speculative(model, speculative) -> None:
     if speculative is None:
         return
     make_drafter(speculative)  # an unknown drafter is refused by name
-    if temperature != 0:
-        raise ValueError("speculative decoding is exact for greedy decoding (temperature=0) so far; sampling "
-                         "with a drafter is not implemented yet: pass temperature=0 or speculative=None")
     if getattr(model, "mesh", None) is not None:
         raise ValueError("speculative decoding on a device mesh is not supported yet; load the model without mesh=")
 
@@ -178,10 +175,11 @@ def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float
     `seed` is an int for all rows or one int per prompt; a row's samples depend only on its
     own seed, so the same seed gives the same tokens whatever else is in the batch.
     speculative: "prompt_lookup" drafts tokens from the prompt and verifies several per forward
-    call (greedy only; the same tokens as without it); see speculative.py.
+    call: greedy, the same tokens as without it; sampling, the same distribution (other draws
+    than without it for a seed); see speculative.py.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    _check_speculative(model, speculative, temperature)
+    _check_speculative(model, speculative)
     return _generate_ids(model, encode_prompts(model, prompts), max_new_tokens, temperature, top_k, top_p, seed,
                          host_step, speculative, stats)
 
@@ -199,13 +197,13 @@ def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, h
     seeds = _seeds(seed, len(ids))
     _check_room(model, len(ids), max(map(len, ids)), max_new_tokens)
     eos = _eos_ids(model)
+    rs = make_rows(model, len(ids), temperature, top_k, top_p)
     if speculative is not None:
         spec = SpeculativeStats()
         if stats is not None:
             stats.speculative = spec
-        return _speculator(model).run(ids, max_new_tokens, eos, make_drafter(speculative), host_step, spec)
-    out = _engine(model).run(ids, max_new_tokens, make_rows(model, len(ids), temperature, top_k, top_p), seeds, eos,
-                              host_step)
+        return _speculator(model).run(ids, max_new_tokens, eos, make_drafter(speculative), host_step, spec, rs, seeds)
+    out = _engine(model).run(ids, max_new_tokens, rs, seeds, eos, host_step)
     result = []
     for row in out:
         row = row.tolist()
@@ -224,7 +222,7 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
     prompts: list of strings or token-id lists. temperature 0 = greedy. stop: strings that end
     a row (excluded from the text). stream(i, text) receives new text of prompt i as it is
     produced. Pass a `GenerationStats` to get time to first token and throughput.
-    speculative: "prompt_lookup" for speculative decoding (greedy only; see `generate_tokens`).
+    speculative: "prompt_lookup" for speculative decoding (see `generate_tokens`).
     """
     if model.tokenizer is None:
         raise ValueError("generate() returns text and needs a tokenizer; this model has none. "
@@ -233,7 +231,7 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
     if any(not s for s in stop):
         raise ValueError("stop strings must be non-empty")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    _check_speculative(model, speculative, temperature)
+    _check_speculative(model, speculative)
     ids = encode_prompts(model, prompts)
     streamer = TextStreamer(model, len(ids), stop, stream, _eos_ids(model))
     start = time.perf_counter()

@@ -192,6 +192,59 @@ def _argmax_where_no_softmax(logits, token, top):
     return jax.lax.cond(jnp.any(odd), lambda: jnp.where(odd, argmax(logits), token), lambda: token)
 
 
+def truncated_logits(logits, rs: RowSampling):
+    """logits [N, V] -> the logits of each row's sampling distribution: divided by its temperature,
+    -inf outside its top-k / top-p set (the set `sample` draws from; a token tied with the set's
+    last one is kept too), so softmax of the result is the distribution `sample` draws from."""
+    z = logits / jnp.where(rs.temperature > 0, rs.temperature, 1.0)[:, None]
+    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    truncated = (rs.top_k > 0) | (rs.top_p < 1)
+
+    def threshold(best):  # the smallest logit of each row's set, from its logits sorted descending
+        rank = jax.lax.broadcasted_iota(jnp.int32, best.shape, 1)
+        k_on = (rs.top_k > 0)[:, None]
+        keep = ~k_on | (rank < rs.top_k[:, None])
+        lse_k = jnp.where(k_on, jax.nn.logsumexp(jnp.where(keep, best, -jnp.inf), axis=-1, keepdims=True), lse)
+        probs = jnp.where(keep, jnp.exp(best - lse_k), 0.0)
+        keep &= (rs.top_p[:, None] >= 1.0) | (jnp.cumsum(probs, axis=-1) - probs < rs.top_p[:, None])
+        return jnp.take_along_axis(best, jnp.sum(keep, axis=-1, keepdims=True) - 1, axis=-1)
+
+    n = min(CANDIDATES[0], z.shape[-1])
+    best = jax.lax.top_k(z, n)[0]
+    held = jnp.where(rs.top_k > 0, rs.top_k <= n, jnp.sum(jnp.exp(best - lse), axis=-1) >= rs.top_p)
+    cut = jax.lax.cond(jnp.all(held | ~truncated), lambda: threshold(best),
+                       lambda: threshold(-jnp.sort(-z, axis=-1)))
+    return jnp.where(~truncated[:, None] | (z >= cut), z, -jnp.inf)
+
+
+def speculative_accept(logits, drafts, n_drafts, keys, rs: RowSampling):
+    """Speculative sampling (rejection sampling against drafts proposed deterministically, as
+    prompt lookup and greedy drafters do): logits [B, k + 1, V] of the target after the row's last
+    token and each of its k drafts [B, k] (the first n_drafts [B] real). Draft j is accepted with
+    its probability under the target's sampling distribution p_j; at the first rejection the
+    token is drawn from p_j without the draft (the residual max(p - q, 0) for a one-hot q), and
+    when every draft is accepted one more is drawn from p_n. So each emitted token follows the
+    target's distribution exactly. -> (tokens [B, k + 1]: the accepted drafts then the drawn
+    token, accepted [B])."""
+    B, K1, V = logits.shape
+    k = K1 - 1
+    wide = lambda a: jnp.repeat(a, K1, axis=0)
+    z = truncated_logits(logits.reshape(B * K1, V), RowSampling(*(wide(a) for a in rs))).reshape(B, K1, V)
+    lse = jax.nn.logsumexp(z[:, :k], axis=-1)
+    p_draft = jnp.exp(jnp.take_along_axis(z[:, :k], drafts[:, :, None], axis=-1)[..., 0] - lse)  # [B, k]
+    split = jax.vmap(lambda key: jax.random.split(key, 2))(keys)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(split[:, 0])
+    ok = (u < p_draft) & (jnp.arange(k)[None, :] < n_drafts[:, None])
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    at = jnp.take_along_axis(z, accepted[:, None, None], axis=1)[:, 0]  # [B, V]
+    rejected = jnp.take_along_axis(jnp.pad(drafts, ((0, 0), (0, 1))), accepted[:, None], axis=1)[:, 0]
+    at = jnp.where((accepted < n_drafts)[:, None] & (jnp.arange(V)[None, :] == rejected[:, None]), -jnp.inf, at)
+    final = _draw(split[:, 1], at)
+    j = jnp.arange(K1)[None, :]
+    tokens = jnp.where(j < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), final[:, None])
+    return tokens.astype(jnp.int32), accepted
+
+
 def row_keys(seeds, step):
     """Per-row keys: a row's randomness depends only on its own seed and its step (a scalar for
     every row, or one step per row: a server's rows are at different steps)."""

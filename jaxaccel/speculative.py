@@ -1,8 +1,11 @@
-"""Speculative decoding for greedy generation: a drafter proposes the next k tokens of each row,
-one forward call of the model scores all k + 1 positions, and a row keeps the drafts that equal
-the model's own greedy choice plus the model's token after them. Each call so yields 1 .. k + 1
-tokens for one read of the weights (a decode step reads them all for one token), and the text
-is plain greedy decoding's.
+"""Speculative decoding: a drafter proposes the next k tokens of each row, one forward call of
+the model scores all k + 1 positions, and a row keeps the drafts the model agrees with plus one
+token of the model's own. Each call so yields 1 .. k + 1 tokens for one read of the weights (a
+decode step reads them all for one token). Greedy: a draft is kept when it equals the model's
+argmax, so the text is plain greedy decoding's. Sampling: a draft is kept with its probability
+under the model's sampling distribution and the first rejected one is replaced by a draw from
+the rest of that distribution (`sampling.speculative_accept`), so every token follows the model's
+distribution exactly (not the same tokens as plain sampling with that seed: the draws differ).
 
 The KV cache is rolled back past rejected drafts by moving the row's index: slots past a row's
 index are never attended to (the causal mask is over slots) and the next call overwrites them.
@@ -13,8 +16,9 @@ Drafters (`Drafter.propose(tokens, k)`):
                 answer quoting its passage) repeats spans of the prompt.
 
 k adapts to the acceptance rate (`AdaptiveK`): it grows while drafts are accepted and shrinks
-when they are not, down to 0 (plain decode steps, no drafting) when drafting stops paying, with a
-retry every few calls. Each k in K_CHOICES is one compiled program.
+when they are not, down to 0 when drafting stops paying: then a fused loop of REST plain decode
+steps runs in one call (as the plain engine does), with a drafting call every REST calls to look
+again. Each k in K_CHOICES is one compiled program, and the fused loop one more.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .engine import MIN_PROMPT_BUCKET, NEW_TOKENS_QUANTUM, bucket, prefill
-from .sampling import argmax
+from .sampling import RowSampling, argmax, pad_rows, row_keys, rows, sample, speculative_accept
 from .sharding import init_cache
 
 K_CHOICES = (0, 2, 4, 8)  # drafted tokens per call; 8 + 1 rows of one prompt still fit the CPU matvec kernel
@@ -87,8 +91,8 @@ class SpeculativeStats:
 
 class AdaptiveK:
     """The next call's k from the last ones' acceptance: double it (up to K_CHOICES[-1]) when
-    most drafts were accepted, halve it when few were, 0 after REST calls with nothing accepted
-    (then one drafting call every REST calls to look again)."""
+    most drafts were accepted, halve it when few were, 0 after REST calls with nothing accepted or
+    nothing drafted (then one drafting call every REST calls to look again)."""
 
     REST = 8
 
@@ -105,9 +109,9 @@ class AdaptiveK:
         return self.k
 
     def update(self, drafted: int, accepted: int) -> None:
+        self.idle = 0 if accepted else self.idle + 1  # a call without drafts rests too
         if not drafted:
             return
-        self.idle = 0 if accepted else self.idle + 1
         rate = accepted / drafted
         i = K_CHOICES.index(self.k) if self.k in K_CHOICES else 1
         if rate > 0.6:
@@ -117,46 +121,74 @@ class AdaptiveK:
 
 
 class Speculator:
-    """Greedy speculative generation for one model (its engine's module: CPU kernels where the
-    plain decode loop uses them). One prefill program per shape bucket, one verify program per k."""
+    """Speculative generation for one model (its engine's module: CPU kernels where the plain
+    decode loop uses them). One prefill program per shape bucket, one verify program per (k,
+    greedy or sampled), and one fused loop of AdaptiveK.REST plain steps."""
 
     def __init__(self, model, module):
         self.model, self.module = model, module
-        self._prefill = jax.jit(lambda params, tokens, lengths, cache: prefill(module.apply, params, tokens, lengths,
-                                                                               cache), donate_argnums=3)
-        self._verify: dict[int, Callable] = {}
 
-    def verify_fn(self, k: int) -> Callable:
-        """(params, cache, tokens [B, k + 1], drafts [B]) -> (greedy tokens [B, k + 1], accepted
-        [B], cache with each row's index advanced past its last token and accepted drafts)."""
-        if k not in self._verify:
-            def verify(params, cache, tokens, n_drafts):
+        def first(params, tokens, lengths, cache, seeds, rs):
+            logits, cache = prefill(module.apply, params, tokens, lengths, cache)
+            return sample(logits, row_keys(seeds, 0), rs), cache
+
+        self._prefill = jax.jit(first, donate_argnums=3)
+        self._verify: dict[tuple[int, bool], Callable] = {}
+        self._plain = jax.jit(self._plain_steps, donate_argnums=1)
+
+    def _plain_steps(self, params, cache, token, seeds, steps, rs):
+        """AdaptiveK.REST plain decode steps in one call (no drafting): tokens [B, REST]."""
+        def body(i, carry):
+            cache, token, out = carry
+            out_ = self.module.apply({"params": params}, token[:, None], cache=cache)
+            token = sample(out_.logits[:, 0], row_keys(seeds, steps + i), rs)
+            return out_.cache, token, out.at[:, i].set(token)
+
+        out = jnp.zeros((token.shape[0], AdaptiveK.REST), jnp.int32)
+        cache, _, out = jax.lax.fori_loop(0, AdaptiveK.REST, body, (cache, token, out))
+        return out, cache
+
+    def verify_fn(self, k: int, greedy: bool = True) -> Callable:
+        """(params, cache, tokens [B, k + 1], drafts [B], seeds, steps, rs) -> (tokens [B, k + 1]
+        (row b's first accepted[b] + 1 are its new tokens), accepted [B], cache with each row's
+        index advanced past its last token and accepted drafts)."""
+        if (k, greedy) not in self._verify:
+            def verify(params, cache, tokens, n_drafts, seeds, steps, rs):
                 out = self.module.apply({"params": params}, tokens, cache=cache)
-                pred = argmax(out.logits)  # [B, k + 1]: the model's token after each position
-                ok = (pred[:, :k] == tokens[:, 1:]) & (jnp.arange(k)[None, :] < n_drafts[:, None])
-                accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+                if greedy:
+                    pred = argmax(out.logits)  # [B, k + 1]: the model's token after each position
+                    ok = (pred[:, :k] == tokens[:, 1:]) & (jnp.arange(k)[None, :] < n_drafts[:, None])
+                    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+                else:
+                    pred, accepted = speculative_accept(out.logits, tokens[:, 1:], n_drafts, row_keys(seeds, steps), rs)
                 return pred, accepted, {**out.cache, "index": cache["index"] + 1 + accepted}
 
-            self._verify[k] = jax.jit(verify, donate_argnums=1)
-        return self._verify[k]
+            self._verify[(k, greedy)] = jax.jit(verify, donate_argnums=1)
+        return self._verify[(k, greedy)]
 
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Sequence[int], drafter: Drafter,
-            host_step: Callable | None = None, stats: SpeculativeStats | None = None) -> list[list[int]]:
-        """Greedy generation for validated token-id prompts; each row's tokens (ending with its
-        first EOS, or at max_new_tokens, or where host_step flagged it). host_step(new tokens per
-        row, first_step) -> bool [B] as in `Engine.run`, called after every forward call."""
+            host_step: Callable | None = None, stats: SpeculativeStats | None = None,
+            rs: RowSampling | None = None, seeds: Sequence[int] | None = None) -> list[list[int]]:
+        """Generation for validated token-id prompts; each row's tokens (ending with its first EOS,
+        or at max_new_tokens, or where host_step flagged it). host_step(new tokens per row,
+        first_step) -> bool [B] as in `Engine.run`, called after every forward call. rs / seeds:
+        per-row sampling settings (engine's arrays; None: greedy) and seeds."""
         stats = stats if stats is not None else SpeculativeStats()
         n, eos = len(prompts), set(eos)
         B, T = bucket(n), bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
-        S = T + NEW_TOKENS_QUANTUM * -(-max_new_tokens // NEW_TOKENS_QUANTUM) + K_CHOICES[-1] + 1
+        S = T + NEW_TOKENS_QUANTUM * -(-max_new_tokens // NEW_TOKENS_QUANTUM) + max(K_CHOICES[-1] + 1, AdaptiveK.REST)
         tokens, lengths = np.zeros((B, T), np.int32), np.ones((B,), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)], lengths[i] = p, len(p)
+        rs = pad_rows(rs if rs is not None else rows([(0.0, None, None)] * n, self.model.config.vocab_size), B)
+        greedy = bool(np.all(rs.temperature <= 0))
+        seed_arr = np.zeros((B,), np.int32)
+        seed_arr[:n] = seeds if seeds is not None else 0
         cache = init_cache(self.model.config, B, S, self.model.cache_dtype)
         params = self.model.params
-        logits, cache = self._prefill(params, tokens, lengths, cache)
-        last = np.asarray(argmax(logits)).astype(np.int32)
-        rows = [list(p) for p in prompts]
+        last, cache = self._prefill(params, tokens, lengths, cache, seed_arr, rs)
+        last = np.asarray(last)
+        rows_ = [list(p) for p in prompts]
         out: list[list[int]] = [[] for _ in range(n)]
         done = np.zeros((B,), bool)
         done[n:] = True
@@ -170,7 +202,7 @@ class Speculator:
                 kept.append(t)
                 done[i] = t in eos or len(out[i]) + len(kept) >= max_new_tokens
             out[i].extend(kept)
-            rows[i].extend(kept)
+            rows_[i].extend(kept)
             return kept
 
         fresh = [take(i, [int(last[i])]) for i in range(n)]
@@ -182,16 +214,24 @@ class Speculator:
             first_step = False
             if done.all():
                 break
+            steps = np.array([len(o) for o in out] + [0] * (B - n), np.int32)  # each row's sampling step
             k = adapt.next()
+            if k == 0:  # drafting rests: REST plain steps in one call
+                new, cache = self._plain(params, cache, np.array([r[-1] for r in rows_] + [0] * (B - n), np.int32),
+                                         seed_arr, steps, rs)
+                new = np.asarray(new)
+                stats.calls += AdaptiveK.REST
+                fresh = [take(i, new[i].tolist()) if not done[i] else [] for i in range(n)]
+                continue
             block = np.zeros((B, k + 1), np.int32)
             n_drafts = np.zeros((B,), np.int32)
             for i in range(n):
                 if done[i]:
                     continue
                 room = max_new_tokens - len(out[i]) - 1  # the call always adds the model's own token
-                drafts = drafter.propose(rows[i], min(k, room)) if k and room > 0 else []
-                block[i, 0], block[i, 1:1 + len(drafts)], n_drafts[i] = rows[i][-1], drafts, len(drafts)
-            pred, accepted, cache = self.verify_fn(k)(params, cache, block, n_drafts)
+                drafts = drafter.propose(rows_[i], min(k, room)) if room > 0 else []
+                block[i, 0], block[i, 1:1 + len(drafts)], n_drafts[i] = rows_[i][-1], drafts, len(drafts)
+            pred, accepted, cache = self.verify_fn(k, greedy)(params, cache, block, n_drafts, seed_arr, steps, rs)
             pred, accepted = np.asarray(pred), np.asarray(accepted)
             active = ~done[:n]
             stats.calls += 1
