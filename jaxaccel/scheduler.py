@@ -186,7 +186,7 @@ class Scheduler:
 
     def _decode(self) -> None:
         steps = 1 if self.queue and self._free_slot() is None else CHUNK
-        out = self.engine.decode(steps, self.release)
+        out = self.engine.decode(steps, self.release, sorted(self.running))
         self.release[:] = False
         done = self.engine.done()
         for slot, req in list(self.running.items()):

@@ -4,7 +4,7 @@ Two kinds of compiled program share one donated state (`SlotState`):
   prefill(T)  one request's prompt (right-padded to a bucket of T tokens) into one slot: its rows
               of the cache are written, its first token sampled, its sampling settings stored.
               One program per prompt bucket.
-  decode      up to CHUNK decode steps for every slot at once, each row with its own temperature /
+  decode      up to CHUNK decode steps for every live slot at once, each row with its own temperature /
               top-k / top-p / seed / step (`sampling.RowSampling`, runtime values: no setting ever
               compiles a program). Rows that are done (EOS, their max_tokens, the context's end,
               or released by the host) stop producing tokens; free slots cost one cache slot of
@@ -31,6 +31,11 @@ from .sampling import TOP_LOGPROBS, RowSampling, logprobs, row_keys, sample
 from .sharding import init_cache
 
 CHUNK = 8  # most decode steps per program call (the host streams and admits requests between calls)
+# Fewer live requests than slots decode only their rows (gathered out of the cache and back each
+# call): row counts up to the largest of these that is below the slot count, else all slots.
+# Larger buckets would cost more in copying than the rows they leave out
+# (`python -m bench.serve` measures the levels).
+LIVE_BUCKETS = (1, 2, 4)
 
 
 @flax.struct.dataclass
@@ -69,7 +74,7 @@ class SlotEngine:
         self.eos = eos_array(eos)
         self.state = self._initial_state()
         self._prefills: dict[int, object] = {}
-        self._decode = None
+        self._decodes: dict[int, object] = {}  # live-row bucket (or all slots) -> program
 
     def _initial_state(self) -> SlotState:
         B = self.slots
@@ -80,7 +85,7 @@ class SlotEngine:
 
     @property
     def compiled_programs(self) -> int:
-        return len(self._prefills) + (self._decode is not None)
+        return len(self._prefills) + len(self._decodes)
 
     def prompt_bucket(self, n: int) -> int:
         return min(bucket(n, MIN_PROMPT_BUCKET), self.context)
@@ -113,9 +118,17 @@ class SlotEngine:
         out = Tokens(first[None], jnp.ones((1, 1), bool), lp[None], top_ids[None], top_lp[None])
         return state, out
 
+    def _decode_rows_fn(self, params, state: SlotState, rows, steps, release):
+        """`_decode_fn` for the slots `rows` [b] only (distinct): their rows of the state are
+        gathered, decoded and written back; the others are untouched."""
+        state = state.replace(done=state.done | release)
+        sub = jax.tree.map(lambda a: jnp.take(a, rows, axis=0), state)
+        sub, out = self._decode_fn(params, sub, steps, jnp.zeros(rows.shape, bool))
+        return jax.tree.map(lambda a, b: a.at[rows].set(b), state, sub), out
+
     def _decode_fn(self, params, state: SlotState, steps, release):
         """Up to `steps` (<= CHUNK) decode steps for every row; `release` [B]: rows the host ended."""
-        B = self.slots
+        B = state.token.shape[0]
         state = state.replace(done=state.done | release)
         buf = lambda dtype, *tail: jnp.zeros((B, CHUNK) + tail, dtype)
         out = Tokens(buf(jnp.int32), buf(bool), buf(jnp.float32), buf(jnp.int32, TOP_LOGPROBS),
@@ -158,16 +171,25 @@ class SlotEngine:
             self._prefills[T] = self._compile(self._prefill_fn, args, f"prefill T={T}")
         return self._prefills[T]
 
-    def _decode_program(self):
-        if self._decode is None:
-            args = (self.model.params, self.state, jax.ShapeDtypeStruct((), jnp.int32),
-                    jax.ShapeDtypeStruct((self.slots,), bool))
-            self._decode = self._compile(self._decode_fn, args, f"decode chunk={CHUNK}")
-        return self._decode
+    def live_bucket(self, live: int) -> int:
+        """Rows a decode call runs for `live` live slots: a LIVE_BUCKETS size below the slot count, or all."""
+        return next((b for b in LIVE_BUCKETS if live <= b < self.slots), self.slots)
+
+    def _decode_program(self, b: int):
+        if b not in self._decodes:
+            i32, mask = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((self.slots,), bool)
+            if b == self.slots:
+                args, fn = (self.model.params, self.state, i32, mask), self._decode_fn
+            else:
+                args = (self.model.params, self.state, jax.ShapeDtypeStruct((b,), jnp.int32), i32, mask)
+                fn = self._decode_rows_fn
+            self._decodes[b] = self._compile(fn, args, f"decode rows={b} chunk={CHUNK}")
+        return self._decodes[b]
 
     def warm_up(self, prompt_buckets=(MIN_PROMPT_BUCKET,)) -> None:
-        """Compile the decode program and the prefill of these prompt buckets now."""
-        self._decode_program()
+        """Compile the decode programs and the prefill of these prompt buckets now."""
+        for b in {self.live_bucket(n) for n in range(1, self.slots + 1)}:
+            self._decode_program(b)
         for T in prompt_buckets:
             if T <= self.context:
                 self._prefill_program(T)
@@ -186,11 +208,23 @@ class SlotEngine:
                                   np.bool_(want_lp))
         return jax.tree.map(np.asarray, out)
 
-    def decode(self, steps: int, release: np.ndarray) -> Tokens:
-        """Up to `steps` tokens for every live row; -> tokens [B, n] with `valid` [B, n]."""
-        self.state, out = self._decode_program()(self.model.params, self.state, np.int32(min(steps, CHUNK)),
-                                                 np.asarray(release, bool))
-        return jax.tree.map(np.asarray, out)
+    def decode(self, steps: int, release: np.ndarray, live: list[int]) -> Tokens:
+        """Up to `steps` tokens for the `live` slots (others may be released); -> tokens [B, n]
+        with `valid` [B, n] (rows of other slots are not valid)."""
+        b, steps, release = self.live_bucket(len(live)), np.int32(min(steps, CHUNK)), np.asarray(release, bool)
+        if b == self.slots:
+            self.state, out = self._decode_program(b)(self.model.params, self.state, steps, release)
+            return jax.tree.map(np.asarray, out)
+        rows = list(live) + [s for s in range(self.slots) if s not in live][: b - len(live)]
+        self.state, out = self._decode_program(b)(self.model.params, self.state, np.asarray(rows, np.int32), steps,
+                                                  release)
+
+        def spread(a):  # the b rows back at their slots
+            full = np.zeros((self.slots,) + a.shape[1:], a.dtype)
+            full[rows] = a
+            return full
+
+        return jax.tree.map(lambda a: spread(np.asarray(a)), out)
 
     def done(self) -> np.ndarray:
         return np.asarray(self.state.done)

@@ -18,7 +18,9 @@ Drafters (`Drafter.propose(tokens, k)`):
 k adapts to the acceptance rate (`AdaptiveK`): it grows while drafts are accepted and shrinks
 when they are not, down to 0 when drafting stops paying: then a fused loop of REST plain decode
 steps runs in one call (as the plain engine does), with a drafting call every REST calls to look
-again. Each k in K_CHOICES is one compiled program, and the fused loop one more.
+again. A call where the drafter has nothing to propose for any row runs NO_DRAFT_STEPS plain steps
+fused instead of a verify call (a verify call of k + 1 positions costs more than a step). Each k
+in K_CHOICES is one compiled program, and the fused loop one more.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .engine import MIN_PROMPT_BUCKET, NEW_TOKENS_QUANTUM, bucket, prefill
 from .sampling import RowSampling, argmax, pad_rows, row_keys, rows, sample, speculative_accept
 from .sharding import init_cache
 
+NO_DRAFT_STEPS = 4  # plain steps fused when no row has a draft (the drafter is asked again after them)
 K_CHOICES = (0, 2, 4, 8)  # drafted tokens per call; 8 + 1 rows of one prompt still fit the CPU matvec kernel
 DRAFTERS = ("prompt_lookup",)
 
@@ -73,7 +76,8 @@ def make_drafter(name: str) -> Drafter:
 
 @dataclass
 class SpeculativeStats:
-    """calls: forward calls after the prefill; drafted / accepted: draft tokens proposed / kept."""
+    """calls: forward passes after the prefill (a verify call is one, a fused run of m plain steps
+    m); drafted / accepted: draft tokens proposed / kept."""
 
     calls: int = 0
     drafted: int = 0
@@ -91,8 +95,8 @@ class SpeculativeStats:
 
 class AdaptiveK:
     """The next call's k from the last ones' acceptance: double it (up to K_CHOICES[-1]) when
-    most drafts were accepted, halve it when few were, 0 after REST calls with nothing accepted or
-    nothing drafted (then one drafting call every REST calls to look again)."""
+    most drafts were accepted, halve it when few were, 0 after REST calls with nothing accepted
+    (then one drafting call every REST calls to look again)."""
 
     REST = 8
 
@@ -109,9 +113,9 @@ class AdaptiveK:
         return self.k
 
     def update(self, drafted: int, accepted: int) -> None:
-        self.idle = 0 if accepted else self.idle + 1  # a call without drafts rests too
         if not drafted:
             return
+        self.idle = 0 if accepted else self.idle + 1
         rate = accepted / drafted
         i = K_CHOICES.index(self.k) if self.k in K_CHOICES else 1
         if rate > 0.6:
@@ -136,8 +140,8 @@ class Speculator:
         self._verify: dict[tuple[int, bool], Callable] = {}
         self._plain = jax.jit(self._plain_steps, donate_argnums=1)
 
-    def _plain_steps(self, params, cache, token, seeds, steps, rs):
-        """AdaptiveK.REST plain decode steps in one call (no drafting): tokens [B, REST]."""
+    def _plain_steps(self, params, cache, token, seeds, steps, rs, n):
+        """n <= AdaptiveK.REST plain decode steps in one call (no drafting): tokens [B, REST], the first n real."""
         def body(i, carry):
             cache, token, out = carry
             out_ = self.module.apply({"params": params}, token[:, None], cache=cache)
@@ -145,7 +149,7 @@ class Speculator:
             return out_.cache, token, out.at[:, i].set(token)
 
         out = jnp.zeros((token.shape[0], AdaptiveK.REST), jnp.int32)
-        cache, _, out = jax.lax.fori_loop(0, AdaptiveK.REST, body, (cache, token, out))
+        cache, _, out = jax.lax.fori_loop(0, n, body, (cache, token, out))
         return out, cache
 
     def verify_fn(self, k: int, greedy: bool = True) -> Callable:
@@ -216,21 +220,22 @@ class Speculator:
                 break
             steps = np.array([len(o) for o in out] + [0] * (B - n), np.int32)  # each row's sampling step
             k = adapt.next()
-            if k == 0:  # drafting rests: REST plain steps in one call
-                new, cache = self._plain(params, cache, np.array([r[-1] for r in rows_] + [0] * (B - n), np.int32),
-                                         seed_arr, steps, rs)
-                new = np.asarray(new)
-                stats.calls += AdaptiveK.REST
-                fresh = [take(i, new[i].tolist()) if not done[i] else [] for i in range(n)]
-                continue
             block = np.zeros((B, k + 1), np.int32)
             n_drafts = np.zeros((B,), np.int32)
-            for i in range(n):
+            for i in range(n if k else 0):
                 if done[i]:
                     continue
                 room = max_new_tokens - len(out[i]) - 1  # the call always adds the model's own token
                 drafts = drafter.propose(rows_[i], min(k, room)) if room > 0 else []
                 block[i, 0], block[i, 1:1 + len(drafts)], n_drafts[i] = rows_[i][-1], drafts, len(drafts)
+            if not n_drafts.any():  # resting, or nothing to propose: plain steps in one call
+                m = AdaptiveK.REST if k == 0 else NO_DRAFT_STEPS
+                new, cache = self._plain(params, cache, np.array([r[-1] for r in rows_] + [0] * (B - n), np.int32),
+                                         seed_arr, steps, rs, np.int32(m))
+                new = np.asarray(new)[:, :m]
+                stats.calls += m
+                fresh = [take(i, new[i].tolist()) if not done[i] else [] for i in range(n)]
+                continue
             pred, accepted, cache = self.verify_fn(k, greedy)(params, cache, block, n_drafts, seed_arr, steps, rs)
             pred, accepted = np.asarray(pred), np.asarray(accepted)
             active = ~done[:n]
