@@ -62,7 +62,7 @@ class LlamaServer:
     """`llama-server -m GGUF -t THREADS -np SLOTS -c CTX` on 127.0.0.1 (continuous batching)."""
 
     def __init__(self, gguf: Path, threads: int, slots: int, context: int, binary: Path | None = None,
-                 repack: bool = True):
+                 repack: bool = True, http_threads: int = 80):
         """repack=False: `--no-repack` (no AMX / interleaved weight copies; llama.cpp's AMX path
         crashes on some VMs that list AMX flags, see `start`)."""
         self.repack = repack
@@ -71,16 +71,21 @@ class LlamaServer:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(binary or build()), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
-               "-c", str(context), "--host", "127.0.0.1", "--port", str(self.port), "-cb", "--no-webui"]
+               "-c", str(context), "--host", "127.0.0.1", "--port", str(self.port), "-cb", "--no-webui",
+               # HTTP threads for every client the bench opens at once (it defaults to the compute threads)
+               "--threads-http", str(http_threads)]
         if not repack:
             cmd.append("--no-repack")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its log goes to a file: a pipe nobody reads fills up and stalls the server mid-run
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         import httpx
 
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: "
+                                   f"{Path(self.log.name).read_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return

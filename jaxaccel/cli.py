@@ -1,4 +1,4 @@
-"""`jaxaccel generate | serve | embed | fill-mask | classify | finetune | quantize | convert | info | bench`:
+"""`jaxaccel generate | serve | accelerate | embed | fill-mask | classify | finetune | quantize | convert | info | bench`:
 the top of the import graph. Flags map straight onto API arguments; jax and the model code are
 imported only once a command runs, so `--help` and bad flags answer at once."""
 
@@ -10,6 +10,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+from .finetune_flags import add_finetune_arguments
 
 GEMMA, MINILM = "gemma3-270m", "minilm"  # default_models' names (not imported here: it would load jax)
 
@@ -85,13 +87,24 @@ def cmd_serve(args) -> int:
             if args.embed_model is not None:
                 raise
             _err(f"no /v1/embeddings: {e}")
-    source = resolve(args.model or GEMMA, _err)
     name = lambda arg, default: default if arg in (None, default) else Path(arg).name
     server = Server(lm, name(args.model, GEMMA), encoder, name(args.embed_model, MINILM), slots=args.max_batch,
                     context=args.context, max_queue=args.max_queue,
                     api_key=args.api_key or os.environ.get("JAXACCEL_API_KEY") or None,
-                    chat_template=find_chat_template(source, args.chat_template), timeout=args.timeout)
+                    chat_template=find_chat_template(resolve(args.model or GEMMA, _err), args.chat_template),
+                    timeout=args.timeout)
     serve(server, args.host, args.port, _err)
+    return 0
+
+
+def cmd_accelerate(args) -> int:
+    from .accelerate import Budget, accelerate, parse_batch_sizes
+    from .checkpoints.folders import check_target
+
+    budget, sizes = Budget.parse(args.quality_budget, args.task), parse_batch_sizes(args.batch_sizes, args.task)
+    check_target(args.out, args.overwrite)  # before any work
+    m = _load(args, default=MINILM if args.task == "embed" else GEMMA)
+    accelerate(m, Path(args.out), args.task, budget, sizes, args.new_tokens, args.time_budget, log=_err)
     return 0
 
 
@@ -276,42 +289,6 @@ def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
                         help="shard over a device mesh (one axis may be -1 = the rest); default: one device")
 
 
-def add_finetune_arguments(sp) -> argparse.ArgumentParser:
-    """`jaxaccel finetune`'s flags: each maps onto a `finetune.TrainOptions` field."""
-    sp.add_argument("--model", required=True, help="HF folder, .gguf file or embedded model name to fine-tune")
-    sp.add_argument("--data", required=True, help="train.jsonl ({prompt,completion} | {text,label} | {text}) or .txt")
-    sp.add_argument("--eval", dest="eval_data", help="eval data (same format); best checkpoint by eval loss is kept")
-    sp.add_argument("--task", default="sft", choices=["sft", "classify", "mlm"])
-    sp.add_argument("--out", required=True, help="output folder; rerunning with the same --out resumes")
-    sp.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor", "lion"])
-    sp.add_argument("--lr", type=float, default=1e-4)
-    sp.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    sp.add_argument("--warmup", type=int, default=0)
-    sp.add_argument("--weight-decay", type=float, default=0.0)
-    sp.add_argument("--clip", type=float, default=1.0, help="global-norm clipping (0: off)")
-    sp.add_argument("--steps", type=int, default=100)
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches per step")
-    sp.add_argument("--max-length", type=int)
-    sp.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None)
-    sp.add_argument("--truncate", action="store_true", help="cut over-long rows (counted) instead of failing")
-    sp.add_argument("--save-every", type=int, default=100)
-    sp.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints (plus the best by eval loss)")
-    sp.add_argument("--lora-rank", type=int, default=0)
-    sp.add_argument("--lora-alpha", type=float, default=16.0)
-    sp.add_argument("--lora-dropout", type=float, default=0.0)
-    sp.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projection names")
-    sp.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="bfloat16: mixed precision")
-    sp.add_argument("--quant", choices=["qat"], help="quantization-aware training; the export holds the float weights: "
-                    "serve them quantized with `jaxaccel quantize --model OUT --mode qat --out DIR` (the same forward)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-                    help="write TensorBoard events to OUT/tb (metrics.jsonl is always written)")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="master-weight dtype")
-    add_mesh_argument(sp)
-    return sp
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxaccel", description="JAX-native language models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -346,9 +323,20 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--context", type=int, default=2048, help="tokens per slot (prompt + output)")
     v.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set JAXACCEL_API_KEY)")
-    v.add_argument("--chat-template", type=Path, help="jinja chat template for /v1/chat/completions "
-                   "(default: the model's own, if it has one)")
+    v.add_argument("--chat-template", type=Path, help="jinja chat template (default: the model's own, if any)")
     v.set_defaults(fn=cmd_serve)
+
+    a = with_model(sub.add_parser("accelerate", help="measure speed / quality variants here, save the fastest "
+                                  "within a quality budget, report them"))
+    a.add_argument("--task", default="generate", choices=["generate", "embed", "classify"])
+    a.add_argument("--quality-budget", help="kl:N (mean next-token KL), ppl:N%% or cos:N (embeddings); "
+                   "default kl:0.02 / cos:0.995")
+    a.add_argument("--batch-sizes", default="1", help="comma-separated; the first one decides the choice")
+    a.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per speed measurement")
+    a.add_argument("--time-budget", type=float, help="minutes; variants after it are skipped")
+    a.add_argument("--out", required=True, help="folder for model/, report.json, report.txt, speed_quality.png")
+    a.add_argument("--overwrite", action="store_true")
+    a.set_defaults(fn=cmd_accelerate)
 
     c = with_model(sub.add_parser("convert", help="load any supported checkpoint and write an HF folder"))
     c.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty)")
@@ -379,8 +367,9 @@ def parser() -> argparse.ArgumentParser:
                            help="every label's score, best first (multi-label checkpoints), not only the top label")
         e.set_defaults(fn=lambda a, task=name: _encoder_task(a, task))
 
-    add_finetune_arguments(sub.add_parser("finetune", help="fine-tune with optax; rerun on the same --out to resume"))\
-        .set_defaults(fn=cmd_finetune)
+    f = add_finetune_arguments(sub.add_parser("finetune", help="fine-tune with optax; rerun on the same --out to resume"))
+    add_mesh_argument(f)
+    f.set_defaults(fn=cmd_finetune)
 
     q = with_model(sub.add_parser("quantize", help="write a quantized checkpoint that jaxaccel.load serves; "
                                   "--report prints measured params bytes per mode"))
