@@ -223,10 +223,11 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
             rows.append({"variant": v.name, "skipped": "the time budget ran out"})
             log(f"  {v.name}: skipped (time budget)")
             continue
-        m = model.quantize(v.quant) if v.quant is not None else model
         row = {"variant": v.name, "quant": None if v.quant is None else json.loads(v.quant.to_json()),
-               "speculative": v.speculative, "params_bytes": m.params_bytes}
+               "speculative": v.speculative}
         try:
+            m = model.quantize(v.quant) if v.quant is not None else model
+            row["params_bytes"] = m.params_bytes
             if task == "generate":
                 row["quality"] = ({"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "ppl_delta_pct": 0.0,
                                    "exact": "greedy decoding equals float32's"}
