@@ -9,7 +9,7 @@ tokens/s (first request sent to last token), time to first token and time per ou
 (p50 / p99 over requests). jaxaccel at concurrency 1 is the "one after another" baseline. Prints a
 table, the ratios the serving issue asks for and the machine with its CPU flags; writes JSON.
 
-  python -m bench.serve [--concurrency 1,4,16,64] [--max-tokens 64] [--slots 16] [--no-llama]
+  python -m bench.serve [--concurrency 1,4,16,64] [--max-tokens 64] [--slots 16] [--model DIR] [--no-llama]
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ def run_levels(name, url, model, prompts, levels, max_tokens, requests_per_level
     return out
 
 
-def start_jaxaccel(slots: int, context: int, dtype: str):
+def start_jaxaccel(slots: int, context: int, dtype: str, model: str | None):
     from tests.serve_util import ServerProcess
 
-    return ServerProcess("--embed-model", "none", "--max-batch", str(slots), "--context", str(context),
-                         "--max-queue", "1024", "--dtype", dtype, ready_timeout=900)
+    return ServerProcess(*(["--model", model] if model else []), "--embed-model", "none", "--max-batch", str(slots),
+                         "--context", str(context), "--max-queue", "1024", "--dtype", dtype, ready_timeout=900)
 
 
 def main(argv=None) -> int:
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=16, help="jaxaccel --max-batch and llama-server -np")
     ap.add_argument("--context", type=int, default=512, help="tokens per slot")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--model", help="what jaxaccel serves (default: the embedded Gemma 3 270M, float32), e.g. "
+                    "the int8 folder `jaxaccel accelerate` saved from it")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama-server -t")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server (it is built once, ~10 minutes)")
     ap.add_argument("--no-jaxaccel", action="store_true", help="llama-server only")
@@ -131,9 +133,9 @@ def main(argv=None) -> int:
 
     rows = []
     if not args.no_jaxaccel:
-        server = start_jaxaccel(args.slots, args.context, args.dtype)
+        server = start_jaxaccel(args.slots, args.context, args.dtype, args.model)
         try:
-            rows += run_levels("jaxaccel", server.url, "gemma3-270m", prompts, levels, args.max_tokens, args.requests)
+            rows += run_levels("jaxaccel", server.url, None, prompts, levels, args.max_tokens, args.requests)
         finally:
             server.stop()
     llama_error = None
