@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -62,7 +63,8 @@ def sampling_fields(body: dict, vocab_size: int, chat: bool) -> dict:
         "temperature": _field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
         "top_p": _field(body, "top_p", (int, float), None, lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "top_k": _field(body, "top_k", int, None, lambda v: v >= -1, "an integer >= 1 (0 or -1: off)"),
-        "seed": _field(body, "seed", int, 0, lambda v: -(2**63) <= v < 2**64, "an integer"),
+        # no seed: a fresh one, so unseeded requests do not all draw the same text
+        "seed": _field(body, "seed", int, secrets.randbits(32), lambda v: -(2**63) <= v < 2**64, "an integer"),
         "n": _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]"),
         "stream": _field(body, "stream", bool, False, what="true or false"),
     }

@@ -116,6 +116,13 @@ def test_stop_strings_and_seeded_sampling_equal_generate(server, model):
         assert r.choices[0].text == want, kw
 
 
+def test_unseeded_sampling_differs_between_requests(server):
+    """Without a seed each request draws afresh (with one, the same text: the tests above)."""
+    texts = {client(server).completions.create(model=server_name(server), prompt="hello", max_tokens=24,
+                                               temperature=1.0).choices[0].text for _ in range(4)}
+    assert len(texts) > 1
+
+
 def server_name(server) -> str:
     return httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
 
