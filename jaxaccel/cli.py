@@ -48,7 +48,7 @@ def cmd_generate(args) -> int:
         prepare(m, 1, guess, args.max_new_tokens, **sampling)
     started = time.time()
     generate(m, [args.prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop or None,
-             stream=write, stats=stats, speculative=args.speculative, **sampling)
+             stream=write, stats=stats, speculative=_draft_arg(args.speculative), **sampling)
     sys.stdout.write("\n")
     import psutil
 
@@ -61,6 +61,15 @@ def cmd_generate(args) -> int:
         _err(f"speculative ({args.speculative}): {s.accepted} of {s.drafted} drafted tokens accepted "
              f"({s.acceptance_rate:.0%}), {s.tokens_per_call:.2f} tokens per forward call over {s.calls} calls")
     return 0
+
+
+def _draft_arg(spec: str | None):
+    """--speculative draft:PATH -> the draft Model (loaded here, at the top of the imports)."""
+    if spec is None or not spec.startswith("draft:"):
+        return spec
+    from .model import load
+
+    return load(spec[len("draft:"):], fast_tokenizer=True)
 
 
 def cmd_convert(args) -> int:
@@ -308,8 +317,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--speculative", choices=["prompt_lookup"],
-                   help="speculative decoding (greedy: the same text; sampling: the same distribution; fewer forward calls when drafts hit)")
+    g.add_argument("--speculative", metavar="prompt_lookup|self:int8|self:int4|draft:PATH",
+                   help="speculative decoding (greedy: the same text; sampling: the same distribution)")
     add_mesh_argument(g)
     g.set_defaults(fn=cmd_generate)
 

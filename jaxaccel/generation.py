@@ -14,7 +14,7 @@ import numpy as np
 
 from .engine import Engine
 from .sampling import RowSampling, rows
-from .speculative import SpeculativeStats, Speculator, make_drafter
+from .speculative import SpeculativeStats, Speculator, check_draft, make_drafter, parse_drafter
 from .streaming import TextStreamer
 
 
@@ -50,10 +50,21 @@ def _speculator(model) -> Speculator:
     return spec
 
 
+def _drafter(model, speculative):
+    """The drafter for `speculative`, built once per model and kept (a self-draft quantizes the
+    model; a draft Model builds its module)."""
+    drafters = model.__dict__.setdefault("_drafters", {})
+    key = speculative if isinstance(speculative, str) else id(speculative)
+    if key not in drafters:
+        drafters[key] = make_drafter(speculative, model)
+    return drafters[key]
+
+
 def _check_speculative(model, speculative) -> None:
     if speculative is None:
         return
-    make_drafter(speculative)  # an unknown drafter is refused by name
+    if parse_drafter(speculative)[0] == "draft":  # an unknown drafter is refused by name
+        check_draft(model, speculative)
     if getattr(model, "mesh", None) is not None:
         raise ValueError("speculative decoding on a device mesh is not supported yet; load the model without mesh=")
 
@@ -174,9 +185,10 @@ def generate_tokens(model, prompts, max_new_tokens: int = 32, temperature: float
     The ids stop after the first EOS (which is included) or at `max_new_tokens`.
     `seed` is an int for all rows or one int per prompt; a row's samples depend only on its
     own seed, so the same seed gives the same tokens whatever else is in the batch.
-    speculative: "prompt_lookup" drafts tokens from the prompt and verifies several per forward
-    call: greedy, the same tokens as without it; sampling, the same distribution (other draws
-    than without it for a seed); see speculative.py.
+    speculative: "prompt_lookup" drafts tokens from the prompt, "self:int8" (or "self:int4",
+    "self:bfloat16") with the model itself quantized, a Model sharing the tokenizer with that
+    model; several drafts are verified per forward call: greedy gives the same tokens as without
+    it; sampling the same distribution (other draws than without it for a seed); see speculative.py.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_speculative(model, speculative)
@@ -202,7 +214,8 @@ def _generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, h
         spec = SpeculativeStats()
         if stats is not None:
             stats.speculative = spec
-        return _speculator(model).run(ids, max_new_tokens, eos, make_drafter(speculative), host_step, spec, rs, seeds)
+        return _speculator(model).run(ids, max_new_tokens, eos, _drafter(model, speculative), host_step, spec, rs,
+                                      seeds)
     out = _engine(model).run(ids, max_new_tokens, rs, seeds, eos, host_step)
     result = []
     for row in out:

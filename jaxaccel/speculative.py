@@ -32,13 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
 from .engine import MIN_PROMPT_BUCKET, NEW_TOKENS_QUANTUM, bucket, prefill
+from .kernels import KernelChoice
+from .models import registry
+from .quant import QuantConfig
 from .sampling import RowSampling, argmax, pad_rows, row_keys, rows, sample, speculative_accept
 from .sharding import init_cache
 
 NO_DRAFT_STEPS = 4  # plain steps fused when no row has a draft (the drafter is asked again after them)
 K_CHOICES = (0, 2, 4, 8)  # drafted tokens per call; 8 + 1 rows of one prompt still fit the CPU matvec kernel
-DRAFTERS = ("prompt_lookup",)
+SELF_MODES = ("int8", "int4", "bfloat16")
+DRAFTERS = ("prompt_lookup", "self:int8", "self:int4", "self:bfloat16", "a draft Model")
 
 
 class Drafter(Protocol):
@@ -68,10 +73,89 @@ class PromptLookup:
         return []
 
 
-def make_drafter(name: str) -> Drafter:
-    if name == "prompt_lookup":
-        return PromptLookup()
+class ModelDrafter:
+    """Drafts with a second model sharing the target's tokenizer (a smaller one, or the target
+    itself quantized: a self-draft), greedily, k tokens per call in one program, with its own KV
+    cache kept in step with the target's rows. Each call feeds the row's last two tokens at their
+    positions (rewriting the one before is harmless: the same token gives the same keys), so the
+    cache needs no other repair after rejected drafts: slots past a row's length are never read
+    before they are written again."""
+
+    def __init__(self, draft):
+        self.model = draft
+        self.module = registry.build(draft.config, draft.dtype, dot_general_cls=draft.dot_general_cls,
+                                     kernels=KernelChoice(decode=kernels.usable(draft)))
+        self._prefill = jax.jit(lambda params, tokens, lengths, cache: prefill(self.module.apply, params, tokens,
+                                                                               lengths, cache)[1], donate_argnums=3)
+        self._draft: dict[int, Callable] = {}
+        self.cache = None
+
+    def start(self, tokens: np.ndarray, lengths: np.ndarray, S: int) -> None:
+        """Prefill the prompts (right-padded [B, T]) into a fresh draft cache of S slots."""
+        cache = init_cache(self.model.config, tokens.shape[0], S, self.model.cache_dtype)
+        self.cache = self._prefill(self.model.params, tokens, lengths, cache)
+
+    def _program(self, k: int) -> Callable:
+        if k not in self._draft:
+            def draft(params, cache, last2, lengths):
+                out = self.module.apply({"params": params}, last2, cache={**cache, "index": lengths - 2})
+                token = argmax(out.logits[:, -1])
+
+                def body(i, carry):
+                    cache, token, drafts = carry
+                    o = self.module.apply({"params": params}, token[:, None], cache=cache)
+                    token = argmax(o.logits[:, 0])
+                    return o.cache, token, drafts.at[:, i].set(token)
+
+                drafts = jnp.zeros((last2.shape[0], k), jnp.int32).at[:, 0].set(token)
+                cache, _, drafts = jax.lax.fori_loop(1, k, body, (out.cache, token, drafts))
+                return drafts, cache
+
+            self._draft[k] = jax.jit(draft, donate_argnums=1)
+        return self._draft[k]
+
+    def propose_batch(self, rows: Sequence[Sequence[int]], k: int) -> np.ndarray:
+        """[B, k] greedy drafts after each row (rows: B token lists, each of at least 2 tokens)."""
+        last2 = np.asarray([r[-2:] for r in rows], np.int32)
+        lengths = np.asarray([len(r) for r in rows], np.int32)
+        drafts, self.cache = self._program(k)(self.model.params, self.cache, last2, lengths)
+        return np.asarray(drafts)
+
+
+def parse_drafter(name) -> tuple[str, str | None]:
+    """"prompt_lookup" | "self:MODE" (MODE in SELF_MODES) -> (kind, MODE or None); a Model-like
+    object (config + params) -> ("draft", None); anything else is refused by name."""
+    if hasattr(name, "config") and hasattr(name, "params"):
+        return "draft", None
+    kind, _, arg = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if (kind == "prompt_lookup" and not arg) or (kind == "self" and arg in SELF_MODES):
+        return kind, arg or None
     raise ValueError(f"unknown speculative drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
+
+
+def check_draft(model, draft) -> None:
+    """A draft model must share the target's tokenizer: the same vocabulary size and special ids."""
+    if draft.config.family == "bert" or draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"this draft model cannot draft for the target: its vocabulary has {draft.config.vocab_size} "
+                         f"tokens and the target's {model.config.vocab_size} (a draft model must share the target's "
+                         "tokenizer)")
+    t, d = model.tokenizer, draft.tokenizer
+    if t is not None and d is not None and any(getattr(t, f"{n}_token_id", None) != getattr(d, f"{n}_token_id", None)
+                                               for n in ("bos", "eos")):
+        raise ValueError("this draft model has other special tokens than the target (its BOS / EOS ids differ): a "
+                         "draft model must share the target's tokenizer")
+
+
+def make_drafter(spec, model) -> Drafter | ModelDrafter:
+    """The drafter `spec` names for the target `model` (`parse_drafter`): prompt lookup, the
+    target quantized (a self-draft), or a draft Model."""
+    kind, arg = parse_drafter(spec)
+    if kind == "prompt_lookup":
+        return PromptLookup()
+    if kind == "self":
+        return ModelDrafter(model.quantize(QuantConfig(mode=arg)))
+    check_draft(model, spec)
+    return ModelDrafter(spec)
 
 
 @dataclass
@@ -192,6 +276,9 @@ class Speculator:
         params = self.model.params
         last, cache = self._prefill(params, tokens, lengths, cache, seed_arr, rs)
         last = np.asarray(last)
+        batched = hasattr(drafter, "propose_batch")
+        if batched:
+            drafter.start(tokens, lengths, S)
         rows_ = [list(p) for p in prompts]
         out: list[list[int]] = [[] for _ in range(n)]
         done = np.zeros((B,), bool)
@@ -222,11 +309,13 @@ class Speculator:
             k = adapt.next()
             block = np.zeros((B, k + 1), np.int32)
             n_drafts = np.zeros((B,), np.int32)
+            proposed = drafter.propose_batch(rows_ + [rows_[0]] * (B - n), k) if k and batched else None
             for i in range(n if k else 0):
                 if done[i]:
                     continue
                 room = max_new_tokens - len(out[i]) - 1  # the call always adds the model's own token
-                drafts = drafter.propose(rows_[i], min(k, room)) if room > 0 else []
+                drafts = [] if room <= 0 else (proposed[i, :min(k, room)].tolist() if batched
+                                               else drafter.propose(rows_[i], min(k, room)))
                 block[i, 0], block[i, 1:1 + len(drafts)], n_drafts[i] = rows_[i][-1], drafts, len(drafts)
             if not n_drafts.any():  # resting, or nothing to propose: plain steps in one call
                 m = AdaptiveK.REST if k == 0 else NO_DRAFT_STEPS

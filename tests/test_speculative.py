@@ -21,14 +21,40 @@ def repetitive_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
-def test_greedy_tokens_equal_plain_decoding_for_every_family(hf_folder, kind):
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "self:int8"])
+def test_greedy_tokens_equal_plain_decoding_for_every_family(hf_folder, kind, drafter):
     m = jaxaccel.load(hf_folder(kind)[0])
     prompts = repetitive_prompts(m.config.vocab_size)
     stats = GenerationStats()
-    got = generate_tokens(m, prompts, max_new_tokens=40, speculative="prompt_lookup", stats=stats)
+    got = generate_tokens(m, prompts, max_new_tokens=40, speculative=drafter, stats=stats)
     assert got == generate_tokens(m, prompts, max_new_tokens=40)
     s = stats.speculative
     assert s.drafted > 0 and s.calls < sum(map(len, got))  # drafting happened, fewer calls than tokens
+    if drafter == "self:int8":  # the int8 copy agrees with float32 on most tokens of these tiny models
+        assert s.acceptance_rate > 0.5, s
+
+
+def test_a_draft_model_drafts_when_it_shares_the_tokenizer(hf_folder):
+    """Any Model with the target's vocabulary drafts (here another random model of the family:
+    few drafts accepted, the same tokens all the same); another vocabulary is refused."""
+    from conftest import random_hf_model, tiny_hf_config
+
+    m = jaxaccel.load(hf_folder("llama3")[0])
+    draft = jaxaccel.load(hf_folder("llama_tied")[0])
+    prompts = repetitive_prompts(m.config.vocab_size)
+    stats = GenerationStats()
+    assert generate_tokens(m, prompts, max_new_tokens=24, speculative=draft, stats=stats) == \
+        generate_tokens(m, prompts, max_new_tokens=24)
+    assert stats.speculative.drafted > 0
+    cfg = tiny_hf_config("qwen2")
+    cfg.vocab_size = 120
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        random_hf_model(cfg).save_pretrained(d)
+        other = jaxaccel.load(d)
+    with pytest.raises(ValueError, match="its vocabulary has 120 tokens and the target's 97"):
+        generate_tokens(m, prompts, speculative=other)
 
 
 def test_text_with_stop_strings_and_streaming_equals_plain(tmp_path):
@@ -97,6 +123,8 @@ def test_bad_speculative_arguments_are_clear_errors(hf_folder):
     m = jaxaccel.load(hf_folder("llama3")[0])
     with pytest.raises(ValueError, match="unknown speculative drafter 'ngram'; choose one of prompt_lookup"):
         generate_tokens(m, [[1, 2, 3]], speculative="ngram")
+    with pytest.raises(ValueError, match="unknown speculative drafter 'self:int3'"):
+        generate_tokens(m, [[1, 2, 3]], speculative="self:int3")
 
 
 def test_cli_prints_the_acceptance(tmp_path, capsys, monkeypatch):
@@ -109,6 +137,12 @@ def test_cli_prints_the_acceptance(tmp_path, capsys, monkeypatch):
                      "--speculative", "prompt_lookup"]) == 0
     err = capsys.readouterr().err
     assert "speculative (prompt_lookup):" in err and "tokens per forward call" in err
+    for spec in ("self:int8", f"draft:{gguf}"):  # the model itself, quantized / loaded again as the draft
+        assert cli.main(["generate", "a b c a b c a b c", "--model", str(gguf), "--max-new-tokens", "12",
+                         "--speculative", spec]) == 0
+        out, err = capsys.readouterr()
+        assert f"speculative ({spec}):" in err
+    assert cli.main(["generate", "x", "--model", str(gguf), "--speculative", "draft:/no/such/model"]) == 2
 
 
 def test_speculative_decoding_on_a_mesh_is_refused(hf_folder):
@@ -170,10 +204,11 @@ def test_sampled_speculative_generation_is_seeded_and_uses_the_fused_loop_when_r
     produces max_new_tokens (greedy: equal to plain decoding)."""
     m = jaxaccel.load(hf_folder("llama3")[0])
     prompt = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]]
-    run = lambda seed: generate_tokens(m, prompt, max_new_tokens=40, temperature=0.9, top_k=20, seed=seed,
-                                       speculative="prompt_lookup")
-    a, b, c = run(1), run(1), run(2)
-    assert a == b and a != c and len(a[0]) >= 1
+    for drafter in ("prompt_lookup", "self:int8"):
+        run = lambda seed: generate_tokens(m, prompt, max_new_tokens=40, temperature=0.9, top_k=20, seed=seed,
+                                           speculative=drafter)
+        a, b, c = run(1), run(1), run(2)
+        assert a == b and a != c and len(a[0]) >= 1
     class Never:  # a drafter with no guesses: drafting rests, the fused loop runs
         def propose(self, tokens, k):
             return []
