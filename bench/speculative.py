@@ -1,12 +1,14 @@
-"""Speculative decoding benchmark: plain greedy decoding against prompt lookup on the embedded
-Gemma 3 270M, batch 1, on the shipped prompts (bench/data/speculative_prompts.json: summarize a
-passage, answer a question about one, continue a story), in the same run.
+"""Speculative decoding benchmark: plain greedy decoding against each drafter (prompt lookup, the
+int8 self-draft, ...) on the embedded Gemma 3 270M, batch 1, on the shipped prompts
+(bench/data/speculative_prompts.json: summarize a passage, answer a question about one, continue
+a story), in the same run.
 
 Prints tokens/s of each (decode after the first token; compile excluded: each variant runs once
-to warm up), the speed-up, the acceptance rate and tokens per forward call, checks that both give
-the same tokens, prints the machine with its CPU flags and writes JSON under bench/results/.
+to warm up), the speed-up, the acceptance rate and tokens per forward pass, checks that every
+drafter gives plain decoding's tokens, prints the machine with its CPU flags and writes JSON under
+bench/results/.
 
-  python -m bench.speculative [--new-tokens 128] [--repeats 2] [--dtype float32]
+  python -m bench.speculative [--new-tokens 128] [--repeats 2] [--drafters prompt_lookup,self:int8]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--drafters", default="prompt_lookup,self:int8", help="comma-separated `speculative=` values")
     ap.add_argument("--model", default="gemma3-270m", help="any model jaxaccel.load takes (default: the embedded Gemma)")
     args = ap.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1:
@@ -62,24 +65,26 @@ def main(argv=None):
     print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable cores; {flags_text(machine)}")
     m = jaxaccel.load(args.model, dtype=args.dtype)
     prompts = {k: v for k, v in json.loads(PROMPTS.read_text()).items() if not k.startswith("_")}
+    drafters = args.drafters.split(",")
     rows, results = [], {}
     for kind, text in prompts.items():
         ids = list(m.tokenizer(text)["input_ids"])
         plain, t_plain, _ = timed(m, ids, args.new_tokens, None, args.repeats)
-        spec, t_spec, s = timed(m, ids, args.new_tokens, "prompt_lookup", args.repeats)
         n = max(len(plain) - 1, 1)
-        r = {"prompt_tokens": len(ids), "new_tokens": len(plain), "plain_tok_s": n / t_plain,
-             "prompt_lookup_tok_s": max(len(spec) - 1, 1) / t_spec, "acceptance_rate": s.acceptance_rate,
-             "tokens_per_call": s.tokens_per_call, "same_tokens": spec == plain,
-             "text": m.tokenizer.decode(plain)}
-        r["speedup"] = r["prompt_lookup_tok_s"] / r["plain_tok_s"]
-        results[kind] = r
-        rows.append([kind, len(ids), len(plain), f"{r['plain_tok_s']:.1f}", f"{r['prompt_lookup_tok_s']:.1f}",
-                     f"{r['speedup']:.2f}x", f"{r['acceptance_rate']:.0%}", f"{r['tokens_per_call']:.2f}",
-                     "yes" if r["same_tokens"] else "NO"])
-        print(f"{kind}: {r['text'][:120]!r}", flush=True)
-    print(format_table(["prompt", "prompt tok", "new tok", "plain tok/s", "prompt lookup tok/s", "speed-up",
-                        "accepted", "tok/call", "same tokens"], rows))
+        results[kind] = {"prompt_tokens": len(ids), "new_tokens": len(plain), "plain_tok_s": n / t_plain,
+                         "text": m.tokenizer.decode(plain), "drafters": {}}
+        print(f"{kind}: {results[kind]['text'][:120]!r}", flush=True)
+        for d in drafters:
+            spec, t_spec, s = timed(m, ids, args.new_tokens, d, args.repeats)
+            r = {"tok_s": max(len(spec) - 1, 1) / t_spec, "acceptance_rate": s.acceptance_rate,
+                 "tokens_per_call": s.tokens_per_call, "same_tokens": spec == plain}
+            r["speedup"] = r["tok_s"] / results[kind]["plain_tok_s"]
+            results[kind]["drafters"][d] = r
+            rows.append([kind, len(ids), len(plain), d, f"{results[kind]['plain_tok_s']:.1f}", f"{r['tok_s']:.1f}",
+                         f"{r['speedup']:.2f}x", f"{r['acceptance_rate']:.0%}", f"{r['tokens_per_call']:.2f}",
+                         "yes" if r["same_tokens"] else "NO"])
+    print(format_table(["prompt", "prompt tok", "new tok", "drafter", "plain tok/s", "speculative tok/s", "speed-up",
+                        "accepted", "tok/pass", "same tokens"], rows))
     write_json({"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "model": args.model,
                 "dtype": args.dtype, "new_tokens": args.new_tokens, "results": results},
                Path(__file__).with_name("results") / "speculative.json")
