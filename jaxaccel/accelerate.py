@@ -3,8 +3,8 @@ one within a quality budget, save it, and report every variant in a table, JSON 
 
 Variants (those that apply): float32 eager (un-jitted, what a newcomer writes: the baseline),
 float32 jit, bfloat16, int8 per channel and per group, int4 per group (two group sizes), w8a8,
-and prompt-lookup speculative decoding (greedy: float32's quality by construction). Speed is
-measured warm, per batch size asked for: compile time, time to first token, decode tokens/s,
+and speculative decoding with prompt lookup or an int8 self-draft (greedy: float32's quality by
+construction). Speed is measured warm, per batch size asked for: compile time, time to first token, decode tokens/s,
 p50 / p90 request latency, params bytes and the process's resident memory. Quality is measured
 against float32 on a held-out text shipped with the package (eval_data/heldout.txt, never used
 to tune anything): for language models the next-token KL divergence (mean and 99th percentile),
@@ -100,7 +100,8 @@ def lm_variants() -> list[Variant]:
             Variant("int4 g32", QuantConfig(mode="int4", group_size=32)),
             Variant("int4 g128", QuantConfig(mode="int4", group_size=128)),
             Variant("w8a8", QuantConfig(mode="w8a8")),
-            Variant("prompt lookup", speculative="prompt_lookup")]
+            Variant("prompt lookup", speculative="prompt_lookup"),
+            Variant("int8 self-draft", speculative="self:int8")]
 
 
 def encoder_variants() -> list[Variant]:

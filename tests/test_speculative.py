@@ -219,3 +219,19 @@ def test_sampled_speculative_generation_is_seeded_and_uses_the_fused_loop_when_r
     eos = generation._eos_ids(m)
     assert _speculator(m).run(prompt, 100, eos, Never(), stats=stats) == plain
     assert stats.drafted == 0 and stats.calls > 60  # REST plain steps per fused call
+
+
+@pytest.mark.real_model
+def test_real_gemma_greedy_text_equals_plain_with_each_drafter():
+    """The embedded Gemma 3 270M, rows of different lengths, with and without a stop string:
+    prompt lookup and the int8 self-draft give plain greedy decoding's text."""
+    m = jaxaccel.load("gemma3-270m")
+    passage = ("The old mill by the river was built in 1852. The old mill by the river ground wheat for the "
+               "village until 1931, when the river changed its course.")
+    prompts = [passage + " Summary: The old mill", "The capital of France is"]
+    plain = generate(m, prompts, max_new_tokens=32)
+    stop = plain[0][10:14]
+    for drafter in ("prompt_lookup", "self:int8"):
+        assert generate(m, prompts, max_new_tokens=32, speculative=drafter) == plain
+        assert generate(m, prompts, max_new_tokens=32, stop=[stop], speculative=drafter) == \
+            generate(m, prompts, max_new_tokens=32, stop=[stop])
