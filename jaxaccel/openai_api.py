@@ -56,8 +56,24 @@ def _field(body: dict, name: str, types, default=None, check=None, what: str = "
     return value
 
 
+# OpenAI fields this server does not implement, with the value that means "not used": a request
+# that sets one otherwise is refused rather than answered as if it had not asked
+UNSUPPORTED = {"logit_bias": ({}, None), "presence_penalty": (0, None), "frequency_penalty": (0, None),
+               "echo": (False, None), "suffix": (None, ""), "best_of": (1, None), "tools": (None, []),
+               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+               "response_format": (None, {"type": "text"})}
+
+
+def refuse_unsupported(body: dict) -> None:
+    for name, unused in UNSUPPORTED.items():
+        if name in body and body[name] not in unused:
+            raise ApiError(400, f"'{name}' is not supported by this server; leave it out", param=name,
+                           code="unsupported_parameter")
+
+
 def sampling_fields(body: dict, vocab_size: int, chat: bool) -> dict:
     """max_tokens, temperature, top_p, top_k, seed, stop, n, logprobs, stream of a request."""
+    refuse_unsupported(body)
     f = {
         "max_new": _field(body, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1"),
         "temperature": _field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]"),

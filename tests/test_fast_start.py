@@ -122,6 +122,7 @@ def test_saved_trace_gives_the_same_tokens_and_skips_tracing(hf_folder, program_
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
     program_cache.set_folder(None)
     want = generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2])
+    greedy = generate_tokens(fresh(m), prompts, 12)
     program_cache.set_folder(program_folder)
     assert generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2]) == want
     assert len(list(program_folder.glob("*.jaxexport"))) == 1
@@ -133,9 +134,11 @@ def test_saved_trace_gives_the_same_tokens_and_skips_tracing(hf_folder, program_
 
     monkeypatch.setattr(export, "export", no_tracing)
     assert generate_tokens(fresh(m), prompts, 12, temperature=0.8, top_k=20, seed=[1, 2]) == want
-    # another sampler or shape is another program (traced: here it fails, proving it was not reused)
+    # other sampling settings are runtime values of the same saved program: no tracing
+    assert generate_tokens(fresh(m), prompts, 12) == greedy
+    # another shape is another program (traced: here it fails, proving it was not reused)
     with pytest.raises(AssertionError, match="traced again"):
-        generate_tokens(fresh(m), prompts, 12)
+        generate_tokens(fresh(m), prompts + [[3, 4]] * 3, 12)
 
 
 def test_damaged_saved_trace_is_traced_again_and_replaced(hf_folder, program_folder):

@@ -192,6 +192,9 @@ def test_load_then_bad_input_then_a_good_request(server, model):
            ("/v1/chat/completions", {"model": name, "messages": []}, 400, "messages"),
            ("/v1/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "x"}]}, 400,
             "messages[0].role"),
+           ("/v1/completions", {**ok, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+           ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "x"}],
+                                     "tools": [{"type": "function"}]}, 400, "tools"),
            ("/v1/embeddings", {"model": name, "input": "x"}, 400, "model"),
            ("/v1/embeddings", {"model": "minilm", "input": [""]}, 400, "input")]
     for path, body, status, param in bad:
