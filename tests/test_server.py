@@ -301,3 +301,13 @@ def test_real_gemma_served_greedy_equals_generate():
     finally:
         assert s.stop() == 0
     assert np.all([len(w) > 0 for w in want])
+
+
+@pytest.mark.parametrize("flag,value,message", [("--max-batch", "0", "--max-batch must be an integer >= 1"),
+                                                ("--context", "8", "--context must be an integer >= 16"),
+                                                ("--timeout", "0", "--timeout must be a positive number")])
+def test_bad_serve_flags_are_clear_errors(tiny, capsys, flag, value, message):
+    from jaxaccel import cli
+
+    assert cli.main(["serve", "--model", str(tiny), "--embed-model", "none", flag, value]) == 2
+    assert message in capsys.readouterr().err
