@@ -6,6 +6,14 @@ Between two decode calls the loop ends requests that finished, were cancelled (a
 disconnected) or ran past their deadline, frees their slots at once, and prefills waiting
 requests into free slots; the decode call then advances every live slot. Each request gets its
 events through its own callback (the server turns them into an HTTP response or SSE stream).
+
+Speculative requests (`Request.speculative`): before each call every such request whose plain
+budget is spent asks its drafter (prompt lookup over its prompt + generated tokens) for up to k
+tokens, k from its own `AdaptiveK`. When any live request has drafts, the call is a verify call
+(`SlotEngine.verify`: drafting rows get 1 .. k + 1 tokens, the others one plain step); otherwise a
+decode call. A request that found nothing to draft takes NO_DRAFT_STEPS plain tokens before it
+looks again (AdaptiveK.REST when its k rests at 0), in whatever calls they come: when a request
+drafts depends only on its own tokens, never on the other requests, so its text does not either.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from .sampling import rows
-from .slots import CHUNK, SlotEngine
+from .slots import CHUNK, VERIFY_K, SlotEngine
+from .speculative import NO_DRAFT_STEPS, AdaptiveK, PromptLookup
 from .streaming import TextStreamer
 
 
@@ -56,6 +65,22 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""
+    drafted: int = 0  # speculative requests: draft tokens proposed / accepted (kept in the text)
+    accepted: int = 0
+
+
+SPECULATIVE = ("prompt_lookup",)  # the drafters a served request may name
+
+
+@dataclass
+class Drafting:
+    """A speculative request's drafting state (host side): its k, the plain tokens it takes before
+    it asks the drafter again, its counts."""
+
+    adapt: AdaptiveK = field(default_factory=AdaptiveK)
+    plain_left: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -69,6 +94,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; 0..TOP_LOGPROBS alternatives per token
     timeout: float | None = None  # seconds from submission
+    speculative: str | None = None  # a drafter of SPECULATIVE, or None: plain decoding
     on_event: Callable[[Event], None] = lambda e: None
     cancelled: bool = False  # set from any thread: the slot is freed at the next step
     submitted: float = 0.0
@@ -78,6 +104,8 @@ class Request:
     infos: list[TokenInfo] = field(default_factory=list)
     generated: int = 0
     last_token_at: float = 0.0
+    history: list[int] = field(default_factory=list)  # prompt + generated tokens (what the drafter reads)
+    drafting: Drafting | None = None
 
 
 class Observer:
@@ -87,6 +115,7 @@ class Observer:
     def started(self, prompt_tokens: int, ttft: float) -> None: ...
     def tokens(self, n: int, seconds_per_token: float) -> None: ...
     def finished(self, reason: str) -> None: ...
+    def speculated(self, drafted: int, accepted: int) -> None: ...
 
 
 class Scheduler:
@@ -103,6 +132,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._drafters = {"prompt_lookup": PromptLookup()}
 
     # -- from any thread --------------------------------------------------------------------------
 
@@ -176,6 +206,8 @@ class Scheduler:
     def _start(self, slot: int, req: Request) -> None:
         req.streamer = TextStreamer(self.model if self.model.tokenizer is not None else _NoText, 1, req.stop, None, self.eos)
         rs = rows([(req.temperature, req.top_k, req.top_p)], self.model.config.vocab_size)
+        req.history = list(req.ids)
+        req.drafting = Drafting() if req.speculative is not None else None
         self.running[slot] = req
         self.release[slot] = False
         out = self.engine.prefill(slot, req.ids, req.seed, req.max_new, rs, req.top_logprobs is not None)
@@ -186,11 +218,45 @@ class Scheduler:
 
     def _decode(self) -> None:
         steps = 1 if self.queue and self._free_slot() is None else CHUNK
-        out = self.engine.decode(steps, self.release, sorted(self.running))
+        live = sorted(self.running)
+        drafts = {slot: d for slot in live if (d := self._draft(self.running[slot]))}
+        if drafts:
+            out, accepted = self.engine.verify(drafts, self.release, live)
+        else:
+            limit = np.full((self.engine.slots,), steps, np.int32)
+            for slot in live:
+                if self.running[slot].drafting is not None:
+                    limit[slot] = min(steps, self.running[slot].drafting.plain_left)
+            out = self.engine.decode(limit, self.release, live)
         self.release[:] = False
         done = self.engine.done()
         for slot, req in list(self.running.items()):
+            if req.drafting is not None:
+                n = int(out.valid[slot].sum())
+                if slot in drafts:  # the drafts it kept: the tokens past the model's own first one
+                    kept = min(int(accepted[slot]), n)
+                    d = req.drafting
+                    d.adapt.update(len(drafts[slot]), kept)
+                    d.drafted, d.accepted = d.drafted + len(drafts[slot]), d.accepted + kept
+                    self.observer.speculated(len(drafts[slot]), kept)
+                else:
+                    req.drafting.plain_left = max(req.drafting.plain_left - n, 0)
             self._take(slot, req, out, slot, bool(done[slot]))
+
+    def _draft(self, req: Request) -> list[int]:
+        """A speculative request's drafts for this call (none while it takes plain tokens; when
+        the drafter has nothing, it takes NO_DRAFT_STEPS plain tokens before it asks again)."""
+        d = req.drafting
+        if d is None or d.plain_left:
+            return []
+        # the call adds the model's own token after the drafts: room for max_tokens and the context
+        room = min(req.max_new - req.generated, self.engine.context - len(req.history) + 1) - 1
+        want = d.adapt.next()  # 0: it rests (its drafts were not accepted lately)
+        k = min(want, VERIFY_K[-1], room)
+        drafts = self._drafters[req.speculative].propose(req.history, k) if k > 0 else []
+        if not drafts:
+            d.plain_left = AdaptiveK.REST if want == 0 else NO_DRAFT_STEPS
+        return drafts
 
     def _take(self, slot: int, req: Request, out, row: int, device_done: bool) -> None:
         """Hand a request its new tokens (row `row` of `out`) and end it when it is done."""
@@ -211,6 +277,7 @@ class Scheduler:
         before = req.streamer.sent[0]
         hit = bool(req.streamer(np.asarray([new]), req.generated)[0]) if new else False
         req.generated += len(new)
+        req.history += new
         kept = len(req.streamer.ids[0]) + (1 if req.streamer.finished[0] and not hit else 0)  # the EOS counts
         fresh = infos[: max(kept - len(req.infos), 0)]
         req.infos += fresh
@@ -251,6 +318,8 @@ class Scheduler:
         if reason != "cancelled":
             before = req.streamer.sent[0]
             tail = req.streamer.flush()[0][len(before):]  # text held back for a stop string that never came
+            d = req.drafting
             req.on_event(Event("done", text=tail, finish_reason=reason, prompt_tokens=len(req.ids),
-                               completion_tokens=len(req.infos)))
+                               completion_tokens=len(req.infos), drafted=d.drafted if d else 0,
+                               accepted=d.accepted if d else 0))
         self.observer.finished(reason)
