@@ -1,32 +1,100 @@
-"""`jaxaccel accelerate`: every variant measured (speed and quality against float32), the fastest
-within the budget chosen and saved, the report / table / plot written; budgets nothing meets keep
-float32 jit and say so; bad arguments are clear errors that touch nothing."""
+"""`jaxaccel accelerate`: every variant measured (speed, quality against float32, peak memory), the
+fastest within the budget chosen and saved, report.json (validated against its shipped schema),
+report.md and report.png written; classifiers measured by accuracy on labelled --eval rows; the
+transformers baseline row; budgets nothing meets keep float32 jit and say so; Ctrl-C keeps the
+measured rows; bad arguments are clear errors that touch nothing."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
+import torch
+import transformers
 
 import jaxaccel
 from jaxaccel import accelerate as acc
-from jaxaccel import cli
+from jaxaccel import accelerate_baseline, accelerate_measure, accelerate_report, cli
 from jaxaccel.quant import QuantConfig
-from conftest import make_hf_model
+from conftest import random_hf_model, tiny_hf_config
 from serve_util import write_char_tokenizer
+from train_util import WORDS, tokenizer_into
+
+SCHEMA = json.loads(accelerate_report.SCHEMA.read_text())
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tinyacc")
-    make_hf_model("gemma3").save_pretrained(path)
+    cfg = tiny_hf_config("gemma3")
+    cfg.num_hidden_layers, cfg.layer_types = 2, cfg.layer_types[:2]  # two layers: quicker un-jitted and to compile
+    random_hf_model(cfg).save_pretrained(path)
     write_char_tokenizer(path)
     return path
 
 
-def _rate(row, batch=1):
-    return row["speed"][str(batch)]["decode_tok_s"]
+def bert_folder(path: Path, arch: str = "BertForSequenceClassification") -> Path:
+    """A tiny random BERT (a 3-class classifier by default) with a word-level tokenizer."""
+    kw = dict(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+              max_position_embeddings=32, type_vocab_size=2)
+    if arch == "BertForSequenceClassification":
+        kw.update(id2label={0: "neg", 1: "neutral", 2: "pos"}, label2id={"neg": 0, "neutral": 1, "pos": 2})
+    torch.manual_seed(4)
+    m = getattr(transformers, arch)._from_config(transformers.BertConfig(**kw), attn_implementation="eager")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # large enough that the texts get different labels
+    m.eval().save_pretrained(path, safe_serialization=True)
+    tokenizer_into(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    return bert_folder(tmp_path_factory.mktemp("tinycls"))
+
+
+def eval_rows(n: int = 24, seed: int = 0) -> list[dict]:
+    """Labelled rows: texts of 2-9 words, every fourth a sentence pair, labels by name and by index."""
+    rng = np.random.RandomState(seed)
+    rows = []
+    for i in range(n):
+        row = {"text": " ".join(rng.choice(WORDS, rng.randint(2, 10))), "label": ["neg", "neutral", "pos"][i % 3]}
+        if i % 4 == 3:
+            row["text_pair"] = " ".join(rng.choice(WORDS, 3))
+        if i % 5 == 4:
+            row["label"] = i % 3  # an index names the same class
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rate(row, batch=1, key="decode_tok_s"):
+    return row["speed"][str(batch)][key]
+
+
+def check_choice(report, budget_holds, key):
+    """The chosen row is within the budget, and no faster jaxaccel row within the budget beats it."""
+    rows = {r["variant"]: r for r in report["rows"]}
+    batch = report["batch"]
+    base = _rate(rows[acc.BASELINE], batch, key)
+    ok = [r for r in rows.values() if "skipped" not in r and r["kind"] == "variant" and r["variant"] != acc.BASELINE
+          and budget_holds(r["quality"]) and _rate(r, batch, key) > base]
+    want = max(ok, key=lambda r: _rate(r, batch, key))["variant"] if ok else acc.BASELINE
+    assert report["chosen"] == want and want in report["reason"]
+    assert report["chosen_quality"] == rows[want]["quality"]
+    return want
 
 
 def test_accelerate_measures_chooses_saves_and_reports(tiny, tmp_path, capsys):
@@ -34,63 +102,110 @@ def test_accelerate_measures_chooses_saves_and_reports(tiny, tmp_path, capsys):
     assert cli.main(["accelerate", "--model", str(tiny), "--out", str(out), "--new-tokens", "8",
                      "--quality-budget", "kl:0.05"]) == 0
     report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, SCHEMA)
     rows = {r["variant"]: r for r in report["rows"]}
-    assert set(rows) == {v.name for v in acc.lm_variants()}
+    assert set(rows) == {v.name for v in acc.lm_variants()} | {accelerate_baseline.NAME}
     measured = [r for r in rows.values() if "skipped" not in r]
-    assert len(measured) >= 6 and acc.BASELINE in {r["variant"] for r in measured}
-    assert any("skipped" in r for r in rows.values())  # groups of 128 do not divide the tiny model's 64 inputs
+    assert len(measured) >= 8 and {acc.BASELINE, "float16"} <= {r["variant"] for r in measured}
+    assert "skipped" in rows["int4 g128"]  # groups of 128 do not divide the tiny model's 64 inputs
     for r in measured:
-        q = r["quality"]
+        q, mem = r["quality"], r["memory"]
         assert 0 <= q["kl_mean"] <= q["kl_p99"] + 1e-12 and 0 < q["top1_agreement"] <= 1 and _rate(r) > 0
+        assert mem["peak_rss_bytes"] >= mem["start_rss_bytes"] > 0 and mem["method"] == report["memory_method"]
     assert rows["int8 per channel"]["quality"]["kl_mean"] < rows["int4 g32"]["quality"]["kl_mean"]
-    assert rows["bfloat16"]["params_bytes"] < rows[acc.BASELINE]["params_bytes"]
-    # the choice, recomputed from the measurements: the fastest within the budget that beats float32 jit
-    base = _rate(rows[acc.BASELINE])
-    ok = [r for r in measured if r["variant"] != acc.BASELINE and r["quality"]["kl_mean"] <= 0.05 and _rate(r) > base]
-    want = max(ok, key=_rate)["variant"] if ok else acc.BASELINE
-    assert report["chosen"] == want and want in report["reason"]
+    assert rows["bfloat16"]["params_bytes"] == rows["float16"]["params_bytes"] < rows[acc.BASELINE]["params_bytes"]
+    # transformers on the same weights: the same next-token distributions, never chosen
+    hf = rows[accelerate_baseline.NAME]
+    assert hf["kind"] == "external baseline" and hf["verdict"].startswith("external baseline, never chosen")
+    assert hf["quality"]["kl_mean"] < 1e-6 and hf["quality"]["top1_agreement"] > 0.99
+    assert hf["params_bytes"] == rows[acc.BASELINE]["params_bytes"]
+    want = check_choice(report, lambda q: q["kl_mean"] <= 0.05, "decode_tok_s")
     for r in measured:
-        if r["variant"] not in (want, acc.BASELINE):
+        if r["variant"] not in (want, acc.BASELINE) and r["kind"] == "variant":
             assert r["verdict"].startswith(("outside the quality budget", "not faster", "within budget")), r
+    assert want in report["pareto"] or rows[want]["quality"]["kl_mean"] > min(
+        rows[n]["quality"]["kl_mean"] for n in report["pareto"])
     # the saved folder is the chosen variant
     chosen = acc.variant_named(want, "generate")
+    assert report["saved"]["speculative"] == chosen.speculative
     saved = jaxaccel.load(out / "model")
     ref = jaxaccel.load(tiny).quantize(chosen.quant or QuantConfig(mode="float32"))
     ids = np.asarray([[2, 40, 41, 42, 43, 44]])
     np.testing.assert_allclose(np.asarray(saved.logits(ids)), np.asarray(ref.logits(ids)), atol=1e-5)
-    assert (out / "speed_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert want in (out / "report.txt").read_text()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert md.count("\n| ") == len(rows) + 1 and report["reason"] in md and "vmhwm" in md
+    assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md", "report.png"]
     assert "chosen" in capsys.readouterr().err
 
 
-def test_a_budget_nothing_meets_keeps_float32_and_says_so(tiny):
-    model = jaxaccel.load(tiny)
-    variants = [acc.Variant(acc.BASELINE), acc.Variant("int8 per channel", QuantConfig(mode="int8"))]
-    report = acc.plan(model, "generate", acc.Budget("kl", 0.0), new_tokens=4, windows=1, variants=variants,
-                      log=lambda s: None)
-    assert report["chosen"] == acc.BASELINE and "no variant is both within the budget" in report["reason"]
-    assert report["rows"][1]["verdict"].startswith("outside the quality budget")
-
-
-def test_embeddings_variants_on_minilm(tmp_path):
-    out = tmp_path / "emb"
-    assert cli.main(["accelerate", "--task", "embed", "--model", "minilm", "--out", str(out),
-                     "--batch-sizes", "8"]) == 0
+def test_classify_measures_accuracy_and_saves_a_classifier(classifier, tmp_path, capsys):
+    rows_in = eval_rows()
+    data = write_jsonl(tmp_path / "eval.jsonl", rows_in)
+    out = tmp_path / "cls"
+    assert cli.main(["accelerate", "--task", "classify", "--model", str(classifier), "--eval", str(data),
+                     "--out", str(out), "--batch-sizes", "8,4", "--quality-budget", "acc:5"]) == 0
     report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, SCHEMA)
     rows = {r["variant"]: r for r in report["rows"]}
-    assert rows["bfloat16"]["quality"]["cos_mean"] > 0.99 and rows[acc.BASELINE]["quality"]["cos_mean"] > 0.9999
-    assert report["chosen"] in rows and (out / "model").is_dir()
+    assert set(rows) == {v.name for v in acc.encoder_variants()} | {accelerate_baseline.NAME}
+    assert report["eval"]["rows"] == len(rows_in) and report["batch"] == 8
+    # accuracy recomputed from float32's own predictions and the labels (indices name classes)
+    names = ["neg", "neutral", "pos"]
+    gold = [r["label"] if isinstance(r["label"], str) else names[r["label"]] for r in rows_in]
+    items = [(r["text"], r["text_pair"]) if "text_pair" in r else r["text"] for r in rows_in]
+    f32 = [label for label, _ in jaxaccel.load(classifier).classify(items, truncate=True)]
+    assert rows[acc.BASELINE]["predictions"] == f32 and len(set(f32)) > 1
+    acc32 = np.mean([g == p for g, p in zip(gold, f32)])
+    for r in rows.values():
+        if "skipped" in r:
+            continue
+        q, pred = r["quality"], r["predictions"]
+        assert q["accuracy"] == pytest.approx(np.mean([g == p for g, p in zip(gold, pred)]))
+        assert q["accuracy_drop_points"] == pytest.approx(100 * (acc32 - q["accuracy"]))
+        assert q["agreement"] == pytest.approx(np.mean([a == b for a, b in zip(f32, pred)]))
+        assert set(r["speed"]) == {"8", "4"} and _rate(r, 8, "sentences_s") > 0
+    assert rows[accelerate_baseline.NAME]["predictions"] == f32  # transformers on the same weights
+    assert rows["bfloat16"]["quality"]["agreement"] > 0.8
+    want = check_choice(report, lambda q: q["accuracy_drop_points"] <= 5, "sentences_s")
+    assert "acc" in (out / "report.md").read_text() or "accuracy" in (out / "report.md").read_text()
+    # the saved folder is a classifier `jaxaccel classify` serves, labelling as the chosen variant did
+    capsys.readouterr()
+    assert cli.main(["classify", "--model", str(out / "model"), "--input", str(data), "--truncate"]) == 0
+    got = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    assert got == rows[want]["predictions"]
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--quality-budget", "fast"], "--quality-budget 'fast': expected one of kl:N, ppl:N"),
-    (["--quality-budget", "cos:0.99"], "expected one of kl:N, ppl:N"),
+    (["--quality-budget", "fast"], "--quality-budget 'fast' for --task generate: expected kl:N or ppl:N"),
+    (["--quality-budget", "cos:0.99"], "expected kl:N or ppl:N"),
+    (["--task", "classify", "--eval", "E", "--quality-budget", "kl:0.1"], "for --task classify: expected acc:N"),
+    (["--task", "classify", "--eval", "E", "--quality-budget", "acc:101"], "expected acc:N"),
     (["--batch-sizes", "1,x"], "--batch-sizes must be positive integers"),
-    (["--task", "classify"], "--task classify is not measured yet"),
+    (["--task", "classify"], "--task classify needs --eval FILE"),
+    (["--eval", "E"], "--eval is for --task classify"),
+    (["--task", "classify", "--eval", "MISSING"], "--eval file"),
+    (["--task", "classify", "--eval", "NOLABEL"], "line 2 has no \"label\""),
+    (["--task", "classify", "--eval", "BADJSON"], "line 1 is not valid JSON"),
+    (["--task", "classify", "--eval", "UNKNOWN"], "line 2: label 'meh' is not one of the model's labels ['neg', 'neutral', 'pos']"),
+    (["--task", "classify", "--eval", "E", "--model", "TINY"], "--task classify needs a BERT encoder; gemma3 is a decoder LM"),
+    (["--task", "classify", "--eval", "E", "--model", "BERT"], "needs a sequence classifier"),
+    (["--task", "embed", "--model", "TINY"], "--task embed needs a BERT encoder"),
+    (["--model", "CLS"], "--task generate needs a decoder LM"),
 ])
-def test_bad_arguments_are_clear_errors(tiny, tmp_path, capsys, argv, message):
+def test_bad_arguments_are_clear_errors(tiny, classifier, tmp_path, capsys, argv, message):
+    files = {"E": write_jsonl(tmp_path / "e.jsonl", eval_rows(3)), "MISSING": tmp_path / "none.jsonl",
+             "NOLABEL": write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": "pos"}, {"text": "b"}]),
+             "BADJSON": tmp_path / "bad.jsonl", "UNKNOWN": write_jsonl(tmp_path / "u.jsonl", [{"text": "a", "label": 1},
+                                                                                               {"text": "b", "label": "meh"}]),
+             "TINY": tiny, "CLS": classifier}
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    if "BERT" in argv:
+        files["BERT"] = bert_folder(tmp_path / "bert", "BertModel")
+    argv = [str(files.get(a, a)) for a in argv]
     out = tmp_path / "never"
-    assert cli.main(["accelerate", "--model", str(tiny), "--out", str(out), *argv]) == 2
+    model = [] if "--model" in argv else ["--model", str(classifier if "classify" in argv else tiny)]
+    assert cli.main(["accelerate", *model, "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err and not out.exists()
 
 
@@ -101,3 +216,100 @@ def test_a_non_empty_out_folder_is_refused_before_any_work(tiny, tmp_path, capsy
     assert cli.main(["accelerate", "--model", str(tiny), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_budget_parsing():
+    assert acc.Budget.parse("acc:0.5", "classify") == acc.Budget("acc", 0.5)
+    assert acc.Budget.parse("2", "classify") == acc.Budget("acc", 2.0)
+    assert acc.Budget.parse(None, "classify") == acc.Budget("acc", 1.0)
+    assert acc.Budget.parse("2%", "generate") == acc.Budget("ppl", 2.0)
+    assert acc.Budget.parse(None, "embed") == acc.Budget("cos", 0.995)
+    assert acc.Budget("acc", 1).holds({"accuracy_drop_points": 1.0}) and not acc.Budget("acc", 1).holds(
+        {"accuracy_drop_points": 1.5})
+    assert acc.parse_batch_sizes(None, "classify") == [32] and acc.parse_batch_sizes(None, "generate") == [1]
+
+
+def test_peak_memory_sees_a_spike_that_is_gone_by_the_end():
+    with accelerate_measure.PeakMemory() as mem:
+        spike = np.ones(50 * 2**20 // 8)  # 50 MiB, touched, then freed
+        del spike
+    after = accelerate_measure.PeakMemory()
+    with after:
+        pass
+    assert mem.peak - mem.start >= 45 * 2**20, mem.as_dict()
+    assert after.peak - after.start < 45 * 2**20  # reset between blocks: the earlier spike is not counted again
+
+
+def test_pareto_front_and_schema_rejects_a_bad_report():
+    def row(name, speed, kl, kind="variant"):
+        return {"variant": name, "kind": kind, "quality": {"kl_mean": kl}, "speed": {"1": {"decode_tok_s": speed}}}
+
+    report = {"task": "generate", "batch": 1, "rows": [
+        row("a", 10, 0.0), row("b", 20, 0.01), row("c", 15, 0.02), row("d", 30, 0.5), row("e", 25, 0.5),
+        row("hf", 100, 0.0, "external baseline"), {"variant": "f", "kind": "variant", "skipped": "x"}]}
+    assert accelerate_report.pareto(report) == ["d", "b", "a"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"task": "generate"}, SCHEMA)
+    bad_row = {"variant": "x", "kind": "variant", "quant": None, "speculative": None, "skipped": "y",
+               "quality": {"kl_mean": 0.0}}
+    with pytest.raises(jsonschema.ValidationError):  # a skipped row has no measurements
+        jsonschema.validate(bad_row, {**SCHEMA, "$ref": "#/$defs/row"})
+
+
+def test_transformers_baseline_says_why_without_torch(tiny, monkeypatch):
+    model = jaxaccel.load(tiny)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(accelerate_baseline.NotMeasured, match="torch / transformers are not installed"):
+        accelerate_baseline.transformers_baseline(model, None)
+    monkeypatch.undo()
+    with pytest.raises(accelerate_baseline.NotMeasured, match="the source is quantized"):
+        accelerate_baseline.transformers_baseline(model.quantize(QuantConfig(mode="int8")), None)
+
+
+def test_a_budget_nothing_meets_keeps_float32_and_says_so(tiny):
+    model = jaxaccel.load(tiny)
+    variants = [acc.Variant(acc.BASELINE), acc.Variant("int8 per channel", QuantConfig(mode="int8"))]
+    report = acc.plan(model, "generate", acc.Budget("kl", 0.0), new_tokens=4, windows=1, variants=variants,
+                      external=False, log=lambda s: None)
+    assert report["chosen"] == acc.BASELINE and "no variant is both within the budget" in report["reason"]
+    assert report["rows"][1]["verdict"].startswith("outside the quality budget")
+
+
+def test_ctrl_c_keeps_the_measured_rows(tiny, tmp_path):
+    """SIGINT once float32 jit is measured: exit 130, the report holds the rows measured before it."""
+    out = tmp_path / "int"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxaccel.cli", "accelerate", "--model", str(tiny), "--out", str(out),
+                             "--new-tokens", "4"], stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(f"  {acc.BASELINE}:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, "".join(seen) + rest
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["interrupted"] and "interrupted" in report["reason"] and "Interrupted" in (out / "report.md").read_text()
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert "skipped" not in rows[acc.BASELINE] and report["chosen"] is not None
+    assert set(rows) == {v.name for v in acc.lm_variants()} | {accelerate_baseline.NAME}
+    # the rows measured before the signal are kept; the one it stopped and those after say why
+    stopped = [r["variant"] for r in report["rows"] if "interrupted (Ctrl-C)" in r.get("skipped", "")]
+    assert stopped and stopped == [r["variant"] for r in report["rows"][-len(stopped):]]
+    assert rows[accelerate_baseline.NAME]["skipped"] == "not measured: interrupted (Ctrl-C)"
+
+
+@pytest.mark.slow
+def test_embeddings_variants_on_minilm(tmp_path):
+    out = tmp_path / "emb"
+    assert cli.main(["accelerate", "--task", "embed", "--model", "minilm", "--out", str(out),
+                     "--batch-sizes", "8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["bfloat16"]["quality"]["cos_mean"] > 0.99 and rows[acc.BASELINE]["quality"]["cos_mean"] > 0.9999
+    assert rows[accelerate_baseline.NAME]["quality"]["cos_mean"] > 0.99999
+    check_choice(report, lambda q: q["cos_mean"] >= 0.995, "sentences_s")
+    assert (out / "model").is_dir()

@@ -1,0 +1,174 @@
+"""`jaxaccel accelerate`'s outputs from a report dict: report.json (versioned; its schema is
+accelerate_report.schema.json, shipped beside this module), report.md (the table and the
+choice), report.png (speed against quality loss, the Pareto front drawn, the choice marked) and
+the rich table printed at the end. Pure presentation: nothing here measures or chooses."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+SCHEMA = Path(__file__).with_name("accelerate_report.schema.json")
+EXTERNAL = "external baseline"  # a row's "kind" when it is not a jaxaccel variant (never chosen)
+
+
+def rate(row: dict, task: str, batch: int) -> float:
+    """The speed the choice ranks by: decode tokens/s (generate) or sentences/s (embed, classify)."""
+    s = row["speed"][str(batch)]  # JSON's keys: the batch size as a string
+    return s["decode_tok_s"] if task == "generate" else s["sentences_s"]
+
+
+def quality_loss(row: dict, task: str) -> float:
+    """Lower is better: mean KL (generate), 1 - mean cosine (embed), accuracy drop in points (classify)."""
+    q = row["quality"]
+    return {"generate": lambda: q["kl_mean"], "embed": lambda: 1.0 - q["cos_mean"],
+            "classify": lambda: q["accuracy_drop_points"]}[task]()
+
+
+def measured(report: dict) -> list[dict]:
+    return [r for r in report["rows"] if "skipped" not in r]
+
+
+def pareto(report: dict) -> list[str]:
+    """The jaxaccel variants no other variant beats on both speed and quality loss, fastest first."""
+    task, batch = report["task"], report["batch"]
+    pts = [(rate(r, task, batch), quality_loss(r, task), r["variant"]) for r in measured(report) if r["kind"] != EXTERNAL]
+    front, best_loss = [], float("inf")
+    for speed, loss, name in sorted(pts, key=lambda p: (-p[0], p[1])):
+        if loss < best_loss:
+            front.append(name)
+            best_loss = loss
+    return front
+
+
+def machine() -> dict:
+    """What the numbers were measured on (the report's header)."""
+    import jax
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+            "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__}
+
+
+def _columns(task: str) -> list[str]:
+    speed = {"generate": ["tok/s", "TTFT ms"], "embed": ["sent/s", "p50 ms"], "classify": ["sent/s", "p50 ms"]}[task]
+    quality = {"generate": ["KL mean", "KL p99", "top-1", "ppl Δ%"], "embed": ["cos mean", "cos min"],
+               "classify": ["accuracy", "Δ points", "agreement"]}[task]
+    return ["variant", *speed, "compile s", "params MiB", "peak MiB", *quality, "verdict"]
+
+
+def _cells(r: dict, task: str, batch: int) -> list[str]:
+    s, q = r["speed"][str(batch)], r["quality"]
+    cells = [f"{rate(r, task, batch):.1f}", f"{1e3 * (s['ttft_s'] if task == 'generate' else s['latency_p50_s']):.0f}",
+             f"{s['compile_s']:.1f}", f"{r['params_bytes'] / 2**20:.1f}", f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}"]
+    if task == "generate":
+        cells += [f"{q['kl_mean']:.4f}", f"{q['kl_p99']:.4f}", f"{q['top1_agreement']:.1%}", f"{q['ppl_delta_pct']:+.2f}"]
+    elif task == "embed":
+        cells += [f"{q['cos_mean']:.5f}", f"{q['cos_min']:.5f}"]
+    else:
+        cells += [f"{q['accuracy']:.1%}", f"{q['accuracy_drop_points']:+.1f}", f"{q['agreement']:.1%}"]
+    return cells
+
+
+def rows_as_cells(report: dict) -> tuple[list[str], list[list[str]]]:
+    task, batch = report["task"], report["batch"]
+    cols = _columns(task)
+    out = []
+    for r in report["rows"]:
+        name = r["variant"] + (" (external)" if r["kind"] == EXTERNAL else "")
+        if "skipped" in r:
+            out.append([name, *[""] * (len(cols) - 2), r["skipped"]])
+        else:
+            out.append([name, *_cells(r, task, batch), r["verdict"]])
+    return cols, out
+
+
+def title(report: dict) -> str:
+    return f"jaxaccel accelerate ({report['task']}); chosen: {report['chosen'] or 'nothing'}"
+
+
+def table(report: dict) -> str:
+    """The report as a rich table (text)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols, rows = rows_as_cells(report)
+    t = Table(title=title(report))
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
+    for cells in rows:
+        t.add_row(*cells)
+    console = Console(width=180, record=True)
+    with console.capture() as cap:
+        console.print(t)
+    return cap.get()
+
+
+def markdown(report: dict) -> str:
+    cols, rows = rows_as_cells(report)
+    m = report["machine"]
+    lines = [f"# {title(report)}", "",
+             f"Model: `{report['model']}`. Machine: {m['processor']}, {m['cpu_count']} CPUs, jax {m['jax']} on "
+             f"{m['jax_backend']} ({', '.join(sorted(set(m['devices'])))}); {m['platform']}.", "",
+             f"Quality budget: {report['budget']['text']}. Speed at batch {report['batch']} decides "
+             f"(batch sizes measured: {', '.join(map(str, report['batch_sizes']))}); quality on {report['eval']['what']}. "
+             f"Peak memory: the process's resident high-water mark while each variant ran "
+             f"({report['memory_method']}).", ""]
+    if report["interrupted"]:
+        lines += ["**Interrupted**: the rows below are those measured before Ctrl-C.", ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
+    lines += ["", f"Choice: {report['reason']}", "", f"Pareto front (speed vs quality loss): "
+              f"{', '.join(report['pareto']) or 'none'}.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Speed against quality loss for every measured row: the Pareto front as a line, the choice
+    in red, the external baseline as a gray square, the budget as a dashed line where it has an axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task, batch = report["task"], report["batch"]
+    floor = 1e-6  # exact variants (speculative, eager) sit here on the log axes
+    y = (lambda r: quality_loss(r, task)) if task == "classify" else (lambda r: max(quality_loss(r, task), floor))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    pts = {r["variant"]: (rate(r, task, batch), y(r), r["kind"]) for r in measured(report)}
+    for name, (x, v, kind) in pts.items():
+        chosen = name == report["chosen"]
+        ax.scatter(x, v, s=90 if chosen else 30, marker="s" if kind == EXTERNAL else "o",
+                   c="tab:red" if chosen else ("tab:gray" if kind == EXTERNAL else "tab:blue"), zorder=3)
+        ax.annotate(name, (x, v), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    front = [pts[n] for n in report["pareto"]]
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:green", linewidth=1,
+                label="Pareto front")
+    b = report["budget"]
+    limit = {"kl": lambda: b["limit"], "cos": lambda: 1.0 - b["limit"], "acc": lambda: b["limit"]}.get(b["metric"])
+    if limit is not None:  # a perplexity budget has no axis here
+        ax.axhline(limit(), color="tab:gray", linestyle="--", linewidth=1, label="quality budget")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
+    if task != "classify":
+        ax.set_yscale("log")
+    ax.set_xlabel(("decode tokens/s" if task == "generate" else "sentences/s") + f" (batch {batch})")
+    ax.set_ylabel({"generate": f"mean KL vs float32 ({floor:g}: exact)", "embed": f"1 - mean cosine vs float32 ({floor:g}: exact)",
+                   "classify": "accuracy drop vs float32 (points)"}[task])
+    ax.set_title(title(report), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(report: dict, folder: Path) -> str:
+    """report.json, report.md and report.png into `folder`; -> the rich table's text."""
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (folder / "report.md").write_text(markdown(report))
+    plot(report, folder / "report.png")
+    return table(report)
