@@ -101,7 +101,7 @@ def cmd_serve(args) -> int:
                     context=args.context, max_queue=args.max_queue,
                     api_key=args.api_key or os.environ.get("JAXACCEL_API_KEY") or None,
                     chat_template=find_chat_template(resolve(args.model or GEMMA, _err), args.chat_template),
-                    timeout=args.timeout)
+                    timeout=args.timeout, speculative=args.speculative)
     serve(server, args.host, args.port, _err)
     return 0
 
@@ -333,6 +333,11 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set JAXACCEL_API_KEY)")
     v.add_argument("--chat-template", type=Path, help="jinja chat template (default: the model's own, if any)")
+    v.add_argument("--speculative", default="none", choices=["prompt_lookup", "none"],
+                   help="speculative decoding for requests that do not say (a request's \"speculative\" field "
+                   "overrides it): prompt_lookup drafts tokens from the request's own prompt and output and the "
+                   "model checks several per call (greedy: the same text; sampling: the same distribution); "
+                   "default: none")
     v.set_defaults(fn=cmd_serve)
 
     a = with_model(sub.add_parser("accelerate", help="measure speed / quality variants here, save the fastest "

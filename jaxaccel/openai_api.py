@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .sampling import TOP_LOGPROBS
-from .scheduler import TokenInfo
+from .scheduler import SPECULATIVE, TokenInfo
 
 MAX_N = 8  # most choices one request may ask for (each takes a slot)
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -72,7 +72,7 @@ def refuse_unsupported(body: dict) -> None:
 
 
 def sampling_fields(body: dict, vocab_size: int, chat: bool) -> dict:
-    """max_tokens, temperature, top_p, top_k, seed, stop, n, logprobs, stream of a request."""
+    """max_tokens, temperature, top_p, top_k, seed, stop, n, logprobs, stream, speculative of a request."""
     refuse_unsupported(body)
     f = {
         "max_new": _field(body, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1"),
@@ -104,6 +104,11 @@ def sampling_fields(body: dict, vocab_size: int, chat: bool) -> dict:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     else:
         f["top_logprobs"] = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
+    # jaxaccel's own field: "prompt_lookup" speculates, "none" does not; absent: the server's --speculative
+    choices = SPECULATIVE + ("none",)
+    f["speculative"] = _field(body, "speculative", str, None, lambda v: v in choices,
+                              "one of " + ", ".join(json.dumps(c) for c in choices) + " (or left out: the server's "
+                              "--speculative)")
     opts = _field(body, "stream_options", dict, {}, what="an object")
     f["include_usage"] = bool(_field(opts, "include_usage", bool, False, what="true or false"))
     return f
@@ -201,8 +206,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, speculative: tuple[int, int] | None = None) -> dict:
+    """OpenAI's usage counts; a speculative request's also its draft tokens (jaxaccel's own field)."""
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if speculative is not None:
+        out["speculative"] = {"drafted_tokens": speculative[0], "accepted_tokens": speculative[1]}
+    return out
 
 
 def _piece(tokenizer, t: int) -> str:

@@ -4,6 +4,8 @@ sse-starlette, metrics through prometheus_client) over the continuous-batching s
 Routes: POST /v1/completions, /v1/chat/completions, /v1/embeddings; GET /v1/models, /health,
 /metrics. Request bodies are checked in openai_api.py; generation runs on the scheduler's
 thread and each request's events come back to the event loop through its own asyncio queue.
+Speculative decoding (prompt lookup) is per request: the body's "speculative", else the server's
+--speculative; its draft counts go to /metrics and to the response's usage.
 A client that disconnects mid-stream cancels its request (its slot is freed at the next step).
 Shutdown (SIGTERM, Ctrl-C) lets uvicorn finish the open requests, then drains the scheduler.
 """
@@ -32,7 +34,7 @@ from starlette.routing import Route
 from . import openai_api as api
 from .generation import _eos_ids
 from .openai_api import ApiError
-from .scheduler import Observer, QueueFull, Request, Scheduler
+from .scheduler import SPECULATIVE, Observer, QueueFull, Request, Scheduler
 
 DRAIN_S = 120.0  # on SIGTERM, open requests get this long to finish (uvicorn's graceful shutdown)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -56,6 +58,10 @@ class Metrics(Observer):
                               registry=r)
         self.requests = Counter("jaxaccel_requests", "generation requests by how they ended", ["finish"], registry=r)
         self.http_errors = Counter("jaxaccel_http_errors", "error responses by status", ["status"], registry=r)
+        self.drafted = Counter("jaxaccel_speculative_drafted_tokens", "draft tokens proposed (speculative requests)",
+                               registry=r)
+        self.accepted = Counter("jaxaccel_speculative_accepted_tokens",
+                                "draft tokens the model agreed with and the text kept (speculative requests)", registry=r)
 
     def queue(self, depth: int, active: int) -> None:
         self.queue_depth.set(depth)
@@ -72,6 +78,10 @@ class Metrics(Observer):
 
     def finished(self, reason: str) -> None:
         self.requests.labels(reason).inc()
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
 
 
 class ApiKey:
@@ -92,11 +102,12 @@ class ApiKey:
 
 
 class Server:
-    """The served models and the app. lm / encoder: loaded Models (either may be None)."""
+    """The served models and the app. lm / encoder: loaded Models (either may be None).
+    speculative: what a request that does not say speculates with ("none" or one of SPECULATIVE)."""
 
     def __init__(self, lm=None, lm_name: str = "", encoder=None, encoder_name: str = "", slots: int = 8,
                  context: int = 2048, max_queue: int = 64, api_key: str | None = None,
-                 chat_template: str | None = None, timeout: float | None = 600.0):
+                 chat_template: str | None = None, timeout: float | None = 600.0, speculative: str = "none"):
         if lm is None and encoder is None:
             raise ValueError("nothing to serve: give a generation model, an embedding model or both")
         for what, value, low in (("--max-batch", slots, 1), ("--context", context, 16), ("--max-queue", max_queue, 0)):
@@ -104,6 +115,9 @@ class Server:
                 raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"--timeout must be a positive number of seconds, got {timeout!r}")
+        if speculative not in SPECULATIVE + ("none",):
+            raise ValueError(f"--speculative must be one of {', '.join(SPECULATIVE + ('none',))}, got {speculative!r}")
+        self.speculative = speculative
         self.lm, self.encoder, self.timeout = lm, encoder, timeout
         self.served = {**({lm_name: "generate"} if lm is not None else {}),
                        **({encoder_name: "embed"} if encoder is not None else {})}
@@ -118,7 +132,7 @@ class Server:
 
     def warm_up(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.engine.warm_up((16, 32, 64))
+            self.scheduler.engine.warm_up((16, 32, 64), verify=self.speculative != "none")
 
     def app(self) -> Starlette:
         routes = [Route("/health", self.health), Route("/metrics", self.prometheus), Route("/v1/models", self.models),
@@ -210,8 +224,10 @@ class Server:
                            f"the context of {context} tokens (--context); shorten the prompt or lower max_tokens",
                            param="max_tokens" if len(ids) < context else "prompt", code="context_length_exceeded")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        speculative = f["speculative"] or self.speculative
         reqs = [Request(ids, f["max_new"], float(f["temperature"]), f["top_k"], f["top_p"], f["seed"] + i, f["stop"],
-                        f["top_logprobs"], self.timeout) for i in range(f["n"])]
+                        f["top_logprobs"], self.timeout, speculative=None if speculative == "none" else speculative)
+                for i in range(f["n"])]
         for i, r in enumerate(reqs):
             r.on_event = lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, e))
         try:
@@ -239,10 +255,16 @@ class Server:
         tok = self.lm.tokenizer
         return api.chat_logprobs(tokens, tok) if kind.startswith("chat") else api.completion_logprobs(tokens, tok)
 
+    @staticmethod
+    def _usage(reqs, prompt_tokens: int, ends: list) -> dict:
+        """The usage of a request's choices from their "done" events."""
+        speculative = tuple(sum(getattr(e, n) for e in ends) for n in ("drafted", "accepted")) \
+            if reqs[0].speculative is not None else None
+        return api.usage(prompt_tokens, sum(e.completion_tokens for e in ends), speculative)
+
     async def _collect(self, kind, rid, model, reqs, events, prompt_tokens) -> dict:
-        texts, tokens, finish, done = [""] * len(reqs), [[] for _ in reqs], [None] * len(reqs), 0
-        completion = 0
-        while done < len(reqs):
+        texts, tokens, finish, ends = [""] * len(reqs), [[] for _ in reqs], [None] * len(reqs), []
+        while len(ends) < len(reqs):
             i, e = await events.get()
             if e.kind == "error":
                 raise ApiError(504 if "timeout" in e.message else 500, e.message,
@@ -250,29 +272,30 @@ class Server:
             texts[i] += e.text
             tokens[i] += e.tokens
             if e.kind == "done":
-                finish[i], done, completion = e.finish_reason, done + 1, completion + e.completion_tokens
+                finish[i] = e.finish_reason
+                ends.append(e)
         want = reqs[0].top_logprobs
         choices = [api.choice(kind, i, texts[i], finish[i], self._logprobs(kind, tokens[i], want)) for i in range(len(reqs))]
-        return api.response(kind, rid, model, choices, api.usage(prompt_tokens, completion))
+        return api.response(kind, rid, model, choices, self._usage(reqs, prompt_tokens, ends))
 
     async def _stream(self, kind, rid, model, reqs, events, include_usage, prompt_tokens):
         chunk, want = kind + ".chunk", reqs[0].top_logprobs
-        first, done, completion = [True] * len(reqs), 0, 0
+        first, ends = [True] * len(reqs), []
         try:
-            while done < len(reqs):
+            while len(ends) < len(reqs):
                 i, e = await events.get()
                 if e.kind == "error":
                     yield json.dumps(ApiError(504 if "timeout" in e.message else 500, e.message,
                                               kind="server_error").body())
                     return
                 if e.kind == "done":
-                    done, completion = done + 1, completion + e.completion_tokens
+                    ends.append(e)
                 c = api.choice(chunk, i, e.text, e.finish_reason, self._logprobs(chunk, e.tokens, want) if e.tokens else None,
                                first=first[i] and kind == "chat")
                 first[i] = False
                 yield json.dumps(api.response(chunk, rid, model, [c], None))
             if include_usage:
-                yield json.dumps(api.response(chunk, rid, model, [], api.usage(prompt_tokens, completion)))
+                yield json.dumps(api.response(chunk, rid, model, [], self._usage(reqs, prompt_tokens, ends)))
             yield "[DONE]"
         finally:  # a client gone mid-stream: its slots are freed at the next step
             for r in reqs:
