@@ -1,9 +1,10 @@
 """A shop catalog and its users, written for jaxaccel (the recommendation recipe's data).
 
 Items: a fictional brand + a product from one of twelve departments, with a description
-composed from the department's hand-written parts. Users: each has two or three favourite
-departments; an interaction is an item from one of them (more popular items more often) or,
-one time in six, a best-seller from anywhere. The last interactions of each user are held out.
+composed from the department's hand-written parts (a feature of the product, a use). Users:
+each has two or three favourite departments and a favourite use in each; an interaction is an
+item from one of them (more popular items, and items made for the favourite use, more often)
+or, one time in six, a best-seller from anywhere. The last interactions of each user are held out.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ FRAMES = [
 N_USERS = 120
 HELD_OUT = 3  # interactions per user kept for evaluation
 HISTORY = (6, 14)  # interactions per user used as the history (uniform in the range)
+PREFERENCE = 4  # how much more often a user picks an item made for their favourite use
 
 
 def _article(noun: str) -> str:
@@ -211,21 +213,30 @@ def catalog(seed: int) -> list[dict]:
 
 def users(items: list[dict], seed: int) -> list[dict]:
     """Users {"id", "departments", "history", "heldout"}: item ids in interaction order; the
-    held-out ones are the user's last HELD_OUT and never in the history."""
+    held-out ones are the user's last HELD_OUT and never in the history. In each favourite
+    department a user has a favourite use (say, canoe trips); items made for it are picked
+    PREFERENCE times as often, so what a user has bought says something about what comes next."""
     rnd = random.Random(seed + 1)
-    popularity = {it["id"]: 1.0 / (rnd.randint(1, 40) ** 0.9) for it in items}  # a long tail
-    by_dept: dict[str, list[str]] = {}
+    popularity = {it["id"]: 1.0 / (rnd.randint(1, 40) ** 0.7) for it in items}  # a long tail
+    by_dept: dict[str, list[dict]] = {}
     for it in items:
-        by_dept.setdefault(it["department"], []).append(it["id"])
+        by_dept.setdefault(it["department"], []).append(it)
     best_sellers = sorted(popularity, key=popularity.get, reverse=True)[:30]
     out = []
     for u in range(N_USERS):
         likes = rnd.sample(sorted(by_dept), rnd.choice((2, 2, 3)))
+        favourite = {d: rnd.choice(DEPARTMENTS[d][1]) for d in likes}
         n = rnd.randint(*HISTORY) + HELD_OUT
         seq: list[str] = []
         while len(seq) < n:
-            pool = best_sellers if rnd.random() < 1 / 6 else by_dept[rnd.choice(likes)]
-            pick = rnd.choices(pool, weights=[popularity[i] for i in pool])[0]
+            if rnd.random() < 1 / 6:
+                pick = rnd.choices(best_sellers, weights=[popularity[i] for i in best_sellers])[0]
+            else:
+                dept = rnd.choice(likes)
+                pool = by_dept[dept]
+                weights = [popularity[it["id"]] * (PREFERENCE if favourite[dept] in it["description"] else 1)
+                           for it in pool]
+                pick = rnd.choices(pool, weights=weights)[0]["id"]
             if pick not in seq:
                 seq.append(pick)
         out.append({"id": f"user-{u:03d}", "departments": likes, "history": seq[:-HELD_OUT],
