@@ -37,7 +37,7 @@ class Config:
     pipeline_rows: int = 40  # sentences compared with transformers' pipeline
 
 
-QUICK = replace(Config(), model="tiny", steps=2, batch_size=4, warmup=0, heldout_rows=6, pipeline_rows=3)
+QUICK = replace(Config(), model="tiny", steps=2, batch_size=4, warmup=0, heldout_rows=4, pipeline_rows=2)
 PRECISIONS = ("float32", "bfloat16", "int8")
 
 
@@ -51,10 +51,12 @@ def variant(folder: Path, precision: str):
 
 
 def fill(model, texts: list[str], top_k: int) -> tuple[list[list[tuple[str, float]]], float]:
-    """Top-k (token, prob) per text and the warm rate in texts/s (the first text compiles first)."""
-    model.fill_mask(texts[0], top_k=top_k)
-    t = time.perf_counter()
+    """Top-k (token, prob) per text, and the warm rate in texts/s: a second pass over the same
+    texts, timed, once the first has compiled the program of every length bucket."""
     got = [model.fill_mask(text, top_k=top_k) for text in texts]
+    t = time.perf_counter()
+    for text in texts:
+        model.fill_mask(text, top_k=top_k)
     return got, len(texts) / (time.perf_counter() - t)
 
 

@@ -47,24 +47,25 @@ def _masked(rows: list[tuple[str, str]], rnd: random.Random) -> list[dict]:
     return out
 
 
-def main() -> None:
+def main(out: Path = HERE) -> None:
+    """Write every file under `out` (default: this folder, where the committed copies live)."""
     splits = make_sentiment.sentences(SEED)
     for name, rows in splits.items():
-        _jsonl(HERE / "sentiment" / f"{name}.jsonl", rows)
+        _jsonl(out / "sentiment" / f"{name}.jsonl", rows)
 
     items = make_catalog.catalog(SEED)
-    _jsonl(HERE / "recommend" / "catalog.jsonl", items)
-    _jsonl(HERE / "recommend" / "users.jsonl", make_catalog.users(items, SEED))
+    _jsonl(out / "recommend" / "catalog.jsonl", items)
+    _jsonl(out / "recommend" / "users.jsonl", make_catalog.users(items, SEED))
 
     # masked-LM corpus: the sentiment training sentences and most catalog descriptions; the
     # sentiment test sentences and the other descriptions are held out for the fill-mask check
     train_items, held_items = items[:-CORPUS_HELD_OUT_ITEMS], items[-CORPUS_HELD_OUT_ITEMS:]
     corpus = [r["text"] for r in splits["train"]] + [it["description"] for it in train_items]
     held = [(r["id"], r["text"]) for r in splits["test"]] + [(it["id"], it["description"]) for it in held_items]
-    (HERE / "corpus").mkdir(exist_ok=True)
-    (HERE / "corpus" / "train.txt").write_text("".join(t + "\n" for t in corpus), encoding="utf-8")
-    (HERE / "corpus" / "heldout.txt").write_text("".join(t + "\n" for _, t in held), encoding="utf-8")
-    _jsonl(HERE / "corpus" / "masked_heldout.jsonl", _masked(held, random.Random(SEED)))
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    (out / "corpus" / "train.txt").write_text("".join(t + "\n" for t in corpus), encoding="utf-8")
+    (out / "corpus" / "heldout.txt").write_text("".join(t + "\n" for _, t in held), encoding="utf-8")
+    _jsonl(out / "corpus" / "masked_heldout.jsonl", _masked(held, random.Random(SEED)))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ NEUTRAL = [
     # held out
     "The deal between {co} and {partner} is expected to close in {report2}, subject to regulatory approval.",
     "{co} will report its results for {report} before the market opens on {date}.",
-    "{co}'s {metric} was {amt} {period}, in line with the same period a year earlier.",
+    "{co}'s {metric} came to {amt} {period}, in line with the same period a year earlier.",
     "{person}, who has led {co}'s {product} business since {year}, will retire at the end of the year.",
 ]
 HELD_OUT_FRAMES = {"positive": 4, "negative": 4, "neutral": 4}
@@ -162,7 +162,8 @@ def _fill(frame: str, rnd: random.Random, companies: list[str]) -> str:
 
 
 def sentences(seed: int) -> dict[str, list[dict]]:
-    """{"train": rows, "test": rows}: rows {"id", "text", "label"}, no text in both splits."""
+    """{"train": rows, "test": rows}: rows {"id", "text", "label", "frame_in_train"} (False: a
+    test sentence from a frame training never saw), no text in both splits."""
     rnd = random.Random(seed)
     train_cos, test_cos = COMPANIES[:-TEST_COMPANIES], COMPANIES[-TEST_COMPANIES:]
     seen: set[str] = set()
@@ -174,15 +175,13 @@ def sentences(seed: int) -> dict[str, list[dict]]:
             made = 0
             while made < COUNTS[split][label]:
                 # test: a third of the sentences from frames training never saw
-                if split == "test" and made % 3 == 0:
-                    frame = rnd.choice(frames[-held:])
-                else:
-                    frame = rnd.choice(frames[:-held])
+                unseen = split == "test" and made % 3 == 0
+                frame = rnd.choice(frames[-held:] if unseen else frames[:-held])
                 text = _fill(frame, rnd, companies)
                 if text in seen:
                     continue
                 seen.add(text)
-                out[split].append({"text": text, "label": label})
+                out[split].append({"text": text, "label": label, "frame_in_train": not unseen})
                 made += 1
         rnd.shuffle(out[split])
         for i, row in enumerate(out[split]):
