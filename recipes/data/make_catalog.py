@@ -193,19 +193,23 @@ def _article(noun: str) -> str:
 
 
 def catalog(seed: int) -> list[dict]:
-    """Items {"id", "title", "department", "description"}: every (brand, product) pair at most once."""
+    """Items {"id", "title", "department", "description"}: every (brand, product) pair and every
+    description at most once."""
     rnd = random.Random(seed)
-    items = []
+    items, written = [], set()
     for dept, (products, uses) in DEPARTMENTS.items():
         pairs = [(b, p) for b in BRANDS for p in products]
         rnd.shuffle(pairs)
         for brand, entry in pairs[:26]:
             product, features = entry.split(": ")
-            feature, use = rnd.choice(features.split("; ")), rnd.choice(uses)
             title = f"{brand} {product.removeprefix('pair of ').removeprefix('set of ')}"
             a_product = _article(product)
-            text = rnd.choice(FRAMES).format(title=title, brand=brand, product=product, feature=feature, use=use,
-                                             a_product=a_product, A_product=a_product[0].upper() + a_product[1:])
+            text = None
+            while text is None or text in written:  # frames without the brand could repeat a description
+                feature, use = rnd.choice(features.split("; ")), rnd.choice(uses)
+                text = rnd.choice(FRAMES).format(title=title, brand=brand, product=product, feature=feature, use=use,
+                                                 a_product=a_product, A_product=a_product[0].upper() + a_product[1:])
+            written.add(text)
             items.append({"title": title, "department": dept, "description": text})
     rnd.shuffle(items)
     return [{"id": f"item-{i:03d}", **it} for i, it in enumerate(items)]
