@@ -162,6 +162,109 @@ def test_sixteen_concurrent_streams_equal_solo_runs_and_compile_nothing(server, 
     assert metric(server, "jaxaccel_compiled_programs") == programs
 
 
+REPEATS = "one two three, one two three, one two three, one two"  # its own spans: prompt lookup drafts them
+
+
+def _completion(server, prompt: str, **settings) -> dict:
+    body = {"model": server_name(server), "prompt": prompt, "max_tokens": 40, **settings}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_speculative_greedy_requests_equal_plain_ones_and_generate(server, model):
+    """"speculative": "prompt_lookup" per request: the same text, logprobs and stop as the plain
+    request and jaxaccel.generate, for a prompt that repeats its own spans and one that does not;
+    the drafts are counted in the usage and in /metrics."""
+    accepted_before = metric(server, "jaxaccel_speculative_accepted_tokens_total")
+    for prompt in (REPEATS, PROMPTS[3]):
+        want = jaxaccel.generate(model, [prompt], max_new_tokens=40)[0]
+        plain = _completion(server, prompt, temperature=0, logprobs=2)
+        spec = _completion(server, prompt, temperature=0, logprobs=2, speculative="prompt_lookup")
+        assert spec["choices"][0]["text"] == plain["choices"][0]["text"] == want
+        lp, plain_lp = spec["choices"][0]["logprobs"], plain["choices"][0]["logprobs"]
+        assert lp["tokens"] == plain_lp["tokens"]
+        np.testing.assert_allclose(lp["token_logprobs"], plain_lp["token_logprobs"], atol=1e-4)
+        assert [sorted(t) for t in lp["top_logprobs"]] == [sorted(t) for t in plain_lp["top_logprobs"]]
+        assert "speculative" not in plain["usage"] and spec["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+        drafts = spec["usage"]["speculative"]
+        assert 0 <= drafts["accepted_tokens"] <= drafts["drafted_tokens"]
+        if prompt == REPEATS:
+            assert drafts["accepted_tokens"] > 0, drafts
+    assert metric(server, "jaxaccel_speculative_accepted_tokens_total") > accepted_before
+    assert metric(server, "jaxaccel_speculative_drafted_tokens_total") >= metric(
+        server, "jaxaccel_speculative_accepted_tokens_total")
+    # a stop string, and a stream; "none" turns it off
+    ref = jaxaccel.generate(model, [REPEATS], max_new_tokens=40)[0]
+    stop = ref[9:11]
+    r = _completion(server, REPEATS, temperature=0, stop=[stop], speculative="prompt_lookup")
+    assert r["choices"][0]["text"] == jaxaccel.generate(model, [REPEATS], max_new_tokens=40, stop=[stop])[0]
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert _request(server, REPEATS, {"temperature": 0, "max_tokens": 40, "speculative": "prompt_lookup"},
+                    stream=True) == ref
+    assert "speculative" not in _completion(server, REPEATS, temperature=0, speculative="none")["usage"]
+
+
+def test_concurrent_speculative_plain_and_sampled_rows_equal_their_solo_runs(server, model):
+    """Speculating, plain, greedy and seeded sampled requests at once (more than the slots): each
+    gives the text of its solo run; greedy ones jaxaccel.generate's."""
+    spec = {"speculative": "prompt_lookup", "max_tokens": 30}
+    jobs = [(REPEATS, {"temperature": 0, **spec}),
+            (PROMPTS[1], {"temperature": 0.8, "seed": 5, **spec}),
+            (PROMPTS[3], {"temperature": 0, "max_tokens": 30}),
+            (PROMPTS[0], {"temperature": 0.9, "seed": 2, "max_tokens": 30}),
+            (REPEATS + "!", {"temperature": 0.7, "top_k": 5, "seed": 9, **spec}),
+            (PROMPTS[5], {"temperature": 0, **spec})]
+    solo = [_request(server, p, s) for p, s in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        busy = list(pool.map(lambda j: _request(server, *j, stream=True), jobs))
+    assert busy == solo
+    for (p, s), text in zip(jobs, solo):
+        if s["temperature"] == 0:
+            assert text == jaxaccel.generate(model, [p], max_new_tokens=30)[0]
+
+
+def test_verify_program_keeps_agreeing_drafts_and_rolls_back_the_rest(model):
+    """In-process SlotEngine: a verify call keeps a row's drafts up to the first one the model
+    disagrees with plus the model's own token, rolls the rest back out of the cache (the next
+    steps continue plain decoding), cuts at max_tokens, and gives a row without drafts the token a
+    plain step samples (a seeded row's tokens stay generate's); the draft count compiles nothing."""
+    from jaxaccel.sampling import rows
+    from jaxaccel.slots import SlotEngine
+
+    V = model.config.vocab_size
+    eng = SlotEngine(model, slots=2, context=64, eos=_eos_ids(model))
+    ids = [list(model.tokenizer(p)["input_ids"]) for p in ("12345", "Once upon a time")]
+    want = [jaxaccel.generate_tokens(model, [ids[0]], max_new_tokens=16)[0],
+            jaxaccel.generate_tokens(model, [ids[1]], max_new_tokens=16, temperature=0.9, seed=4)[0]]
+    assert all(len(w) == 16 for w in want)  # no EOS in them
+    got = [[], []]
+    for slot, (settings, seed) in enumerate((((0.0, None, None), 0), ((0.9, None, None), 4))):
+        got[slot] += eng.prefill(slot, ids[slot], seed, 16, rows([settings], V), False).tokens[0].tolist()
+    wrong = lambda t: (t + 1) % V
+    live, release = [0, 1], np.zeros((2,), bool)
+
+    def verify(drafts):
+        out, accepted = eng.verify(drafts, release, live)
+        for slot in live:
+            got[slot] += out.tokens[slot][out.valid[slot]].tolist()
+        return accepted.tolist()
+
+    assert verify({0: want[0][1:4] + [wrong(want[0][4])]}) == [3, 0]  # 3 agree: they and the model's 4th
+    assert got == [want[0][:5], want[1][:2]]
+    assert verify({0: [wrong(want[0][5]), want[0][6], want[0][7]]}) == [0, 0]  # the first disagrees: none kept
+    assert got == [want[0][:6], want[1][:3]]
+    out = eng.decode(4, release, live)  # after the rollback plain decoding goes on as before
+    for slot in live:
+        got[slot] += out.tokens[slot][out.valid[slot]].tolist()
+    assert got == [want[0][:10], want[1][:7]]
+    assert verify({0: want[0][10:14]}) == [4, 0]  # all 4 agree: they and the model's 5th
+    assert got == [want[0][:15], want[1][:8]]
+    assert verify({0: want[0][15:16] + [0, 0]})[0] >= 1  # max_tokens: one more token, then done
+    assert got == [want[0], want[1][:9]] and eng.done().tolist() == [True, False]
+    assert eng.compiled_programs == 4  # two prompt buckets, the decode, and the verify of K = 4 (drafts 1 .. 4)
+
+
 def test_load_then_bad_input_then_a_good_request(server, model):
     """64 clients x 4 requests: none lost, truncated or mixed up; then every bad input gets a 4xx
     with an OpenAI error body and a good request still succeeds (a client that disconnects
@@ -193,6 +296,8 @@ def test_load_then_bad_input_then_a_good_request(server, model):
            ("/v1/chat/completions", {"model": name, "messages": [{"role": "wizard", "content": "x"}]}, 400,
             "messages[0].role"),
            ("/v1/completions", {**ok, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+           ("/v1/completions", {**ok, "speculative": "ngram"}, 400, "speculative"),
+           ("/v1/completions", {**ok, "speculative": True}, 400, "speculative"),
            ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "x"}],
                                      "tools": [{"type": "function"}]}, 400, "tools"),
            ("/v1/embeddings", {"model": name, "input": "x"}, 400, "model"),
@@ -301,6 +406,14 @@ def test_real_gemma_served_greedy_equals_generate():
     finally:
         assert s.stop() == 0
     assert np.all([len(w) > 0 for w in want])
+
+
+def test_bad_speculative_flag_is_a_clear_error(capsys):
+    from jaxaccel import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--speculative", "ngram"])
+    assert e.value.code == 2 and "--speculative: invalid choice: 'ngram'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value,message", [("--max-batch", "0", "--max-batch must be an integer >= 1"),
