@@ -236,8 +236,10 @@ def _serve_dot(mode, x, stored, preferred_element_type=None, choice: KernelChoic
     q, scale, zero = stored
     if mode == "w8a8":
         return _aqt_dot(x, q, scale)
-    if mode == "int8" and zero is None and choice.decode:  # decode programs on CPU: int8 read as stored
-        y = kernels.dot(x.reshape(-1, x.shape[-1]), q, 1, preferred_element_type or x.dtype, scale)
+    if choice.decode and mode in ("int8", "int4"):  # decode programs on CPU: the weight read as stored
+        x2, out = x.reshape(-1, x.shape[-1]), preferred_element_type or x.dtype
+        y = (kernels.dot(x2, q, 1, out, scale) if mode == "int8" and zero is None
+             else kernels.dot_int4(x2, q, scale, zero, out) if mode == "int4" else None)
         if y is not None:
             return y.reshape(*x.shape[:-1], y.shape[-1])
     # Dequantize, then a dot against the transposed [in, out] view: XLA fuses the conversion into

@@ -66,6 +66,46 @@ def _int16_rounded(x, block):
     return (q * s.astype(np.float64)).reshape(x.shape), np.broadcast_to(s, xb.shape).reshape(x.shape)
 
 
+# int4 (int4.cc): decode rows 1-8 (groups of 4 rows and a remainder), groups of 32 / 64 / 128
+# inputs, odd N, weights over and under the hand-off threshold
+@pytest.mark.parametrize("M,K,N,gs", [(1, 640, 1024, 32), (3, 2048, 640, 32), (8, 128, 70, 64), (5, 640, 33, 128),
+                                      (2, 192, 5, 32), (4, 1024, 2049, 32), (7, 256, 300, 256)])
+def test_int4_matvec_equals_dequantized_dot(built, M, K, N, gs):
+    """The int4 kernel rounds x to int16 per block of 64 inputs for the codes' sums (as the int8
+    kernel does) and multiplies the zeros by x's float sums: equal to that computation in float64,
+    and within the bound the rounding allows of the dequantized float dot."""
+    from jaxaccel.quant_math import dequantize, pack_int4
+
+    rng = np.random.default_rng(M + K + N + gs)
+    G = K // gs
+    q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    scale = rng.uniform(0.005, 0.05, (N, G)).astype(np.float32)
+    zero = rng.normal(0, 0.2, (N, G)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda *a: kernels.dot_int4(*a, jnp.float32))(x, pack_int4(jnp.asarray(q)), scale, zero))
+    assert got.shape == (M, N) and got.dtype == np.float32
+    codes = (q.reshape(N, G, gs) * scale[:, :, None].astype(np.float64)).reshape(N, K)  # q * scale
+    zeros = np.repeat(zero.astype(np.float64), gs, axis=1)  # [N, K]
+    rounded, s = _int16_rounded(x, 64)
+    np.testing.assert_allclose(got, rounded @ codes.T + x.astype(np.float64) @ zeros.T, rtol=1e-5, atol=1e-4)
+    exact = x.astype(np.float64) @ np.asarray(dequantize(jnp.asarray(q), scale, zero), np.float64).T
+    bound = 0.5 * s.astype(np.float64) @ np.abs(codes).T  # the most x's rounding can move the sums
+    assert np.all(np.abs(got - exact) <= bound + 1e-4 + 1e-5 * np.abs(exact))
+
+
+def test_int4_kernel_takes_decode_rows_of_its_layout_only_and_refuses_bad_shapes(built):
+    x = jnp.ones((2, 128))
+    packed, s = jnp.zeros((10, 64), jnp.uint8), jnp.ones((10, 4))
+    assert kernels.int4_wants(x, packed, s, s)
+    assert not kernels.int4_wants(jnp.ones((kernels.MAX_ROWS + 1, 128)), packed, s, s)  # the prefill: XLA's GEMM
+    assert not kernels.int4_wants(jnp.ones((2, 96)), jnp.zeros((10, 48), jnp.uint8), s, s)  # K not a multiple of 64
+    assert not kernels.int4_wants(x, packed, jnp.ones((10, 8)), jnp.ones((10, 8)))  # groups of 16
+    assert not kernels.int4_wants(x, packed, s, None)
+    with pytest.raises(Exception, match="K must be a multiple of 64"):
+        jax.jit(lambda x, p, s: jax.ffi.ffi_call("jaxaccel_matvec_int4", jax.ShapeDtypeStruct((2, 10), jnp.float32))(
+            x, p, s, s))(jnp.ones((2, 96)), jnp.zeros((10, 48), jnp.uint8), jnp.ones((10, 3))).block_until_ready()
+
+
 @pytest.mark.parametrize("M,K,N,G", [(1, 640, 2048, 1), (1, 640, 4096, 20), (8, 256, 512, 8), (5, 320, 300, 10),
                                      (2, 96, 33, 4), (3, 70, 40, 2), (2, 256, 300, 2), (4, 192, 64, 3),
                                      (3, 96, 100, 1), (9, 640, 300, 1), (37, 256, 500, 8), (256, 640, 64, 20),
@@ -444,10 +484,10 @@ def _greedy(model, use_kernel, monkeypatch):
     return generation.generate_tokens(fresh, prompts, max_new_tokens=20)
 
 
-@pytest.mark.parametrize("variant", ["float32", "bfloat16", "int8", "tied"])
+@pytest.mark.parametrize("variant", ["float32", "bfloat16", "int8", "int4", "tied"])
 def test_generation_with_the_kernel_equals_xla(built, variant, monkeypatch):
     model = _tiny(tie_word_embeddings=(variant == "tied"))
-    if variant in ("bfloat16", "int8"):
+    if variant in ("bfloat16", "int8", "int4"):
         model = model.quantize(jaxaccel.QuantConfig(mode=variant, embedding_group_size=16))
     ref = _greedy(model, False, monkeypatch)
     got = _greedy(model, True, monkeypatch)

@@ -8,6 +8,11 @@ intra-op threads. With int8 weights on AVX-512 VNNI and AVX2 CPUs it rounds x to
 inputs, within 2^-16 of the block's largest |x| (far below int8's own weight error), and
 multiplies in integers; it also takes the prefill's rows of int8 weights (`int8_prefill`).
 
+`int4.cc` multiplies decode rows by int4 weights as quant_math packs them (two codes a byte, a
+scale and a zero per group) without unpacking them in memory: the nibbles are widened in
+registers and meet x rounded to int16 per block of 64 inputs (`dot_int4`). XLA instead unpacks and
+dequantizes every int4 weight in every decode step.
+
 `attention.cc` is bidirectional softmax attention within segments (the encoders): it scores only
 the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
 so padding and several texts packed in one row cost nothing (see `attention`). It also holds the
@@ -61,9 +66,10 @@ import numpy as np
 
 from ..paths import cache_dir, cache_writable
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "attention.cc", "take.cc"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "int4.cc", "attention.cc", "take.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
+           "jaxaccel_matvec_int4": "JaxaccelMatvecInt4",
            "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows",
            "jaxaccel_write_rows": "JaxaccelWriteRows", "jaxaccel_decode_attention": "JaxaccelDecodeAttention"}
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better (but int8)
@@ -252,6 +258,12 @@ def int8_path() -> str:
     return INT8_PATHS[int(_loaded["lib"].JaxaccelInt8Path())] if load() else "float"
 
 
+def int4_path() -> str:
+    """How this build multiplies int4 weights (`int4.cc`): "vnni" (AVX-512 VNNI), "avx2", or
+    "portable" (one code at a time); "none" without the kernels (XLA dequantizes them)."""
+    return {0: "portable", 1: "avx2", 2: "vnni"}[int(_loaded["lib"].JaxaccelInt4Path())] if load() else "none"
+
+
 def int8_int16() -> bool:
     """Whether int8 weights take an int16-activation path here (and so the prefill's rows)."""
     return int8_path() != "float"
@@ -308,6 +320,30 @@ def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array
     if wants(x2, w, scale):
         return matvec(x2, w, w_in_axis, scale).astype(out_dtype)
     return None
+
+
+def int4_wants(x2: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array | None) -> bool:
+    """Would `x2 [M, K]` times the int4 weight (packed uint8 [N, K / 2], scale and zero [N, G]) go
+    to `int4.cc` in a decode program? At most MAX_ROWS rows (more are the prefill: XLA's GEMM on
+    the dequantized weight, compute-bound there), K a multiple of 64, groups of a multiple of 32."""
+    if zero is None or x2.ndim != 2 or packed.ndim != 2 or packed.dtype != jnp.uint8 or scale.ndim != 2:
+        return False
+    M, K = x2.shape
+    G = scale.shape[1]
+    return (1 <= M <= MAX_ROWS and packed.shape[1] * 2 == K and K % 64 == 0 and G > 0 and K % G == 0
+            and (K // G) % 32 == 0 and zero.shape == scale.shape == (packed.shape[0], G))
+
+
+def dot_int4(x2: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array | None, out_dtype) -> jax.Array | None:
+    """In a decode program, `x2 [M, K]` times the int4 weight [N, K] stored as quant_math packs it
+    (two codes a byte, W = code * scale + zero per group) through `int4.cc` when it applies
+    (`int4_wants`), else None: the caller dequantizes for XLA's dot."""
+    if not int4_wants(x2, packed, scale, zero):
+        return None
+    out = jax.ShapeDtypeStruct((x2.shape[0], packed.shape[0]), jnp.float32)
+    y = jax.ffi.ffi_call("jaxaccel_matvec_int4", out)(x2.astype(jnp.float32), packed, scale.astype(jnp.float32),
+                                                      zero.astype(jnp.float32))
+    return y.astype(out_dtype)
 
 
 def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None = None) -> jax.Array:
