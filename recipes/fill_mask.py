@@ -27,10 +27,10 @@ from . import common
 class Config:
     corpus: Path = common.DATA / "corpus"
     model: str = "minilm"
-    steps: int = 300
+    steps: int = 200  # about 9 epochs of the corpus's packed rows
     batch_size: int = 16
     lr: float = 1e-4
-    warmup: int = 30
+    warmup: int = 20
     max_length: int = 64  # packed rows of this many tokens
     top_k: int = 5
     heldout_rows: int | None = None  # None: every held-out sentence

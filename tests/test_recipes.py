@@ -70,15 +70,19 @@ def test_masked_heldout_sentences_are_not_in_the_corpus():
 def test_sentiment_quick(tmp_path):
     out = tmp_path / "run"
     res = run_quick(sentiment, out)
-    train, test = common.read_jsonl(out / "data" / "train.jsonl"), common.read_jsonl(out / "data" / "test.jsonl")
-    assert not {r["id"] for r in train} & {r["id"] for r in test} and not {r["text"] for r in train} & {r["text"] for r in test}
+    train, val, test = (common.read_jsonl(out / "data" / f"{name}.jsonl") for name in ("train", "validation", "test"))
+    for a, b in ((train, test), (train, val), (val, test)):  # nothing trained on or chosen on is tested on
+        assert not {r["id"] for r in a} & {r["id"] for r in b} and not {r["text"] for r in a} & {r["text"] for r in b}
     assert res["labels"] == ["negative", "neutral", "positive"] and res["test_rows"] == len(test)
-    # the served (int8) folder was classified by `jaxaccel classify`, one line per test text
-    served = common.read_jsonl(out / "served_predictions.jsonl")
-    assert [r["text"] for r in served] == [r["text"] for r in test]
-    right = sum(s["label"] == t["label"] for s, t in zip(served, test))
-    assert res["served_int8_accuracy"] == round(right / len(test), 4)
-    assert jaxaccel.load(out / "served").quant.mode == "int8"
+    assert res["validation_rows"] == len(val) == 6 and res["accelerate_chosen"] in res["accelerate_validation_accuracy"]
+    # the accelerated and int8 folders classified the test split through `jaxaccel classify`
+    for name, key in (("accelerated", "chosen_accuracy"), ("int8", "int8_accuracy")):
+        served = common.read_jsonl(out / f"{name}_predictions.jsonl")
+        assert [r["text"] for r in served] == [r["text"] for r in test]
+        right = sum(s["label"] == t["label"] for s, t in zip(served, test))
+        assert res[key] == round(right / len(test), 4)
+    assert jaxaccel.load(out / "int8").quant.mode == "int8"
+    assert res["majority_rate"] == round(sum(r["label"] == res["majority_label"] for r in test) / len(test), 4)
     # the export loads in transformers with the same logits as ours
     folder = out / "finetuned"
     ref = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
