@@ -10,6 +10,10 @@ tokens/s (first request sent to last token), time to first token and time per ou
 table, the ratios the serving issue asks for and the machine with its CPU flags; writes JSON.
 
   python -m bench.serve [--concurrency 1,4,16,64] [--max-tokens 64] [--slots 16] [--model DIR] [--no-llama]
+                        [--speculative prompt_lookup]
+
+--speculative prompt_lookup serves every jaxaccel request with prompt-lookup speculation (the
+server's flag; llama-server runs as always) and reports the drafts accepted (its /metrics).
 """
 
 from __future__ import annotations
@@ -104,11 +108,23 @@ def run_levels(name, url, model, prompts, levels, max_tokens, requests_per_level
     return out
 
 
-def start_jaxaccel(slots: int, context: int, dtype: str, model: str | None):
+def start_jaxaccel(slots: int, context: int, dtype: str, model: str | None, speculative: str = "none"):
     from tests.serve_util import ServerProcess
 
     return ServerProcess(*(["--model", model] if model else []), "--embed-model", "none", "--max-batch", str(slots),
-                         "--context", str(context), "--max-queue", "1024", "--dtype", dtype, ready_timeout=900)
+                         "--context", str(context), "--max-queue", "1024", "--dtype", dtype,
+                         "--speculative", speculative, ready_timeout=900)
+
+
+def draft_counts(url: str) -> dict:
+    """The server's speculative counters (/metrics): drafted and accepted tokens."""
+    import re
+
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    get = lambda name: float(re.search(rf"^jaxaccel_speculative_{name}_tokens_total (\S+)$", text, re.M).group(1))
+    return {"drafted": get("drafted"), "accepted": get("accepted")}
 
 
 def main(argv=None) -> int:
@@ -124,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama-server -t")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server (it is built once, ~10 minutes)")
     ap.add_argument("--no-jaxaccel", action="store_true", help="llama-server only")
+    ap.add_argument("--speculative", default="none", choices=["none", "prompt_lookup"],
+                    help="jaxaccel serve --speculative: every jaxaccel request speculates")
     ap.add_argument("--json", default="bench/results/serve.json")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -131,11 +149,15 @@ def main(argv=None) -> int:
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cpus_usable']} usable cores; {flags_text(machine)}")
 
-    rows = []
+    rows, drafts = [], None
     if not args.no_jaxaccel:
-        server = start_jaxaccel(args.slots, args.context, args.dtype, args.model)
+        server = start_jaxaccel(args.slots, args.context, args.dtype, args.model, args.speculative)
         try:
             rows += run_levels("jaxaccel", server.url, None, prompts, levels, args.max_tokens, args.requests)
+            if args.speculative != "none":
+                drafts = draft_counts(server.url)
+                print(f"speculative ({args.speculative}): {drafts['accepted']:.0f} of {drafts['drafted']:.0f} drafted "
+                      "tokens accepted")
         finally:
             server.stop()
     llama_error = None
@@ -173,7 +195,7 @@ def main(argv=None) -> int:
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     write_json({"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "args": vars(args),
-                "rows": rows, "ratios": ratios, "llama_error": llama_error}, args.json)
+                "rows": rows, "ratios": ratios, "llama_error": llama_error, "speculative": drafts}, args.json)
     return 0
 
 
