@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from . import accelerate_baseline
 from . import accelerate_measure as measure
 from . import accelerate_report as report_out
@@ -163,7 +161,7 @@ class Reference:
             self.what = f"{len(self.windows)} windows of {window} tokens of jaxaccel/eval_data/heldout.txt"
         elif task == "embed":
             self.sentences = measure.heldout_sentences(text)
-            self.ref = model.embed(self.sentences)
+            self.ref = model.embed(self.sentences, truncate=True)
             self.what = f"{len(self.sentences)} sentences of jaxaccel/eval_data/heldout.txt"
         else:
             self.items, self.gold = eval_rows.items, measure.label_names(eval_rows, model.config.labels)
@@ -177,9 +175,10 @@ class Reference:
             exact = {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "ppl_delta_pct": 0.0,
                      "exact": "greedy decoding equals float32's"}
             quality = exact if v.eager or v.speculative else measure.lm_quality(self.ref, m, self.windows)
-            n = min(self.new_tokens, 4) if v.eager else self.new_tokens
-            speed = {str(b): measure.lm_speed(m, self.prompt, b, n, self.repeats, v.speculative, v.eager) for b in sizes}
-            return {"quality": quality, "speed": speed}
+            n = min(self.new_tokens, 2) if v.eager else self.new_tokens  # un-jitted: the first token and one decode step
+            runs = {str(b): measure.lm_speed(m, self.prompt, b, n, self.repeats, v.speculative, v.eager) for b in sizes}
+            return {"quality": quality, "speed": {b: speed for b, (speed, _) in runs.items()},
+                    "greedy_text": runs[str(sizes[0])][1]}
         if self.task == "embed":
             return {"quality": measure.encoder_quality(self.ref, m, self.sentences),
                     "speed": {str(b): measure.encoder_speed(m, self.sentences, b, self.repeats) for b in sizes}}
@@ -238,7 +237,8 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
     methods = {r["memory"]["method"] for r in rows if "memory" in r}
     report = choose(rows, task, budget, batch_sizes[0], interrupted)
     report.update(batch_sizes=list(batch_sizes), memory_method=methods.pop() if methods else "none",
-                  eval={"what": ref.what, "rows": len(ref.items) if task == "classify" else None})
+                  eval={"what": ref.what, "rows": len(ref.items) if task == "classify" else None,
+                        "prompt": ref.prompt if task == "generate" else None})
     return report
 
 

@@ -102,7 +102,7 @@ def transformers_baseline(model, ref) -> dict:
     """The row's params_bytes, quality and speed (and predictions for classify), measured on
     `ref` (accelerate.Reference: the task, its data and float32's outputs)."""
     try:
-        import torch  # noqa: F401
+        import torch
         import transformers
     except ImportError:
         raise NotMeasured("not measured: torch / transformers are not installed (pip install torch transformers)") from None
@@ -115,7 +115,8 @@ def transformers_baseline(model, ref) -> dict:
         hf = auto.from_pretrained(folder, dtype="float32", attn_implementation="eager").eval()
     t = _Torch(hf, model)
     sizes = ref.batch_sizes
-    row = {"params_bytes": int(t.params_bytes)}
+    row = {"params_bytes": int(t.params_bytes),
+           "external": f"transformers {transformers.__version__} on torch {torch.__version__}, float32, eager attention"}
     if ref.task == "generate":
         row["quality"] = measure.lm_quality(ref.ref, t, ref.windows)
         row["speed"] = {str(b): _generate_speed(hf, model, ref.prompt, b, ref.new_tokens, ref.repeats) for b in sizes}

@@ -124,13 +124,15 @@ def lm_quality(ref_logp: list[np.ndarray], model, windows: np.ndarray) -> dict:
 
 
 def lm_speed(model, prompt: str, batch: int, new_tokens: int, repeats: int, speculative: str | None = None,
-             eager: bool = False) -> dict:
+             eager: bool = False) -> tuple[dict, str]:
+    """-> (the speed figures, the greedy continuation of `prompt`: what a folder of this variant must reproduce)."""
     from .generation import GenerationStats, generate
 
     if eager:  # no cache, no jit: each token runs the whole sequence op by op
         import jax
 
-        ids = list(model.tokenizer(prompt)["input_ids"])
+        prompt_ids = list(model.tokenizer(prompt)["input_ids"])
+        ids = list(prompt_ids)
         t0 = time.perf_counter()
         with jax.disable_jit():
             for i in range(new_tokens):
@@ -139,11 +141,12 @@ def lm_speed(model, prompt: str, batch: int, new_tokens: int, repeats: int, spec
                     first = time.perf_counter() - t0
         total = time.perf_counter() - t0
         rate = batch * max(new_tokens - 1, 1) / max(total - first, 1e-9)
-        return {"compile_s": 0.0, "ttft_s": first, "decode_tok_s": rate, "latency_p50_s": total, "latency_p90_s": total}
+        return ({"compile_s": 0.0, "ttft_s": first, "decode_tok_s": rate, "latency_p50_s": total, "latency_p90_s": total},
+                model.tokenizer.decode(ids[len(prompt_ids):]))
     run = lambda stats: generate(model, [prompt] * batch, max_new_tokens=new_tokens, stats=stats,
                                  speculative=speculative)
     t0 = time.perf_counter()
-    run(GenerationStats())
+    text = run(GenerationStats())[0]
     first_call = time.perf_counter() - t0
     stats = []
     for _ in range(repeats):
@@ -152,19 +155,20 @@ def lm_speed(model, prompt: str, batch: int, new_tokens: int, repeats: int, spec
         stats.append(s)
     totals = [s.total_time for s in stats]
     best = min(stats, key=lambda s: s.total_time)
-    return {"compile_s": max(first_call - min(totals), 0.0), "ttft_s": float(np.median([s.time_to_first_token for s in stats])),
-            "decode_tok_s": best.decode_tokens_per_s, "latency_p50_s": float(np.percentile(totals, 50)),
-            "latency_p90_s": float(np.percentile(totals, 90))}
+    return ({"compile_s": max(first_call - min(totals), 0.0), "ttft_s": float(np.median([s.time_to_first_token for s in stats])),
+             "decode_tok_s": best.decode_tokens_per_s, "latency_p50_s": float(np.percentile(totals, 50)),
+             "latency_p90_s": float(np.percentile(totals, 90))}, text)
 
 
 # -- encoders -------------------------------------------------------------------------------------
 
 def heldout_sentences(text: str) -> list[str]:
+    """The held-out text's sentences (embedded truncated to the model's max length, as classify's rows are)."""
     return [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) > 3]
 
 
 def encoder_quality(ref: np.ndarray, model, texts: list[str]) -> dict:
-    got = model.embed(texts)
+    got = model.embed(texts, truncate=True)
     cos = np.sum(ref * got, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
 
@@ -184,7 +188,7 @@ def timed(fn, n_items: int, repeats: int) -> dict:
 
 
 def encoder_speed(model, texts: list[str], batch: int, repeats: int) -> dict:
-    return timed(lambda: model.embed(texts, batch_size=batch), len(texts), repeats)
+    return timed(lambda: model.embed(texts, batch_size=batch, truncate=True), len(texts), repeats)
 
 
 # -- classifiers: accuracy on labelled rows --------------------------------------------------------

@@ -107,14 +107,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_accelerate(args) -> int:
-    from .accelerate import Budget, accelerate, parse_batch_sizes
+    from .accelerate import Budget, accelerate, check_arguments, parse_batch_sizes
     from .checkpoints.folders import check_target
 
     budget, sizes = Budget.parse(args.quality_budget, args.task), parse_batch_sizes(args.batch_sizes, args.task)
+    eval_rows = check_arguments(args.task, args.model, args.eval)
     check_target(args.out, args.overwrite)  # before any work
     m = _load(args, default=MINILM if args.task == "embed" else GEMMA)
-    accelerate(m, Path(args.out), args.task, budget, sizes, args.new_tokens, args.time_budget, log=_err)
-    return 0
+    report = accelerate(m, Path(args.out), args.task, budget, sizes, args.new_tokens, args.time_budget,
+                        eval_rows=eval_rows, source=args.model or (MINILM if args.task == "embed" else GEMMA), log=_err)
+    return 130 if report["interrupted"] else 0  # 130: the shell's code for a Ctrl-C'd command
 
 
 def cmd_info(args) -> int:
@@ -342,13 +344,20 @@ def parser() -> argparse.ArgumentParser:
 
     a = with_model(sub.add_parser("accelerate", help="measure speed / quality variants here, save the fastest "
                                   "within a quality budget, report them"))
-    a.add_argument("--task", default="generate", choices=["generate", "embed", "classify"])
-    a.add_argument("--quality-budget", help="kl:N (mean next-token KL), ppl:N%% or cos:N (embeddings); "
-                   "default kl:0.02 / cos:0.995")
-    a.add_argument("--batch-sizes", default="1", help="comma-separated; the first one decides the choice")
+    a.add_argument("--task", default="generate", choices=["generate", "embed", "classify"],
+                   help="generate (decoder LM), embed (sentence embeddings) or classify (a sequence-classifier "
+                   "folder, with --eval)")
+    a.add_argument("--eval", help="classify: JSONL of labelled rows {\"text\": ..., \"label\": ...} (optionally "
+                   "\"text_pair\"); accuracy on them is the quality")
+    a.add_argument("--quality-budget", help="generate: kl:N (mean next-token KL vs float32) or ppl:N%% (perplexity "
+                   "increase); embed: cos:N (mean cosine vs float32); classify: acc:N (accuracy at most N percentage "
+                   "points below float32's); default kl:0.02 / cos:0.995 / acc:1")
+    a.add_argument("--batch-sizes", help="comma-separated; the first one decides the choice (default: 1 for "
+                   "generate, 32 for embed / classify)")
     a.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per speed measurement")
     a.add_argument("--time-budget", type=float, help="minutes; variants after it are skipped")
-    a.add_argument("--out", required=True, help="folder for model/, report.json, report.txt, speed_quality.png")
+    a.add_argument("--out", required=True, help="folder for model/ (the chosen variant), report.json (schema: "
+                   "jaxaccel/accelerate_report.schema.json), report.md, report.png")
     a.add_argument("--overwrite", action="store_true")
     a.set_defaults(fn=cmd_accelerate)
 
