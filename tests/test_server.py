@@ -224,6 +224,21 @@ def test_concurrent_speculative_plain_and_sampled_rows_equal_their_solo_runs(ser
             assert text == jaxaccel.generate(model, [p], max_new_tokens=30)[0]
 
 
+@pytest.mark.slow
+def test_seeded_sampled_speculative_requests_equal_generate(server, model):
+    """A seeded sampled speculative request follows the same drafting schedule and draws as
+    jaxaccel.generate(..., speculative="prompt_lookup") with that seed: the same text (sampled
+    acceptance exercised: some drafts are accepted)."""
+    accepted = 0
+    for prompt, settings in ((REPEATS, {"temperature": 0.1, "seed": 3}),
+                             (PROMPTS[3], {"temperature": 0.8, "top_p": 0.9, "seed": 8})):
+        r = _completion(server, prompt, speculative="prompt_lookup", **settings)
+        want = jaxaccel.generate(model, [prompt], max_new_tokens=40, speculative="prompt_lookup", **settings)[0]
+        assert r["choices"][0]["text"] == want, settings
+        accepted += r["usage"]["speculative"]["accepted_tokens"]
+    assert accepted > 0
+
+
 def test_verify_program_keeps_agreeing_drafts_and_rolls_back_the_rest(model):
     """In-process SlotEngine: a verify call keeps a row's drafts up to the first one the model
     disagrees with plus the model's own token, rolls the rest back out of the cache (the next
