@@ -354,9 +354,10 @@ def test_api_key_queue_limit_chat_without_template_and_sigterm_drain(tmp_path_fa
             assert metric(s, "jaxaccel_active_slots", headers=auth) == 1, "the first request ended too soon to test 429"
             assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
             assert waiting.result().status_code == 200
-        # a client that hangs up mid-stream (4000 tokens to go, no EOS): its slot is freed, counted as cancelled
-        with httpx.stream("POST", s.url + "/v1/completions", headers=auth, json={**body, "stream": True},
-                          timeout=120) as r:
+        # a client that hangs up mid-stream (4000 tokens to go, no EOS; speculating): its slot is freed, counted
+        # as cancelled
+        with httpx.stream("POST", s.url + "/v1/completions", headers=auth,
+                          json={**body, "stream": True, "speculative": "prompt_lookup"}, timeout=120) as r:
             next(r.iter_lines())
         deadline = time.time() + 30
         while time.time() < deadline and metric(s, "jaxaccel_active_slots", headers=auth) > 0:
