@@ -232,16 +232,21 @@ class Scheduler:
         done = self.engine.done()
         for slot, req in list(self.running.items()):
             if req.drafting is not None:
-                n = int(out.valid[slot].sum())
-                if slot in drafts:  # the drafts it kept: the tokens past the model's own first one
-                    kept = min(int(accepted[slot]), n)
-                    d = req.drafting
-                    d.adapt.update(len(drafts[slot]), kept)
-                    d.drafted, d.accepted = d.drafted + len(drafts[slot]), d.accepted + kept
-                    self.observer.speculated(len(drafts[slot]), kept)
-                else:
-                    req.drafting.plain_left = max(req.drafting.plain_left - n, 0)
+                self._count(req, drafts.get(slot, []), int(out.valid[slot].sum()), int(accepted[slot]) if drafts else 0)
             self._take(slot, req, out, slot, bool(done[slot]))
+
+    def _count(self, req: Request, drafts: list[int], n: int, accepted: int) -> None:
+        """After a call that gave a speculative request n tokens: its drafts kept (the accepted ones
+        the text got: at most n, fewer after an EOS) update its k and counts; else n of its plain
+        tokens are spent."""
+        d = req.drafting
+        if not drafts:
+            d.plain_left = max(d.plain_left - n, 0)
+            return
+        kept = min(accepted, n)
+        d.adapt.update(len(drafts), kept)
+        d.drafted, d.accepted = d.drafted + len(drafts), d.accepted + kept
+        self.observer.speculated(len(drafts), kept)
 
     def _draft(self, req: Request) -> list[int]:
         """A speculative request's drafts for this call (none while it takes plain tokens; when
