@@ -38,7 +38,6 @@ from .quant import QuantConfig
 HELDOUT = Path(__file__).with_name("eval_data") / "heldout.txt"
 BASELINE = "float32 jit"
 TASKS = ("generate", "embed", "classify")
-IDENTITY = ("variant", "kind", "quant", "speculative")  # the keys a skipped row keeps
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ class Reference:
             self.what = f"{len(self.windows)} windows of {window} tokens of jaxaccel/eval_data/heldout.txt"
         elif task == "embed":
             self.sentences = measure.heldout_sentences(text)
-            self.ref = model.embed(self.sentences, truncate=True)
+            self.ref = None  # float32 jit's embeddings, once measured (it is measured first)
             self.what = f"{len(self.sentences)} sentences of jaxaccel/eval_data/heldout.txt"
         else:
             self.items, self.gold = eval_rows.items, measure.label_names(eval_rows, model.config.labels)
@@ -179,14 +178,17 @@ class Reference:
             runs = {str(b): measure.lm_speed(m, self.prompt, b, n, self.repeats, v.speculative, v.eager) for b in sizes}
             return {"quality": quality, "speed": {b: speed for b, (speed, _) in runs.items()},
                     "greedy_text": runs[str(sizes[0])][1]}
+        # encoders: speed first, so that its first call is the one that compiles (compile_s)
         if self.task == "embed":
-            return {"quality": measure.encoder_quality(self.ref, m, self.sentences),
-                    "speed": {str(b): measure.encoder_speed(m, self.sentences, b, self.repeats) for b in sizes}}
-        quality, got = measure.classify_quality(m, self.items, self.gold, self.ref, sizes[0])
+            speed = {str(b): measure.encoder_speed(m, self.sentences, b, self.repeats) for b in sizes}
+            quality, got = measure.encoder_quality(self.ref, m, self.sentences)
+        else:
+            speed = {str(b): measure.classify_speed(m, self.items, b, self.repeats) for b in sizes}
+            quality, got = measure.classify_quality(m, self.items, self.gold, self.ref, sizes[0])
         if self.ref is None and v.name == BASELINE:
             self.ref = got
-        return {"quality": quality, "predictions": got,
-                "speed": {str(b): measure.classify_speed(m, self.items, b, self.repeats) for b in sizes}}
+        row = {"quality": quality, "speed": speed}
+        return row if self.task == "embed" else {**row, "predictions": got}
 
 
 def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 32, windows: int = 4,
@@ -231,7 +233,7 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
     except KeyboardInterrupt:
         interrupted = True
         if rows and "skipped" not in rows[-1] and "memory" not in rows[-1]:  # the one being measured
-            rows[-1] = {**{k: rows[-1][k] for k in IDENTITY}, "skipped": "interrupted (Ctrl-C) while being measured"}
+            rows[-1] = {**identity(*jobs[len(rows) - 1]), "skipped": "interrupted (Ctrl-C) while being measured"}
         rows += [{**identity(v, ext), "skipped": "not measured: interrupted (Ctrl-C)"} for v, ext in jobs[len(rows):]]
         log(f"  interrupted: {sum('memory' in r for r in rows)} rows measured")
     methods = {r["memory"]["method"] for r in rows if "memory" in r}
@@ -288,7 +290,8 @@ def choose(rows: list[dict], task: str, budget: Budget, batch: int, interrupted:
         best = base
     else:
         best["verdict"] = "chosen"
-        reason = f"{best['variant']}: the fastest within the budget ({budget}), {rate(best) / rate(base):.2f}x {BASELINE} at batch {batch}"
+        reason = (f"{best['variant']}: the fastest within the budget ({budget}), "
+                  f"{rate(best) / rate(base):.2f}x {BASELINE} at batch {batch}")
     if interrupted:
         reason += " (interrupted: chosen among the rows measured before Ctrl-C)"
     return {**head, "chosen": best["variant"], "chosen_quality": best["quality"], "reason": reason}

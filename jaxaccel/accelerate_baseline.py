@@ -81,7 +81,7 @@ def _generate_speed(hf, model, prompt: str, batch: int, new_tokens: int, repeats
     import torch
 
     ids = torch.as_tensor([list(model.tokenizer(prompt)["input_ids"])] * batch, dtype=torch.long)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = getattr(model.tokenizer, "pad_token_id", None) or 0  # only silences generate()'s warning: no row is padded
 
     def run(n: int) -> float:
         t = time.perf_counter()
@@ -121,7 +121,7 @@ def transformers_baseline(model, ref) -> dict:
         row["quality"] = measure.lm_quality(ref.ref, t, ref.windows)
         row["speed"] = {str(b): _generate_speed(hf, model, ref.prompt, b, ref.new_tokens, ref.repeats) for b in sizes}
     elif ref.task == "embed":
-        row["quality"] = measure.encoder_quality(ref.ref, t, ref.sentences)
+        row["quality"] = measure.encoder_quality(ref.ref, t, ref.sentences)[0]
         row["speed"] = {str(b): measure.encoder_speed(t, ref.sentences, b, ref.repeats) for b in sizes}
     else:
         row["quality"], row["predictions"] = measure.classify_quality(t, ref.items, ref.gold, ref.ref, sizes[0])

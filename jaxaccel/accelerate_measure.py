@@ -167,10 +167,12 @@ def heldout_sentences(text: str) -> list[str]:
     return [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) > 3]
 
 
-def encoder_quality(ref: np.ndarray, model, texts: list[str]) -> dict:
+def encoder_quality(ref: np.ndarray | None, model, texts: list[str]) -> tuple[dict, np.ndarray]:
+    """Cosine of each embedding with float32's (`ref`; None: these are float32's), and the embeddings."""
     got = model.embed(texts, truncate=True)
+    ref = got if ref is None else ref
     cos = np.sum(ref * got, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
-    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}, got
 
 
 def timed(fn, n_items: int, repeats: int) -> dict:

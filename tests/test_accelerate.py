@@ -115,7 +115,7 @@ def tiny(tmp_path_factory):
 
 def bert_folder(path: Path, arch: str = "BertForSequenceClassification") -> Path:
     """A tiny random BERT (a 3-class classifier by default) with a word-level tokenizer."""
-    kw = dict(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+    kw = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
               max_position_embeddings=32, type_vocab_size=2)
     if arch == "BertForSequenceClassification":
         kw.update(id2label={0: "neg", 1: "neutral", 2: "pos"}, label2id={"neg": 0, "neutral": 1, "pos": 2})
@@ -228,6 +228,7 @@ def test_classify_measures_accuracy_and_saves_a_classifier(classifier, tmp_path,
     validate(report)
     rows = {r["variant"]: r for r in report["rows"]}
     assert set(rows) == {v.name for v in acc.encoder_variants()} | {accelerate_baseline.NAME}
+    assert not [r["skipped"] for r in rows.values() if "skipped" in r]  # every variant applies to this classifier
     assert report["eval"]["rows"] == len(rows_in) and report["batch"] == 8
     # accuracy recomputed from float32's own predictions and the labels (indices name classes)
     names = ["neg", "neutral", "pos"]
@@ -394,7 +395,6 @@ def test_embed_on_a_tiny_encoder_with_the_transformers_baseline(tmp_path):
     report = acc.plan(model, "embed", acc.Budget("cos", 0.99), batch_sizes=(8,), repeats=1, variants=variants,
                       log=lambda s: None)
     rows = {r["variant"]: r for r in report["rows"]}
-    assert rows[acc.BASELINE]["quality"]["cos_min"] > 0.99999  # float32 against itself
     assert rows[accelerate_baseline.NAME]["quality"]["cos_min"] > 0.99999  # transformers, mean-pooled the same way
     assert 0.99 < rows["bfloat16"]["quality"]["cos_mean"] < 1.0
     assert report["chosen"] in rows and rows[accelerate_baseline.NAME]["verdict"].startswith("external baseline")
