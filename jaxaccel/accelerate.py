@@ -89,7 +89,7 @@ class Budget:
     def __str__(self) -> str:
         return {"kl": f"mean KL <= {self.limit:g}", "ppl": f"perplexity +{self.limit:g}% at most",
                 "cos": f"mean cosine >= {self.limit:g}",
-                "acc": f"accuracy at most {self.limit:g} points below float32's"}[self.metric]
+                "acc": f"accuracy at most {self.limit:g} point{'' if self.limit == 1 else 's'} below float32's"}[self.metric]
 
 
 def parse_batch_sizes(text: str | None, task: str) -> list[int]:

@@ -53,7 +53,8 @@ class PeakMemory:
     start by writing 5 to /proc/self/clear_refs, so nothing between samples is missed (method
     "vmhwm"). Elsewhere a thread samples the resident set every 5 ms (method "sampled": a shorter
     spike can be missed). The figure is the whole process's: the float32 model the variants are
-    made from is resident too, so compare variants by their peaks, not by the absolute value alone."""
+    made from is resident too, so compare variants by their peaks, not by the absolute value alone.
+    The reset is the process's: its ru_maxrss afterwards counts from the last reset, not from start-up."""
 
     def __enter__(self):
         import psutil

@@ -248,7 +248,8 @@ def test_classify_measures_accuracy_and_saves_a_classifier(classifier, tmp_path,
     assert rows[accelerate_baseline.NAME]["predictions"] == f32  # transformers on the same weights
     assert rows["bfloat16"]["quality"]["agreement"] > 0.8
     want = check_choice(report, lambda q: q["accuracy_drop_points"] <= 5, "sentences_s")
-    assert "acc" in (out / "report.md").read_text() or "accuracy" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "accuracy at most 5 points below float32's" in md and "| accuracy | Δ points | agreement |" in md
     # the saved folder is a classifier `jaxaccel classify` serves, labelling as the chosen variant did
     capsys.readouterr()
     assert cli.main(["classify", "--model", str(out / "model"), "--input", str(data), "--truncate"]) == 0
