@@ -405,8 +405,8 @@ def test_scheduler_timeout_and_cancel_free_the_slot(model):
 
 @pytest.mark.real_model
 def test_real_gemma_served_greedy_equals_generate():
-    """The embedded Gemma 3 270M behind the server: greedy text equals jaxaccel.generate, alone
-    and beside other requests."""
+    """The embedded Gemma 3 270M behind the server: greedy text equals jaxaccel.generate, alone,
+    beside other requests, and speculating (prompt lookup) beside each other."""
     m = jaxaccel.load("gemma3-270m")
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are"]
     want = [jaxaccel.generate(m, [p], max_new_tokens=24)[0] for p in prompts]
@@ -418,7 +418,10 @@ def test_real_gemma_served_greedy_equals_generate():
         with ThreadPoolExecutor(4) as pool:
             busy = list(pool.map(lambda p: httpx.post(s.url + "/v1/completions", json=body(p), timeout=300)
                                  .json()["choices"][0]["text"], prompts))
-        assert alone == want and busy == want
+            speculating = list(pool.map(lambda p: httpx.post(s.url + "/v1/completions", timeout=600, json={
+                **body(p), "speculative": "prompt_lookup"}).json()["choices"][0]["text"], prompts))
+        assert alone == want and busy == want and speculating == want
+        assert metric(s, "jaxaccel_speculative_drafted_tokens_total") > 0
     finally:
         assert s.stop() == 0
     assert np.all([len(w) > 0 for w in want])
