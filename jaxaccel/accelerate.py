@@ -23,6 +23,7 @@ jit is kept. Ctrl-C stops measuring: the rows measured so far are still chosen f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import accelerate_baseline
+from . import accelerate_baseline, accelerate_llama
 from . import accelerate_measure as measure
 from . import accelerate_report as report_out
 from .quant import QuantConfig
@@ -46,6 +47,18 @@ class Variant:
     quant: QuantConfig | None = None  # None: the model as loaded (float32)
     speculative: str | None = None
     eager: bool = False  # un-jitted step by step (jax.disable_jit): the newcomer's baseline
+    # the time to measure it as a multiple of float32 jit's (an estimate, from the embedded Gemma on
+    # a 2-core CPU): variants are measured cheapest first, and a time budget skips those that would not fit
+    cost: float = 1.0
+
+
+@dataclass(frozen=True)
+class External:
+    """An external baseline row: `measure(model, ref)` -> the row's measurements, or NotMeasured."""
+
+    name: str
+    measure: Callable
+    cost: float
 
 
 @dataclass(frozen=True)
@@ -121,21 +134,28 @@ def check_arguments(task: str, model_arg: str | None, eval_path) -> measure.Labe
 
 
 def lm_variants() -> list[Variant]:
-    return [Variant("float32 eager", eager=True), Variant(BASELINE), Variant("bfloat16", QuantConfig(mode="bfloat16")),
-            Variant("float16", QuantConfig(mode="float16")),
+    return [Variant("float32 eager", eager=True, cost=0.5), Variant(BASELINE),
+            Variant("bfloat16", QuantConfig(mode="bfloat16")), Variant("float16", QuantConfig(mode="float16"), cost=1.5),
             Variant("int8 per channel", QuantConfig(mode="int8")),
-            Variant("int8 g32", QuantConfig(mode="int8", int8_group_size=32)),
-            Variant("int4 g32", QuantConfig(mode="int4", group_size=32)),
-            Variant("int4 g128", QuantConfig(mode="int4", group_size=128)),
-            Variant("w8a8", QuantConfig(mode="w8a8")),
-            Variant("prompt lookup", speculative="prompt_lookup"),
-            Variant("int8 self-draft", speculative="self:int8")]
+            Variant("int8 g32", QuantConfig(mode="int8", int8_group_size=32), cost=1.1),
+            Variant("int4 g32", QuantConfig(mode="int4", group_size=32), cost=2.0),
+            Variant("int4 g128", QuantConfig(mode="int4", group_size=128), cost=2.0),
+            Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.5),
+            Variant("prompt lookup", speculative="prompt_lookup", cost=1.2),
+            Variant("int8 self-draft", speculative="self:int8", cost=1.6)]
 
 
 def encoder_variants() -> list[Variant]:
     return [Variant(BASELINE), Variant("bfloat16", QuantConfig(mode="bfloat16")),
-            Variant("float16", QuantConfig(mode="float16")),
-            Variant("int8 per channel", QuantConfig(mode="int8")), Variant("w8a8", QuantConfig(mode="w8a8"))]
+            Variant("float16", QuantConfig(mode="float16"), cost=1.5),
+            Variant("int8 per channel", QuantConfig(mode="int8")), Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.0)]
+
+
+def externals(task: str, source: str | None) -> list[External]:
+    """llama.cpp on the source GGUF (generate), then transformers on the same weights."""
+    llama = External(accelerate_llama.NAME, functools.partial(accelerate_llama.llama_cpp_baseline, source=source), 1.0)
+    hf = External(accelerate_baseline.NAME, accelerate_baseline.transformers_baseline, 2.0)
+    return [llama, hf] if task == "generate" else [hf]
 
 
 def variants_for(task: str) -> list[Variant]:
@@ -167,23 +187,30 @@ class Reference:
             self.ref = None  # float32 jit's predictions, once measured (it is measured first)
             self.what = f"{len(self.items)} labelled rows of {eval_rows.source}"
 
-    def measure(self, m, v: Variant) -> dict:
-        """-> the row's quality, speed (per batch size, keys as strings) and, for classify, predictions."""
+    def measure(self, m, v: Variant, step: Callable[[str], None] = lambda text: None) -> dict:
+        """-> the row's quality, speed (per batch size, keys as strings) and, for classify,
+        predictions; `step` is told what is being measured (the progress bar)."""
         sizes = self.batch_sizes
+        speed_at = lambda b: step(f"speed at batch {b}") or b
         if self.task == "generate":
             exact = {"kl_mean": 0.0, "kl_p99": 0.0, "top1_agreement": 1.0, "ppl_delta_pct": 0.0,
                      "exact": "greedy decoding equals float32's"}
+            if not (v.eager or v.speculative):
+                step("quality on the held-out windows")
             quality = exact if v.eager or v.speculative else measure.lm_quality(self.ref, m, self.windows)
             n = min(self.new_tokens, 2) if v.eager else self.new_tokens  # un-jitted: the first token and one decode step
-            runs = {str(b): measure.lm_speed(m, self.prompt, b, n, self.repeats, v.speculative, v.eager) for b in sizes}
+            runs = {str(b): measure.lm_speed(m, self.prompt, speed_at(b), n, self.repeats, v.speculative, v.eager)
+                    for b in sizes}
             return {"quality": quality, "speed": {b: speed for b, (speed, _) in runs.items()},
                     "greedy_text": runs[str(sizes[0])][1]}
         # encoders: speed first, so that its first call is the one that compiles (compile_s)
         if self.task == "embed":
-            speed = {str(b): measure.encoder_speed(m, self.sentences, b, self.repeats) for b in sizes}
+            speed = {str(b): measure.encoder_speed(m, self.sentences, speed_at(b), self.repeats) for b in sizes}
+            step("quality on the held-out sentences")
             quality, got = measure.encoder_quality(self.ref, m, self.sentences)
         else:
-            speed = {str(b): measure.classify_speed(m, self.items, b, self.repeats) for b in sizes}
+            speed = {str(b): measure.classify_speed(m, self.items, speed_at(b), self.repeats) for b in sizes}
+            step("accuracy on the --eval rows")
             quality, got = measure.classify_quality(m, self.items, self.gold, self.ref, sizes[0])
         if self.ref is None and v.name == BASELINE:
             self.ref = got
@@ -194,51 +221,67 @@ class Reference:
 def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 32, windows: int = 4,
          window: int = 128, repeats: int = 2, time_budget_s: float | None = None,
          variants: list[Variant] | None = None, eval_rows: measure.LabelledRows | None = None,
-         external: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Measure every variant (float32 jit first among the jitted ones: the reference), then the
-    external baseline; -> the report (rows, choice, reason). Nothing is saved here."""
+         external: bool = True, source: str | None = None, log: Callable[[str], None] = print,
+         progress: report_out.Progress | None = None) -> dict:
+    """Measure float32 jit (the reference), then the other variants cheapest first (Variant.cost),
+    then the external baselines; -> the report (rows, choice, reason). Nothing is saved here.
+
+    `time_budget_s` counts from here (float32's reference outputs included): a row whose estimated
+    cost (its `cost` x float32 jit's measured time) does not fit in what is left is skipped for
+    time. `source` (the --model argument) tells the llama.cpp row which GGUF file to run."""
     measure.check_task(model, task)
-    variants = variants or variants_for(task)
+    progress = progress or report_out.Progress()
+    started = time.perf_counter()
+    progress.variant(1, 1, "float32 reference outputs")
     ref = Reference(model, task, batch_sizes, new_tokens, windows, window, repeats, eval_rows)
-    jobs = [(v, None) for v in sorted(variants, key=lambda v: v.name != BASELINE)]
-    if external:
-        jobs.append((None, accelerate_baseline.transformers_baseline))
-    started, rows, interrupted = time.perf_counter(), [], False
-    identity = lambda v, ext: {"variant": v.name if v else accelerate_baseline.NAME,
-                               "kind": report_out.EXTERNAL if ext else "variant",
-                               "quant": None if v is None or v.quant is None else json.loads(v.quant.to_json()),
-                               "speculative": v.speculative if v else None}
+    jobs = sorted(variants or variants_for(task), key=lambda v: (v.name != BASELINE, v.cost))
+    jobs += externals(task, source) if external else []
+    rows, interrupted, unit = [], False, None  # unit: float32 jit's measured seconds
+    identity = lambda j: {"variant": j.name, "kind": report_out.EXTERNAL if isinstance(j, External) else "variant",
+                          "quant": None if isinstance(j, External) or j.quant is None else json.loads(j.quant.to_json()),
+                          "speculative": None if isinstance(j, External) else j.speculative}
     try:  # Ctrl-C anywhere in here keeps the rows measured so far
-        for v, ext in jobs:
-            row = identity(v, ext)
+        for n, job in enumerate(jobs, 1):
+            row = identity(job)
             rows.append(row)
-            if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
-                row["skipped"] = "not measured: the time budget ran out"
+            progress.variant(n, len(jobs), job.name)
+            left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
+            if left is not None and unit is not None and job.cost * unit > left:
+                row["skipped"] = (f"skipped for time: about {job.cost * unit:.0f} s to measure (estimated), "
+                                  f"{max(left, 0):.0f} s of the time budget left")
             else:
+                t0 = time.perf_counter()
                 try:
                     with measure.PeakMemory() as mem:
-                        if ext:
-                            row.update(ext(model, ref))
+                        if isinstance(job, External):
+                            progress.step("measuring")
+                            row.update(job.measure(model, ref))
                         else:
-                            m = model.quantize(v.quant) if v.quant is not None else model
+                            if job.quant is not None:
+                                progress.step(f"quantizing ({job.quant.mode})")
+                            m = model.quantize(job.quant) if job.quant is not None else model
                             row["params_bytes"] = m.params_bytes
-                            row.update(ref.measure(m, v))
+                            row.update(ref.measure(m, job, progress.step))
                             del m
-                    row["memory"] = mem.as_dict()
-                except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:  # a variant this model cannot take
+                    row.setdefault("memory", mem.as_dict())  # llama.cpp's row has its server's own
+                except (ValueError, TypeError, NotImplementedError, RuntimeError, OSError) as e:  # a row this model cannot have
                     why = str(e) if isinstance(e, accelerate_baseline.NotMeasured) else f"{type(e).__name__}: {e}"
                     row.clear()
-                    row.update(identity(v, ext), skipped=why)
+                    row.update(identity(job), skipped=why)
+                if job.name == BASELINE and "skipped" not in row:
+                    unit = time.perf_counter() - t0
             log(f"  {row['variant']}: " + (row.get("skipped") or summary(row, task, batch_sizes[0])))
+        progress.variant(len(jobs) + 1, len(jobs), "done")
     except KeyboardInterrupt:
         interrupted = True
         if rows and "skipped" not in rows[-1] and "memory" not in rows[-1]:  # the one being measured
-            rows[-1] = {**identity(*jobs[len(rows) - 1]), "skipped": "interrupted (Ctrl-C) while being measured"}
-        rows += [{**identity(v, ext), "skipped": "not measured: interrupted (Ctrl-C)"} for v, ext in jobs[len(rows):]]
+            rows[-1] = {**identity(jobs[len(rows) - 1]), "skipped": "interrupted (Ctrl-C) while being measured"}
+        rows += [{**identity(j), "skipped": "not measured: interrupted (Ctrl-C)"} for j in jobs[len(rows):]]
         log(f"  interrupted: {sum('memory' in r for r in rows)} rows measured")
     methods = {r["memory"]["method"] for r in rows if "memory" in r}
     report = choose(rows, task, budget, batch_sizes[0], interrupted)
     report.update(batch_sizes=list(batch_sizes), memory_method=methods.pop() if methods else "none",
+                  time_budget_s=time_budget_s, measure_s=time.perf_counter() - started,
                   eval={"what": ref.what, "rows": len(ref.items) if task == "classify" else None,
                         "prompt": ref.prompt if task == "generate" else None})
     return report
@@ -297,18 +340,33 @@ def choose(rows: list[dict], task: str, budget: Budget, batch: int, interrupted:
     return {**head, "chosen": best["variant"], "chosen_quality": best["quality"], "reason": reason}
 
 
+def default_out(model_arg: str | None, task: str) -> Path:
+    """--out when not given: ./accelerated/<the model's name> (a .gguf file's name without it)."""
+    from .default_models import GEMMA, MINILM
+
+    name = model_arg or (MINILM if task == "embed" else GEMMA)
+    path = Path(name).expanduser()
+    return Path("accelerated") / (path.stem if path.suffix.lower() == ".gguf" else path.resolve().name or "model")
+
+
 def accelerate(model, out: Path, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 32,
                time_budget_min: float | None = None, eval_rows: measure.LabelledRows | None = None,
-               source: str = "", log: Callable[[str], None] = print, **plan_kw) -> dict:
-    """Measure, choose, then write to `out` (a new or empty folder): model/ (the chosen variant as
-    a serving folder `jaxaccel.load` reads), report.json, report.md and report.png. Interrupted
-    (Ctrl-C), the report of the rows measured so far is still written (report["interrupted"])."""
+               source: str = "", log: Callable[[str], None] = print, overwrite: bool = False,
+               show_progress: bool = False, **plan_kw) -> dict:
+    """Measure, choose, then write to `out`: model/ (the chosen variant as a serving folder
+    `jaxaccel.load` reads), report.json, report.md and report.png. `out` may be new, empty or an
+    earlier accelerate output (replaced atomically once the new one is complete); anything else is
+    refused before measuring unless `overwrite`. Interrupted (Ctrl-C), the report of the rows
+    measured so far is still written (report["interrupted"]). `show_progress`: a progress bar on
+    stderr while measuring."""
     from .checkpoints.folders import atomic_folder
     from .checkpoints.serving import save
 
-    time_budget_s = None if time_budget_min is None else 60.0 * time_budget_min
-    report = plan(model, task, budget, batch_sizes, new_tokens, time_budget_s=time_budget_s, eval_rows=eval_rows,
-                  log=log, **plan_kw)
+    report_out.check_out(out, overwrite)
+    time_budget_s = None if time_budget_min is None or math.isinf(time_budget_min) else 60.0 * time_budget_min
+    with report_out.progress_bar(show_progress) as progress:
+        report = plan(model, task, budget, batch_sizes, new_tokens, time_budget_s=time_budget_s, eval_rows=eval_rows,
+                      source=source or None, log=log, progress=progress, **plan_kw)
     measured = [r["memory"]["peak_rss_bytes"] for r in report["rows"] if "memory" in r]
     report.update(model=source, machine=report_out.machine(), pareto=report_out.pareto(report),
                   peak_rss_bytes=max(measured, default=0), saved=None)
@@ -317,7 +375,7 @@ def accelerate(model, out: Path, task: str, budget: Budget, batch_sizes=(1,), ne
         saved = model.quantize(chosen.quant or QuantConfig(mode="float32"))
         report["saved"] = {"folder": "model", "quant": json.loads(saved.quant.to_json()),
                            "speculative": chosen.speculative}
-    with atomic_folder(out, overwrite=True) as tmp:  # the caller refused a non-empty `out` before the work
+    with atomic_folder(out, overwrite=True) as tmp:  # check_out refused anything but an earlier output
         if chosen is not None:
             save(saved, tmp / "model")
         text = report_out.write(report, tmp)

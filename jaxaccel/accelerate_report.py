@@ -1,10 +1,12 @@
 """`jaxaccel accelerate`'s outputs from a report dict: report.json (versioned; its schema is
 accelerate_report.schema.json, shipped beside this module), report.md (the table and the
 choice), report.png (speed against quality loss, the Pareto front drawn, the choice marked) and
-the rich table printed at the end. Pure presentation: nothing here measures or chooses."""
+the rich table printed at the end, the progress bar while measuring, and which folders `--out` may
+replace. Pure presentation: nothing here measures or chooses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,6 +15,38 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 SCHEMA = Path(__file__).with_name("accelerate_report.schema.json")
 EXTERNAL = "external baseline"  # a row's "kind" when it is not a jaxaccel variant (never chosen)
+OUTPUTS = ("model", "report.json", "report.md", "report.png")  # what `write` (and the chosen folder) put in --out
+
+
+def not_an_output(folder: Path) -> str | None:
+    """Why a non-empty `folder` is not an earlier accelerate output (None: it is one, safe to replace)."""
+    other = sorted(p.name for p in folder.iterdir() if p.name not in OUTPUTS)
+    if other:
+        return f"it holds {', '.join(other[:4])}{', ...' if len(other) > 4 else ''}"
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        ours = isinstance(report, dict) and isinstance(report.get("schema_version"), int) and "rows" in report
+    except (OSError, ValueError):
+        ours = False
+    return None if ours else "it has no report.json that accelerate wrote"
+
+
+def check_out(out, overwrite: bool = False) -> Path:
+    """Refuse `out` before any work: a file, a folder that cannot be written, or a non-empty folder
+    that is not an earlier accelerate output (unless `overwrite`). An earlier output is replaced
+    (atomically, when the new one is complete)."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and (why := not_an_output(out)):
+        raise FileExistsError(f"--out {out} is not empty and is not an earlier `jaxaccel accelerate` output ({why}); "
+                              "choose another folder, or pass --overwrite to replace it")
+    parent = out.parent if out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out} cannot be written: {parent} is not a writable folder")
+    return out
 
 
 def rate(row: dict, task: str, batch: int) -> float:
@@ -21,11 +55,14 @@ def rate(row: dict, task: str, batch: int) -> float:
     return s["decode_tok_s"] if task == "generate" else s["sentences_s"]
 
 
-def quality_loss(row: dict, task: str) -> float:
-    """Lower is better: mean KL (generate), 1 - mean cosine (embed), accuracy drop in points (classify)."""
+def quality_loss(row: dict, task: str) -> float | None:
+    """Lower is better: mean KL (generate), 1 - mean cosine (embed), accuracy drop in points
+    (classify); None for a row that could not measure it (llama.cpp: top-1 agreement only)."""
     q = row["quality"]
-    return {"generate": lambda: q["kl_mean"], "embed": lambda: 1.0 - q["cos_mean"],
-            "classify": lambda: q["accuracy_drop_points"]}[task]()
+    key = {"generate": "kl_mean", "embed": "cos_mean", "classify": "accuracy_drop_points"}[task]
+    if key not in q:
+        return None
+    return 1.0 - q[key] if task == "embed" else q[key]
 
 
 def measured(report: dict) -> list[dict]:
@@ -35,7 +72,8 @@ def measured(report: dict) -> list[dict]:
 def pareto(report: dict) -> list[str]:
     """The jaxaccel variants no other variant beats on both speed and quality loss, fastest first."""
     task, batch = report["task"], report["batch"]
-    pts = [(rate(r, task, batch), quality_loss(r, task), r["variant"]) for r in measured(report) if r["kind"] != EXTERNAL]
+    pts = [(rate(r, task, batch), quality_loss(r, task), r["variant"]) for r in measured(report)
+           if r["kind"] != EXTERNAL and quality_loss(r, task) is not None]
     front, best_loss = [], float("inf")
     for speed, loss, name in sorted(pts, key=lambda p: (-p[0], p[1])):
         if loss < best_loss:
@@ -64,13 +102,11 @@ def _cells(r: dict, task: str, batch: int) -> list[str]:
     s, q = r["speed"][str(batch)], r["quality"]
     cells = [f"{rate(r, task, batch):.1f}", f"{1e3 * (s['ttft_s'] if task == 'generate' else s['latency_p50_s']):.0f}",
              f"{s['compile_s']:.1f}", f"{r['params_bytes'] / 2**20:.1f}", f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}"]
-    if task == "generate":
-        cells += [f"{q['kl_mean']:.4f}", f"{q['kl_p99']:.4f}", f"{q['top1_agreement']:.1%}", f"{q['ppl_delta_pct']:+.2f}"]
-    elif task == "embed":
-        cells += [f"{q['cos_mean']:.5f}", f"{q['cos_min']:.5f}"]
-    else:
-        cells += [f"{q['accuracy']:.1%}", f"{q['accuracy_drop_points']:+.1f}", f"{q['agreement']:.1%}"]
-    return cells
+    keys = {"generate": [("kl_mean", "{:.4f}"), ("kl_p99", "{:.4f}"), ("top1_agreement", "{:.1%}"),
+                         ("ppl_delta_pct", "{:+.2f}")],
+            "embed": [("cos_mean", "{:.5f}"), ("cos_min", "{:.5f}")],
+            "classify": [("accuracy", "{:.1%}"), ("accuracy_drop_points", "{:+.1f}"), ("agreement", "{:.1%}")]}[task]
+    return cells + [fmt.format(q[k]) if k in q else "n/a" for k, fmt in keys]  # n/a: not measurable for that row
 
 
 def rows_as_cells(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -123,6 +159,9 @@ def markdown(report: dict) -> str:
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
     lines += ["", f"Choice: {report['reason']}", "", f"Pareto front (speed vs quality loss): "
               f"{', '.join(report['pareto']) or 'none'}.", ""]
+    notes = [f"{r['variant']}: {r['external']}" + (f"; {r['quality']['partial']}" if "partial" in r["quality"] else "")
+             for r in measured(report) if r["kind"] == EXTERNAL]
+    lines += [f"External baselines: {'; '.join(notes)}.", ""] if notes else []
     return "\n".join(lines)
 
 
@@ -138,7 +177,8 @@ def plot(report: dict, path: Path) -> Path:
     floor = 1e-6  # exact variants (speculative, eager) sit here on the log axes
     y = (lambda r: quality_loss(r, task)) if task == "classify" else (lambda r: max(quality_loss(r, task), floor))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    pts = {r["variant"]: (rate(r, task, batch), y(r), r["kind"]) for r in measured(report)}
+    pts = {r["variant"]: (rate(r, task, batch), y(r), r["kind"]) for r in measured(report)
+           if quality_loss(r, task) is not None}
     for name, (x, v, kind) in pts.items():
         chosen = name == report["chosen"]
         ax.scatter(x, v, s=90 if chosen else 30, marker="s" if kind == EXTERNAL else "o",
@@ -172,3 +212,45 @@ def write(report: dict, folder: Path) -> str:
     (folder / "report.md").write_text(markdown(report))
     plot(report, folder / "report.png")
     return table(report)
+
+
+class Progress:
+    """What `accelerate.plan` reports while it measures: which variant (n of total) and its current
+    step. This one shows nothing (tests, the API, output that is not a terminal)."""
+
+    def variant(self, n: int, total: int, name: str) -> None:
+        pass
+
+    def step(self, text: str) -> None:
+        pass
+
+
+class _RichProgress(Progress):
+    def __init__(self, bar):
+        self.bar, self.task, self.name = bar, None, ""
+
+    def variant(self, n: int, total: int, name: str) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("", total=total)
+        self.name = name
+        self.bar.update(self.task, total=total, completed=n - 1, description=f"{min(n, total)}/{total} {name}")
+
+    def step(self, text: str) -> None:
+        task = self.bar.tasks[0]
+        self.bar.update(self.task, description=f"{task.completed + 1:.0f}/{task.total:.0f} {self.name}: {text}")
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, console=None):
+    """A rich progress bar on stderr (or `console`) while measuring, gone when done (the log lines
+    and the table stay); `enabled` False yields the silent Progress."""
+    if not enabled:
+        yield Progress()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+    bar = Bar(TextColumn("accelerate"), BarColumn(bar_width=24), TextColumn("{task.description}"),
+              TimeElapsedColumn(), console=console or Console(stderr=True), transient=True)
+    with bar:
+        yield _RichProgress(bar)

@@ -107,16 +107,32 @@ def cmd_serve(args) -> int:
 
 
 def cmd_accelerate(args) -> int:
-    from .accelerate import Budget, accelerate, check_arguments, parse_batch_sizes
-    from .checkpoints.folders import check_target
+    from .accelerate import Budget, accelerate, check_arguments, default_out, parse_batch_sizes
+    from .accelerate_report import check_out
 
     budget, sizes = Budget.parse(args.quality_budget, args.task), parse_batch_sizes(args.batch_sizes, args.task)
+    if not args.time_budget > 0:  # nan fails this too
+        raise ValueError(f"--time-budget {args.time_budget:g}: expected minutes > 0 (inf: measure every variant)")
     eval_rows = check_arguments(args.task, args.model, args.eval)
-    check_target(args.out, args.overwrite)  # before any work
-    m = _load(args, default=MINILM if args.task == "embed" else GEMMA)
-    report = accelerate(m, Path(args.out), args.task, budget, sizes, args.new_tokens, args.time_budget,
-                        eval_rows=eval_rows, source=args.model or (MINILM if args.task == "embed" else GEMMA), log=_err)
+    out = check_out(args.out or default_out(args.model, args.task), args.overwrite)  # before any work
+    default = MINILM if args.task == "embed" else GEMMA
+    m = _load(args, default=default)
+    _err(f"measuring into {out} (time budget {args.time_budget:g} min; Ctrl-C stops and keeps the rows measured)")
+    report = accelerate(m, out, args.task, budget, sizes, args.new_tokens, args.time_budget, eval_rows=eval_rows,
+                        source=args.model or default, log=_err, overwrite=args.overwrite,
+                        show_progress=sys.stderr.isatty())  # a bar only where someone watches it
+    if report["saved"] is not None and args.task == "generate":
+        _sample(out / "model", report["saved"]["speculative"])
     return 130 if report["interrupted"] else 0  # 130: the shell's code for a Ctrl-C'd command
+
+
+def _sample(folder: Path, speculative: str | None, prompt: str = "The best thing about a quiet morning is") -> None:
+    """A short greedy continuation from the saved folder: it loads and generates as saved."""
+    from .generation import generate
+    from .model import load
+
+    text = generate(load(folder, fast_tokenizer=True), [prompt], max_new_tokens=24, speculative=speculative)[0]
+    _err(f"sample from {folder}: {prompt}{text}")
 
 
 def cmd_info(args) -> int:
@@ -355,10 +371,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-sizes", help="comma-separated; the first one decides the choice (default: 1 for "
                    "generate, 32 for embed / classify)")
     a.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per speed measurement")
-    a.add_argument("--time-budget", type=float, help="minutes; variants after it are skipped")
-    a.add_argument("--out", required=True, help="folder for model/ (the chosen variant), report.json (schema: "
-                   "jaxaccel/accelerate_report.schema.json), report.md, report.png")
-    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--time-budget", type=float, default=3.5, help="minutes for measuring: float32 jit is always "
+                   "measured, then the variants cheapest first; one that would not fit is skipped for time "
+                   "(default: 3.5; inf: every variant)")
+    a.add_argument("--out", type=Path, help="folder for model/ (the chosen variant), report.json (schema: "
+                   "jaxaccel/accelerate_report.schema.json), report.md, report.png; default: "
+                   "./accelerated/<model name>. An earlier accelerate output there is replaced")
+    a.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an accelerate output")
     a.set_defaults(fn=cmd_accelerate)
 
     c = with_model(sub.add_parser("convert", help="load any supported checkpoint and write an HF folder"))

@@ -21,7 +21,7 @@ import transformers
 
 import jaxaccel
 from jaxaccel import accelerate as acc
-from jaxaccel import accelerate_baseline, accelerate_measure, accelerate_report, cli
+from jaxaccel import accelerate_baseline, accelerate_llama, accelerate_measure, accelerate_report, cli
 from jaxaccel.quant import QuantConfig
 from conftest import random_hf_model, tiny_hf_config
 from serve_util import write_char_tokenizer
@@ -177,7 +177,8 @@ def test_accelerate_measures_chooses_saves_and_reports(tiny, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     validate(report)
     rows = {r["variant"]: r for r in report["rows"]}
-    assert set(rows) == {v.name for v in acc.lm_variants()} | {accelerate_baseline.NAME}
+    assert set(rows) == {v.name for v in acc.lm_variants()} | {accelerate_baseline.NAME, accelerate_llama.NAME}
+    assert rows[accelerate_llama.NAME]["skipped"].startswith("not measured: ")  # an HF folder, not a GGUF
     measured = [r for r in rows.values() if "skipped" not in r]
     assert len(measured) >= 8 and {acc.BASELINE, "float16", "float32 eager"} <= {r["variant"] for r in measured}
     assert "skipped" in rows["int4 g128"]  # groups of 128 do not divide the tiny model's 64 inputs
@@ -383,7 +384,7 @@ def test_ctrl_c_keeps_the_measured_rows(tiny, tmp_path):
     assert report["interrupted"] and "interrupted" in report["reason"] and "Interrupted" in (out / "report.md").read_text()
     rows = {r["variant"]: r for r in report["rows"]}
     assert "skipped" not in rows[acc.BASELINE] and report["chosen"] is not None
-    assert set(rows) == {v.name for v in acc.lm_variants()} | {accelerate_baseline.NAME}
+    assert set(rows) == {v.name for v in acc.lm_variants()} | {accelerate_baseline.NAME, accelerate_llama.NAME}
     # the rows measured before the signal are kept; the one it stopped and those after say why
     stopped = [r["variant"] for r in report["rows"] if "interrupted (Ctrl-C)" in r.get("skipped", "")]
     assert stopped and stopped == [r["variant"] for r in report["rows"][-len(stopped):]]
