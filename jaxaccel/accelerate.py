@@ -289,9 +289,10 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
 
 def summary(row: dict, task: str, batch: int) -> str:
     q = row["quality"]
-    quality = {"generate": lambda: f"KL {q['kl_mean']:.4f}, top-1 {q['top1_agreement']:.1%}",
-               "embed": lambda: f"cos {q['cos_mean']:.5f}",
-               "classify": lambda: f"accuracy {q['accuracy']:.1%}, agreement {q['agreement']:.1%}"}[task]()
+    shown = {"generate": [("KL", "kl_mean", "{:.4f}"), ("top-1", "top1_agreement", "{:.1%}")],
+             "embed": [("cos", "cos_mean", "{:.5f}")],
+             "classify": [("accuracy", "accuracy", "{:.1%}"), ("agreement", "agreement", "{:.1%}")]}[task]
+    quality = ", ".join(f"{label} {fmt.format(q[k])}" for label, k, fmt in shown if k in q)  # llama.cpp: top-1 only
     unit = "tok/s" if task == "generate" else "sentences/s"
     return f"{report_out.rate(row, task, batch):.1f} {unit}, {quality}"
 

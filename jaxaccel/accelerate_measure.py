@@ -119,7 +119,7 @@ def lm_quality(ref_logp: list[np.ndarray], model, windows: np.ndarray) -> dict:
         nll -= float(np.sum(logp[np.arange(len(nxt)), nxt]))
         nll_ref -= float(np.sum(ref[np.arange(len(nxt)), nxt]))
         n += len(nxt)
-    kl = np.concatenate(kls)
+    kl = np.maximum(np.concatenate(kls), 0.0)  # >= 0 exactly; float64 rounding gives -1e-9 for equal distributions
     return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "top1_agreement": agree / n,
             "ppl": math.exp(nll / n), "ppl_delta_pct": 100.0 * (math.exp((nll - nll_ref) / n) - 1.0)}
 

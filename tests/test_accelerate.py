@@ -274,14 +274,19 @@ def test_classify_measures_accuracy_and_saves_a_classifier(classifier, tmp_path,
     (["--task", "classify", "--eval", "E", "--model", "BERT"], "needs a sequence classifier"),
     (["--task", "embed", "--model", "TINY"], "--task embed needs a BERT encoder"),
     (["--model", "CLS"], "--task generate needs a decoder LM"),
+    (["--time-budget", "0"], "--time-budget 0: expected minutes > 0"),
+    (["--time-budget", "nan"], "--time-budget nan: expected minutes > 0"),
+    (["--out", "FILE/sub"], "cannot be written"),
+    (["--out", "FILE"], "exists and is not a folder"),
 ])
 def test_bad_arguments_are_clear_errors(tiny, classifier, tmp_path, capsys, argv, message):
     files = {"E": write_jsonl(tmp_path / "e.jsonl", eval_rows(3)), "MISSING": tmp_path / "none.jsonl",
              "NOLABEL": write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": "pos"}, {"text": "b"}]),
              "BADJSON": tmp_path / "bad.jsonl", "UNKNOWN": write_jsonl(tmp_path / "u.jsonl", [{"text": "a", "label": 1},
                                                                                                {"text": "b", "label": "meh"}]),
-             "TINY": tiny, "CLS": classifier}
+             "TINY": tiny, "CLS": classifier, "FILE": tmp_path / "a-file", "FILE/sub": tmp_path / "a-file" / "sub"}
     (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "a-file").write_text("x")
     if "BERT" in argv:
         files["BERT"] = bert_folder(tmp_path / "bert", "BertModel")
     argv = [str(files.get(a, a)) for a in argv]
@@ -296,8 +301,41 @@ def test_a_non_empty_out_folder_is_refused_before_any_work(tiny, tmp_path, capsy
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert cli.main(["accelerate", "--model", str(tiny), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "is not empty and is not an earlier `jaxaccel accelerate` output (it holds keep.txt)" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    (out / "report.json").write_text('{"mine": 1}')  # the name alone does not make it ours
+    assert cli.main(["accelerate", "--model", str(tiny), "--out", str(out)]) == 2
+    assert "it has no report.json that accelerate wrote" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["report.json"]
+
+
+def test_no_arguments_default_out_time_budget_sample_and_rerun(tiny, tmp_path, monkeypatch, capsys):
+    """The README's command on a tiny model: --out defaults to ./accelerated/<name>; a time budget
+    float32 jit alone exceeds skips every other row for time (cheapest first, externals last); the
+    sample is the saved folder's greedy text; a rerun replaces the earlier output."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["accelerate", "--model", str(tiny), "--new-tokens", "4", "--time-budget", "0.001"]
+    assert cli.main(argv) == 0
+    out = tmp_path / "accelerated" / tiny.name
+    report = json.loads((out / "report.json").read_text())
+    validate(report)
+    assert report["time_budget_s"] == pytest.approx(0.06) and report["chosen"] == acc.BASELINE
+    names = [r["variant"] for r in report["rows"]]
+    costs = {v.name: v.cost for v in acc.lm_variants()}
+    assert names[0] == acc.BASELINE and names[-2:] == [accelerate_llama.NAME, accelerate_baseline.NAME]
+    assert [costs[n] for n in names[1:-2]] == sorted(costs[n] for n in names[1:-2]) and len(names) == len(costs) + 2
+    assert all(r["skipped"].startswith("skipped for time: about ") for r in report["rows"][1:]), report["rows"]
+    err = capsys.readouterr().err
+    assert f"saved to {Path('accelerated') / tiny.name}" in err and "report.json" in err
+    prompt = "The best thing about a quiet morning is"
+    want = jaxaccel.generate(jaxaccel.load(tiny), [prompt], max_new_tokens=24)[0]  # float32 jit was chosen
+    assert f"sample from {Path('accelerated') / tiny.name / 'model'}: {prompt}{want}\n" in err
+    (out / "report.md").write_text("an earlier run")
+    assert cli.main(argv) == 0  # an earlier accelerate output: replaced without --overwrite
+    assert sorted(p.name for p in out.iterdir()) == list(accelerate_report.OUTPUTS)
+    assert "an earlier run" not in (out / "report.md").read_text()
+    assert not [p for p in out.parent.iterdir() if p.name != tiny.name]  # no temporary folders left
 
 
 def test_budget_parsing():
@@ -356,13 +394,90 @@ def test_transformers_baseline_says_why_without_torch(tiny, monkeypatch):
         accelerate_baseline.transformers_baseline(model.quantize(QuantConfig(mode="int8")), None)
 
 
-def test_a_budget_nothing_meets_keeps_float32_and_says_so(tiny):
+class Recorder(accelerate_report.Progress):
+    def __init__(self):
+        self.calls = []
+
+    def variant(self, n, total, name):
+        self.calls.append((n, total, name))
+
+    def step(self, text):
+        self.calls.append(text)
+
+
+def test_a_budget_nothing_meets_keeps_float32_and_says_so_with_progress(tiny):
     model = jaxaccel.load(tiny)
-    variants = [acc.Variant(acc.BASELINE), acc.Variant("int8 per channel", QuantConfig(mode="int8"))]
+    variants = [acc.Variant("int8 per channel", QuantConfig(mode="int8")), acc.Variant(acc.BASELINE)]
+    progress = Recorder()
     report = acc.plan(model, "generate", acc.Budget("kl", 0.0), new_tokens=4, windows=1, variants=variants,
-                      external=False, log=lambda s: None)
+                      external=False, log=lambda s: None, progress=progress)
     assert report["chosen"] == acc.BASELINE and "no variant is both within the budget" in report["reason"]
     assert report["rows"][1]["verdict"].startswith("outside the quality budget")
+    held_out, speed = "quality on the held-out windows", "speed at batch 1"
+    assert progress.calls == [(1, 1, "float32 reference outputs"), (1, 2, acc.BASELINE), held_out, speed,
+                              (2, 2, "int8 per channel"), "quantizing (int8)", held_out, speed, (3, 2, "done")]
+
+
+def test_the_rich_progress_bar_shows_variant_n_of_m_and_the_step():
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    with accelerate_report.progress_bar(True, Console(file=buf, force_terminal=True, width=120)) as bar:
+        bar.variant(2, 5, "bfloat16")
+        bar.step("speed at batch 8")
+    assert "2/5 bfloat16: speed at batch 8" in buf.getvalue()
+    buf = io.StringIO()
+    with accelerate_report.progress_bar(False, Console(file=buf, force_terminal=True)) as bar:
+        bar.variant(1, 2, "x")
+    assert buf.getvalue() == ""
+
+
+def test_llama_cpp_row_says_why_it_is_absent(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv(accelerate_llama.BINARY_ENV, str(tmp_path / "nothing"))
+    with pytest.raises(accelerate_baseline.NotMeasured, match="not an executable llama-server"):
+        accelerate_llama.find_binary()
+    monkeypatch.delenv(accelerate_llama.BINARY_ENV)
+    monkeypatch.setenv("JAXACCEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(accelerate_baseline.NotMeasured, match="no llama-server binary .*`python -m bench.llama_server`"):
+        accelerate_llama.find_binary()
+    with pytest.raises(accelerate_baseline.NotMeasured, match="the source is not a GGUF file"):
+        accelerate_llama.source_gguf(str(tiny))
+
+
+def _llama_server_built() -> bool:
+    try:
+        accelerate_llama.find_binary()
+        return True
+    except accelerate_baseline.NotMeasured:
+        return False
+
+
+@pytest.mark.skipif(not _llama_server_built(), reason="needs a built llama-server (python -m bench.llama_server)")
+def test_llama_cpp_row_on_a_tiny_gguf(tmp_path):
+    """llama.cpp's own server on the same F32 GGUF: its greedy tokens are float32's, its top-1
+    choices agree with float32's almost everywhere; its speed is llama.cpp's own timings."""
+    from gguf_util import write_tiny_gguf
+
+    cfg = tiny_hf_config("gemma3")
+    gguf_path = write_tiny_gguf(random_hf_model(cfg), tmp_path / "tiny.gguf", "F32")
+    model = jaxaccel.load(gguf_path)
+    report = acc.plan(model, "generate", acc.Budget("kl", 0.02), new_tokens=8, windows=1, repeats=1,
+                      variants=[acc.Variant(acc.BASELINE)], source=str(gguf_path), log=lambda s: None)
+    validate({**report, "model": "", "machine": {"platform": "", "processor": "", "cpu_count": 1, "jax_backend": "cpu",
+                                                "devices": [], "jax": ""}, "pareto": [], "saved": None, "peak_rss_bytes": 0})
+    rows = {r["variant"]: r for r in report["rows"]}
+    row = rows[accelerate_llama.NAME]
+    assert row["kind"] == "external baseline" and row["verdict"].startswith("external baseline, never chosen"), row
+    assert row["quality"]["top1_agreement"] > 0.95 and "kl_mean" not in row["quality"]
+    assert row["greedy_text"] == rows[acc.BASELINE]["greedy_text"]
+    assert row["params_bytes"] == gguf_path.stat().st_size and row["memory"]["process"] == "llama-server"
+    assert row["memory"]["peak_rss_bytes"] > 0 and _rate(row) > 0 and accelerate_report.pareto(report) == [acc.BASELINE]
+    cols, cells = accelerate_report.rows_as_cells(report)
+    cells = dict(zip(cols, cells[[r["variant"] for r in report["rows"]].index(accelerate_llama.NAME)]))
+    assert cells["KL mean"] == "n/a" and cells["top-1"] == f"{row['quality']['top1_agreement']:.1%}"
 
 
 def test_ctrl_c_keeps_the_measured_rows(tiny, tmp_path):
