@@ -223,19 +223,20 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
          variants: list[Variant] | None = None, eval_rows: measure.LabelledRows | None = None,
          external: bool = True, source: str | None = None, log: Callable[[str], None] = print,
          progress: report_out.Progress | None = None) -> dict:
-    """Measure float32 jit (the reference), then the other variants cheapest first (Variant.cost),
-    then the external baselines; -> the report (rows, choice, reason). Nothing is saved here.
+    """Measure float32 jit (the reference), then the other variants cheapest first (Variant.cost;
+    float32 eager last), then the external baselines; -> the report (rows, choice, reason). Nothing is saved here.
 
     `time_budget_s` counts from here (float32's reference outputs included): a row whose estimated
     cost (its `cost` x float32 jit's measured time) does not fit in what is left is skipped for
     time. `source` (the --model argument) tells the llama.cpp row which GGUF file to run."""
     measure.check_task(model, task)
     progress = progress or report_out.Progress()
-    started = time.perf_counter()
-    progress.variant(1, 1, "float32 reference outputs")
-    ref = Reference(model, task, batch_sizes, new_tokens, windows, window, repeats, eval_rows)
-    jobs = sorted(variants or variants_for(task), key=lambda v: (v.name != BASELINE, v.cost))
+    # float32 jit first (the reference), the un-jitted one last of ours: it is never faster, so never chosen
+    jobs = sorted(variants or variants_for(task), key=lambda v: (v.name != BASELINE, v.eager, v.cost))
     jobs += externals(task, source) if external else []
+    started = time.perf_counter()
+    progress.variant(0, len(jobs), "float32's reference outputs")
+    ref = Reference(model, task, batch_sizes, new_tokens, windows, window, repeats, eval_rows)
     rows, interrupted, unit = [], False, None  # unit: float32 jit's measured seconds
     identity = lambda j: {"variant": j.name, "kind": report_out.EXTERNAL if isinstance(j, External) else "variant",
                           "quant": None if isinstance(j, External) or j.quant is None else json.loads(j.quant.to_json()),
@@ -247,8 +248,7 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
             progress.variant(n, len(jobs), job.name)
             left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
             if left is not None and unit is not None and job.cost * unit > left:
-                row["skipped"] = (f"skipped for time: about {job.cost * unit:.0f} s to measure (estimated), "
-                                  f"{max(left, 0):.0f} s of the time budget left")
+                row["skipped"] = f"skipped for time (needs about {job.cost * unit:.0f} s, {max(left, 0):.0f} s left)"
             else:
                 t0 = time.perf_counter()
                 try:

@@ -13,12 +13,10 @@ import time
 import numpy as np
 
 from . import accelerate_measure as measure
+from .accelerate_measure import NotMeasured
 
 NAME = "transformers eager"
-
-
-class NotMeasured(ValueError):
-    """The baseline does not apply here; its message is the row's reason."""
+__all__ = ["NAME", "NotMeasured", "transformers_baseline"]
 
 
 def _torch_batches(tok, items: list, batch: int, max_len: int):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .accelerate_baseline import NotMeasured
+from .accelerate_measure import NotMeasured
 from .paths import cache_dir
 
 NAME = "llama.cpp"

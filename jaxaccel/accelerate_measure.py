@@ -18,6 +18,11 @@ from pathlib import Path
 import numpy as np
 
 
+class NotMeasured(ValueError):
+    """An external baseline that does not apply here (no torch, no llama-server, not a GGUF ...);
+    its message is the row's reason."""
+
+
 def check_task(model, task: str) -> None:
     """Refuse a task the model cannot do, before anything is measured."""
     cfg = model.config

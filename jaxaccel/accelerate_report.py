@@ -233,7 +233,7 @@ class _RichProgress(Progress):
         if self.task is None:
             self.task = self.bar.add_task("", total=total)
         self.name = name
-        self.bar.update(self.task, total=total, completed=n - 1, description=f"{min(n, total)}/{total} {name}")
+        self.bar.update(self.task, total=total, completed=max(n - 1, 0), description=f"{min(n, total)}/{total} {name}")
 
     def step(self, text: str) -> None:
         task = self.bar.tasks[0]

@@ -324,8 +324,9 @@ def test_no_arguments_default_out_time_budget_sample_and_rerun(tiny, tmp_path, m
     names = [r["variant"] for r in report["rows"]]
     costs = {v.name: v.cost for v in acc.lm_variants()}
     assert names[0] == acc.BASELINE and names[-2:] == [accelerate_llama.NAME, accelerate_baseline.NAME]
-    assert [costs[n] for n in names[1:-2]] == sorted(costs[n] for n in names[1:-2]) and len(names) == len(costs) + 2
-    assert all(r["skipped"].startswith("skipped for time: about ") for r in report["rows"][1:]), report["rows"]
+    assert names[-3] == "float32 eager" and len(names) == len(costs) + 2  # never chosen: the last of ours
+    assert [costs[n] for n in names[1:-3]] == sorted(costs[n] for n in names[1:-3])
+    assert all(r["skipped"].startswith("skipped for time (needs about ") for r in report["rows"][1:]), report["rows"]
     err = capsys.readouterr().err
     assert f"saved to {Path('accelerated') / tiny.name}" in err and "report.json" in err
     prompt = "The best thing about a quiet morning is"
@@ -414,7 +415,7 @@ def test_a_budget_nothing_meets_keeps_float32_and_says_so_with_progress(tiny):
     assert report["chosen"] == acc.BASELINE and "no variant is both within the budget" in report["reason"]
     assert report["rows"][1]["verdict"].startswith("outside the quality budget")
     held_out, speed = "quality on the held-out windows", "speed at batch 1"
-    assert progress.calls == [(1, 1, "float32 reference outputs"), (1, 2, acc.BASELINE), held_out, speed,
+    assert progress.calls == [(0, 2, "float32's reference outputs"), (1, 2, acc.BASELINE), held_out, speed,
                               (2, 2, "int8 per channel"), "quantizing (int8)", held_out, speed, (3, 2, "done")]
 
 
