@@ -131,23 +131,21 @@ class Server:
 
 def start(binary: Path, gguf: Path, context: int, threads: int) -> Server:
     """A ready server; one that dies by a signal at start-up is retried once with --no-repack
-    (llama.cpp's repacked AMX path crashes on some virtual machines that list AMX flags)."""
-    server = Server(binary, gguf, context, threads)
-    try:
-        server.wait_ready()
-        return server
-    except RuntimeError as e:
-        crashed = server.proc.poll() is not None and server.proc.returncode < 0
-        server.__exit__()
-        if not crashed:
-            raise RuntimeError(f"llama-server did not start: {e}") from None
-    server = Server(binary, gguf, context, threads, repack=False)
-    try:
-        server.wait_ready()
-    except RuntimeError as e:
-        server.__exit__()
-        raise RuntimeError(f"llama-server did not start (also with --no-repack): {e}") from None
-    return server
+    (llama.cpp's repacked AMX path crashes on some virtual machines that list AMX flags). Stopped
+    again on any failure, Ctrl-C included."""
+    for repack in (True, False):
+        server = Server(binary, gguf, context, threads, repack)
+        try:
+            server.wait_ready()
+            return server
+        except BaseException as e:
+            crashed = server.proc.poll() is not None and server.proc.returncode < 0
+            server.__exit__()
+            if not isinstance(e, RuntimeError):
+                raise
+            if not (crashed and repack):
+                raise RuntimeError(f"llama-server did not start{'' if repack else ' (also with --no-repack)'}: {e}") from None
+    raise AssertionError("unreachable")
 
 
 def _speed(server: Server, prompt: list[int], new_tokens: int, repeats: int) -> dict:

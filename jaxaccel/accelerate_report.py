@@ -153,6 +153,9 @@ def markdown(report: dict) -> str:
              f"(batch sizes measured: {', '.join(map(str, report['batch_sizes']))}); quality on {report['eval']['what']}. "
              f"Peak memory: the process's resident high-water mark while each variant ran "
              f"({report['memory_method']}).", ""]
+    if report.get("time_budget_s") is not None:
+        lines += [f"Time budget: {report['time_budget_s'] / 60:g} min for measuring ({report['measure_s']:.0f} s used); "
+                  "rows that would not have fitted are skipped for time.", ""]
     if report["interrupted"]:
         lines += ["**Interrupted**: the rows below are those measured before Ctrl-C.", ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

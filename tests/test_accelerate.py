@@ -335,7 +335,8 @@ def test_no_arguments_default_out_time_budget_sample_and_rerun(tiny, tmp_path, m
     (out / "report.md").write_text("an earlier run")
     assert cli.main(argv) == 0  # an earlier accelerate output: replaced without --overwrite
     assert sorted(p.name for p in out.iterdir()) == list(accelerate_report.OUTPUTS)
-    assert "an earlier run" not in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "an earlier run" not in md and "Time budget: 0.001 min for measuring" in md
     assert not [p for p in out.parent.iterdir() if p.name != tiny.name]  # no temporary folders left
 
 
