@@ -6,16 +6,20 @@ those names onto the mesh axes `data`, `fsdp` and `tensor`. Nothing else in the 
 knows about meshes: params, optimizer state, KV caches and batches all get their
 `NamedSharding` from `RULES` here.
 
-Divisibility policy: a *parameter* dimension that its mesh axes do not divide is an error
-naming the parameter, the dimension and the mesh axis (params have fixed shapes: pick a
-mesh that fits). *Runtime* shapes (batch bucket, KV heads of the cache) fall back to fewer
-mesh axes and finally to replication: that is always correct, only less parallel.
+Divisibility policy, one rule for params, KV caches and batches: a dimension that a mesh axis
+does not divide is kept whole (replicated) on that axis, so every mesh whose product matches
+the device count loads every model; that is always exact, only less parallel. `heads` and
+`kv_heads` count whole heads (a head is never split across devices): Gemma 3 270M's single KV
+head is replicated on any tensor axis, as its cache's head axis is. Padding is never used (a
+padded vocabulary would change the logits' shape). `replicated_dims` / `replication_note` say
+which parameter dimensions were kept whole; loading over such a mesh warns once with the note.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -125,44 +129,100 @@ def _axes_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def logical_spec(names, shape, mesh: Mesh, what: str | None = None) -> P:
-    """Logical names of each dimension -> PartitionSpec by `RULES`.
+@dataclass(frozen=True)
+class Replicated:
+    """A dimension kept whole on a mesh axis that does not divide it (one per dropped axis)."""
 
-    what=None: runtime array, an indivisible dimension drops mesh axes from the end until it
-    divides (finally replicated). what="param name": an indivisible dimension is an error.
+    dim: int  # which dimension of the array
+    name: str  # its logical name ('vocab', 'kv_heads', ...)
+    size: int  # its size, in heads for 'heads' / 'kv_heads'
+    axis: str  # the mesh axis it is replicated on
+    axis_size: int
+
+    def __str__(self) -> str:
+        if self.name in ("heads", "kv_heads"):
+            what = f"{self.size} {'KV ' * (self.name == 'kv_heads')}head{'s' * (self.size != 1)}"
+        else:
+            what = f"{self.name} {self.size}"
+        return f"{what} on {self.axis}={self.axis_size}"
+
+
+def plan_spec(names, shape, mesh: Mesh, units=None) -> tuple[P, tuple[Replicated, ...]]:
+    """Logical names of each dimension -> (PartitionSpec by `RULES`, the dimensions kept whole).
+
+    A dimension its mesh axes do not divide drops axes from the end of its rule until they do
+    (finally replicated); each dropped axis of size > 1 is reported. units: logical name ->
+    elements per unit (a head's width for the flattened `heads` / `kv_heads` of a kernel), so
+    divisibility is counted in whole heads.
     """
     rules = dict(RULES)
-    used, out = set(), []
+    used, out, dropped = set(), [], []
     for dim, (name, size) in enumerate(zip(names, shape)):
-        axes = rules.get(name) if name is not None else None
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} has no rule in jaxaccel.sharding.RULES")
+        axes = rules.get(name) if name is not None else None
         axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in used)
-        if what is not None and axes and size % _axes_size(mesh, axes):
-            desc = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
-            raise ValueError(
-                f"parameter {what}: dimension {dim} ({name!r}, size {size}) is not divisible by mesh axis "
-                f"{desc}; choose a mesh whose {'/'.join(axes)} size divides {size}")
-        while axes and size % _axes_size(mesh, axes):
+        unit = (units or {}).get(name, 1)
+        count = size // unit if size % unit == 0 else size
+        while axes and count % _axes_size(mesh, axes):
+            dropped.append(Replicated(dim, name, int(count), axes[-1], int(mesh.shape[axes[-1]])))
             axes = axes[:-1]
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*out)
+    return P(*out), tuple(dropped)
+
+
+def logical_spec(names, shape, mesh: Mesh, units=None) -> P:
+    """Logical names of each dimension -> PartitionSpec (see plan_spec)."""
+    return plan_spec(names, shape, mesh, units)[0]
 
 
 def _param_table(cfg, mesh: Mesh, dtype="float32") -> dict:
-    """Flat param path -> (shape, NamedSharding); divisibility errors before any allocation."""
+    """Flat param path -> (shape, NamedSharding, dimensions kept whole), from abstract params."""
     boxed = registry.abstract_params(cfg, dtype)
     names = traverse_util.flatten_dict(nn.get_partition_spec(boxed))
     shapes = traverse_util.flatten_dict(meta.unbox(boxed))
-    return {path: (s.shape, NamedSharding(mesh, logical_spec(tuple(names[path]) or (None,) * len(s.shape), s.shape,
-                                                             mesh, what="/".join(path))))
-            for path, s in shapes.items()}
+    units = {"heads": cfg.head_dim, "kv_heads": cfg.head_dim}  # q/k/v/o kernels hold heads x head_dim
+    table = {}
+    for path, s in shapes.items():
+        spec, dropped = plan_spec(tuple(names[path]) or (None,) * len(s.shape), s.shape, mesh, units)
+        table[path] = (s.shape, NamedSharding(mesh, spec), dropped)
+    return table
+
+
+def replicated_dims(cfg, mesh: Mesh, dtype="float32") -> dict[str, tuple[Replicated, ...]]:
+    """'path/of/param' -> its dimensions kept whole on a mesh axis that does not divide them
+    (only params that have one): the sharding plan's exceptions, for reports."""
+    return {"/".join(p): d for p, (_, _, d) in _param_table(cfg, mesh, dtype).items() if d}
+
+
+def replication_note(cfg, mesh: Mesh, dtype="float32") -> str | None:
+    """One line naming what `mesh` keeps whole for `cfg` (None when every dimension divides),
+    e.g. '... 1 KV head on tensor=8 (36 params), vocab 97 on tensor=8 (2 params)'."""
+    return _note(_param_table(cfg, mesh, dtype), mesh)
+
+
+def _note(table: dict, mesh: Mesh) -> str | None:
+    counts: dict[str, int] = {}
+    for _, _, dropped in table.values():
+        for d in dict.fromkeys(str(d) for d in dropped):
+            counts[d] = counts.get(d, 0) + 1
+    if not counts:
+        return None
+    whole = sum(1 for _, _, d in table.values() if d)
+    what = ", ".join(f"{k} ({n} param{'s' * (n > 1)})" for k, n in counts.items())
+    return (f"mesh {describe(mesh)}: {whole} of {len(table)} params are replicated on a mesh axis that does not "
+            f"divide them (exact; less memory saved): {what}")
 
 
 def param_shardings(cfg, mesh: Mesh, dtype="float32"):
-    """Params pytree of `NamedSharding`."""
-    return traverse_util.unflatten_dict({p: sh for p, (_, sh) in _param_table(cfg, mesh, dtype).items()})
+    """Params pytree of `NamedSharding`; warns (once per message) with `replication_note` when
+    the mesh keeps some dimension whole: every params placement (load, shard, init) passes here."""
+    table = _param_table(cfg, mesh, dtype)
+    note = _note(table, mesh)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return traverse_util.unflatten_dict({p: sh for p, (_, sh, _) in table.items()})
 
 
 def shardings_like(tree, cfg, mesh: Mesh):
@@ -175,7 +235,7 @@ def shardings_like(tree, cfg, mesh: Mesh):
     def pick(key_path, leaf):
         keys = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
         for i in range(len(keys)):
-            shape, s = table.get(keys[i:], (None, None))
+            shape, s, _ = table.get(keys[i:], (None, None, None))
             if shape is not None and tuple(shape) == tuple(np.shape(leaf)):
                 return s
         return replicated

@@ -1,16 +1,20 @@
 """Run by test_sharding.py in a subprocess with 8 CPU devices (XLA_FLAGS is read at jax import).
 
-argv: HF folder (vocab divisible by 8), the same model as a GGUF file, HF folder with vocab 97,
-output .npz. For the single
-device and each mesh it stores logits, greedy tokens, one `jaxaccel.train` step's loss and
+argv: HF folder (vocab divisible by 8), the same model as a GGUF file, a folder of HF models whose
+dimensions some mesh axes do not divide (test_sharding.write_odd_models), output .npz. For the
+single device and each mesh it stores logits, greedy tokens, one `jaxaccel.train` step's loss and
 updated params, and measured per-device params bytes; the test compares them. Also records the
 errors of the bad-input cases.
+
+argv `odd ROOT OUT`: only the odd models, on every (data, fsdp, tensor) layout of 8 devices.
 """
 
 import contextlib
 import io
+import itertools
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -55,6 +59,45 @@ def run(model, mesh, tokens, out, tag):
     out[f"{tag}/bytes"] = np.asarray([per_device[d] for d in jax.devices() if d in per_device])
 
 
+LAYOUTS = [s for s in itertools.product((1, 2, 4, 8), repeat=3) if np.prod(s) == 8]  # every layout of 8
+ODD_IDS = np.asarray([[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4, 90, 96, 1, 2, 3, 4, 5]])  # < 97: every odd vocabulary
+NOTE = "replicated on a mesh axis that does not divide"  # in sharding.replication_note's text
+
+
+def odd_shapes(root, out, logits_on, generate_on):
+    """Each model under `root` (odd vocabulary, one KV head, heads fewer than the tensor axis)
+    loaded over each mesh of `logits_on`: logits, the load's warnings, the plan and the placed
+    specs; greedy tokens on the meshes of `generate_on` (decoders). Keys odd/<model>/..."""
+    out["odd/ids"] = ODD_IDS
+    for folder in sorted(Path(root).iterdir()):
+        base = jaxaccel.load(folder)
+        decoder = base.config.head == "causal_lm"
+        generate = lambda m: np.asarray(jaxaccel.generate_tokens(m, [[5, 6, 7], [9]], max_new_tokens=8))
+        out[f"odd/{folder.name}/single/logits"] = np.asarray(base.logits(ODD_IDS))
+        if decoder:
+            out[f"odd/{folder.name}/single/tokens"] = generate(base)
+        for shape in logits_on:
+            tag = f"odd/{folder.name}/mesh%d%d%d" % shape
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                m = jaxaccel.load(folder, mesh=jaxaccel.MeshConfig(*shape))
+            out[f"{tag}/logits"] = np.asarray(m.logits(ODD_IDS))
+            if decoder and shape in generate_on:
+                out[f"{tag}/tokens"] = generate(m)
+            out[f"{tag}/notes"] = np.asarray([str(w.message) for w in caught if NOTE in str(w.message)], dtype=str)
+            plan = sharding.replicated_dims(m.config, m.mesh)
+            out[f"{tag}/plan"] = np.asarray(sorted(f"{p} {d}" for p, ds in plan.items() for d in ds), dtype=str)
+            # the placed arrays follow the plan: no replicated dimension carries its axis
+            specs = {"/".join(k.key for k in path): leaf.sharding.spec
+                     for path, leaf in jax.tree_util.tree_leaves_with_path(m.params)}
+            out[f"{tag}/plan_followed"] = np.asarray(all(
+                d.axis not in jax.tree.leaves(specs[p][d.dim]) for p, ds in plan.items() for d in ds))
+            out[f"{tag}/specs"] = np.asarray([f"{p} {tuple(specs[p])}" for p in sorted(specs)], dtype=str)
+            if decoder:
+                cache = sharding.init_cache(m.config, 2, 16, mesh=m.mesh)
+                out[f"{tag}/cache_spec"] = np.asarray(str(tuple(cache["layers"][0]["k"].sharding.spec)))
+
+
 def error_of(fn) -> str:
     try:
         fn()
@@ -63,7 +106,7 @@ def error_of(fn) -> str:
     return "no error"
 
 
-def main(folder, gguf_file, folder97, dest):
+def main(folder, gguf_file, odd_root, dest):
     assert len(jax.devices()) == 8, jax.devices()
     out = {}
     rng = np.random.default_rng(0)
@@ -137,9 +180,16 @@ def main(folder, gguf_file, folder97, dest):
                                           for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))))
     out["init_sharded"] = np.asarray(len(got["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set))
     out["err_product"] = np.asarray(error_of(lambda: jaxaccel.load(folder, mesh=jaxaccel.MeshConfig(3, 1, 1))))
-    out["err_indivisible"] = np.asarray(error_of(lambda: jaxaccel.load(folder97, mesh=jaxaccel.MeshConfig(1, 1, 8))))
+    # dimensions the mesh axes do not divide: tensor 2 / 4 / 8 and fsdp x tensor 2 x 4 here,
+    # every layout (and generation on each) in the slow test
+    odd_shapes(odd_root, out, [(1, 1, 8), (2, 1, 4), (4, 1, 2), (1, 2, 4)], [(1, 1, 8)])
     np.savez(dest, **out)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "odd":
+        odd = {}
+        odd_shapes(sys.argv[2], odd, LAYOUTS, LAYOUTS)
+        np.savez(sys.argv[3], **odd)
+    else:
+        main(*sys.argv[1:])
