@@ -5,8 +5,9 @@ Variants (those that apply): float32 eager (un-jitted, what a newcomer writes), 
 bfloat16, float16, int8 per channel and per group, int4 per group (two group sizes), w8a8, and
 speculative decoding with prompt lookup or an int8 self-draft (greedy: float32's quality by
 construction). Encoders (embed, classify) get float32 jit, bfloat16, float16, int8 and w8a8.
-When torch is installed, transformers eager on the same weights is measured too, as an external
-baseline row that is never chosen (accelerate_baseline.py).
+External baseline rows, never chosen: transformers eager on the same weights when torch is
+installed (accelerate_baseline.py), and llama.cpp's llama-server on the source GGUF file when a
+built one is found (accelerate_llama.py); otherwise the row says why it is absent.
 
 Speed is measured warm per batch size (accelerate_measure.py): compile time, time to first token,
 decode tokens/s or sentences/s, p50 / p90 latency, params bytes and the process's peak resident
@@ -18,6 +19,13 @@ classifiers the accuracy on the user's labelled `--eval` rows (and agreement wit
 The choice is the fastest variant (at the first batch size) within the budget that beats float32
 jit; the others are listed with the reason. When nothing qualifies the report says so and float32
 jit is kept. Ctrl-C stops measuring: the rows measured so far are still chosen from and written.
+
+Order and time: float32 jit first (every other row is compared with it), then the variants
+cheapest first by an estimated cost relative to float32 jit's measured time, the un-jitted one
+and the external rows last; under a time budget a row whose estimate does not fit what is left is
+skipped for time, so a short budget still measures the cheap (and usually fastest) variants.
+The output folder (`--out`, by default ./accelerated/<model name>) may be new, empty or an earlier
+accelerate output, which is replaced atomically; anything else is refused before measuring.
 """
 
 from __future__ import annotations
@@ -224,7 +232,8 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
          external: bool = True, source: str | None = None, log: Callable[[str], None] = print,
          progress: report_out.Progress | None = None) -> dict:
     """Measure float32 jit (the reference), then the other variants cheapest first (Variant.cost;
-    float32 eager last), then the external baselines; -> the report (rows, choice, reason). Nothing is saved here.
+    float32 eager last), then the external baselines; -> the report (rows, choice, reason).
+    Nothing is saved here.
 
     `time_budget_s` counts from here (float32's reference outputs included): a row whose estimated
     cost (its `cost` x float32 jit's measured time) does not fit in what is left is skipped for
