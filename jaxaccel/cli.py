@@ -118,9 +118,13 @@ def cmd_accelerate(args) -> int:
     default = MINILM if args.task == "embed" else GEMMA
     m = _load(args, default=default)
     _err(f"measuring into {out} (time budget {args.time_budget:g} min; Ctrl-C stops and keeps the rows measured)")
-    report = accelerate(m, out, args.task, budget, sizes, args.new_tokens, args.time_budget, eval_rows=eval_rows,
-                        source=args.model or default, log=_err, overwrite=args.overwrite,
-                        show_progress=sys.stderr.isatty())  # a bar only where someone watches it
+    try:
+        report = accelerate(m, out, args.task, budget, sizes, args.new_tokens, args.time_budget, eval_rows=eval_rows,
+                            source=args.model or default, log=_err, overwrite=args.overwrite,
+                            show_progress=sys.stderr.isatty())  # a bar only where someone watches it
+    except KeyboardInterrupt:  # during float32's reference outputs (later, plan keeps the rows measured)
+        _err(f"interrupted before any variant was measured: nothing written to {out}")
+        return 130
     if report["saved"] is not None and args.task == "generate":
         _sample(out / "model", report["saved"]["speculative"])
     return 130 if report["interrupted"] else 0  # 130: the shell's code for a Ctrl-C'd command
