@@ -310,6 +310,17 @@ def test_a_non_empty_out_folder_is_refused_before_any_work(tiny, tmp_path, capsy
     assert [p.name for p in out.iterdir()] == ["report.json"]
 
 
+def test_ctrl_c_before_any_variant_writes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(acc, "accelerate", interrupted)
+    out = tmp_path / "none"
+    assert cli.main(["accelerate", "--model", str(tiny), "--out", str(out)]) == 130
+    assert f"interrupted before any variant was measured: nothing written to {out}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_no_arguments_default_out_time_budget_sample_and_rerun(tiny, tmp_path, monkeypatch, capsys):
     """The README's command on a tiny model: --out defaults to ./accelerated/<name>; a time budget
     float32 jit alone exceeds skips every other row for time (cheapest first, externals last); the
