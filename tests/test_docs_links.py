@@ -79,7 +79,7 @@ def test_readme_is_short():
 def test_readme_starts_with_the_two_setup_commands():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert lines[:6] == ["# jaxaccel", "", "```bash",
-                         "pip install -e '.[model]' && jaxaccel generate \"The capital of France is\"",
+                         "pip install -e '.[model]' && jaxaccel accelerate",
                          "pip install -e '.[test]' && python -m pytest", "```"]
 
 
