@@ -542,3 +542,27 @@ def test_embeddings_variants_on_minilm(tmp_path):
     assert rows[accelerate_baseline.NAME]["quality"]["cos_mean"] > 0.99999
     check_choice(report, lambda q: q["cos_mean"] >= 0.995, "sentences_s")
     assert (out / "model").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_readme_first_command_on_the_embedded_model(tmp_path):
+    """`jaxaccel accelerate` exactly as the README's first command runs it, on the embedded Gemma 3
+    270M: float32 jit measured, a choice within the default budget saved to
+    ./accelerated/gemma3-270m/model, and the saved folder generates the sample it printed."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "jaxaccel.cli", "accelerate"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "accelerated" / "gemma3-270m"
+    report = json.loads((out / "report.json").read_text())
+    validate(report)
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows[acc.BASELINE]["speed"] and report["chosen"] in rows
+    chosen = rows[report["chosen"]]
+    assert report["chosen"] == acc.BASELINE or chosen["quality"]["kl_mean"] <= 0.02
+    sample = re.search(r"sample from \S+: (.*)", run.stderr)
+    assert sample, run.stderr[-2000:]
+    m = jaxaccel.load(out / "model")
+    prompt = "The best thing about a quiet morning is"
+    assert sample.group(1).startswith(prompt + jaxaccel.generate(m, [prompt], max_new_tokens=24)[0].split("\n")[0])

@@ -5,7 +5,7 @@ arrays' shards), logits latency and greedy decode tokens/s, as a table (+ JSON w
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tpu_scripts/mesh_check.py --preset tiny
 
 Weights are random (init sharded straight onto each mesh) unless --model PATH is given.
-A layout whose mesh axes do not divide a parameter dimension is listed with the reason.
+Every layout loads: a dimension a mesh axis does not divide is replicated on that axis (the load warns once).
 """
 
 from __future__ import annotations
