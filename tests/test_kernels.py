@@ -250,6 +250,7 @@ def _runnable_tiers():
     return tiers
 
 
+@pytest.mark.slow  # rebuilds the kernels per tier (about 80 s each on 2 cores)
 @pytest.mark.parametrize("tier", [t for t in _runnable_tiers() if t != "native"])
 def test_kernel_tests_pass_on_every_isa_tier_this_cpu_runs(tmp_path, tier):
     """The kernel equality tests, rerun in a process whose kernels are built for a lower ISA tier

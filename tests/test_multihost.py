@@ -45,6 +45,7 @@ def finish(procs: list[subprocess.Popen]) -> str:
     return "\n".join(line for line in logs[0].splitlines() if line.startswith(("train:", "restore:")))
 
 
+@pytest.mark.slow
 def test_two_processes_train_save_restore_elsewhere(tmp_path):
     ckpt = tmp_path / "ckpt"
     print(finish(start(2, 4, "train", ckpt, tmp_path / "train.npz")))

@@ -362,6 +362,7 @@ def test_scheduler_timeout_and_cancel_free_the_slot(model):
     assert events["ok"][-1].finish_reason in ("length", "stop") and sch.active == 0
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_real_gemma_served_greedy_equals_generate():
     """The embedded Gemma 3 270M behind the server: greedy text equals jaxaccel.generate, alone

@@ -221,6 +221,7 @@ def test_sampled_speculative_generation_is_seeded_and_uses_the_fused_loop_when_r
     assert stats.drafted == 0 and stats.calls > 60  # REST plain steps per fused call
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_real_gemma_greedy_text_equals_plain_with_each_drafter():
     """The embedded Gemma 3 270M, rows of different lengths, with and without a stop string:
