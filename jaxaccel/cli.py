@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .command_flags import add_accelerate_arguments, add_serve_arguments
 from .finetune_flags import add_finetune_arguments
 
 GEMMA, MINILM = "gemma3-270m", "minilm"  # default_models' names (not imported here: it would load jax)
@@ -345,43 +346,12 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     v = with_model(sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, streaming)"))
-    v.add_argument("--embed-model", default=None, help=f"encoder for /v1/embeddings; default: the embedded {MINILM} "
-                   "when installed; 'none': no embeddings")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generating at once")
-    v.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
-    v.add_argument("--context", type=int, default=2048, help="tokens per slot (prompt + output)")
-    v.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
-    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set JAXACCEL_API_KEY)")
-    v.add_argument("--chat-template", type=Path, help="jinja chat template (default: the model's own, if any)")
-    v.add_argument("--speculative", default="none", choices=["prompt_lookup", "none"],
-                   help="speculative decoding for requests that do not say (a request's \"speculative\" field "
-                   "overrides it): prompt_lookup drafts tokens from the request's own prompt and output and the "
-                   "model checks several per call (greedy: the same text; sampling: the same distribution); "
-                   "default: none")
+    add_serve_arguments(v)
     v.set_defaults(fn=cmd_serve)
 
     a = with_model(sub.add_parser("accelerate", help="measure speed / quality variants here, save the fastest "
                                   "within a quality budget, report them"))
-    a.add_argument("--task", default="generate", choices=["generate", "embed", "classify"],
-                   help="generate (decoder LM), embed (sentence embeddings) or classify (a sequence-classifier "
-                   "folder, with --eval)")
-    a.add_argument("--eval", help="classify: JSONL of labelled rows {\"text\": ..., \"label\": ...} (optionally "
-                   "\"text_pair\"); accuracy on them is the quality")
-    a.add_argument("--quality-budget", help="generate: kl:N (mean next-token KL vs float32) or ppl:N%% (perplexity "
-                   "increase); embed: cos:N (mean cosine vs float32); classify: acc:N (accuracy at most N percentage "
-                   "points below float32's); default kl:0.02 / cos:0.995 / acc:1")
-    a.add_argument("--batch-sizes", help="comma-separated; the first one decides the choice (default: 1 for "
-                   "generate, 32 for embed / classify)")
-    a.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per speed measurement")
-    a.add_argument("--time-budget", type=float, default=3.5, help="minutes for measuring: float32 jit is always "
-                   "measured, then the variants cheapest first; one that would not fit is skipped for time "
-                   "(default: 3.5; inf: every variant)")
-    a.add_argument("--out", type=Path, help="folder for model/ (the chosen variant), report.json (schema: "
-                   "jaxaccel/accelerate_report.schema.json), report.md, report.png; default: "
-                   "./accelerated/<model name>. An earlier accelerate output there is replaced")
-    a.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an accelerate output")
+    add_accelerate_arguments(a)
     a.set_defaults(fn=cmd_accelerate)
 
     c = with_model(sub.add_parser("convert", help="load any supported checkpoint and write an HF folder"))
