@@ -293,7 +293,7 @@ def bench_attention(repeats: int) -> list[dict]:
     from jaxaccel.layers import Attention
 
     if not kernels.load():
-        raise SystemExit(f"the CPU kernels do not build here: {kernels._loaded.get('error')}")
+        raise SystemExit(f"the CPU kernels do not build here: {kernels.build._loaded.get('error')}")
     out = []
     for label, B, T, N, H, (lo, hi) in ATTENTION_SHAPES:
         rng = np.random.default_rng(0)

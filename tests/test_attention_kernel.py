@@ -18,7 +18,7 @@ from jaxaccel.layers import Attention
 
 @pytest.fixture(scope="module")
 def built():
-    assert kernels.load(), f"the CPU kernels must build on the test machine: {kernels._loaded.get('error')}"
+    assert kernels.load(), f"the CPU kernels must build on the test machine: {kernels.build._loaded.get('error')}"
 
 
 def reference(q, k, v, seg, scale):

@@ -19,7 +19,7 @@ from jaxaccel.config import ModelConfig
 
 @pytest.fixture(scope="module")
 def built():
-    assert kernels.load(), f"the CPU kernel must build on the test machine: {kernels._loaded.get('error')}"
+    assert kernels.load(), f"the CPU kernel must build on the test machine: {kernels.build._loaded.get('error')}"
 
 
 def _reference(x, w, axis, scale=None):
@@ -169,7 +169,7 @@ def test_same_input_gives_the_same_bits(built, axis):
 GENERIC_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxaccel import kernels
-assert kernels.load(), kernels._loaded
+assert kernels.load(), kernels.build._loaded
 assert kernels.int8_path() == "float"  # the portable build widens int8 (no int16 rounding)
 rng = np.random.default_rng(0)
 for M, K, N, G in [(1, 640, 300, 20), (4, 256, 512, 8), (3, 70, 40, 2)]:
@@ -273,7 +273,7 @@ def test_unknown_or_unrunnable_isa_tier_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="JAXACCEL_CPU_ISA='avx1024' is not a tier; choose one of native, avx2, generic"):
         kernels.isa_tier()
     monkeypatch.setenv(kernels.ISA_ENV, "avx2")
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "popcnt"})
+    monkeypatch.setattr(kernels.build, "cpu_flags", lambda: {"sse4_2", "popcnt"})
     with pytest.raises(ValueError, match=r"needs CPU features this CPU lacks \(avx2, fma, bmi2, f16c, movbe\)"):
         kernels.isa_tier()
 
@@ -283,7 +283,7 @@ def test_damaged_cached_library_is_rebuilt_not_loaded(tmp_path):
     a warning, and the next process loads the good one."""
     from mesh_util import run_python
 
-    check = "from jaxaccel import kernels\nassert kernels.load(), kernels._loaded\nprint('built', kernels._loaded['path'])"
+    check = "from jaxaccel import kernels\nassert kernels.load(), kernels.build._loaded\nprint('built', kernels.build._loaded['path'])"
     env = {"JAXACCEL_CACHE": str(tmp_path)}
     run_python("-c", check, devices=1, env=env)
     lib = next((tmp_path / "kernels").glob("cpu-*.so"))
@@ -581,7 +581,7 @@ print("ok")
 def test_failing_compile_is_reported_and_falls_back(tmp_path, monkeypatch):
     """A compiler that fails on a source: load() is False, says which compiler failed and why,
     and leaves no library or object files in the cache."""
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.build, "_loaded", {})
     monkeypatch.setenv("JAXACCEL_CACHE", str(tmp_path))
     monkeypatch.setenv(kernels.FLAGS_ENV, "-DJAXACCEL_BREAK_THE_BUILD -include /no/such/header.h")
     with pytest.warns(RuntimeWarning, match=r"(?s)unavailable.*failed.*no/such/header"):
@@ -590,6 +590,6 @@ def test_failing_compile_is_reported_and_falls_back(tmp_path, monkeypatch):
 
 
 def test_env_switch_turns_the_kernel_off(monkeypatch):
-    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels.build, "_loaded", {})
     monkeypatch.setenv(kernels.ENV, "0")
     assert not kernels.load()
