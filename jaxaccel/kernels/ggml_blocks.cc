@@ -1,0 +1,372 @@
+// jaxaccel CPU matvec for weights kept in llama.cpp's (ggml's) own block layouts, as a GGUF file
+// stores them: y[M, N] = x[M, K] . W^T, M <= 8 decode rows, W given as the file's bytes, one row
+// of `out` per row: uint8 [N, K / QK * block_bytes]. Types (their ggml ids):
+//   Q4_0 (2), Q5_0 (6), Q8_0 (8): blocks of 32 inputs, one float16 scale d:  W = d * (q - offset)
+//   Q4_K (12): super-blocks of 256: float16 d, dmin, 12 bytes of 6-bit scales and mins for 8
+//              sub-blocks of 32, 4-bit codes:  W = (d * sc) * q - (dmin * m)
+//   Q6_K (14): super-blocks of 256: 6-bit codes (low nibbles + 2 high bits), int8 scales per 16
+//              inputs, float16 d:  W = (d * sc) * (q - 32)
+//
+// Why: jaxaccel.load(gguf) otherwise dequantizes every tensor to float32 (four to seven times the
+// bytes a decode step must read) or re-quantizes it into our own int8 / int4 layout (a second
+// rounding). Here the file's blocks are read as they are and widened in registers.
+//
+// How: every type is seen as sub-blocks of 32 inputs: 32 codes (made int16, offset removed), a
+// scale for inputs 0-15 and one for 16-31 (equal except in Q6_K) and a min (Q4_K only). x is
+// rounded to int16 per block of 32 inputs, within 2^-16 of the block's largest |x| (as int4.cc
+// and the int8 matvec do), once per call; the codes meet it in vpdpwssd (AVX-512 VNNI) or
+// vpmaddwd (AVX2) and each sub-block's int32 sums are scaled in float:
+//   y[m, n] = sum_s xs[m, s] * (sa * dot(q, xq)[0:16] + sb * dot(q, xq)[16:32]) - mn * xsum[m, s]
+// with xsum the float sum of x over the sub-block. Overflow: an int32 lane sums 2 products of at
+// most 128 * 32767 per sub-block.
+//
+// Threads: rows of W are cut into chunks shared by the calling thread and XLA's pool (parallel.h).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if (defined(__AVX512F__) || defined(__AVX2__)) && !defined(JAXACCEL_GENERIC)
+#include <immintrin.h>
+#endif
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kSub = 32;        // inputs per sub-block (and per int16 block of x)
+constexpr int64_t kMaxRows = 8;     // decode rows (kernels.MAX_ROWS)
+constexpr int64_t kRowGroup = 4;    // rows of x multiplied together against one weight row
+constexpr int64_t kAheadBytes = 8192;  // how far ahead the weight rows are prefetched
+
+enum : int64_t { kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+
+// (inputs, bytes) of one block of a type; {0, 0} for a type this file does not read
+struct Layout { int64_t inputs, bytes; };
+Layout layout(int64_t type) {
+  switch (type) {
+    case kQ4_0: return {32, 18};
+    case kQ5_0: return {32, 22};
+    case kQ8_0: return {32, 34};
+    case kQ4_K: return {256, 144};
+    case kQ6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+// IEEE float16 bits -> float32 (exact; every CPU tier, no F16C needed)
+inline float half(const uint8_t* p) {
+  const uint32_t h = uint32_t(p[0]) | (uint32_t(p[1]) << 8);
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else {  // zero or subnormal: man * 2^-24, exact in float32
+    float f = float(man) * (1.0f / 16777216.0f);
+    return sign ? -f : f;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The scales of sub-block j (0-7 in K types, 0 otherwise) of `block`: W = sa|sb * code - mn
+struct Scales { float sa, sb, mn; };
+
+template <int64_t T>
+inline Scales scales(const uint8_t* block, int64_t j) {
+  if constexpr (T == kQ4_K) {
+    const uint8_t* s = block + 4;
+    int sc, m;
+    if (j < 4) {
+      sc = s[j] & 63, m = s[j + 4] & 63;
+    } else {
+      sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+    const float d = half(block) * float(sc);
+    return {d, d, half(block + 2) * float(m)};
+  } else if constexpr (T == kQ6_K) {
+    const float d = half(block + 208);
+    const int8_t* s = reinterpret_cast<const int8_t*>(block + 192);
+    return {d * float(s[2 * j]), d * float(s[2 * j + 1]), 0.0f};
+  } else {
+    const float d = half(block);
+    return {d, d, 0.0f};
+  }
+}
+
+// The 32 codes of sub-block j with the type's offset removed (the reference the SIMD paths follow)
+template <int64_t T>
+inline void codes_scalar(const uint8_t* block, int64_t j, int16_t* out) {
+  for (int64_t l = 0; l < kSub; ++l) {
+    if constexpr (T == kQ8_0) {
+      out[l] = int8_t(block[2 + l]);
+    } else if constexpr (T == kQ4_0) {
+      const uint8_t b = block[2 + l % 16];
+      out[l] = int16_t((l < 16 ? b & 0xF : b >> 4) - 8);
+    } else if constexpr (T == kQ5_0) {
+      uint32_t qh;
+      std::memcpy(&qh, block + 2, 4);
+      const uint8_t b = block[6 + l % 16];
+      out[l] = int16_t(((l < 16 ? b & 0xF : b >> 4) | (((qh >> l) & 1) << 4)) - 16);
+    } else if constexpr (T == kQ4_K) {
+      const uint8_t b = block[16 + (j / 2) * 32 + l];
+      out[l] = int16_t(j & 1 ? b >> 4 : b & 0xF);
+    } else {  // Q6_K: half n = j / 4 of the super-block, group g = j % 4 of it
+      const int64_t n = j / 4, g = j % 4;
+      const uint8_t lo = block[64 * n + (g & 1) * 32 + l], hi = block[128 + 32 * n + l];
+      out[l] = int16_t(((g >= 2 ? lo >> 4 : lo & 0xF) | (((hi >> (2 * g)) & 3) << 4)) - 32);
+    }
+  }
+}
+
+// x [M, K] prepared for one call: int16 codes per block of 32 inputs, their scales, float sums.
+struct PreparedX {
+  std::vector<int16_t> q;  // [M, K]
+  std::vector<float> s;    // [M, K / 32]
+  std::vector<float> sum;  // [M, K / 32]
+  int64_t K = 0;
+
+  void prepare(const float* x, int64_t M, int64_t K_) {
+    K = K_;
+    const int64_t nb = K / kSub;
+    q.assign(size_t(M * K), 0);
+    s.assign(size_t(M * nb), 0.0f);
+    sum.assign(size_t(M * nb), 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + m * K + b * kSub;
+        float top = 0.0f, t = 0.0f;
+        bool finite = true;
+        for (int64_t k = 0; k < kSub; ++k) {
+          finite &= std::isfinite(xb[k]);
+          top = std::max(top, std::fabs(xb[k]));
+          t += xb[k];
+        }
+        sum[m * nb + b] = t;
+        // a NaN or infinity makes the block's scale NaN, and so the row's outputs
+        const float sc = finite ? top / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+        s[m * nb + b] = sc;
+        if (!(finite && sc > 0.0f)) continue;
+        int16_t* qb = q.data() + m * K + b * kSub;
+        for (int64_t k = 0; k < kSub; ++k)  // clamped: a subnormal scale can round past 32767
+          qb[k] = int16_t(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xb[k] / sc))));
+      }
+  }
+};
+
+#if defined(__AVX2__) && !defined(JAXACCEL_GENERIC)
+// The 32 codes of sub-block j as bytes (AVX2 ops, shared by the AVX-512 and AVX2 paths): unsigned
+// with the offset still in (removed after widening), signed for Q8_0.
+template <int64_t T>
+inline __m256i code_bytes(const uint8_t* block, int64_t j) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (T == kQ8_0) {
+    return _mm256_loadu_si256((const __m256i*)(block + 2));
+  } else if constexpr (T == kQ4_0 || T == kQ5_0) {
+    const __m128i p = _mm_loadu_si128((const __m128i*)(block + (T == kQ5_0 ? 6 : 2)));
+    __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), low4);  // inputs 0-15 | 16-31
+    if constexpr (T == kQ5_0) {  // bit l of qh -> 0x10 in byte l
+      uint32_t qh;
+      std::memcpy(&qh, block + 2, 4);
+      const __m256i spread = _mm256_shuffle_epi8(
+          _mm256_set1_epi32(int(qh)), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+      const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+      const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+      u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+    }
+    return u;
+  } else if constexpr (T == kQ4_K) {
+    const __m256i p = _mm256_loadu_si256((const __m256i*)(block + 16 + (j / 2) * 32));
+    return _mm256_and_si256(j & 1 ? _mm256_srli_epi16(p, 4) : p, low4);
+  } else {  // Q6_K
+    const int64_t n = j / 4, g = j % 4;
+    const __m256i lo = _mm256_loadu_si256((const __m256i*)(block + 64 * n + (g & 1) * 32));
+    const __m256i hi = _mm256_loadu_si256((const __m256i*)(block + 128 + 32 * n));
+    const __m256i nib = _mm256_and_si256(g >= 2 ? _mm256_srli_epi16(lo, 4) : lo, low4);
+    const __m256i top = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(int(2 * g))), _mm256_set1_epi8(3));
+    return _mm256_or_si256(nib, _mm256_slli_epi16(top, 4));
+  }
+}
+
+template <int64_t T>
+constexpr int16_t offset() { return T == kQ4_0 ? 8 : T == kQ5_0 ? 16 : T == kQ6_K ? 32 : 0; }
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(JAXACCEL_GENERIC)
+#define JAXACCEL_GGML_PATH 2
+// M rows of x (from row m0) against weight row n: per sub-block, its 32 codes widened to 32
+// int16 lanes once, one vpdpwssd per row of x.
+template <int64_t T, int M>
+void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* row, int64_t QK, int64_t bytes, float* y,
+                int64_t N, int64_t n) {
+  const int64_t K = xq.K, nb = K / kSub, subs = QK / kSub;
+  __m512 acc[M];
+  float mins[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), mins[m] = 0.0f;
+  for (int64_t blk = 0; blk < K / QK; ++blk) {
+    const uint8_t* block = row + blk * bytes;
+    for (int64_t j = 0; j < subs; ++j) {
+      const int64_t b = blk * subs + j;
+      const __m256i u = code_bytes<T>(block, j);
+      __m512i codes = T == kQ8_0 ? _mm512_cvtepi8_epi16(u) : _mm512_cvtepu8_epi16(u);
+      if constexpr (offset<T>() != 0) codes = _mm512_sub_epi16(codes, _mm512_set1_epi16(offset<T>()));
+      const Scales sc = scales<T>(block, j);
+      for (int m = 0; m < M; ++m) {
+        const int16_t* xv = xq.q.data() + (m0 + m) * K + b * kSub;
+        const __m512i t = _mm512_dpwssd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512((const void*)xv));
+        const float xs = xq.s[(m0 + m) * nb + b];
+        // int32 lanes 0-7: inputs 0-15 (scale sa), lanes 8-15: inputs 16-31 (sb)
+        const __m512 s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc.sa * xs), _mm512_set1_ps(sc.sb * xs));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[m]);
+        if constexpr (T == kQ4_K) mins[m] += sc.mn * xq.sum[(m0 + m) * nb + b];
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]) - mins[m];
+}
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(JAXACCEL_GENERIC)
+#define JAXACCEL_GGML_PATH 1
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// As the AVX-512 one, with vpmaddwd on two halves of 16 int16 lanes (inputs 0-15 and 16-31).
+template <int64_t T, int M>
+void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* row, int64_t QK, int64_t bytes, float* y,
+                int64_t N, int64_t n) {
+  const int64_t K = xq.K, nb = K / kSub, subs = QK / kSub;
+  __m256 acc[M];
+  float mins[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), mins[m] = 0.0f;
+  for (int64_t blk = 0; blk < K / QK; ++blk) {
+    const uint8_t* block = row + blk * bytes;
+    for (int64_t j = 0; j < subs; ++j) {
+      const int64_t b = blk * subs + j;
+      const __m256i u = code_bytes<T>(block, j);
+      const __m128i ulo = _mm256_castsi256_si128(u), uhi = _mm256_extracti128_si256(u, 1);
+      __m256i ca = T == kQ8_0 ? _mm256_cvtepi8_epi16(ulo) : _mm256_cvtepu8_epi16(ulo);
+      __m256i cb = T == kQ8_0 ? _mm256_cvtepi8_epi16(uhi) : _mm256_cvtepu8_epi16(uhi);
+      if constexpr (offset<T>() != 0) {
+        ca = _mm256_sub_epi16(ca, _mm256_set1_epi16(offset<T>()));
+        cb = _mm256_sub_epi16(cb, _mm256_set1_epi16(offset<T>()));
+      }
+      const Scales sc = scales<T>(block, j);
+      for (int m = 0; m < M; ++m) {
+        const int16_t* xv = xq.q.data() + (m0 + m) * K + b * kSub;
+        const __m256i ta = _mm256_madd_epi16(ca, _mm256_loadu_si256((const __m256i*)xv));
+        const __m256i tb = _mm256_madd_epi16(cb, _mm256_loadu_si256((const __m256i*)(xv + 16)));
+        const float xs = xq.s[(m0 + m) * nb + b];
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ta), _mm256_set1_ps(sc.sa * xs), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tb), _mm256_set1_ps(sc.sb * xs), acc[m]);
+        if constexpr (T == kQ4_K) mins[m] += sc.mn * xq.sum[(m0 + m) * nb + b];
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) y[(m0 + m) * N + n] = hsum(acc[m]) - mins[m];
+}
+#else
+#define JAXACCEL_GGML_PATH 0
+// Portable: the same integer sums, one code at a time.
+template <int64_t T, int M>
+void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* row, int64_t QK, int64_t bytes, float* y,
+                int64_t N, int64_t n) {
+  const int64_t K = xq.K, nb = K / kSub, subs = QK / kSub;
+  float total[M] = {};
+  int16_t codes[kSub];
+  for (int64_t blk = 0; blk < K / QK; ++blk) {
+    const uint8_t* block = row + blk * bytes;
+    for (int64_t j = 0; j < subs; ++j) {
+      const int64_t b = blk * subs + j;
+      codes_scalar<T>(block, j, codes);
+      const Scales sc = scales<T>(block, j);
+      for (int m = 0; m < M; ++m) {
+        const int16_t* xv = xq.q.data() + (m0 + m) * K + b * kSub;
+        int32_t half_sums[2] = {0, 0};
+        for (int64_t l = 0; l < kSub; ++l) half_sums[l / 16] += int32_t(codes[l]) * xv[l];
+        const float xs = xq.s[(m0 + m) * nb + b];
+        total[m] += float(half_sums[0]) * (sc.sa * xs) + float(half_sums[1]) * (sc.sb * xs) -
+                    sc.mn * xq.sum[(m0 + m) * nb + b];
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) y[(m0 + m) * N + n] = total[m];
+}
+#endif
+
+template <int64_t T>
+void rows(const PreparedX& xq, int64_t M, const uint8_t* w, int64_t row_bytes, float* y, int64_t N, int64_t n0,
+          int64_t n1) {
+  const Layout lay = layout(T);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    const int64_t ahead = std::max<int64_t>(1, kAheadBytes / row_bytes);
+    if (n + ahead < N)
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + ahead * row_bytes + off, 0, 3);
+    for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) switch (std::min(kRowGroup, M - m0)) {
+        case 1: row_kernel<T, 1>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+        case 2: row_kernel<T, 2>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+        case 3: row_kernel<T, 3>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+        default: row_kernel<T, 4>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+      }
+  }
+}
+
+using Matrix = ffi::Buffer<ffi::F32, 2>;
+using MatrixOut = ffi::ResultBuffer<ffi::F32, 2>;
+using Bytes = ffi::Buffer<ffi::U8, 2>;
+
+ffi::Error GgmlDot(ffi::ThreadPool pool, Matrix x, Bytes w, MatrixOut y, int64_t type) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  const Layout lay = layout(type);
+  if (!lay.inputs)
+    return ffi::Error::InvalidArgument("jaxaccel ggml matvec: unsupported ggml type (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)");
+  if (M < 1 || M > kMaxRows || K < 1 || K % lay.inputs || wd[1] != K / lay.inputs * lay.bytes)
+    return ffi::Error::InvalidArgument("jaxaccel ggml matvec: needs x [M <= 8, K] with K a multiple of the type's "
+                                       "block and w [N, K / block * block bytes] (kernels.ggml.wants)");
+  PreparedX xq;
+  xq.prepare(x.typed_data(), M, K);
+  const uint8_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t row_bytes = wd[1];
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
+  if (N * row_bytes < (128 << 10)) helpers = 0;  // too small to pay for a hand-off
+  // several chunks per participant, so a late starter still helps
+  const int64_t parts = (helpers + 1) * 8, chunk = std::max<int64_t>(32, (N + parts - 1) / parts);
+  const int64_t n_chunks = (N + chunk - 1) / chunk;
+  jaxaccel::parallel_for(pool, n_chunks, helpers, [&](int64_t c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, (c + 1) * chunk);
+    switch (type) {
+      case kQ4_0: rows<kQ4_0>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
+      case kQ5_0: rows<kQ5_0>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
+      case kQ8_0: rows<kQ8_0>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
+      case kQ4_K: rows<kQ4_K>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
+      default: rows<kQ6_K>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// How ggml blocks are multiplied in this build: 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable
+extern "C" int JaxaccelGgmlPath() { return JAXACCEL_GGML_PATH; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelGgmlDot, GgmlDot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<Bytes>()
+                                  .Ret<Matrix>()
+                                  .Attr<int64_t>("ggml_type"));
