@@ -298,6 +298,8 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
 
 def summary(row: dict, task: str, batch: int) -> str:
     q = row["quality"]
+    if "non_finite" in q:
+        return f"rejected: {q['non_finite']}"
     shown = {"generate": [("KL", "kl_mean", "{:.4f}"), ("top-1", "top1_agreement", "{:.1%}")],
              "embed": [("cos", "cos_mean", "{:.5f}")],
              "classify": [("accuracy", "accuracy", "{:.1%}"), ("agreement", "agreement", "{:.1%}")]}[task]
@@ -330,9 +332,11 @@ def choose(rows: list[dict], task: str, budget: Budget, batch: int, interrupted:
             r["verdict"] = "the baseline"
         elif r["kind"] == report_out.EXTERNAL:
             r["verdict"] = f"external baseline, never chosen ({rate(r) / rate(base):.2f}x {BASELINE})"
+        elif "non_finite" in r["quality"]:  # float16 overflowing: no quality figure means anything
+            r["verdict"] = f"rejected: {r['quality']['non_finite']}"
         elif not budget.holds(r["quality"]):
             r["verdict"] = f"outside the quality budget ({budget})"
-        elif rate(r) <= rate(base):
+        elif not rate(r) > rate(base):  # a NaN rate is not faster either
             r["verdict"] = f"not faster than {BASELINE} at batch {batch}"
         else:
             r["verdict"] = "within budget"

@@ -113,11 +113,21 @@ def log_probs(model, row: np.ndarray) -> np.ndarray:
     return np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
 
 
+def non_finite(what: str, bad: int, total: int) -> dict:
+    """The quality of a variant whose outputs hold inf or NaN (float16 overflowing, say): every
+    figure null (JSON has no NaN) and `non_finite`, the reason the choice rejects it for."""
+    return {"non_finite": f"non-finite {what} (inf or NaN) at {bad} of {total} held-out positions"}
+
+
 def lm_quality(ref_logp: list[np.ndarray], model, windows: np.ndarray) -> dict:
-    """KL(float32 || variant) of each next-token distribution, top-1 agreement, perplexity change."""
+    """KL(float32 || variant) of each next-token distribution, top-1 agreement, perplexity change;
+    non-finite logits anywhere: `non_finite` instead (no figure means anything then)."""
+    logps = [log_probs(model, row) for row in windows]
+    bad = sum(int(np.sum(~np.isfinite(lp).all(-1))) for lp in logps)
+    if bad:
+        return non_finite("logits", bad, sum(len(lp) for lp in logps))
     kls, agree, nll, nll_ref, n = [], 0, 0.0, 0.0, 0
-    for ref, row in zip(ref_logp, windows):
-        logp = log_probs(model, row)
+    for ref, row, logp in zip(ref_logp, windows, logps):
         kls.append(np.sum(np.exp(ref) * (ref - logp), axis=-1))
         agree += int(np.sum(ref.argmax(-1) == logp.argmax(-1)))
         nxt = row[1:]
@@ -176,6 +186,8 @@ def heldout_sentences(text: str) -> list[str]:
 def encoder_quality(ref: np.ndarray | None, model, texts: list[str]) -> tuple[dict, np.ndarray]:
     """Cosine of each embedding with float32's (`ref`; None: these are float32's), and the embeddings."""
     got = model.embed(texts, truncate=True)
+    if bad := int(np.sum(~np.isfinite(got).all(-1))):
+        return non_finite("embeddings", bad, len(got)), got
     ref = got if ref is None else ref
     cos = np.sum(ref * got, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}, got
@@ -259,13 +271,17 @@ def label_names(rows: LabelledRows, model_labels) -> list[str]:
     return out
 
 
-def predict(model, items: list, batch: int) -> list[str]:
-    return [label for label, _ in model.classify(items, batch_size=batch, truncate=True)]
+def predict(model, items: list, batch: int) -> tuple[list[str], int]:
+    """-> each row's label, and how many rows scored non-finite (their label means nothing)."""
+    out = model.classify(items, batch_size=batch, truncate=True)
+    return [label for label, _ in out], sum(not math.isfinite(score) for _, score in out)
 
 
 def classify_quality(model, items: list, gold: list[str], ref: list[str] | None, batch: int) -> tuple[dict, list]:
     """(accuracy, drop vs float32 in points, agreement with float32's labels), and the predictions."""
-    got = predict(model, items, batch)
+    got, bad = predict(model, items, batch)
+    if bad:
+        return non_finite("class scores", bad, len(got)), got
     acc = float(np.mean([g == p for g, p in zip(gold, got)]))
     ref_acc = acc if ref is None else float(np.mean([g == p for g, p in zip(gold, ref)]))
     agreement = 1.0 if ref is None else float(np.mean([r == p for r, p in zip(ref, got)]))

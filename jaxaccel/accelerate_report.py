@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -59,10 +60,26 @@ def quality_loss(row: dict, task: str) -> float | None:
     """Lower is better: mean KL (generate), 1 - mean cosine (embed), accuracy drop in points
     (classify); None for a row that could not measure it (llama.cpp: top-1 agreement only)."""
     q = row["quality"]
-    key = {"generate": "kl_mean", "embed": "cos_mean", "classify": "accuracy_drop_points"}[task]
-    if key not in q:
+    value = q.get({"generate": "kl_mean", "embed": "cos_mean", "classify": "accuracy_drop_points"}[task])
+    if value is None:  # not measurable for that row, or non-finite outputs (null in the report)
         return None
-    return 1.0 - q[key] if task == "embed" else q[key]
+    return 1.0 - value if task == "embed" else value
+
+
+def json_safe(x):
+    """`x` with every non-finite float (NaN, inf) as None: JSON has no NaN (json.dumps would write
+    a bare `NaN`, which JSON parsers refuse); the report says why a figure is missing."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def _num(fmt: str, x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 
 def measured(report: dict) -> list[dict]:
@@ -100,13 +117,14 @@ def _columns(task: str) -> list[str]:
 
 def _cells(r: dict, task: str, batch: int) -> list[str]:
     s, q = r["speed"][str(batch)], r["quality"]
-    cells = [f"{rate(r, task, batch):.1f}", f"{1e3 * (s['ttft_s'] if task == 'generate' else s['latency_p50_s']):.0f}",
-             f"{s['compile_s']:.1f}", f"{r['params_bytes'] / 2**20:.1f}", f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}"]
+    latency = s["ttft_s"] if task == "generate" else s["latency_p50_s"]
+    cells = [_num("{:.1f}", rate(r, task, batch)), _num("{:.0f}", None if latency is None else 1e3 * latency),
+             _num("{:.1f}", s["compile_s"]), f"{r['params_bytes'] / 2**20:.1f}", f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}"]
     keys = {"generate": [("kl_mean", "{:.4f}"), ("kl_p99", "{:.4f}"), ("top1_agreement", "{:.1%}"),
                          ("ppl_delta_pct", "{:+.2f}")],
             "embed": [("cos_mean", "{:.5f}"), ("cos_min", "{:.5f}")],
             "classify": [("accuracy", "{:.1%}"), ("accuracy_drop_points", "{:+.1f}"), ("agreement", "{:.1%}")]}[task]
-    return cells + [fmt.format(q[k]) if k in q else "n/a" for k, fmt in keys]  # n/a: not measurable for that row
+    return cells + [_num(fmt, q.get(k)) for k, fmt in keys]  # n/a: not measurable for that row, or non-finite
 
 
 def rows_as_cells(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -165,6 +183,8 @@ def markdown(report: dict) -> str:
     notes = [f"{r['variant']}: {r['external']}" + (f"; {r['quality']['partial']}" if "partial" in r["quality"] else "")
              for r in measured(report) if r["kind"] == EXTERNAL]
     lines += [f"External baselines: {'; '.join(notes)}.", ""] if notes else []
+    bad = [f"{r['variant']}: {r['quality']['non_finite']}" for r in measured(report) if "non_finite" in r["quality"]]
+    lines += [f"Rejected for non-finite outputs (their figures are null in report.json): {'; '.join(bad)}.", ""] if bad else []
     return "\n".join(lines)
 
 
@@ -210,8 +230,10 @@ def plot(report: dict, path: Path) -> Path:
 
 
 def write(report: dict, folder: Path) -> str:
-    """report.json, report.md and report.png into `folder`; -> the rich table's text."""
-    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    """report.json, report.md and report.png into `folder`; -> the rich table's text. Non-finite
+    numbers are written as null (`json_safe`)."""
+    report = json_safe(report)
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str, allow_nan=False))
     (folder / "report.md").write_text(markdown(report))
     plot(report, folder / "report.png")
     return table(report)

@@ -566,3 +566,63 @@ def test_readme_first_command_on_the_embedded_model(tmp_path):
     m = jaxaccel.load(out / "model")
     prompt = "The best thing about a quiet morning is"
     assert sample.group(1).startswith(prompt + jaxaccel.generate(m, [prompt], max_new_tokens=24)[0].split("\n")[0])
+
+
+def strict_json(text: str):
+    """JSON as a strict parser reads it: a bare NaN / Infinity (Python's json writes them) is refused."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_variant_with_non_finite_logits_is_rejected_and_written_as_null(tmp_path):
+    """float16 really overflowing (embeddings near float16's largest value, times Gemma's
+    sqrt(hidden) scale): its logits are NaN, so the row is rejected with that reason, its figures
+    are null in report.json (valid JSON, valid schema) and report.md / the table say why. (The
+    rows' quality is measured; their speed and memory are stand-ins: no generation compiles.)"""
+    cfg = tiny_hf_config("gemma3")
+    cfg.num_hidden_layers, cfg.layer_types = 2, cfg.layer_types[:2]
+    hf = random_hf_model(cfg)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(2e5)  # |w| up to ~4e4 (< 65504), x 8 in the model: inf in float16
+    hf.save_pretrained(tmp_path / "big")
+    write_char_tokenizer(tmp_path / "big")
+    model = jaxaccel.load(tmp_path / "big")
+    windows = accelerate_measure.lm_windows(model.tokenizer, acc.HELDOUT.read_text(), 64, 1)
+    ref = [accelerate_measure.log_probs(model, r) for r in windows]
+    speed = {"1": {"compile_s": 0.0, "ttft_s": 0.01, "decode_tok_s": float("nan"), "latency_p50_s": 0.1,
+                   "latency_p90_s": float("inf")}}  # a non-finite speed too: null like the quality's
+    rows = []
+    for name, m in [(acc.BASELINE, model), ("float16", model.quantize(QuantConfig(mode="float16")))]:
+        speed = {"1": {**speed["1"], "decode_tok_s": 100.0 if name == acc.BASELINE else float("nan")}}
+        rows.append({"variant": name, "kind": "variant", "quant": None, "speculative": None,
+                     "params_bytes": m.params_bytes, "quality": accelerate_measure.lm_quality(ref, m, windows),
+                     "speed": speed, "memory": {"peak_rss_bytes": 2, "start_rss_bytes": 1, "method": "vmhwm"}})
+    report = acc.choose(rows, "generate", acc.Budget("kl", 1.0), 1)
+    report.update(batch_sizes=[1], memory_method="vmhwm", time_budget_s=None, measure_s=1.0, model="big",
+                  machine=accelerate_report.machine(), pareto=accelerate_report.pareto(report), saved=None,
+                  peak_rss_bytes=2, eval={"what": "one window", "rows": None, "prompt": "x"})
+    accelerate_report.write(report, tmp_path)
+    report = strict_json((tmp_path / "report.json").read_text())
+    validate(report)
+    rows = {r["variant"]: r for r in report["rows"]}
+    q = rows["float16"]["quality"]
+    assert q["non_finite"].startswith("non-finite logits (inf or NaN) at ") and "kl_mean" not in q, q
+    assert rows["float16"]["verdict"] == f"rejected: {q['non_finite']}"
+    assert rows["float16"]["speed"]["1"]["decode_tok_s"] is None and rows["float16"]["speed"]["1"]["latency_p90_s"] is None
+    assert rows[acc.BASELINE]["quality"]["kl_mean"] == 0.0 and report["chosen"] == acc.BASELINE
+    assert report["pareto"] == [acc.BASELINE]
+    md = (tmp_path / "report.md").read_text()
+    assert f"float16: {q['non_finite']}" in md and f"rejected: {q['non_finite']}" in md
+    cols, cells = accelerate_report.rows_as_cells(report)
+    f16 = dict(zip(cols, cells[[r["variant"] for r in report["rows"]].index("float16")]))
+    assert [f16[c] for c in ("tok/s", "KL mean", "KL p99", "top-1", "ppl Δ%")] == ["n/a"] * 5
+    assert "float16" in accelerate_report.table(report)
+
+
+def test_non_finite_numbers_anywhere_are_written_as_null(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    safe = accelerate_report.json_safe({"a": [1.5, nan, {"b": -inf}], "c": (inf, 2), "d": "NaN", "e": 3})
+    assert safe == {"a": [1.5, None, {"b": None}], "c": [None, 2], "d": "NaN", "e": 3}
+    assert strict_json(json.dumps(safe)) == safe
