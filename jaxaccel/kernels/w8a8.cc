@@ -1,0 +1,273 @@
+// jaxaccel CPU int8 GEMM for dynamic-range int8 encoders (QuantConfig(mode="w8a8")): many rows
+// (sentences x tokens) times an int8 weight W [N, K] with one float32 scale per output channel
+// (sw [N, 1]), x quantized per row (token) in the call exactly as AQT's serving dot does it
+// (quant._aqt_dot):
+//   sx[m]   = max_k |x[m, k]| * (1 / 127.5)     (a row of zeros: 1 / 127.5)
+//   q[m, k] = round-half-even(clip(x[m, k] * (1 / sx[m]), -127, 127))
+//   y[m, n] = (float(sum_k q[m, k] W[n, k]) * sx[m]) * sw[n]
+// The sums are exact int32 (K <= kMaxK), so y equals AQT's dot as XLA computes it. A row holding
+// a NaN or an infinity gives NaN outputs.
+//
+// Why: XLA's CPU dot of two int8 operands is a plain loop, slower than the float32 GEMM, so w8a8
+// encoders bought nothing; this one multiplies in the CPU's integer dot-product instructions.
+//
+// How: W is packed per call into blocks of kNR outputs, kKU inputs of one output side by side,
+// so one vector load holds kKU inputs of 16 (AVX-512) or 8 (AVX2) outputs; a tile of kMR rows x
+// kNR outputs keeps its sums in registers while one kKU-input group of x per row is broadcast
+// against the block.
+//  - AVX-512 VNNI: vpdpbusd multiplies unsigned by signed bytes, so x's codes are stored + 128
+//    (uint8) and 128 * sum_k W[n, k] is taken off each output afterwards (exact in int32).
+//  - AVX2: codes widened to int16 pairs meet vpmaddwd, which sums each pair of products into
+//    int32 (vpmaddubsw on the bytes would saturate its int16 sums).
+//  - portable: one int32 dot product per output, on W as stored.
+// Threads: chunks of rows x groups of output blocks, shared by the caller and XLA's pool
+// (parallel.h); quantizing x and packing W are split the same way first.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if (defined(__AVX512F__) || defined(__AVX2__)) && !defined(JAXACCEL_GENERIC)
+#include <immintrin.h>
+#endif
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxK = 65536;    // inputs: 255 * 127 * kMaxK (+ padding) stays below 2^31
+constexpr int64_t kRowChunk = 96;   // rows of x per work item (a multiple of every kMR)
+
+// x[m, :] -> codes (q as int8) and its scale; NaN for a row with a NaN or an infinity (codes 0).
+float quantize_row(const float* x, int64_t K, int8_t* q) {
+  float top = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    finite &= std::isfinite(x[k]);
+    top = std::max(top, std::fabs(x[k]));
+  }
+  if (!finite) {
+    std::memset(q, 0, size_t(K));
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  // AQT divides by 127.5; XLA's simplifier turns that into a product with the float 1 / 127.5
+  const float sx = (top == 0.0f ? 1.0f : top) * (1.0f / 127.5f);
+  float inv = 1.0f / sx;
+  if (std::isinf(inv)) inv = 1.0f;  // as AQT: a subnormal scale's reciprocal overflows
+  for (int64_t k = 0; k < K; ++k) q[k] = int8_t(std::nearbyint(std::min(127.0f, std::max(-127.0f, x[k] * inv))));
+  return sx;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(JAXACCEL_GENERIC)
+#define JAXACCEL_W8A8_PATH 2
+using Code = uint8_t;     // x's codes + 128
+using Lane = int8_t;      // packed W
+constexpr int kMR = 6, kNR = 64, kKU = 4;
+inline Code code(int8_t q) { return Code(int(q) + 128); }
+constexpr int32_t kOffset = 128;
+
+template <int R>
+void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t* off, const float* sx, const float* sw, float* y,
+          int64_t N, int64_t n0) {
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < 4; ++p) acc[r][p] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < Kp / kKU; ++g) {
+    const Lane* bg = b + g * kNR * kKU;
+    const __m512i b0 = _mm512_loadu_si512(bg), b1 = _mm512_loadu_si512(bg + 64), b2 = _mm512_loadu_si512(bg + 128),
+                  b3 = _mm512_loadu_si512(bg + 192);
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * Kp + g * kKU, 4);
+      const __m512i a = _mm512_set1_epi32(four);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], a, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], a, b3);
+    }
+  }
+  for (int p = 0; p < 4; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) break;
+    const __mmask16 mask = N - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
+    const __m512i o = _mm512_loadu_si512(off + n);
+    const __m512 s = _mm512_loadu_ps(sw + n);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], o));
+      _mm512_mask_storeu_ps(y + r * N + n, mask, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[r])), s));
+    }
+  }
+}
+#elif defined(__AVX2__) && !defined(JAXACCEL_GENERIC)
+#define JAXACCEL_W8A8_PATH 1
+using Code = int16_t;
+using Lane = int16_t;
+constexpr int kMR = 6, kNR = 16, kKU = 2;
+inline Code code(int8_t q) { return Code(q); }
+constexpr int32_t kOffset = 0;
+
+template <int R>
+void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t*, const float* sx, const float* sw, float* y,
+          int64_t N, int64_t n0) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < Kp / kKU; ++g) {
+    const Lane* bg = b + g * kNR * kKU;
+    const __m256i b0 = _mm256_loadu_si256((const __m256i*)bg), b1 = _mm256_loadu_si256((const __m256i*)(bg + 16));
+    for (int r = 0; r < R; ++r) {
+      int32_t two;
+      std::memcpy(&two, x + r * Kp + g * kKU, 4);
+      const __m256i a = _mm256_set1_epi32(two);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(a, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(a, b1));
+    }
+  }
+  for (int p = 0; p < 2; ++p) {
+    const int64_t n = n0 + 8 * p;
+    if (n >= N) break;
+    const __m256 s = _mm256_loadu_ps(sw + n);
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float out[8];
+      _mm256_store_ps(out, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][p]), _mm256_set1_ps(sx[r])), s));
+      std::memcpy(y + r * N + n, out, sizeof(float) * size_t(std::min<int64_t>(8, N - n)));
+    }
+  }
+}
+#else
+#define JAXACCEL_W8A8_PATH 0
+using Code = int8_t;
+using Lane = int8_t;
+constexpr int kMR = 6, kNR = 16, kKU = 1;
+inline Code code(int8_t q) { return q; }
+constexpr int32_t kOffset = 0;
+
+// Portable: W's block packed as kNR rows of Kp inputs (its own layout), one int32 dot per output.
+template <int R>
+void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t*, const float* sx, const float* sw, float* y,
+          int64_t N, int64_t n0) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t o = 0; o < kNR && n0 + o < N; ++o) {
+      int32_t t = 0;
+      for (int64_t k = 0; k < Kp; ++k) t += int32_t(x[r * Kp + k]) * int32_t(b[o * Kp + k]);
+      y[r * N + n0 + o] = (float(t) * sx[r]) * sw[n0 + o];
+    }
+}
+#endif
+
+// One call's operands: x's codes [M, Kp] with their scales, W packed per block of kNR outputs
+// ([K / kKU groups][kNR outputs][kKU inputs], zeros past K and N), the per-output offset
+// (kOffset * sum_k W[n, k]) and sw, both padded to whole blocks.
+struct Operands {
+  int64_t M = 0, K = 0, Kp = 0, N = 0, blocks = 0;
+  std::vector<Code> x;
+  std::vector<float> sx, sw;
+  std::vector<Lane> b;
+  std::vector<int32_t> off;
+
+  Operands(int64_t M_, int64_t K_, int64_t N_) : M(M_), K(K_), Kp((K_ + kKU - 1) / kKU * kKU), N(N_) {
+    blocks = (N + kNR - 1) / kNR;
+    x.assign(size_t(M * Kp), code(0));
+    sx.assign(size_t(M), 0.0f);
+    sw.assign(size_t(blocks * kNR), 0.0f);
+    b.assign(size_t(blocks * kNR * Kp), Lane(0));
+    off.assign(size_t(blocks * kNR), 0);
+  }
+
+  void quantize(const float* xs, int64_t m0, int64_t m1) {
+    std::vector<int8_t> q(static_cast<size_t>(K));
+    for (int64_t m = m0; m < m1; ++m) {
+      sx[m] = quantize_row(xs + m * K, K, q.data());
+      Code* row = x.data() + m * Kp;
+      for (int64_t k = 0; k < K; ++k) row[k] = code(q[k]);
+    }
+  }
+
+  void pack(const int8_t* w, const float* scale, int64_t block) {
+    Lane* out = b.data() + block * kNR * Kp;
+    for (int64_t o = 0; o < kNR; ++o) {
+      const int64_t n = block * kNR + o;
+      if (n >= N) break;
+      const int8_t* row = w + n * K;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        sum += row[k];
+        out[(kKU == 1) ? o * Kp + k : (k / kKU) * kNR * kKU + o * kKU + k % kKU] = Lane(row[k]);
+      }
+      off[n] = kOffset * sum;
+      sw[n] = scale[n];
+    }
+  }
+
+  // rows [m0, m1) x output blocks [j0, j1)
+  void multiply(float* y, int64_t m0, int64_t m1, int64_t j0, int64_t j1) const {
+    for (int64_t j = j0; j < j1; ++j) {
+      const Lane* bj = b.data() + j * kNR * Kp;
+      for (int64_t m = m0; m < m1; m += kMR) {
+        const Code* xm = x.data() + m * Kp;
+        float* ym = y + m * N;
+        const int32_t* o = off.data();
+        switch (std::min<int64_t>(kMR, m1 - m)) {
+          case 1: tile<1>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+          case 2: tile<2>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+          case 3: tile<3>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+          case 4: tile<4>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+          case 5: tile<5>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+          default: tile<kMR>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+        }
+      }
+    }
+  }
+};
+
+using Matrix = ffi::Buffer<ffi::F32, 2>;
+using MatrixOut = ffi::ResultBuffer<ffi::F32, 2>;
+using Codes = ffi::Buffer<ffi::S8, 2>;  // (aliases: a comma inside the handler macro splits its arguments)
+
+ffi::Error W8a8(ffi::ThreadPool pool, Matrix x, Codes w, Matrix scale, MatrixOut y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  if (wd[1] != K || sd[0] != N || sd[1] != 1 || K < 1 || K > kMaxK)
+    return ffi::Error::InvalidArgument("jaxaccel w8a8: needs x [M, K], w int8 [N, K] and scale [N, 1], "
+                                       "1 <= K <= 65536 (kernels.w8a8.wants)");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  Operands ops(M, K, N);
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
+  if (M * N * K < (int64_t(1) << 21)) helpers = 0;  // too small to pay for a hand-off
+  const int64_t row_chunks = (M + kRowChunk - 1) / kRowChunk;
+  // first quantize x (per chunk of rows) and pack W (per block) ...
+  jaxaccel::parallel_for(pool, row_chunks + ops.blocks, helpers, [&](int64_t c) {
+    if (c < row_chunks) ops.quantize(xp, c * kRowChunk, std::min(M, (c + 1) * kRowChunk));
+    else ops.pack(wp, sp, c - row_chunks);
+  });
+  // ... then multiply: rows x groups of output blocks, several work items per participant
+  const int64_t groups = std::min(ops.blocks, std::max<int64_t>(1, (4 * (helpers + 1) + row_chunks - 1) / row_chunks));
+  const int64_t per_group = (ops.blocks + groups - 1) / groups;
+  jaxaccel::parallel_for(pool, row_chunks * groups, helpers, [&](int64_t c) {
+    const int64_t rc = c / groups, g = c % groups;
+    ops.multiply(yp, rc * kRowChunk, std::min(M, (rc + 1) * kRowChunk), g * per_group,
+                 std::min(ops.blocks, (g + 1) * per_group));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// How this build multiplies w8a8: 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable
+extern "C" int JaxaccelW8a8Path() { return JAXACCEL_W8A8_PATH; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelW8a8, W8a8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<Codes>()
+                                  .Arg<Matrix>()
+                                  .Ret<Matrix>());
