@@ -1,5 +1,6 @@
 """What every recipe shares: its command line (`--quick`, `--out`, `--overwrite`), its output
-folder, JSONL files, the jaxaccel CLI called in this process, and the stand-in model of --quick.
+folder, JSONL files, the jaxaccel CLI called in this process (and `jaxaccel serve` as a process),
+and the stand-in models of --quick.
 
 Recipes use jaxaccel's public API only: `jaxaccel.load` / `init_random` / `finetune`, the
 `Model` methods, `QuantConfig`, and the `jaxaccel` command line (`jaxaccel.cli.main`, the
@@ -78,6 +79,76 @@ def tiny_encoder(head: str = "encoder", seed: int = 0):
     model = jaxaccel.init_random(cfg, seed)
     model.tokenizer = minilm.tokenizer
     return model
+
+
+def tiny_decoder(seed: int = 0):
+    """--quick's stand-in for Gemma 3 270M: a two-layer random Gemma 3 (one sliding, one full
+    layer) with Gemma's tokenizer (same ids and special tokens, so the chat format is the same)."""
+    import jaxaccel
+
+    gemma = jaxaccel.load("gemma3-270m")
+    cfg = gemma.config.replace(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                               head_dim=16, query_pre_attn_scalar=16, layer_types=("sliding", "full"),
+                               sliding_window=64, max_position_embeddings=1024)
+    model = jaxaccel.init_random(cfg, seed)
+    model.tokenizer = gemma.tokenizer
+    return model
+
+
+def decoder(name: str):
+    """The decoder a recipe starts from: `jaxaccel.load(name)`, or "tiny" for --quick."""
+    import jaxaccel
+
+    return tiny_decoder() if name == "tiny" else jaxaccel.load(name)
+
+
+def serve_chat(folder: Path, conversations: list[list[dict]], max_tokens: int, timeout: float = 600.0) -> list[str]:
+    """Start `jaxaccel serve --model FOLDER` as its own process (the folder's chat template),
+    send each conversation to /v1/chat/completions greedily, stop the server; the replies."""
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads would block the server
+    proc = subprocess.Popen([sys.executable, "-m", "jaxaccel.cli", "serve", "--model", str(folder), "--port", str(port),
+                             "--embed-model", "none", "--max-batch", "2"],
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"jaxaccel serve exited with {proc.returncode}: {log.read()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"jaxaccel serve did not answer /health within {timeout:.0f} s")
+            time.sleep(0.5)
+        replies = []
+        for messages in conversations:
+            r = httpx.post(url + "/v1/chat/completions", timeout=timeout,
+                           json={"messages": messages, "max_tokens": max_tokens, "temperature": 0})
+            r.raise_for_status()
+            replies.append(r.json()["choices"][0]["message"]["content"])
+        return replies
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def save_results(out: Path, results: dict) -> Path:
