@@ -2,9 +2,9 @@
 one within a quality budget, save it, and report every variant (report.json / .md / .png).
 
 Variants (those that apply): float32 eager (un-jitted, what a newcomer writes), float32 jit,
-bfloat16, float16, int8 per channel and per group, int4 per group (two group sizes), w8a8, and
-speculative decoding with prompt lookup or an int8 self-draft (greedy: float32's quality by
-construction). Encoders (embed, classify) get float32 jit, bfloat16, float16, int8 and w8a8.
+bfloat16, float16, int8 per channel and per group, int8 weights with an int8 KV cache (its quality
+scored through the cache), int4 per group (two group sizes), w8a8, and speculative decoding with
+prompt lookup or an int8 self-draft (greedy: float32's quality by construction). Encoders (embed, classify) get float32 jit, bfloat16, float16, int8 and w8a8.
 External baseline rows, never chosen: transformers eager on the same weights when torch is
 installed (accelerate_baseline.py), and llama.cpp's llama-server on the source GGUF file when a
 built one is found (accelerate_llama.py); otherwise the row says why it is absent.
@@ -146,6 +146,7 @@ def lm_variants() -> list[Variant]:
             Variant("bfloat16", QuantConfig(mode="bfloat16")), Variant("float16", QuantConfig(mode="float16"), cost=1.5),
             Variant("int8 per channel", QuantConfig(mode="int8")),
             Variant("int8 g32", QuantConfig(mode="int8", int8_group_size=32), cost=1.1),
+            Variant("int8 + int8 KV cache", QuantConfig(mode="int8", kv_cache_int8=True), cost=1.2),
             Variant("int4 g32", QuantConfig(mode="int4", group_size=32), cost=2.0),
             Variant("int4 g128", QuantConfig(mode="int4", group_size=128), cost=2.0),
             Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.5),

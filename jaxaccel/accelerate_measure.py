@@ -105,11 +105,32 @@ def lm_windows(tokenizer, text: str, window: int, n: int) -> np.ndarray:
     return np.asarray([[tokenizer.bos_token_id, *r] for r in rows], np.int32)
 
 
-def log_probs(model, row: np.ndarray) -> np.ndarray:
-    """float64 [T - 1, V] next-token log-probabilities of one window."""
+def int8_cache(model) -> bool:
+    return getattr(model, "quant", None) is not None and model.quant.kv_cache_int8
+
+
+def through_cache(model):
+    """`tokens [1, T] -> logits` through a KV cache of the model's own dtype, as generation runs:
+    an int8 cache's rounding reaches the attention then (every position reads the keys and values
+    back from the cache), which `Model.logits` (no cache) never shows."""
     import jax
 
-    logits = np.asarray(model.logits(row[None])[0, :-1], np.float32)
+    from .kv_cache import init_cache
+
+    def run(params, tokens):
+        cache = init_cache(model.config, 1, tokens.shape[1], model.cache_dtype)
+        return model.module.apply({"params": params}, tokens, cache=cache).logits
+
+    jitted = jax.jit(run)
+    return lambda row: jitted(model.params, row)
+
+
+def log_probs(model, row: np.ndarray, logits_fn=None) -> np.ndarray:
+    """float64 [T - 1, V] next-token log-probabilities of one window (`logits_fn`: `through_cache`'s,
+    else `Model.logits`)."""
+    import jax
+
+    logits = np.asarray((logits_fn or model.logits)(row[None])[0, :-1], np.float32)
     return np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
 
 
@@ -121,8 +142,10 @@ def non_finite(what: str, bad: int, total: int) -> dict:
 
 def lm_quality(ref_logp: list[np.ndarray], model, windows: np.ndarray) -> dict:
     """KL(float32 || variant) of each next-token distribution, top-1 agreement, perplexity change;
-    non-finite logits anywhere: `non_finite` instead (no figure means anything then)."""
-    logps = [log_probs(model, row) for row in windows]
+    non-finite logits anywhere: `non_finite` instead (no figure means anything then). A model with
+    an int8 KV cache is scored through that cache (`through_cache`)."""
+    fn = through_cache(model) if int8_cache(model) else None
+    logps = [log_probs(model, row, fn) for row in windows]
     bad = sum(int(np.sum(~np.isfinite(lp).all(-1))) for lp in logps)
     if bad:
         return non_finite("logits", bad, sum(len(lp) for lp in logps))

@@ -6,6 +6,7 @@ measured rows; bad arguments are clear errors that touch nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -626,3 +627,23 @@ def test_non_finite_numbers_anywhere_are_written_as_null(tmp_path):
     safe = accelerate_report.json_safe({"a": [1.5, nan, {"b": -inf}], "c": (inf, 2), "d": "NaN", "e": 3})
     assert safe == {"a": [1.5, None, {"b": None}], "c": [None, 2], "d": "NaN", "e": 3}
     assert strict_json(json.dumps(safe)) == safe
+
+
+def test_int8_kv_cache_quality_is_measured_through_the_cache(tiny):
+    """Model.logits has no cache, so an int8 cache would look exact there: the variant is scored
+    through a cache of its own dtype. A float32 cache gives Model.logits' numbers; the int8 cache
+    moves the logits of int8 weights (its own rounding), and generation decodes through it."""
+    model = jaxaccel.load(tiny)
+    windows = accelerate_measure.lm_windows(model.tokenizer, acc.HELDOUT.read_text(), 48, 2)
+    row = windows[:1]
+    np.testing.assert_allclose(np.asarray(accelerate_measure.through_cache(model)(row)),
+                               np.asarray(model.logits(row)), atol=1e-4)
+    int8 = model.quantize(QuantConfig(mode="int8"))
+    want = acc.variant_named("int8 + int8 KV cache", "generate").quant
+    assert dataclasses.replace(want, kv_cache_int8=False) == int8.quant
+    kv = dataclasses.replace(int8, quant=want)  # the same int8 params (quantizing again would only take time)
+    assert kv.cache_dtype == np.int8 and accelerate_measure.int8_cache(kv) and not accelerate_measure.int8_cache(int8)
+    np.testing.assert_allclose(np.asarray(kv.logits(row)), np.asarray(int8.logits(row)), atol=1e-6)  # no cache
+    ref = [accelerate_measure.log_probs(model, r) for r in windows]
+    q_int8, q_kv = (accelerate_measure.lm_quality(ref, m, windows) for m in (int8, kv))
+    assert q_kv["kl_mean"] != q_int8["kl_mean"] and 0 < q_kv["kl_mean"] < 0.5 and q_kv["top1_agreement"] > 0.5
