@@ -63,6 +63,7 @@ _REEXPORTED = (ENV, FLAGS_ENV, ISA_ENV, ISA_TIERS, SOURCES, TARGETS, _verified, 
 
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better (but int8)
 INT8_PREFILL_MAX_ROWS = 512  # int8 weights (VNNI): the kernel takes up to this many rows (`int8_prefill`)
+INT4_PREFILL_MAX_ROWS = 512  # int4 weights on the int16 paths: int4.cc's blocked GEMM takes up to this many rows
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
 INT8_PATHS = {0: "float", 1: "avx2", 2: "vnni"}
@@ -141,20 +142,25 @@ def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array
 
 def int4_wants(x2: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array | None) -> bool:
     """Would `x2 [M, K]` times the int4 weight (packed uint8 [N, K / 2], scale and zero [N, G]) go
-    to `int4.cc` in a decode program? At most MAX_ROWS rows (more are the prefill: XLA's GEMM on
-    the dequantized weight, compute-bound there), K a multiple of 64, groups of a multiple of 32."""
+    to `int4.cc` in a decode program? K a multiple of 64, groups of a multiple of 32, and at most
+    MAX_ROWS rows, or up to INT4_PREFILL_MAX_ROWS (the prefill) on the AVX-512 VNNI and AVX2
+    builds: there a blocked GEMM unpacks each tile of weight rows once for all rows, with x
+    rounded to int16 per block exactly as in the decode steps (so prefill and decode agree).
+    XLA instead dequantizes every weight to float32 on each call; the portable build's kernel
+    (one code at a time) leaves the prefill to it."""
     if zero is None or x2.ndim != 2 or packed.ndim != 2 or packed.dtype != jnp.uint8 or scale.ndim != 2:
         return False
     M, K = x2.shape
     G = scale.shape[1]
-    return (1 <= M <= MAX_ROWS and packed.shape[1] * 2 == K and K % 64 == 0 and G > 0 and K % G == 0
+    rows = 1 <= M <= MAX_ROWS or (MAX_ROWS < M <= INT4_PREFILL_MAX_ROWS and int4_path() in ("vnni", "avx2"))
+    return (rows and packed.shape[1] * 2 == K and K % 64 == 0 and G > 0 and K % G == 0
             and (K // G) % 32 == 0 and zero.shape == scale.shape == (packed.shape[0], G))
 
 
 def dot_int4(x2: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array | None, out_dtype) -> jax.Array | None:
-    """In a decode program, `x2 [M, K]` times the int4 weight [N, K] stored as quant_math packs it
-    (two codes a byte, W = code * scale + zero per group) through `int4.cc` when it applies
-    (`int4_wants`), else None: the caller dequantizes for XLA's dot."""
+    """In a decode program (its decode steps and its prefill), `x2 [M, K]` times the int4 weight
+    [N, K] stored as quant_math packs it (two codes a byte, W = code * scale + zero per group)
+    through `int4.cc` when it applies (`int4_wants`), else None: the caller dequantizes for XLA's dot."""
     if not int4_wants(x2, packed, scale, zero):
         return None
     out = jax.ShapeDtypeStruct((x2.shape[0], packed.shape[0]), jnp.float32)

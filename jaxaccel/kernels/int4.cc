@@ -1,13 +1,14 @@
-// jaxaccel CPU matvec for int4 weights in decode steps: y[M, N] = x[M, K] . W, M <= 8 rows, with W
-// stored as quant_math stores int4: codes q in [0, 15], two per byte (the even input in the low
+// jaxaccel CPU matmul for int4 weights: y[M, N] = x[M, K] . W, decode rows (M <= 8) and the
+// prefill's rows (up to 512: a blocked GEMM, see "the prefill" below), with W stored as
+// quant_math stores int4: codes q in [0, 15], two per byte (the even input in the low
 // nibble), [N, K / 2] bytes, and a scale and a zero per group of K / G inputs ([N, G] each):
 // W[n, k] = q[n, k] * scale[n, g] + zero[n, g].
 //
-// Why: XLA unpacks and dequantizes every int4 weight to float32 in each decode step, so int4
-// decoded several times slower than int8 although it reads half the bytes. This kernel reads the
-// packed bytes once and widens the nibbles in registers.
+// Why: XLA unpacks and dequantizes every int4 weight to float32 in each call, so int4 decoded
+// several times slower than int8 although it reads half the bytes, and its prefill cost twice
+// int8's. This kernel reads the packed bytes as stored and widens the nibbles in registers.
 //
-// How: y[m, n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[m, k]  +  zero[n, g] * xsum[m, g],
+// How (decode): y[m, n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[m, k]  +  zero[n, g] * xsum[m, g],
 // with xsum[m, g] = sum_{k in g} x[m, k] (float, once per call). The first sum multiplies in
 // integers: x is rounded to int16 per block of 64 inputs (within 2^-16 of the block's largest
 // |x|, as the int8 kernel does) and the codes, zero-extended to int16, meet it in vpdpwssd
@@ -41,7 +42,35 @@ constexpr int64_t kMaxRows = 8;     // decode rows (kernels.MAX_ROWS)
 constexpr int64_t kRowGroup = 4;    // rows of x multiplied together against one weight row
 constexpr int64_t kAheadBytes = 10240;  // how far ahead the weight rows are prefetched
 
-// x [M, K] prepared for one call: int16 codes permuted per block, their scales, group sums.
+// x's block of 64 inputs rounded to int16 in input order: q[k] = round(x[k] / s) with
+// s = max |x| / 32767, returned (0 for an all-zero block; NaN, with q all 0, for a block holding
+// a NaN or infinity: the scale then makes the row's outputs NaN). The decode and prefill paths
+// both round through here, so they agree.
+inline float round_block(const float* xb, int16_t* q) {
+  float top = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < kBlock; ++k) {
+    finite &= std::isfinite(xb[k]);
+    top = std::max(top, std::fabs(xb[k]));
+  }
+  const float sc = finite ? top / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+  const bool ok = finite && sc > 0.0f;
+  for (int64_t k = 0; k < kBlock; ++k)  // clamped: a subnormal scale can round past 32767
+    q[k] = ok ? int16_t(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xb[k] / sc)))) : int16_t(0);
+  return sc;
+}
+
+// sum[g * stride] = the sum of row xm's inputs in group g (G groups of K / G inputs)
+inline void group_sums(const float* xm, int64_t K, int64_t G, float* sum, int64_t stride) {
+  const int64_t gs = K / G;
+  for (int64_t g = 0; g < G; ++g) {
+    float t = 0.0f;
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += xm[k];
+    sum[g * stride] = t;
+  }
+}
+
+// x [M, K] prepared for one decode call: int16 codes permuted per block, their scales, group sums.
 struct PreparedX {
   std::vector<int16_t> q;   // [M, K]: block b holds x's even inputs of the block, then its odd ones
   std::vector<float> s;     // [M, K / kBlock]
@@ -50,34 +79,16 @@ struct PreparedX {
 
   void prepare(const float* x, int64_t M, int64_t K_, int64_t G_) {
     K = K_, G = G_;
-    const int64_t nb = K / kBlock, gs = K / G;
+    const int64_t nb = K / kBlock;
     q.assign(size_t(M * K), 0);
     s.assign(size_t(M * nb), 0.0f);
     sum.assign(size_t(M * G), 0.0f);
+    int16_t qb[kBlock];
     for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      for (int64_t g = 0; g < G; ++g) {
-        float t = 0.0f;
-        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += xm[k];
-        sum[m * G + g] = t;
-      }
+      group_sums(x + m * K, K, G, sum.data() + m * G, 1);
       for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = xm + b * kBlock;
-        float top = 0.0f;
-        bool finite = true;
-        for (int64_t k = 0; k < kBlock; ++k) {
-          finite &= std::isfinite(xb[k]);
-          top = std::max(top, std::fabs(xb[k]));
-        }
-        // a NaN or infinity makes the block's scale NaN, and so the row's outputs
-        const float sc = finite ? top / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-        s[m * nb + b] = sc;
-        if (!(finite && sc > 0.0f)) continue;
-        int16_t* qb = q.data() + m * K + b * kBlock;
-        for (int64_t k = 0; k < kBlock; ++k) {  // clamped: a subnormal scale can round past 32767
-          const int16_t v = int16_t(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xb[k] / sc))));
-          qb[(k & 1) * (kBlock / 2) + k / 2] = v;
-        }
+        s[m * nb + b] = round_block(x + m * K + b * kBlock, qb);
+        for (int64_t k = 0; k < kBlock; ++k) q[m * K + b * kBlock + (k & 1) * (kBlock / 2) + k / 2] = qb[k];
       }
     }
   }
@@ -210,6 +221,163 @@ void rows(const PreparedX& xq, int64_t M, const uint8_t* w, const float* scale, 
       }
 }
 
+// --- the prefill: many rows of x (up to kPrefillMaxRows), a blocked GEMM on the int16 paths ---
+//
+// Why: the decode kernel unpacks a weight row's nibbles again for every 4 rows of x and sums
+// each output across vector lanes; for the prefill's hundreds of rows that work, not the weight's
+// bytes, is the cost. Here a tile of weight rows is unpacked once (into L1) and every row of x
+// meets it, with vector lanes running over rows of x: each lane's int32 is one output's dot over
+// 32 inputs, so nothing is summed across lanes. Same numerics as decode: x rounded per 64-block
+// by round_block, integer sums per 32 inputs, times (weight scale * x scale), plus the zeros
+// times x's float group sums (only the order of the float additions differs).
+//
+// Layout: input pair (2p, 2p + 1) is one int32 (input 2p in the low int16): a packed byte p
+// holds exactly the codes of that pair, and vpdpwssd / vpmaddwd multiply pairs. x is stored
+// transposed, [K / 2 pairs, Mp rows], so a vector load takes one pair of L rows; the weight
+// pair is broadcast.
+constexpr int64_t kPrefillMaxRows = 512;  // kernels.INT4_PREFILL_MAX_ROWS
+constexpr int64_t kRowBlock = 128;        // rows of x whose pairs stay in L2 while the tiles pass
+
+// x [M, K] for the prefill, transposed; rows M..Mp-1 are zero (their outputs are not stored)
+struct PrefillX {
+  std::vector<int32_t> pairs;  // [K / 2, Mp]
+  std::vector<float> s;        // [K / kBlock, Mp]: the blocks' int16 scales
+  std::vector<float> sum;      // [G, Mp]: the groups' float sums
+  int64_t K = 0, G = 0, Mp = 0;
+
+  void prepare(const float* x, int64_t M, int64_t K_, int64_t G_, int64_t rows_multiple,
+               xla::ffi::ThreadPool& pool, int64_t helpers) {
+    K = K_, G = G_, Mp = (M + rows_multiple - 1) / rows_multiple * rows_multiple;
+    pairs.assign(size_t(K / 2 * Mp), 0);
+    s.assign(size_t(K / kBlock * Mp), 0.0f);
+    sum.assign(size_t(G * Mp), 0.0f);
+    constexpr int64_t kRows = 16;  // rows per task: neighbouring columns written by one thread
+    jaxaccel::parallel_for(pool, (M + kRows - 1) / kRows, helpers, [&](int64_t c) {
+      int16_t qb[kBlock];
+      for (int64_t m = c * kRows; m < std::min(M, (c + 1) * kRows); ++m) {
+        group_sums(x + m * K, K, G, sum.data() + m, Mp);
+        for (int64_t b = 0; b < K / kBlock; ++b) {
+          s[b * Mp + m] = round_block(x + m * K + b * kBlock, qb);
+          for (int64_t p = 0; p < kBlock / 2; ++p)
+            pairs[(b * (kBlock / 2) + p) * Mp + m] =
+                int32_t(uint32_t(uint16_t(qb[2 * p])) | (uint32_t(uint16_t(qb[2 * p + 1])) << 16));
+        }
+      }
+    });
+  }
+};
+
+#if JAXACCEL_INT4_PATH > 0
+#if JAXACCEL_INT4_PATH == 2
+struct Vec {  // AVX-512 VNNI: 16 rows of x per vector
+  static constexpr int L = 16, NR = 6, MV = 2;  // a tile of NR weight rows x MV vectors of rows
+#define JAXACCEL_INT4_UNROLL 16
+  using I = __m512i;
+  using F = __m512;
+  static I izero() { return _mm512_setzero_si512(); }
+  static I load(const int32_t* p) { return _mm512_loadu_si512((const void*)p); }
+  static I bcast(int32_t v) { return _mm512_set1_epi32(v); }
+  static I dot(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+#else
+struct Vec {  // AVX2: 8 rows of x per vector, vpmaddwd + vpaddd
+  static constexpr int L = 8, NR = 4, MV = 1;
+#define JAXACCEL_INT4_UNROLL 4
+  using I = __m256i;
+  using F = __m256;
+  static I izero() { return _mm256_setzero_si256(); }
+  static I load(const int32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static I bcast(int32_t v) { return _mm256_set1_epi32(v); }
+  static I dot(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+constexpr int64_t kRowsMultiple = Vec::L * Vec::MV;
+#define JAXACCEL_PRAGMA(x) _Pragma(#x)
+#define JAXACCEL_UNROLL(n) JAXACCEL_PRAGMA(GCC unroll n)
+
+// Weight rows n0 .. n0 + NR - 1 (unpacked: wt [NR, K / 2] int32 pairs) against rows m0 .. m0 +
+// L * MV - 1 of x. Each int32 lane sums 16 pairs (32 products of at most 15 * 32767) per half
+// block, so it cannot overflow.
+void prefill_tile(const PrefillX& xp, int64_t m0, const int32_t* wt, int64_t n0, int64_t N, const float* scale,
+                  const float* zero, float* y, int64_t M) {
+  constexpr int NR = Vec::NR, MV = Vec::MV, L = Vec::L;
+  const int64_t K = xp.K, G = xp.G, gs = K / G, Mp = xp.Mp;
+  int64_t nr[NR];  // weight rows past N (a partial tile) read row N - 1's scales; not stored
+  for (int r = 0; r < NR; ++r) nr[r] = std::min(n0 + r, N - 1);
+  Vec::F acc[NR][MV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) acc[r][v] = Vec::fzero();
+  for (int64_t h = 0; h < K / 32; ++h) {  // 32 inputs (16 pairs) share one weight scale
+    Vec::I t[NR][MV];
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < MV; ++v) t[r][v] = Vec::izero();
+    const int32_t* xh = xp.pairs.data() + h * 16 * Mp + m0;
+    JAXACCEL_UNROLL(JAXACCEL_INT4_UNROLL)  // GCC copies the sums each step of a rolled AVX-512 loop
+    for (int p = 0; p < 16; ++p) {
+      Vec::I xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = Vec::load(xh + p * Mp + v * L);
+      for (int r = 0; r < NR; ++r) {
+        const Vec::I wv = Vec::bcast(wt[r * (K / 2) + h * 16 + p]);
+        for (int v = 0; v < MV; ++v) t[r][v] = Vec::dot(t[r][v], xv[v], wv);
+      }
+    }
+    const int64_t g = h * 32 / gs, b = h / 2;
+    for (int v = 0; v < MV; ++v) {
+      const Vec::F xs = Vec::loadf(xp.s.data() + b * Mp + m0 + v * L);
+      for (int r = 0; r < NR; ++r)
+        acc[r][v] = Vec::fma(Vec::cvt(t[r][v]), Vec::mul(xs, Vec::set1(scale[nr[r] * G + g])), acc[r][v]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int v = 0; v < MV; ++v) {
+      const Vec::F xsum = Vec::loadf(xp.sum.data() + g * Mp + m0 + v * L);
+      for (int r = 0; r < NR; ++r) acc[r][v] = Vec::fma(Vec::set1(zero[nr[r] * G + g]), xsum, acc[r][v]);
+    }
+  alignas(64) float out[L];
+  for (int r = 0; r < NR && n0 + r < N; ++r)
+    for (int v = 0; v < MV; ++v) {
+      Vec::store(out, acc[r][v]);
+      for (int l = 0; l < L && m0 + v * L + l < M; ++l) y[(m0 + v * L + l) * N + n0 + r] = out[l];
+    }
+}
+
+// Tiles [t0, t1) of Vec::NR weight rows against all M rows of x, a block of rows at a time.
+void prefill_tiles(const PrefillX& xp, int64_t M, const uint8_t* w, const float* scale, const float* zero, float* y,
+                   int64_t N, int64_t t0, int64_t t1) {
+  constexpr int NR = Vec::NR;
+  const int64_t K2 = xp.K / 2;
+  std::vector<int32_t> wt(size_t(NR * K2));
+  for (int64_t mb = 0; mb < xp.Mp; mb += kRowBlock)
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int r = 0; r < NR; ++r) {  // unpack: byte j -> the pair (low nibble, high nibble)
+        int32_t* dst = wt.data() + r * K2;
+        if (t * NR + r >= N) {
+          std::fill(dst, dst + K2, 0);
+          continue;
+        }
+        const uint8_t* row = w + (t * NR + r) * K2;
+        for (int64_t j = 0; j < K2; ++j) dst[j] = int32_t(row[j] & 0x0F) | (int32_t(row[j] >> 4) << 16);
+      }
+      for (int64_t m0 = mb; m0 < std::min(xp.Mp, mb + kRowBlock); m0 += kRowsMultiple)
+        prefill_tile(xp, m0, wt.data(), t * NR, N, scale, zero, y, M);
+    }
+}
+#endif
+
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixOut = ffi::ResultBuffer<ffi::F32, 2>;
 using Packed = ffi::Buffer<ffi::U8, 2>;  // (aliases: a comma inside the handler macro splits its arguments)
@@ -217,19 +385,32 @@ using Packed = ffi::Buffer<ffi::U8, 2>;  // (aliases: a comma inside the handler
 ffi::Error MatvecInt4(ffi::ThreadPool pool, Matrix x, Packed w, Matrix scale, Matrix zero, MatrixOut y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), zd = zero.dimensions();
   const int64_t M = xd[0], K = xd[1], N = wd[0], G = sd[1];
-  if (M < 1 || M > kMaxRows || wd[1] * 2 != K || sd[0] != N || zd[0] != N || zd[1] != G)
-    return ffi::Error::InvalidArgument("jaxaccel int4 matvec: needs x [M <= 8, K], packed w [N, K / 2], "
+  if (M < 1 || M > kPrefillMaxRows || wd[1] * 2 != K || sd[0] != N || zd[0] != N || zd[1] != G)
+    return ffi::Error::InvalidArgument("jaxaccel int4 matvec: needs x [M <= 512, K], packed w [N, K / 2], "
                                        "scale and zero [N, G]");
   if (K % kBlock || G < 1 || K % G || (K / G) % 32)
     return ffi::Error::InvalidArgument("jaxaccel int4 matvec: K must be a multiple of 64 and groups a multiple "
                                        "of 32 inputs (kernels.int4_wants)");
-  PreparedX xq;
-  xq.prepare(x.typed_data(), M, K, G);
   const uint8_t* wp = w.typed_data();
-  const float *sp = scale.typed_data(), *zp = zero.typed_data();
+  const float *sp = scale.typed_data(), *zp = zero.typed_data(), *xp = x.typed_data();
   float* yp = y->typed_data();
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
-  if (N * K / 2 < (128 << 10)) helpers = 0;  // too small to pay for a hand-off
+  // too small to pay for a hand-off (the prefill's rows multiply the work on a small weight)
+  if (N * K / 2 < (128 << 10) && (M <= kMaxRows || M * N * K < (int64_t(1) << 24))) helpers = 0;
+#if JAXACCEL_INT4_PATH > 0
+  if (M > kMaxRows) {  // the prefill
+    PrefillX xq;
+    xq.prepare(xp, M, K, G, kRowsMultiple, pool, helpers);
+    const int64_t tiles = (N + Vec::NR - 1) / Vec::NR, parts = (helpers + 1) * 4;
+    const int64_t chunk = std::max<int64_t>(1, (tiles + parts - 1) / parts), n_chunks = (tiles + chunk - 1) / chunk;
+    jaxaccel::parallel_for(pool, n_chunks, helpers, [&](int64_t c) {
+      prefill_tiles(xq, M, wp, sp, zp, yp, N, c * chunk, std::min(tiles, (c + 1) * chunk));
+    });
+    return ffi::Error::Success();
+  }
+#endif
+  PreparedX xq;  // decode rows (and the portable build's every row count)
+  xq.prepare(xp, M, K, G);
   // several chunks per participant, so a late starter still helps
   const int64_t parts = (helpers + 1) * 8, chunk = std::max<int64_t>(32, (N + parts - 1) / parts);
   const int64_t n_chunks = (N + chunk - 1) / chunk;
