@@ -265,8 +265,9 @@ def programs(model) -> dict:
     fns = model.__dict__.get("_encoder_programs")
     if fns is not None:
         return fns
-    # on the CPU backend (one device), attention within segments runs in jaxaccel's kernel
-    choice = KernelChoice(segment_attention=kernels.usable(model))
+    # on the CPU backend (one device), attention within segments and w8a8 dots run in jaxaccel's kernels
+    usable = kernels.usable(model)
+    choice = KernelChoice(segment_attention=usable, int8_gemm=usable)
     module = registry.build(model.config, model.dtype, dot_general_cls=model.dot_general_cls, kernels=choice)
 
     def apply(params, tokens, **kw):

@@ -43,6 +43,7 @@ from jax import lax
 
 from . import kernels
 from .kernels import XLA, KernelChoice
+from .kernels import w8a8 as w8a8_kernel
 from .quant_math import dequantize, pack_int4, quantize, quantize_asymmetric_mse, quantize_mse, unpack_int4
 
 FLOAT_MODES = ("float32", "bfloat16", "float16")
@@ -234,8 +235,9 @@ def _ste(serve, exact):
 def _serve_dot(mode, x, stored, preferred_element_type=None, choice: KernelChoice = XLA):
     """x [..., in] . stored weight [out, in] -> [..., out]."""
     q, scale, zero = stored
-    if mode == "w8a8":
-        return _aqt_dot(x, q, scale)
+    if mode == "w8a8":  # encoder programs on CPU: the int8 GEMM kernel, with AQT's numerics
+        y = w8a8_kernel.dot(x, q, scale) if choice.int8_gemm else None
+        return _aqt_dot(x, q, scale) if y is None else y
     if choice.decode and mode in ("int8", "int4"):  # decode programs on CPU: the weight read as stored
         x2, out = x.reshape(-1, x.shape[-1]), preferred_element_type or x.dtype
         y = (kernels.dot(x2, q, 1, out, scale) if mode == "int8" and zero is None

@@ -24,6 +24,10 @@ gathers bfloat16 rows from a float32 copy of the whole table, hoisted out of the
 generate call would write the whole table once. It also writes the KV cache in place
 (`write_rows`): XLA's CPU backend copies each layer's cache several times per decode step.
 
+`w8a8.cc` (wrapper `w8a8.py`) is the int8 x int8 GEMM of w8a8 encoders: the activation rows are
+quantized per token in the call exactly as AQT's serving dot quantizes them, and summed in int32
+with VNNI / AVX2 integer dot products (XLA's CPU backend has no tuned int8 GEMM).
+
 The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
 jaxlib's FFI headers, for an ISA tier of this machine's CPU (`ISA_TIERS`: `native`, the default,
 `-march=native`; `avx2`, x86-64-v3 without AVX-512; `generic`, x86-64-v2), chosen with
@@ -40,7 +44,7 @@ Which programs use them is an argument, never a global switch: a module is built
 engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
 (dots of at most `MAX_ROWS` rows, int8 dots of up to `INT8_PREFILL_MAX_ROWS` rows on int16-path builds,
 bfloat16 table rows, the KV cache writes, one-query attention); the encoders' programs with
-`KernelChoice(segment_attention=True)`. Training and scoring build theirs without: the kernels
+`KernelChoice(segment_attention=True, int8_gemm=True)`. Training and scoring build theirs without: the kernels
 have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
 differently from XLA's, so decode logits agree with `Model.logits` to float rounding (int8
 weights: to the int16 rounding of x), not bit for bit.
@@ -101,10 +105,13 @@ class KernelChoice:
     decode: the generation loop's kernels: dots of at most MAX_ROWS rows (and int8 prefill rows,
       see `int8_prefill`), bfloat16 embedding rows, in-place KV cache writes, one-query attention.
     segment_attention: the encoders' bidirectional attention within segments.
-    The default (both off) is XLA's ops everywhere: training, scoring, sharded models."""
+    int8_gemm: w8a8 dots (int8 weights x activations quantized per token) through `w8a8.cc`
+      (the encoders' programs); otherwise AQT's dot, which XLA's CPU backend runs without a tuned int8 GEMM.
+    The default (all off) is XLA's ops everywhere: training, scoring, sharded models."""
 
     decode: bool = False
     segment_attention: bool = False
+    int8_gemm: bool = False
 
 
 XLA = KernelChoice()

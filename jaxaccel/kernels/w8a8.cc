@@ -8,8 +8,8 @@
 // The sums are exact int32 (K <= kMaxK), so y equals AQT's dot as XLA computes it. A row holding
 // a NaN or an infinity gives NaN outputs.
 //
-// Why: XLA's CPU dot of two int8 operands is a plain loop, slower than the float32 GEMM, so w8a8
-// encoders bought nothing; this one multiplies in the CPU's integer dot-product instructions.
+// Why: AQT's dot runs on XLA's CPU backend, which has no tuned int8 GEMM; this one multiplies in
+// the CPU's integer dot-product instructions.
 //
 // How: W is packed per call into blocks of kNR outputs, kKU inputs of one output side by side,
 // so one vector load holds kKU inputs of 16 (AVX-512) or 8 (AVX2) outputs; a tile of kMR rows x
