@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import itertools
 import math
 import os
 import statistics
@@ -369,7 +370,7 @@ def bench_llama(prompt: list[int], new_tokens: int, repeats: int, threads: int, 
 def table_rows(results: list[dict], mbu: bool = False) -> tuple[list[str], list[list[str]]]:
     """One row per implementation; with `mbu`, a last column "% peak BW": bytes read per second
     over the datasheet bandwidth (model bandwidth utilization)."""
-    header = ["model", "B", "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "roofline tok/s",
+    header = ["model", "B x prompt", "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "roofline tok/s",
               "% roofline", "% read roof", "stream decode tok/s", "agree"] + (["% peak BW"] if mbu else [])
     rows = []
     pct = lambda v, k: f"{100 * v[k]:.1f}" if k in v else "-"
@@ -378,7 +379,8 @@ def table_rows(results: list[dict], mbu: bool = False) -> tuple[list[str], list[
     for r in results:
         j, t = r["jaxaccel"], r["transformers"]
         agree = f"{r['agreement']['min_common_prefix']}/{r['new_tokens']}" if r["agreement"] else "-"
-        add([r["model"], r["batch"], "jaxaccel", f"{1e3 * j['ttft_s']:.1f}", f"{j['prefill_tok_s']:.0f}",
+        add([r["model"], f"{r['batch']} x {r['prompt_len']}", "jaxaccel", f"{1e3 * j['ttft_s']:.1f}",
+             f"{j['prefill_tok_s']:.0f}",
              f"{j['decode_tok_s']:.1f}", roof(j), pct(j, "roofline_fraction"), pct(j, "read_roofline_fraction"),
              f"{j['stream_decode_tok_s']:.1f}" if "stream_decode_tok_s" in j else "-", agree], j)
         add(["", "", "transformers", f"{1e3 * t['ttft_s']:.1f}", f"{t['prefill_tok_s']:.0f}",
@@ -408,7 +410,9 @@ def main(argv=None):
                                                     "with random weights; default random,gemma)")
     ap.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 128)")
-    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 32)")
+    ap.add_argument("--prompt-len", default=None,
+                    help="prompt tokens per row, or a comma list (e.g. 32,512: each length a run of its own, "
+                         "llama.cpp's included; default 32)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median (default 3)")
     ap.add_argument("--bw-mib", type=int, default=None, help="array size for the bandwidth test (default 1024)")
     ap.add_argument("--probe-mib", type=int, default=None,
@@ -450,7 +454,12 @@ def main(argv=None):
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     batches = [int(b) for b in (args.batch or ("1,2" if q else "1,8")).split(",")]
     new_tokens = args.new_tokens or (16 if q else 128)
-    prompt_len = args.prompt_len or (16 if q else 32)
+    try:
+        prompt_lens = [int(n) for n in (args.prompt_len or ("16" if q else "32")).split(",")]
+    except ValueError:
+        ap.error(f"--prompt-len must be token counts such as 32 or 32,512, got {args.prompt_len!r}")
+    if min(prompt_lens) < 1:
+        ap.error(f"--prompt-len must be >= 1, got {args.prompt_len!r}")
     repeats = args.repeats or (1 if q else 3)
     bw_mib = args.bw_mib or (256 if q else 1024)
     probe_mib = args.probe_mib or bw_mib
@@ -489,8 +498,8 @@ def main(argv=None):
               f"MBU against {peak_bw / 1e9 if peak_bw else float('nan'):.0f} GB/s ({source})")
     print(f"python {machine['python']}, numpy {machine['numpy']}, jax {machine['jax']} {machine['jax_devices']}, "
           f"torch {machine['torch']} (torch.set_num_threads({threads})), transformers {machine['transformers']}")
-    print(f"sizes: models={models} batch={batches} prompt_len={prompt_len} new_tokens={new_tokens} "
-          f"repeats={repeats} (median)", flush=True)
+    print(f"sizes: models={models} batch={batches} prompt_len={','.join(map(str, prompt_lens))} "
+          f"new_tokens={new_tokens} repeats={repeats} (median)", flush=True)
     print(f"load average before the run (1/5/15 min): {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     if load_before[0] > 0.5 * threads:
         print("WARNING: other processes seem to be using the CPUs (1-min load average above half the "
@@ -519,7 +528,7 @@ def main(argv=None):
             variants = {f"jaxaccel {w}": jmodel.quantize(QuantConfig(mode=w)) for w in weight_formats}
             torch_variants = {f"transformers {d}": load_torch(folder, d, torch_device)[0] for d in torch_dtypes}
             V = jmodel.config.vocab_size
-            for B in batches:
+            for B, prompt_len in itertools.product(batches, prompt_lens):
                 prompts = rng.integers(min(100, V // 2), V, size=(B, prompt_len)).tolist()
                 nbytes = decode_bytes(jmodel, B, prompt_len, new_tokens)
                 roof = B * bandwidth / nbytes["total"]
@@ -587,7 +596,7 @@ def main(argv=None):
 
     doc = {"benchmark": "decode", "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
-           "settings": {"models": models, "sampling": sampling, "batch": batches, "prompt_len": prompt_len,
+           "settings": {"models": models, "sampling": sampling, "batch": batches, "prompt_len": prompt_lens,
                         "new_tokens": new_tokens,
                         "repeats": repeats, "statistic": "median", "dtype": "float32",
                         "weight_formats": weight_formats, "torch_dtypes": torch_dtypes,

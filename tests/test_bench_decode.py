@@ -51,6 +51,14 @@ def test_quick_run_samples_on_both_sides(tmp_path):
         decode.main(["--quick", "--models", "gemma-7b", "--out", str(tmp_path / "g.json")])
 
 
+def test_bad_prompt_lengths_are_refused_before_any_run(capsys):
+    """--prompt-len takes one token count or a comma list (32,512: a run per length)."""
+    for bad, message in (("32,x", "must be token counts such as 32 or 32,512, got '32,x'"), ("0", "must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            decode.main(["--quick", "--prompt-len", bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_device_bandwidth_probe_measures_the_backend_memory():
     """The accelerator runs' probe (jitted copy and sum) works on any backend; on the CPU here."""
     with common.DeviceBandwidthProbe(4 << 20) as probe:
