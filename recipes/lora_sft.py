@@ -84,13 +84,16 @@ def tune(base, rows: list[dict], tuning: Tuning, out: Path, eval_rows: list[dict
     adapters alone), metrics.jsonl (with eval_loss on `eval_rows` at the last step, if given)."""
     import jaxaccel
 
-    base.tokenizer.chat_template = CHAT_TEMPLATE
+    base.tokenizer.chat_template = CHAT_TEMPLATE  # an HF tokenizer saves it with the export
     t = tuning
-    return jaxaccel.finetune(base, sft_rows(rows), task="sft", steps=t.steps, out=out, batch_size=t.batch_size,
-                             max_length=t.max_length, lr=t.lr, warmup=t.warmup, lora_rank=t.rank, lora_alpha=t.alpha,
-                             lora_targets=t.targets, seed=t.seed, save_every=t.steps, keep=1,
-                             eval_data=sft_rows(eval_rows) if eval_rows else None, progress=progress,
-                             tensorboard=False)
+    tuned = jaxaccel.finetune(base, sft_rows(rows), task="sft", steps=t.steps, out=out, batch_size=t.batch_size,
+                              max_length=t.max_length, lr=t.lr, warmup=t.warmup, lora_rank=t.rank, lora_alpha=t.alpha,
+                              lora_targets=t.targets, seed=t.seed, save_every=t.steps, keep=1,
+                              eval_data=sft_rows(eval_rows) if eval_rows else None, progress=progress,
+                              tensorboard=False)
+    # jaxaccel's FastTokenizer copies its files instead: the folder gets the template either way
+    (Path(out) / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return tuned
 
 
 def answer(model, instructions: list[str], max_new_tokens: int, **generate_kw) -> list[str]:
@@ -99,6 +102,27 @@ def answer(model, instructions: list[str], max_new_tokens: int, **generate_kw) -
 
     texts = jaxaccel.generate(model, [prompt(i) for i in instructions], max_new_tokens=max_new_tokens, **generate_kw)
     return [t.strip() for t in texts]
+
+
+def decode_speed(model, instructions: list[str], max_new_tokens: int, speculative: str | None = None) -> dict:
+    """Greedy answers one prompt at a time (batch 1, as a chat request runs), each once to compile
+    and once timed: generated tokens per second of wall time (prefill included), and with
+    `speculative` the drafts kept. The answers, so a caller can check speculation kept them."""
+    import jaxaccel
+
+    answers, tokens, seconds, drafted, accepted = [], 0, 0.0, 0, 0
+    for instruction in instructions:
+        answer(model, [instruction], max_new_tokens, speculative=speculative)  # compile this prompt's bucket
+        stats = jaxaccel.GenerationStats()
+        answers += answer(model, [instruction], max_new_tokens, speculative=speculative, stats=stats)
+        tokens, seconds = tokens + stats.generated_tokens, seconds + stats.total_time
+        if stats.speculative is not None:
+            drafted, accepted = drafted + stats.speculative.drafted, accepted + stats.speculative.accepted
+    row = {"speculative": speculative or "none", "prompts": len(instructions), "generated_tokens": tokens,
+           "tokens_per_s": round(tokens / seconds, 1)}
+    if speculative:
+        row["draft_acceptance"] = round(accepted / drafted, 3) if drafted else None
+    return {**row, "answers": answers}
 
 
 def response_loss(model, rows: list[dict], batch: int = 4, bucket: int = 32) -> float:
