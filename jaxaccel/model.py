@@ -41,6 +41,9 @@ class Model:
     dot_general_cls: Any = field(default=None, repr=False)
     quant: Any = None  # the jaxaccel.QuantConfig these params were quantized with (None: float)
     mesh: Any = field(default=None, repr=False)  # jax Mesh the params are sharded over (sharding.py)
+    # the CPU kernels generation's programs call (a kernels.KernelChoice): None lets the engine pick
+    # (decode kernels on one CPU device where they build); KernelChoice() is XLA's ops throughout
+    kernels: Any = field(default=None, repr=False)
 
     @cached_property
     def module(self):
@@ -149,15 +152,19 @@ class Model:
         return sum(int(x.nbytes) for x in jax.tree.leaves(self.params))
 
 
-def load(path, dtype="float32", fast_tokenizer: bool = False, mesh=None) -> Model:
+def load(path, dtype="float32", fast_tokenizer: bool = False, mesh=None, gguf_weights: str = "float") -> Model:
     """A Model from an HF folder, a .gguf file, a serving folder (`jaxaccel quantize`), or an
     embedded model's name: "gemma3-270m" (converted once into the cache) or "minilm".
 
     fast_tokenizer: use `jaxaccel.tokenizer.FastTokenizer` (the Rust `tokenizers` object) where a
     folder has tokenizer.json: much faster to load, same ids, a smaller API.
     mesh: a `jaxaccel.MeshConfig` (or jax Mesh): params load sharded over it (see sharding.py).
+    gguf_weights: for a .gguf file (or "gemma3-270m"): "float" (default) dequantizes its weights;
+    "as_stored" keeps its Q4_0 / Q5_0 / Q8_0 / Q4_K / Q6_K weights as the file's blocks, read by
+    CPU kernels in that layout (checkpoints/gguf_stored.py, quant_ggml.py).
     """
-    got = checkpoints.read(default_models.resolve(path), dtype, fast_tokenizer, mesh)
+    got = checkpoints.read(default_models.resolve(path, gguf=gguf_weights == "as_stored"), dtype, fast_tokenizer,
+                           mesh, gguf_weights)
     dot = None if got.quant is None else quant.dot_general_cls(got.quant, serving=True)
     return Model(got.config, got.params, got.tokenizer, got.dtype, dot_general_cls=dot, quant=got.quant,
                  mesh=got.mesh)

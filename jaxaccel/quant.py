@@ -7,6 +7,8 @@ Modes (backend in brackets; the README has the same table):
   int4   weight-only, scale + zero per `group_size` inputs (MSE-searched), 2 a byte [our jnp ops]
   w8a8   int8 weights x dynamic per-token int8 activations, int32 dot         [AQT aqt.jax.v2]
   qat    training: the w8a8 forward on float weights, straight-through gradients; serves as w8a8
+  gguf   a GGUF file's quantized weights as stored, in llama.cpp's block layouts (only made by
+         `jaxaccel.load(path, gguf_weights="as_stored")`; `gguf_types` names each weight's type) [quant_ggml.py]
 `kv_cache_int8` stores the KV cache as int8 with one scale per (token, kv head) [our ops].
 The token embedding / lm_head is int8 with one scale per 32 inputs in every integer mode.
 
@@ -45,9 +47,10 @@ from . import kernels
 from .kernels import XLA, KernelChoice
 from .kernels import w8a8 as w8a8_kernel
 from .quant_math import dequantize, pack_int4, quantize, quantize_asymmetric_mse, quantize_mse, unpack_int4
+from . import quant_ggml
 
 FLOAT_MODES = ("float32", "bfloat16", "float16")
-MODES = FLOAT_MODES + ("int8", "int4", "w8a8", "qat")
+MODES = FLOAT_MODES + ("int8", "int4", "w8a8", "qat", "gguf")
 RULE_MODES = ("float", "int8", "int4", "w8a8", "qat")
 EMBEDDING = r"(^|/)(embed_tokens|word_embeddings|lm_head)/"
 
@@ -67,6 +70,8 @@ class QuantConfig:
     () keeps every weight int4). kv_cache_int8: int8 KV cache. rules: ((regex on the
     "/"-joined param path, mode or "float"), ...): first match wins, e.g.
     (("layers_0/mlp/down_proj", "float"),) keeps one sensitive layer in float.
+    gguf_types: mode "gguf" only: ((param path, ggml type), ...), the weights held as a GGUF
+    file's blocks (quant_ggml.TYPES); every other weight is float.
     The int4 defaults (groups of 32, v_proj / down_proj int8) keep the embedded Gemma 3 270M's
     greedy text sensible where groups of 128 everywhere did not (`bench/quant_quality.py`).
     """
@@ -79,8 +84,14 @@ class QuantConfig:
     int4_keeps_int8: tuple[str, ...] = ("v_proj", "down_proj")
     kv_cache_int8: bool = False
     rules: tuple[tuple[str, str], ...] = ()
+    gguf_types: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
+        types = tuple(tuple(t) for t in self.gguf_types)
+        if any(len(t) != 2 or t[1] not in quant_ggml.TYPES for t in types) or (types and self.mode != "gguf"):
+            raise ValueError(f"gguf_types must be (param path, ggml type) pairs with a type of "
+                             f"{', '.join(quant_ggml.TYPES)}, in mode 'gguf' only; got {self.gguf_types!r}")
+        object.__setattr__(self, "gguf_types", types)
         if self.mode not in MODES:
             raise ValueError(f"unknown quantization mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
@@ -116,6 +127,8 @@ class QuantConfig:
         """(storage, group) of the weight at `path` ("layers_0/mlp/up_proj/kernel"): storage is
         "float", "int8", "int4" or "w8a8" (qat trains what w8a8 serves); group is the inputs per
         scale (None: one per output channel)."""
+        if self.mode == "gguf":  # the ggml type the file stores this weight in, or float
+            return dict(self.gguf_types).get(path, "float"), None
         if not self.integer or not quantizable(path):
             return "float", None
         embedding = bool(re.search(EMBEDDING, path))
@@ -136,7 +149,8 @@ class QuantConfig:
     def from_json(cls, text: str) -> "QuantConfig":
         d = json.loads(text)
         # folders written before int4_keeps_int8 existed hold every int4 weight as int4
-        return cls(**{"int4_keeps_int8": (), **d, "rules": tuple(tuple(r) for r in d.get("rules", ()))})
+        return cls(**{"int4_keeps_int8": (), **d, "rules": tuple(tuple(r) for r in d.get("rules", ())),
+                      "gguf_types": tuple(tuple(t) for t in d.get("gguf_types", ()))})
 
 
 def quantizable(path: str) -> bool:
@@ -234,6 +248,8 @@ def _ste(serve, exact):
 
 def _serve_dot(mode, x, stored, preferred_element_type=None, choice: KernelChoice = XLA):
     """x [..., in] . stored weight [out, in] -> [..., out]."""
+    if mode in quant_ggml.TYPES:  # a GGUF file's blocks as stored (no scales: they are in the blocks)
+        return quant_ggml.serve_dot(mode, x, stored[0], preferred_element_type, choice)
     q, scale, zero = stored
     if mode == "w8a8":  # encoder programs on CPU: the int8 GEMM kernel, with AQT's numerics
         y = w8a8_kernel.dot(x, q, scale) if choice.int8_gemm else None
@@ -253,6 +269,8 @@ def _serve_dot(mode, x, stored, preferred_element_type=None, choice: KernelChoic
 
 def _serve_rows(mode, stored, ids):
     """Rows `ids` of a stored [out, in] weight -> float32 [..., in]."""
+    if mode in quant_ggml.TYPES:
+        return quant_ggml.serve_rows(mode, stored[0], ids)
     rows = lambda a: None if a is None else jnp.take(a, ids, axis=0).reshape(ids.size, -1)
     q, scale, zero = map(rows, stored)
     return dequantize(_values(mode, q), scale, zero).reshape(*ids.shape, -1)
@@ -281,6 +299,9 @@ class QuantDot:
         groups = n // group if group else 1
         param = lambda suffix, axes, shape, dtype: module.param(
             f"{name}_{suffix}", nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, dtype)
+        if mode in quant_ggml.TYPES:  # uint8 [out, bytes per row], as the GGUF file stores it
+            q = param("q", (out_axis, None), quant_ggml.ggml.byte_shape(mode, out, n), jnp.uint8)
+            return Weight(mode, None, (q, None, None), None, module.kernels)
         stored = (param("q", (out_axis, in_axis), (out, n // packed), dtype),
                   param("scale", (out_axis, None), (out, groups), jnp.float32),
                   param("zero", (out_axis, None), (out, groups), jnp.float32) if mode == "int4" else None)
@@ -305,6 +326,9 @@ def convert(params, cfg: QuantConfig, progress: bool = False):
     "w_q" (int8 [out, in], or uint8 [out, in / 2] for int4) + "w_scale" (float32 [out, G]) (+
     "w_zero" for int4; int8 / int4 scales are searched for the smallest squared error, see
     `quantize_mse`); no float copy is kept. Float modes cast every leaf to that dtype."""
+    if cfg.mode == "gguf":
+        raise ValueError("mode 'gguf' holds a GGUF file's weights as its blocks store them: load the file with "
+                         "jaxaccel.load(path, gguf_weights='as_stored'); float params cannot be converted to it")
     if is_quantized(params):
         raise ValueError("these params are already quantized (they hold *_q / *_scale tensors); "
                          "convert the float params (load the original checkpoint) instead")

@@ -290,17 +290,24 @@ def iter_gguf_tensors(path: str | os.PathLike, config: dict | None = None) -> It
     mm = np.memmap(header.path, dtype=np.uint8, mode="r")
     try:
         for info, hf in plan:
-            w = _dequantize(mm, info, header.path)
-            if arch == "llama":
-                if info.name.endswith((".attn_q.weight", ".attn_q.bias")):
-                    w = _unpermute_rope_rows(w, n_head)
-                elif info.name.endswith((".attn_k.weight", ".attn_k.bias")):
-                    w = _unpermute_rope_rows(w, n_kv)
-            elif arch == "gemma3" and info.name.endswith("norm.weight"):
-                w = w - np.float32(1.0)
+            w = undo_converter(info.name, _dequantize(mm, info, header.path), arch, n_head, n_kv)
             yield hf, np.ascontiguousarray(w, dtype=np.float32)
     finally:
         del mm
+
+
+def undo_converter(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int) -> np.ndarray:
+    """Undo what llama.cpp's converter did to the tensor `name` (see the module docstring). The
+    row permutation moves whole rows, so it is right for a weight's stored blocks too
+    (`gguf_stored.py`); norms are never quantized."""
+    if arch == "llama":
+        if name.endswith((".attn_q.weight", ".attn_q.bias")):
+            return _unpermute_rope_rows(w, n_head)
+        if name.endswith((".attn_k.weight", ".attn_k.bias")):
+            return _unpermute_rope_rows(w, n_kv)
+    elif arch == "gemma3" and name.endswith("norm.weight"):
+        return w - np.float32(1.0)
+    return w
 
 
 # --------------------------------------------------------------------------------------------------
