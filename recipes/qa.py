@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import common, lora_sft
@@ -30,11 +30,11 @@ class Config:
     data: Path = common.DATA / "qa"
     model: str = "gemma3-270m"
     # a passage and its question are 90 to 150 tokens: packed rows of 256
-    tuning: lora_sft.Tuning = field(default_factory=lambda: lora_sft.Tuning(steps=30, max_length=256))
+    tuning: lora_sft.Tuning = lora_sft.Tuning(steps=20, batch_size=2, max_length=256, warmup=2)
     max_new_tokens: int = 16
     test_rows: int | None = None  # None: every held-out item
     train_rows: int | None = None
-    speed_rows: int = 8  # held-out prompts timed one at a time, with and without speculation
+    speed_rows: int = 4  # held-out prompts timed one at a time, with and without speculation
 
 
 QUICK = replace(Config(), model="tiny", tuning=lora_sft.Tuning(steps=2, batch_size=2, max_length=256, warmup=0, rank=4),
