@@ -43,23 +43,34 @@ namespace {
 constexpr int64_t kMaxK = 65536;    // inputs: 255 * 127 * kMaxK (+ padding) stays below 2^31
 constexpr int64_t kRowChunk = 96;   // rows of x per work item (a multiple of every kMR)
 
-// x[m, :] -> codes (q as int8) and its scale; NaN for a row with a NaN or an infinity (codes 0).
-float quantize_row(const float* x, int64_t K, int8_t* q) {
-  float top = 0.0f;
-  bool finite = true;
+// x[m, :] -> its codes, stored through `code` (below) into out[0, K), and its scale; NaN for a
+// row with a NaN or an infinity (codes 0). Written so that GCC vectorizes both loops: the largest
+// |x| as the largest bit pattern with the sign cleared (the same order for finite floats; NaN and
+// infinity sort above every finite value), the clamp as plain comparisons (x * inv is finite).
+template <typename C, typename Code>
+float quantize_row(const float* x, int64_t K, C* out, Code code) {
+  uint32_t top_bits = 0;
   for (int64_t k = 0; k < K; ++k) {
-    finite &= std::isfinite(x[k]);
-    top = std::max(top, std::fabs(x[k]));
+    uint32_t bits;
+    std::memcpy(&bits, x + k, 4);
+    top_bits = std::max(top_bits, bits & 0x7FFFFFFFu);
   }
-  if (!finite) {
-    std::memset(q, 0, size_t(K));
+  if (top_bits >= 0x7F800000u) {
+    for (int64_t k = 0; k < K; ++k) out[k] = code(0);
     return std::numeric_limits<float>::quiet_NaN();
   }
+  float top;
+  std::memcpy(&top, &top_bits, 4);
   // AQT divides by 127.5; XLA's simplifier turns that into a product with the float 1 / 127.5
   const float sx = (top == 0.0f ? 1.0f : top) * (1.0f / 127.5f);
   float inv = 1.0f / sx;
   if (std::isinf(inv)) inv = 1.0f;  // as AQT: a subnormal scale's reciprocal overflows
-  for (int64_t k = 0; k < K; ++k) q[k] = int8_t(std::nearbyint(std::min(127.0f, std::max(-127.0f, x[k] * inv))));
+  for (int64_t k = 0; k < K; ++k) {
+    float v = x[k] * inv;
+    v = v < -127.0f ? -127.0f : v;
+    v = v > 127.0f ? 127.0f : v;
+    out[k] = code(int8_t(int32_t(std::nearbyint(v))));  // round half to even (the default rounding mode)
+  }
   return sx;
 }
 
@@ -74,13 +85,17 @@ constexpr int32_t kOffset = 128;
 template <int R>
 void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t* off, const float* sx, const float* sw, float* y,
           int64_t N, int64_t n0) {
+  // (every loop over r and p unrolled: GCC keeps the sums in registers only when no index varies)
   __m512i acc[R][4];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) acc[r][p] = _mm512_setzero_si512();
   for (int64_t g = 0; g < Kp / kKU; ++g) {
     const Lane* bg = b + g * kNR * kKU;
     const __m512i b0 = _mm512_loadu_si512(bg), b1 = _mm512_loadu_si512(bg + 64), b2 = _mm512_loadu_si512(bg + 128),
                   b3 = _mm512_loadu_si512(bg + 192);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t four;
       std::memcpy(&four, x + r * Kp + g * kKU, 4);
@@ -91,12 +106,14 @@ void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t* off, const fl
       acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], a, b3);
     }
   }
+#pragma GCC unroll 4
   for (int p = 0; p < 4; ++p) {
     const int64_t n = n0 + 16 * p;
-    if (n >= N) break;
+    if (n >= N) continue;
     const __mmask16 mask = N - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
     const __m512i o = _mm512_loadu_si512(off + n);
     const __m512 s = _mm512_loadu_ps(sw + n);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], o));
       _mm512_mask_storeu_ps(y + r * N + n, mask, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[r])), s));
@@ -115,10 +132,12 @@ template <int R>
 void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t*, const float* sx, const float* sw, float* y,
           int64_t N, int64_t n0) {
   __m256i acc[R][2];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
   for (int64_t g = 0; g < Kp / kKU; ++g) {
     const Lane* bg = b + g * kNR * kKU;
     const __m256i b0 = _mm256_loadu_si256((const __m256i*)bg), b1 = _mm256_loadu_si256((const __m256i*)(bg + 16));
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t two;
       std::memcpy(&two, x + r * Kp + g * kKU, 4);
@@ -127,10 +146,12 @@ void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t*, const float*
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(a, b1));
     }
   }
+#pragma GCC unroll 2
   for (int p = 0; p < 2; ++p) {
     const int64_t n = n0 + 8 * p;
-    if (n >= N) break;
+    if (n >= N) continue;
     const __m256 s = _mm256_loadu_ps(sw + n);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       alignas(32) float out[8];
       _mm256_store_ps(out, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][p]), _mm256_set1_ps(sx[r])), s));
@@ -179,12 +200,7 @@ struct Operands {
   }
 
   void quantize(const float* xs, int64_t m0, int64_t m1) {
-    std::vector<int8_t> q(static_cast<size_t>(K));
-    for (int64_t m = m0; m < m1; ++m) {
-      sx[m] = quantize_row(xs + m * K, K, q.data());
-      Code* row = x.data() + m * Kp;
-      for (int64_t k = 0; k < K; ++k) row[k] = code(q[k]);
-    }
+    for (int64_t m = m0; m < m1; ++m) sx[m] = quantize_row(xs + m * K, K, x.data() + m * Kp, code);
   }
 
   void pack(const int8_t* w, const float* scale, int64_t block) {
