@@ -8,10 +8,10 @@ intra-op threads. With int8 weights on AVX-512 VNNI and AVX2 CPUs it rounds x to
 inputs, within 2^-16 of the block's largest |x| (far below int8's own weight error), and
 multiplies in integers; it also takes the prefill's rows of int8 weights (`int8_prefill`).
 
-`int4.cc` multiplies decode rows by int4 weights as quant_math packs them (two codes a byte, a
-scale and a zero per group) without unpacking them in memory: the nibbles are widened in
-registers and meet x rounded to int16 per block of 64 inputs (`dot_int4`). XLA instead unpacks and
-dequantizes every int4 weight in every decode step.
+`int4.cc` multiplies decode rows, and on VNNI / AVX2 builds the prefill's rows, by int4 weights as
+quant_math packs them (two codes a byte, a scale and a zero per group) without unpacking them in
+memory: the nibbles are widened in registers and meet x rounded to int16 per block of 64 inputs
+(`dot_int4`). XLA instead unpacks and dequantizes every int4 weight in every call.
 
 `attention.cc` is bidirectional softmax attention within segments (the encoders): it scores only
 the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
@@ -42,7 +42,7 @@ process. Without a compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and at
 Which programs use them is an argument, never a global switch: a module is built with a
 `KernelChoice` (`registry.build(..., kernels=...)`), which every layer carries. The generation
 engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
-(dots of at most `MAX_ROWS` rows, int8 dots of up to `INT8_PREFILL_MAX_ROWS` rows on int16-path builds,
+(dots of at most `MAX_ROWS` rows, int8 and int4 dots of up to 512 rows on int16-path builds,
 bfloat16 table rows, the KV cache writes, one-query attention); the encoders' programs with
 `KernelChoice(segment_attention=True, int8_gemm=True)`. Training and scoring build theirs without: the kernels
 have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
