@@ -19,12 +19,17 @@ Outputs of the three are compared (min cosine).
 jaxaccel also runs with dtype=bfloat16 (params and activations; GEMMs with float32 sums), in the
 same rounds: its sentences/s, its speed over ONNX Runtime (float32) and its min cosine against
 transformers float32 are the "bf16" columns.
+Dynamic-range int8 (MiniLM corpus, same rounds): jaxaccel w8a8 (`QuantConfig(mode="w8a8")`: int8
+weights per channel, activations quantized per token at run time, the int8 GEMM kernel) against
+ONNX Runtime's `quantize_dynamic` model of the same export (QInt8 weights per channel): their
+sentences/s, ratios and min / mean cosine with transformers float32 (`bench/encoder_int8.py`).
 
 Never part of the tests. Example:
   python -m bench.encoder                # both scenarios, JSON in bench/results/encoder.json
   python -m bench.encoder --quick        # smoke run: 200 sentences, 1 repeat
   python -m bench.encoder --scenarios attention   # the attention core: XLA vs the CPU kernel
-  python -m bench.encoder --scenarios gemm        # XLA's GEMM: float32 vs bfloat16 (float32 / bfloat16 result)
+  python -m bench.encoder --scenarios gemm        # XLA's GEMM: float32 vs bfloat16 (float32 / bfloat16 result),
+                                                  # and the w8a8 dot through AQT / XLA vs the int8 kernel
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import encoder_int8  # noqa: E402
 from bench.common import format_table, machine_info, write_json  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encoder.json"
@@ -207,6 +213,8 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
     tok = m.tokenizer
     pooled = Pooled(transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager").eval())
     sess = export_onnx(pooled, tmp / "minilm.onnx")
+    int8 = encoder_int8.functions(m, texts, batch, encoder_int8.ort_dynamic_int8(tmp / "minilm.onnx", tmp / "minilm-int8.onnx"),
+                                  run_corpus, limit)
     got = timed({
         "jaxaccel": lambda: m.embed(texts, truncate=True, batch_size=batch),
         "unpacked": lambda: m.embed(texts, truncate=True, batch_size=batch, pack=False),
@@ -215,6 +223,7 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
                                                    lambda i, a: pooled(torch.tensor(i), torch.tensor(a)).numpy())),
         "onnxruntime": lambda: run_corpus(tok, texts, batch, limit, 384,
                                           lambda i, a: sess.run(None, {"input_ids": i, "attention_mask": a})[0]),
+        **int8,
     }, repeats)
     (jw, jt, jout), (_, ut, _) = got["jaxaccel"], got["unpacked"]
     (_, tt, tout), (_, ot, oout) = got["transformers"], got["onnxruntime"]
@@ -226,7 +235,8 @@ def bench_minilm(tmp: Path, repeats: int, n: int, batch: int) -> dict:
              tokens=packed.tokens, padded_tokens_packed=packed.padded_tokens,
              padded_tokens_unpacked=unpacked.padded_tokens,
              padded_tokens_per_batch_padding=per_batch_padding(lengths, batch), compiled_programs=compiled, bucket_shapes=len(encoder_tasks.length_buckets(limit)) * len(encoder_tasks.batch_shapes(batch)),
-             tokens_mean=float(np.mean(lengths)), tokens_max=int(max(lengths)), batch=batch)
+             tokens_mean=float(np.mean(lengths)), tokens_max=int(max(lengths)), batch=batch,
+             int8=encoder_int8.result(got, n, tout))
     return with_bfloat16(r, got["bfloat16"], tout)
 
 
@@ -262,7 +272,8 @@ GEMM_SHAPES = [(1024, 768, 3072), (1024, 3072, 768), (32, 640, 2048), (32, 640, 
 
 def bench_gemm(repeats: int) -> list[dict]:
     """XLA's CPU GEMM in GFLOP/s: float32, bfloat16 inputs with a float32 result (what
-    layers._wide_sums asks for) and with a bfloat16 result, on BERT-base and Gemma 3 shapes."""
+    layers._wide_sums asks for) and with a bfloat16 result, on BERT-base and Gemma 3 shapes; and
+    the w8a8 dot (int8 x int8, per-token activations) through AQT / XLA and through w8a8.cc."""
     import jax
     import jax.numpy as jnp
 
@@ -275,7 +286,7 @@ def bench_gemm(repeats: int) -> list[dict]:
         plain = jax.jit(jnp.dot)
         got = timed({"float32": lambda: plain(x, w).block_until_ready(),
                      "bf16 -> f32": lambda: f32_out(xb, wb).block_until_ready(),
-                     "bf16 -> bf16": lambda: plain(xb, wb).block_until_ready()}, repeats)
+                     "bf16 -> bf16": lambda: plain(xb, wb).block_until_ready(), **encoder_int8.gemm_functions(x, w)}, repeats)
         row = {"M": M, "K": K, "N": N, **{f"{k} GFLOP/s": 2 * M * K * N / v[1] / 1e9 for k, v in got.items()}}
         out.append(row)
         print("gemm " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
@@ -377,6 +388,8 @@ def main(argv=None):
              f"{r['bfloat16']['min_cosine_vs_transformers_float32']:.6f}"] for r in results]
     if results:
         print(format_table(header, rows))
+    if any("int8" in r for r in results):
+        print(format_table(*encoder_int8.table(results)))
     if attention:
         print(format_table(["attention core (float32)", "XLA ms", "kernel ms", "speedup",
                             "kernel GFLOP/s (pairs in texts)", "max |diff|"],
