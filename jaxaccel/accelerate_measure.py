@@ -65,12 +65,14 @@ class PeakMemory:
         import psutil
 
         self._proc = psutil.Process()
-        self.start = int(self._proc.memory_info().rss)
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.method = "vmhwm" if _status_kib("VmHWM") is not None else "sampled"
         except OSError:
             self.method = "sampled"
+        # read after the reset: the mark restarts at the resident set then, and read before it a
+        # set that shrank in between (another thread freeing) would sit above the peak
+        self.start = int(self._proc.memory_info().rss)
         self._stop, self._max = threading.Event(), self.start
         if self.method == "sampled":
             self._thread = threading.Thread(target=self._sample, daemon=True)
