@@ -1,10 +1,13 @@
 """`jaxaccel accelerate`: measure a model's acceleration variants on this machine, keep the fastest
 one within a quality budget, save it, and report every variant (report.json / .md / .png).
 
-Variants (those that apply): float32 eager (un-jitted, what a newcomer writes), float32 jit,
-bfloat16, float16, int8 per channel and per group, int8 weights with an int8 KV cache (its quality
-scored through the cache), int4 per group (two group sizes), w8a8, and speculative decoding with
-prompt lookup or an int8 self-draft (greedy: float32's quality by construction). Encoders (embed, classify) get float32 jit, bfloat16, float16, int8 and w8a8.
+Variants (those that apply; accelerate_variants.py says what each is and builds it): float32 eager
+(un-jitted, what a newcomer writes), float32 jit, bfloat16, float16, int8 per channel and per
+group, int8 weights with an int8 KV cache (its quality scored through the cache), int4 per group
+(two group sizes), w8a8, speculative decoding with prompt lookup or an int8 self-draft (greedy:
+float32's quality by construction), the fastest integer variant again through XLA's ops instead of
+the CPU kernels (what the kernels buy; never chosen). Encoders (embed, classify) get float32 jit,
+bfloat16, float16, int8 and w8a8.
 External baseline rows, never chosen: transformers eager on the same weights when torch is
 installed (accelerate_baseline.py), and llama.cpp's llama-server on the source GGUF file when a
 built one is found (accelerate_llama.py); otherwise the row says why it is absent.
@@ -42,22 +45,14 @@ from typing import Callable
 from . import accelerate_baseline, accelerate_llama
 from . import accelerate_measure as measure
 from . import accelerate_report as report_out
+from .accelerate_variants import (BASELINE, Variant, build, encoder_variants, kernels_off_twin, lm_variants,
+                                  variant_named, variants_for)
 from .quant import QuantConfig
 
+_EXPORTED = (encoder_variants, lm_variants)  # part of this module's surface (tests, bench)
+
 HELDOUT = Path(__file__).with_name("eval_data") / "heldout.txt"
-BASELINE = "float32 jit"
 TASKS = ("generate", "embed", "classify")
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    quant: QuantConfig | None = None  # None: the model as loaded (float32)
-    speculative: str | None = None
-    eager: bool = False  # un-jitted step by step (jax.disable_jit): the newcomer's baseline
-    # the time to measure it as a multiple of float32 jit's (an estimate, from the embedded Gemma on
-    # a 2-core CPU): variants are measured cheapest first, and a time budget skips those that would not fit
-    cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -141,38 +136,11 @@ def check_arguments(task: str, model_arg: str | None, eval_path) -> measure.Labe
     return measure.read_eval(eval_path)
 
 
-def lm_variants() -> list[Variant]:
-    return [Variant("float32 eager", eager=True, cost=0.5), Variant(BASELINE),
-            Variant("bfloat16", QuantConfig(mode="bfloat16")), Variant("float16", QuantConfig(mode="float16"), cost=1.5),
-            Variant("int8 per channel", QuantConfig(mode="int8")),
-            Variant("int8 g32", QuantConfig(mode="int8", int8_group_size=32), cost=1.1),
-            Variant("int8 + int8 KV cache", QuantConfig(mode="int8", kv_cache_int8=True), cost=1.2),
-            Variant("int4 g32", QuantConfig(mode="int4", group_size=32), cost=2.0),
-            Variant("int4 g128", QuantConfig(mode="int4", group_size=128), cost=2.0),
-            Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.5),
-            Variant("prompt lookup", speculative="prompt_lookup", cost=1.2),
-            Variant("int8 self-draft", speculative="self:int8", cost=1.6)]
-
-
-def encoder_variants() -> list[Variant]:
-    return [Variant(BASELINE), Variant("bfloat16", QuantConfig(mode="bfloat16")),
-            Variant("float16", QuantConfig(mode="float16"), cost=1.5),
-            Variant("int8 per channel", QuantConfig(mode="int8")), Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.0)]
-
-
 def externals(task: str, source: str | None) -> list[External]:
     """llama.cpp on the source GGUF (generate), then transformers on the same weights."""
     llama = External(accelerate_llama.NAME, functools.partial(accelerate_llama.llama_cpp_baseline, source=source), 1.0)
     hf = External(accelerate_baseline.NAME, accelerate_baseline.transformers_baseline, 2.0)
     return [llama, hf] if task == "generate" else [hf]
-
-
-def variants_for(task: str) -> list[Variant]:
-    return lm_variants() if task == "generate" else encoder_variants()
-
-
-def variant_named(name: str, task: str) -> Variant:
-    return next(v for v in variants_for(task) if v.name == name)
 
 
 class Reference:
@@ -241,24 +209,29 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
     time. `source` (the --model argument) tells the llama.cpp row which GGUF file to run."""
     measure.check_task(model, task)
     progress = progress or report_out.Progress()
-    # float32 jit first (the reference), the un-jitted one last of ours: it is never faster, so never chosen
-    jobs = sorted(variants or variants_for(task), key=lambda v: (v.name != BASELINE, v.eager, v.cost))
+    # float32 jit first (the reference); the kernels-off row once the integer variants it repeats are
+    # measured; the un-jitted one last of ours: it is never faster, so never chosen
+    jobs = sorted(variants or variants_for(task), key=lambda v: (v.name != BASELINE, v.eager, v.kernels_off, v.cost))
     jobs += externals(task, source) if external else []
     started = time.perf_counter()
     progress.variant(0, len(jobs), "float32's reference outputs")
     ref = Reference(model, task, batch_sizes, new_tokens, windows, window, repeats, eval_rows)
     rows, interrupted, unit = [], False, None  # unit: float32 jit's measured seconds
-    identity = lambda j: {"variant": j.name, "kind": report_out.EXTERNAL if isinstance(j, External) else "variant",
-                          "quant": None if isinstance(j, External) or j.quant is None else json.loads(j.quant.to_json()),
-                          "speculative": None if isinstance(j, External) else j.speculative}
+    identity = lambda j: j.identity() if isinstance(j, Variant) else {
+        "variant": j.name, "kind": report_out.EXTERNAL, "quant": None, "speculative": None}
+    unresolved = lambda j: isinstance(j, Variant) and j.kernels_off and j.same_as is None
     try:  # Ctrl-C anywhere in here keeps the rows measured so far
         for n, job in enumerate(jobs, 1):
+            if unresolved(job):  # the kernels-off row repeats the fastest integer variant measured so far
+                job = jobs[n - 1] = kernels_off_twin(rows, jobs, lambda r: report_out.rate(r, task, batch_sizes[0])) or job
             row = identity(job)
             rows.append(row)
             progress.variant(n, len(jobs), job.name)
             left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
             if left is not None and unit is not None and job.cost * unit > left:
                 row["skipped"] = f"skipped for time (needs about {job.cost * unit:.0f} s, {max(left, 0):.0f} s left)"
+            elif unresolved(job):
+                row["skipped"] = "not measured: no integer variant was measured to compare the kernels with"
             else:
                 t0 = time.perf_counter()
                 try:
@@ -267,9 +240,7 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
                             progress.step("measuring")
                             row.update(job.measure(model, ref))
                         else:
-                            if job.quant is not None:
-                                progress.step(f"quantizing ({job.quant.mode})")
-                            m = model.quantize(job.quant) if job.quant is not None else model
+                            m = build(model, job, progress.step)
                             row["params_bytes"] = m.params_bytes
                             row.update(ref.measure(m, job, progress.step))
                             del m
@@ -333,6 +304,10 @@ def choose(rows: list[dict], task: str, budget: Budget, batch: int, interrupted:
             r["verdict"] = "the baseline"
         elif r["kind"] == report_out.EXTERNAL:
             r["verdict"] = f"external baseline, never chosen ({rate(r) / rate(base):.2f}x {BASELINE})"
+        elif r.get("kernels") == "xla":  # a comparison row: what the CPU kernels buy
+            twin = next((t for t in rows if t["variant"] == r["same_as"] and "speed" in t), None)
+            gain = f" (with them: {rate(twin) / rate(r):.2f}x this speed)" if twin else ""
+            r["verdict"] = f"never chosen: {r['same_as']} through XLA's ops instead of the CPU kernels{gain}"
         elif "non_finite" in r["quality"]:  # float16 overflowing: no quality figure means anything
             r["verdict"] = f"rejected: {r['quality']['non_finite']}"
         elif not budget.holds(r["quality"]):

@@ -87,10 +87,11 @@ def measured(report: dict) -> list[dict]:
 
 
 def pareto(report: dict) -> list[str]:
-    """The jaxaccel variants no other variant beats on both speed and quality loss, fastest first."""
+    """The jaxaccel variants no other variant beats on both speed and quality loss, fastest first
+    (the kernels-off comparison rows are not candidates, so not on it)."""
     task, batch = report["task"], report["batch"]
     pts = [(rate(r, task, batch), quality_loss(r, task), r["variant"]) for r in measured(report)
-           if r["kind"] != EXTERNAL and quality_loss(r, task) is not None]
+           if r["kind"] != EXTERNAL and r.get("kernels") != "xla" and quality_loss(r, task) is not None]
     front, best_loss = [], float("inf")
     for speed, loss, name in sorted(pts, key=lambda p: (-p[0], p[1])):
         if loss < best_loss:

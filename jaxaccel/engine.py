@@ -93,8 +93,10 @@ class Engine:
 
     def __init__(self, model):
         self.model = model
-        # decode steps on the CPU backend (one device) read weights through the CPU kernels
-        self.kernels = KernelChoice(decode=kernels.usable(model))
+        # decode steps on the CPU backend (one device) read weights through the CPU kernels, unless
+        # the model names its own choice (Model.kernels: KernelChoice() is XLA's ops)
+        choice = getattr(model, "kernels", None)
+        self.kernels = choice if choice is not None else KernelChoice(decode=kernels.usable(model))
         self.module = registry.build(model.config, model.dtype, dot_general_cls=model.dot_general_cls,
                                      kernels=self.kernels)
         self._caches: dict[tuple[int, int], dict] = {}

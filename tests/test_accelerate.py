@@ -22,7 +22,7 @@ import transformers
 
 import jaxaccel
 from jaxaccel import accelerate as acc
-from jaxaccel import accelerate_baseline, accelerate_llama, accelerate_measure, accelerate_report, cli
+from jaxaccel import accelerate_baseline, accelerate_llama, accelerate_measure, accelerate_report, accelerate_variants, cli
 from jaxaccel.quant import QuantConfig
 from conftest import random_hf_model, tiny_hf_config
 from serve_util import write_char_tokenizer
@@ -159,12 +159,13 @@ def _rate(row, batch=1, key="decode_tok_s"):
 
 
 def check_choice(report, budget_holds, key):
-    """The chosen row is within the budget, and no faster jaxaccel row within the budget beats it."""
+    """The chosen row is within the budget, and no faster jaxaccel row within the budget beats it
+    (the kernels-off comparison rows are never candidates)."""
     rows = {r["variant"]: r for r in report["rows"]}
     batch = report["batch"]
     base = _rate(rows[acc.BASELINE], batch, key)
     ok = [r for r in rows.values() if "skipped" not in r and r["kind"] == "variant" and r["variant"] != acc.BASELINE
-          and budget_holds(r["quality"]) and _rate(r, batch, key) > base]
+          and r.get("kernels") is None and budget_holds(r["quality"]) and _rate(r, batch, key) > base]
     want = max(ok, key=lambda r: _rate(r, batch, key))["variant"] if ok else acc.BASELINE
     assert report["chosen"] == want and want in report["reason"]
     assert report["chosen_quality"] == rows[want]["quality"]
@@ -178,7 +179,17 @@ def test_accelerate_measures_chooses_saves_and_reports(tiny, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     validate(report)
     rows = {r["variant"]: r for r in report["rows"]}
-    assert set(rows) == {v.name for v in acc.lm_variants()} | {accelerate_baseline.NAME, accelerate_llama.NAME}
+    # the kernels-off row repeats the fastest integer variant measured before it, through XLA's ops
+    off = next(r for r in report["rows"] if r.get("kernels") == "xla")
+    twin = rows[off["same_as"]]
+    integer = [r for r in rows.values() if "skipped" not in r and r["quant"] and r["quant"]["mode"] in ("int8", "int4", "w8a8")
+               and r["kind"] == "variant" and r is not off and r["speculative"] is None]
+    assert twin is max(integer, key=_rate) and off["variant"] == f"{twin['variant']}, {accelerate_variants.KERNELS_OFF}"
+    assert off["quant"] == twin["quant"] and off["quality"] == twin["quality"]  # Model.logits: no kernels either way
+    assert off["verdict"].startswith(f"never chosen: {twin['variant']} through XLA's ops instead of the CPU kernels")
+    assert report["chosen"] != off["variant"] and off["variant"] not in report["pareto"]
+    names = {v.name for v in acc.lm_variants()} - {accelerate_variants.BEST_INTEGER_KERNELS_OFF.name} | {off["variant"]}
+    assert set(rows) == names | {accelerate_baseline.NAME, accelerate_llama.NAME}
     assert rows[accelerate_llama.NAME]["skipped"].startswith("not measured: ")  # an HF folder, not a GGUF
     measured = [r for r in rows.values() if "skipped" not in r]
     assert len(measured) >= 8 and {acc.BASELINE, "float16", "float32 eager"} <= {r["variant"] for r in measured}
@@ -200,7 +211,7 @@ def test_accelerate_measures_chooses_saves_and_reports(tiny, tmp_path, capsys):
     assert hf["params_bytes"] == rows[acc.BASELINE]["params_bytes"] and "transformers" in hf["external"]
     want = check_choice(report, lambda q: q["kl_mean"] <= 0.05, "decode_tok_s")
     for r in measured:
-        if r["variant"] not in (want, acc.BASELINE) and r["kind"] == "variant":
+        if r["variant"] not in (want, acc.BASELINE) and r["kind"] == "variant" and r is not off:
             assert r["verdict"].startswith(("outside the quality budget", "not faster", "within budget")), r
     front = report["pareto"]
     assert front and all(rows[n]["kind"] == "variant" for n in front)
@@ -337,7 +348,8 @@ def test_no_arguments_default_out_time_budget_sample_and_rerun(tiny, tmp_path, m
     costs = {v.name: v.cost for v in acc.lm_variants()}
     assert names[0] == acc.BASELINE and names[-2:] == [accelerate_llama.NAME, accelerate_baseline.NAME]
     assert names[-3] == "float32 eager" and len(names) == len(costs) + 2  # never chosen: the last of ours
-    assert [costs[n] for n in names[1:-3]] == sorted(costs[n] for n in names[1:-3])
+    assert names[-4] == accelerate_variants.BEST_INTEGER_KERNELS_OFF.name  # after the integer variants it may repeat
+    assert [costs[n] for n in names[1:-4]] == sorted(costs[n] for n in names[1:-4])
     assert all(r["skipped"].startswith("skipped for time (needs about ") for r in report["rows"][1:]), report["rows"]
     err = capsys.readouterr().err
     assert f"saved to {Path('accelerated') / tiny.name}" in err and "report.json" in err
@@ -647,3 +659,16 @@ def test_int8_kv_cache_quality_is_measured_through_the_cache(tiny):
     ref = [accelerate_measure.log_probs(model, r) for r in windows]
     q_int8, q_kv = (accelerate_measure.lm_quality(ref, m, windows) for m in (int8, kv))
     assert q_kv["kl_mean"] != q_int8["kl_mean"] and 0 < q_kv["kl_mean"] < 0.5 and q_kv["top1_agreement"] > 0.5
+
+
+def test_the_engine_takes_the_models_kernel_choice(tiny):
+    """Model.kernels is the one switch the kernels-off row uses: KernelChoice() builds generation's
+    programs with XLA's ops; None leaves the engine's own choice (the kernels where they build)."""
+    from jaxaccel import engine, kernels
+
+    model = jaxaccel.load(tiny)
+    off = accelerate_variants.build(model, acc.Variant("x", kernels_off=True))
+    assert off.kernels == kernels.KernelChoice() and model.kernels is None
+    assert engine.Engine(off).kernels == kernels.KernelChoice()
+    assert engine.Engine(model).kernels == kernels.KernelChoice(decode=kernels.usable(model))
+

@@ -1,0 +1,107 @@
+"""`jaxaccel accelerate`'s variants: what each one is (`Variant`), which apply to a task
+(`variants_for`), and how one is made from the model as loaded (`build`).
+
+A variant differs from the loaded model by at most: its quantization (`quant`), its speculative
+drafter (`speculative`), running un-jitted (`eager`), XLA's ops instead of the CPU kernels
+(`kernels_off`: generation's programs built with `KernelChoice()` through `Model.kernels`).
+The kernels-off row is measured for the fastest integer variant measured before it
+(`kernels_off_twin`), so the report shows what the kernels buy; it is never chosen.
+
+Not here yet: the GGUF file's own quantized tensors served as stored. That variant is made from
+the source file rather than from the loaded model (`jaxaccel.load(gguf, gguf_weights="as_stored")`,
+being written beside quant_ggml.py), so it needs `variants_for` to know the source and `build` to
+load it; the saved folder would then be that model's serving folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .quant import QuantConfig
+
+BASELINE = "float32 jit"
+KERNELS_OFF = "XLA's ops (kernels off)"  # the suffix of a kernels-off row's name
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    quant: QuantConfig | None = None  # None: the model as loaded (float32)
+    speculative: str | None = None
+    eager: bool = False  # un-jitted step by step (jax.disable_jit): the newcomer's baseline
+    # the time to measure it as a multiple of float32 jit's (an estimate, from the embedded Gemma on
+    # a 2-core CPU): variants are measured cheapest first, and a time budget skips those that would not fit
+    cost: float = 1.0
+    kernels_off: bool = False  # generation through XLA's ops instead of the CPU kernels (a comparison row)
+    same_as: str | None = None  # a kernels-off row: the variant it repeats with XLA's ops
+
+    def identity(self) -> dict:
+        """The fields every report row of this variant starts with."""
+        import json
+
+        row = {"variant": self.name, "kind": "variant", "quant": None if self.quant is None else json.loads(
+            self.quant.to_json()), "speculative": self.speculative}
+        if self.kernels_off:
+            row.update(kernels="xla", same_as=self.same_as)
+        return row
+
+
+# resolved into the fastest integer variant measured before it (kernels_off_twin)
+BEST_INTEGER_KERNELS_OFF = Variant(f"the fastest integer variant, {KERNELS_OFF}", kernels_off=True, cost=1.5)
+
+
+def lm_variants() -> list[Variant]:
+    return [Variant("float32 eager", eager=True, cost=0.5), Variant(BASELINE),
+            Variant("bfloat16", QuantConfig(mode="bfloat16")), Variant("float16", QuantConfig(mode="float16"), cost=1.5),
+            Variant("int8 per channel", QuantConfig(mode="int8")),
+            Variant("int8 g32", QuantConfig(mode="int8", int8_group_size=32), cost=1.1),
+            Variant("int8 + int8 KV cache", QuantConfig(mode="int8", kv_cache_int8=True), cost=1.2),
+            Variant("int4 g32", QuantConfig(mode="int4", group_size=32), cost=2.0),
+            Variant("int4 g128", QuantConfig(mode="int4", group_size=128), cost=2.0),
+            Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.5),
+            Variant("prompt lookup", speculative="prompt_lookup", cost=1.2),
+            Variant("int8 self-draft", speculative="self:int8", cost=1.6),
+            BEST_INTEGER_KERNELS_OFF]
+
+
+def encoder_variants() -> list[Variant]:
+    return [Variant(BASELINE), Variant("bfloat16", QuantConfig(mode="bfloat16")),
+            Variant("float16", QuantConfig(mode="float16"), cost=1.5),
+            Variant("int8 per channel", QuantConfig(mode="int8")), Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.0)]
+
+
+def variants_for(task: str) -> list[Variant]:
+    return lm_variants() if task == "generate" else encoder_variants()
+
+
+def variant_named(name: str, task: str) -> Variant:
+    return next(v for v in variants_for(task) if v.name == name)
+
+
+def kernels_off_twin(rows: list[dict], jobs: list, rate) -> Variant | None:
+    """The kernels-off row's variant: the fastest integer variant measured so far (`rate(row)`),
+    not speculative, its outputs finite, with XLA's ops; None when there is none."""
+    by_name = {j.name: j for j in jobs if isinstance(j, Variant)}
+    integer = lambda v: (v is not None and v.quant is not None and v.quant.integer and not v.speculative
+                         and not v.kernels_off)
+    measured = [r for r in rows if "skipped" not in r and "speed" in r and integer(by_name.get(r["variant"]))
+                and "non_finite" not in r["quality"]]
+    best = max(measured, key=rate, default=None)
+    if best is None:
+        return None
+    v = by_name[best["variant"]]
+    return dataclasses.replace(v, name=f"{v.name}, {KERNELS_OFF}", kernels_off=True, same_as=v.name)
+
+
+def build(model, v: Variant, step=lambda text: None):
+    """The Model that serves `v`, made from the loaded (float) `model`."""
+    m = model
+    if v.quant is not None:
+        step(f"quantizing ({v.quant.mode})")
+        m = m.quantize(v.quant)
+    if v.kernels_off:
+        from .kernels import KernelChoice
+
+        m = dataclasses.replace(m, kernels=KernelChoice())  # XLA's ops in generation's programs too
+    return m
