@@ -6,8 +6,9 @@ Variants (those that apply; accelerate_variants.py says what each is and builds 
 group, int8 weights with an int8 KV cache (its quality scored through the cache), int4 per group
 (two group sizes), w8a8, speculative decoding with prompt lookup or an int8 self-draft (greedy:
 float32's quality by construction), the fastest integer variant again through XLA's ops instead of
-the CPU kernels (what the kernels buy; never chosen). Encoders (embed, classify) get float32 jit,
-bfloat16, float16, int8 and w8a8.
+the CPU kernels (what the kernels buy; never chosen), and with more than one device float32 over
+each mesh layout (data, fsdp, tensor). Encoders (embed, classify) get float32 jit, bfloat16,
+float16, int8 and w8a8 (and the mesh layouts).
 External baseline rows, never chosen: transformers eager on the same weights when torch is
 installed (accelerate_baseline.py), and llama.cpp's llama-server on the source GGUF file when a
 built one is found (accelerate_llama.py); otherwise the row says why it is absent.
@@ -364,7 +365,7 @@ def accelerate(model, out: Path, task: str, budget: Budget, batch_sizes=(1,), ne
     if chosen is not None:  # a speculative or float32 choice is saved as float32; the report says how to run it
         saved = model.quantize(chosen.quant or QuantConfig(mode="float32"))
         report["saved"] = {"folder": "model", "quant": json.loads(saved.quant.to_json()),
-                           "speculative": chosen.speculative}
+                           "speculative": chosen.speculative, "mesh": chosen.mesh_text}
     with atomic_folder(out, overwrite=True) as tmp:  # check_out refused anything but an earlier output
         if chosen is not None:
             save(saved, tmp / "model")
@@ -375,7 +376,8 @@ def accelerate(model, out: Path, task: str, budget: Budget, batch_sizes=(1,), ne
         log(f"interrupted: wrote {out}/report.json, report.md, report.png (no model saved)")
         return report
     run = {"generate": f"jaxaccel generate --model {Path(out) / 'model'} \"...\"" + (
-        f" --speculative {chosen.speculative}" if chosen.speculative else ""),
+        f" --speculative {chosen.speculative}" if chosen.speculative else "") + (
+        f" --mesh {chosen.mesh_text}" if chosen.mesh else ""),
         "embed": f"jaxaccel embed --model {Path(out) / 'model'} ...",
         "classify": f"jaxaccel classify --model {Path(out) / 'model'} ..."}[task]
     log(f"{'interrupted: ' if report['interrupted'] else ''}saved to {out}: model/ ({run}), report.json, "

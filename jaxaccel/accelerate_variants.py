@@ -1,9 +1,10 @@
-"""`jaxaccel accelerate`'s variants: what each one is (`Variant`), which apply to a task
-(`variants_for`), and how one is made from the model as loaded (`build`).
+"""`jaxaccel accelerate`'s variants: what each one is (`Variant`), which apply to a task and to
+the devices present (`variants_for`), and how one is made from the model as loaded (`build`).
 
 A variant differs from the loaded model by at most: its quantization (`quant`), its speculative
 drafter (`speculative`), running un-jitted (`eager`), XLA's ops instead of the CPU kernels
-(`kernels_off`: generation's programs built with `KernelChoice()` through `Model.kernels`).
+(`kernels_off`: generation's programs built with `KernelChoice()` through `Model.kernels`) and a
+device mesh its params are sharded over (`mesh`, only when more than one device is present).
 The kernels-off row is measured for the fastest integer variant measured before it
 (`kernels_off_twin`), so the report shows what the kernels buy; it is never chosen.
 
@@ -22,6 +23,7 @@ from .quant import QuantConfig
 
 BASELINE = "float32 jit"
 KERNELS_OFF = "XLA's ops (kernels off)"  # the suffix of a kernels-off row's name
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,13 @@ class Variant:
     # a 2-core CPU): variants are measured cheapest first, and a time budget skips those that would not fit
     cost: float = 1.0
     kernels_off: bool = False  # generation through XLA's ops instead of the CPU kernels (a comparison row)
+    mesh: tuple[int, int, int] | None = None  # (data, fsdp, tensor): params sharded over that mesh
     same_as: str | None = None  # a kernels-off row: the variant it repeats with XLA's ops
+
+    @property
+    def mesh_text(self) -> str | None:
+        """'data=4,fsdp=1,tensor=1' (what `--mesh` takes), or None."""
+        return None if self.mesh is None else ",".join(f"{a}={n}" for a, n in zip(MESH_AXES, self.mesh))
 
     def identity(self) -> dict:
         """The fields every report row of this variant starts with."""
@@ -44,6 +52,8 @@ class Variant:
             self.quant.to_json()), "speculative": self.speculative}
         if self.kernels_off:
             row.update(kernels="xla", same_as=self.same_as)
+        if self.mesh is not None:
+            row["mesh"] = self.mesh_text
         return row
 
 
@@ -71,8 +81,23 @@ def encoder_variants() -> list[Variant]:
             Variant("int8 per channel", QuantConfig(mode="int8")), Variant("w8a8", QuantConfig(mode="w8a8"), cost=2.0)]
 
 
-def variants_for(task: str) -> list[Variant]:
-    return lm_variants() if task == "generate" else encoder_variants()
+def mesh_variants(n_devices: int) -> list[Variant]:
+    """float32 over each one-axis layout of `n_devices` (data, fsdp, tensor); none on one device."""
+    if n_devices < 2:
+        return []
+    layouts = [tuple(n_devices if a == axis else 1 for a in MESH_AXES) for axis in MESH_AXES]
+    return [Variant(f"{BASELINE}, mesh {axis}={n_devices}", mesh=shape, cost=1.5)
+            for axis, shape in zip(MESH_AXES, layouts)]
+
+
+def variants_for(task: str, n_devices: int | None = None) -> list[Variant]:
+    """The task's variants, and the mesh layouts when more than one device is present
+    (`n_devices`; None: jax's device count)."""
+    if n_devices is None:
+        import jax
+
+        n_devices = jax.device_count()
+    return (lm_variants() if task == "generate" else encoder_variants()) + mesh_variants(n_devices)
 
 
 def variant_named(name: str, task: str) -> Variant:
@@ -81,10 +106,10 @@ def variant_named(name: str, task: str) -> Variant:
 
 def kernels_off_twin(rows: list[dict], jobs: list, rate) -> Variant | None:
     """The kernels-off row's variant: the fastest integer variant measured so far (`rate(row)`),
-    not speculative, its outputs finite, with XLA's ops; None when there is none."""
+    not speculative, not sharded, its outputs finite, with XLA's ops; None when there is none."""
     by_name = {j.name: j for j in jobs if isinstance(j, Variant)}
     integer = lambda v: (v is not None and v.quant is not None and v.quant.integer and not v.speculative
-                         and not v.kernels_off)
+                         and not v.kernels_off and v.mesh is None)
     measured = [r for r in rows if "skipped" not in r and "speed" in r and integer(by_name.get(r["variant"]))
                 and "non_finite" not in r["quality"]]
     best = max(measured, key=rate, default=None)
@@ -104,4 +129,9 @@ def build(model, v: Variant, step=lambda text: None):
         from .kernels import KernelChoice
 
         m = dataclasses.replace(m, kernels=KernelChoice())  # XLA's ops in generation's programs too
+    if v.mesh is not None:
+        from . import sharding
+
+        step(f"sharding over {v.mesh_text}")
+        m = sharding.shard(m, sharding.MeshConfig(*v.mesh))
     return m

@@ -672,3 +672,58 @@ def test_the_engine_takes_the_models_kernel_choice(tiny):
     assert engine.Engine(off).kernels == kernels.KernelChoice()
     assert engine.Engine(model).kernels == kernels.KernelChoice(decode=kernels.usable(model))
 
+
+MESH_RUN = """
+import json, sys
+from pathlib import Path
+import jax, jaxaccel
+from jaxaccel import accelerate as acc, sharding
+assert jax.device_count() == 4, jax.devices()
+tiny, out, dest = sys.argv[1:]
+variants = [v for v in acc.variants_for("generate") if v.name == acc.BASELINE or v.mesh]
+report = acc.accelerate(jaxaccel.load(tiny), Path(out), "generate", acc.Budget("kl", 0.01), (1,), new_tokens=4,
+                        windows=1, repeats=1, variants=variants, external=False, log=lambda s: None)
+reloaded = {}  # the saved folder on each measured row's layout: its greedy text
+for r in report["rows"]:
+    mesh = sharding.parse_mesh(r["mesh"]) if "mesh" in r else None
+    m = jaxaccel.load(Path(out) / "model", mesh=mesh)
+    reloaded[r["variant"]] = jaxaccel.generate(m, [report["eval"]["prompt"]], max_new_tokens=4)[0]
+json.dump(reloaded, open(dest, "w"))
+"""
+
+
+def test_mesh_layouts_apply_only_with_several_devices():
+    assert not [v for v in acc.variants_for("generate", 1) + acc.variants_for("embed", 1) if v.mesh]
+    for task in ("generate", "embed", "classify"):
+        meshes = [(v.name, v.mesh_text) for v in acc.variants_for(task, 8) if v.mesh]
+        assert meshes == [(f"{acc.BASELINE}, mesh data=8", "data=8,fsdp=1,tensor=1"),
+                          (f"{acc.BASELINE}, mesh fsdp=8", "data=1,fsdp=8,tensor=1"),
+                          (f"{acc.BASELINE}, mesh tensor=8", "data=1,fsdp=1,tensor=8")]
+
+
+@pytest.mark.slow
+def test_mesh_layouts_are_rows_and_the_chosen_folder_reloads(tiny, tmp_path):
+    """With 4 devices (a subprocess: XLA_FLAGS before jax), float32 over the data, fsdp and tensor
+    layouts are rows of their own (the tiny Gemma's 2 KV heads and vocabulary 97 are replicated on
+    tensor=4); each keeps float32's quality and greedy text, and the saved folder reloads on every
+    layout, generating the text its row recorded (the chosen one's included)."""
+    from mesh_util import run_python
+
+    out, dest = tmp_path / "acc", tmp_path / "reloaded.json"
+    run_python("-c", MESH_RUN, tiny, out, dest, devices=4, timeout=900)
+    report = strict_json((out / "report.json").read_text())
+    validate(report)
+    rows = {r["variant"]: r for r in report["rows"]}
+    layouts = {f"{acc.BASELINE}, mesh {axis}=4": f"data={4 if axis == 'data' else 1},fsdp={4 if axis == 'fsdp' else 1},"
+               f"tensor={4 if axis == 'tensor' else 1}" for axis in ("data", "fsdp", "tensor")}
+    assert list(rows) == [acc.BASELINE, *layouts]
+    base = rows[acc.BASELINE]
+    for name, mesh in layouts.items():
+        r = rows[name]
+        assert "skipped" not in r and r["mesh"] == mesh and r["quant"] is None, r
+        assert r["quality"]["kl_mean"] < 1e-6 and r["quality"]["top1_agreement"] == 1.0
+        assert r["greedy_text"] == base["greedy_text"] and _rate(r) > 0
+    chosen = rows[report["chosen"]]
+    assert report["saved"]["mesh"] == chosen.get("mesh") and report["saved"]["quant"]["mode"] == "float32"
+    reloaded = json.loads(dest.read_text())
+    assert reloaded == {name: r["greedy_text"] for name, r in rows.items()}
