@@ -44,9 +44,6 @@ class Model:
     # the CPU kernels generation's programs call (a kernels.KernelChoice): None lets the engine pick
     # (decode kernels on one CPU device where they build); KernelChoice() is XLA's ops throughout
     kernels: Any = field(default=None, repr=False)
-    # the CPU kernels generation's programs call (a kernels.KernelChoice): None lets the engine pick
-    # (decode kernels on one CPU device where they build); KernelChoice() is XLA's ops throughout
-    kernels: Any = field(default=None, repr=False)
 
     @cached_property
     def module(self):
