@@ -8,7 +8,8 @@ group, int8 weights with an int8 KV cache (its quality scored through the cache)
 float32's quality by construction), the fastest integer variant again through XLA's ops instead of
 the CPU kernels (what the kernels buy; never chosen), and with more than one device float32 over
 each mesh layout (data, fsdp, tensor). Encoders (embed, classify) get float32 jit, bfloat16,
-float16, int8 and w8a8 (and the mesh layouts).
+float16, int8 and w8a8 (and the mesh layouts). Each batch size asked for is measured for every row;
+the first decides the choice.
 External baseline rows, never chosen: transformers eager on the same weights when torch is
 installed (accelerate_baseline.py), and llama.cpp's llama-server on the source GGUF file when a
 built one is found (accelerate_llama.py); otherwise the row says why it is absent.

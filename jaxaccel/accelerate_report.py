@@ -141,24 +141,48 @@ def rows_as_cells(report: dict) -> tuple[list[str], list[list[str]]]:
     return cols, out
 
 
+def batch_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Every measured row at every batch size asked for, one line each (the main table shows the
+    batch that decides the choice)."""
+    task = report["task"]
+    cols = ["variant", "batch", "tok/s" if task == "generate" else "sent/s",
+            "TTFT ms" if task == "generate" else "compile s", "p50 ms", "p90 ms"]
+    out = []
+    for r in measured(report):
+        for b in report["batch_sizes"]:
+            s = r["speed"].get(str(b))
+            if s is None:  # llama.cpp's row: batch 1 only
+                out.append([r["variant"], str(b), "n/a", "n/a", "n/a", "n/a"])
+                continue
+            second = s.get("ttft_s") if task == "generate" else s["compile_s"]
+            ms = lambda x: _num("{:.0f}", None if x is None else 1e3 * x)
+            out.append([r["variant"], str(b), _num("{:.1f}", rate(r, task, b)),
+                        ms(second) if task == "generate" else _num("{:.1f}", second),
+                        ms(s["latency_p50_s"]), ms(s["latency_p90_s"])])
+    return cols, out
+
+
 def title(report: dict) -> str:
     return f"jaxaccel accelerate ({report['task']}); chosen: {report['chosen'] or 'nothing'}"
 
 
 def table(report: dict) -> str:
-    """The report as a rich table (text)."""
+    """The report as a rich table (text), and a second one of every batch size when several were asked for."""
     from rich.console import Console
     from rich.table import Table
 
-    cols, rows = rows_as_cells(report)
-    t = Table(title=title(report))
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
-    for cells in rows:
-        t.add_row(*cells)
+    tables = [(title(report), *rows_as_cells(report))]
+    if len(report["batch_sizes"]) > 1:
+        tables.append(("speed at each batch size", *batch_rows(report)))
     console = Console(width=180, record=True)
     with console.capture() as cap:
-        console.print(t)
+        for name, cols, rows in tables:
+            t = Table(title=name)
+            for col in cols:
+                t.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
+            for cells in rows:
+                t.add_row(*cells)
+            console.print(t)
     return cap.get()
 
 
@@ -179,6 +203,10 @@ def markdown(report: dict) -> str:
         lines += ["**Interrupted**: the rows below are those measured before Ctrl-C.", ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
+    if len(report["batch_sizes"]) > 1:
+        bcols, brows = batch_rows(report)
+        lines += ["", "Speed at each batch size:", "", "| " + " | ".join(bcols) + " |", "|" + "---|" * len(bcols)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in brows]
     lines += ["", f"Choice: {report['reason']}", "", f"Pareto front (speed vs quality loss): "
               f"{', '.join(report['pareto']) or 'none'}.", ""]
     notes = [f"{r['variant']}: {r['external']}" + (f"; {r['quality']['partial']}" if "partial" in r["quality"] else "")

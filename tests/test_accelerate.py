@@ -227,6 +227,7 @@ def test_accelerate_measures_chooses_saves_and_reports(tiny, tmp_path, capsys):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert md.count("\n| ") == len(rows) + 1 and report["reason"] in md and report["memory_method"] in md
+    assert "Speed at each batch size" not in md  # one batch size: the main table has it
     assert sorted(p.name for p in out.iterdir()) == ["model", "report.json", "report.md", "report.png"]
     assert "chosen" in capsys.readouterr().out
 
@@ -263,6 +264,13 @@ def test_classify_measures_accuracy_and_saves_a_classifier(classifier, tmp_path,
     want = check_choice(report, lambda q: q["accuracy_drop_points"] <= 5, "sentences_s")
     md = (out / "report.md").read_text()
     assert "accuracy at most 5 points below float32's" in md and "| accuracy | Δ points | agreement |" in md
+    # each batch size asked for is a line of its own (the main table shows batch 8, which decides)
+    bcols, lines = accelerate_report.batch_rows(report)
+    measured = [r for r in report["rows"] if "skipped" not in r]
+    assert [c[:2] for c in lines] == [[r["variant"], b] for r in measured for b in ("8", "4")]
+    for c in lines:
+        assert float(c[2]) == round(_rate(rows[c[0]], int(c[1]), "sentences_s"), 1)
+        assert "| " + " | ".join(c) + " |" in md.split("Speed at each batch size:")[1]
     # the saved folder is a classifier `jaxaccel classify` serves, labelling as the chosen variant did
     capsys.readouterr()
     assert cli.main(["classify", "--model", str(out / "model"), "--input", str(data), "--truncate"]) == 0
