@@ -237,7 +237,8 @@ def test_classify_measures_accuracy_and_saves_a_classifier(classifier, tmp_path,
     data = write_jsonl(tmp_path / "eval.jsonl", rows_in)
     out = tmp_path / "cls"
     assert cli.main(["accelerate", "--task", "classify", "--model", str(classifier), "--eval", str(data),
-                     "--out", str(out), "--batch-sizes", "8,4", "--quality-budget", "acc:5"]) == 0
+                     "--out", str(out), "--batch-sizes", "8,4", "--quality-budget", "acc:5",
+                     "--time-budget", "inf"]) == 0  # every row, however busy the machine
     report = json.loads((out / "report.json").read_text())
     validate(report)
     rows = {r["variant"]: r for r in report["rows"]}
