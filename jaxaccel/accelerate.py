@@ -6,7 +6,8 @@ Variants (those that apply; accelerate_variants.py says what each is and builds 
 group, int8 weights with an int8 KV cache (its quality scored through the cache), int4 per group
 (two group sizes), w8a8, speculative decoding with prompt lookup or an int8 self-draft (greedy:
 float32's quality by construction), the fastest integer variant again through XLA's ops instead of
-the CPU kernels (what the kernels buy; never chosen), and with more than one device float32 over
+the CPU kernels (what the kernels buy; never chosen), the GGUF file's own quantized tensors as
+stored when the source is a GGUF (accelerate_variants.py), and with more than one device float32 over
 each mesh layout (data, fsdp, tensor). Encoders (embed, classify) get float32 jit, bfloat16,
 float16, int8 and w8a8 (and the mesh layouts). Each batch size asked for is measured for every row;
 the first decides the choice.
@@ -213,7 +214,8 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
     progress = progress or report_out.Progress()
     # float32 jit first (the reference); the kernels-off row once the integer variants it repeats are
     # measured; the un-jitted one last of ours: it is never faster, so never chosen
-    jobs = sorted(variants or variants_for(task), key=lambda v: (v.name != BASELINE, v.eager, v.kernels_off, v.cost))
+    jobs = sorted(variants or variants_for(task, source=source),
+                  key=lambda v: (v.name != BASELINE, v.eager, v.kernels_off, v.cost))
     jobs += externals(task, source) if external else []
     started = time.perf_counter()
     progress.variant(0, len(jobs), "float32's reference outputs")
@@ -242,8 +244,10 @@ def plan(model, task: str, budget: Budget, batch_sizes=(1,), new_tokens: int = 3
                             progress.step("measuring")
                             row.update(job.measure(model, ref))
                         else:
-                            m = build(model, job, progress.step)
+                            m = build(model, job, progress.step, source)
                             row["params_bytes"] = m.params_bytes
+                            if job.gguf_as_stored:  # its QuantConfig is the file's (each weight's ggml type)
+                                row["quant"] = json.loads(m.quant.to_json())
                             row.update(ref.measure(m, job, progress.step))
                             del m
                     row.setdefault("memory", mem.as_dict())  # llama.cpp's row has its server's own
@@ -362,9 +366,10 @@ def accelerate(model, out: Path, task: str, budget: Budget, batch_sizes=(1,), ne
     measured = [r["memory"]["peak_rss_bytes"] for r in report["rows"] if "memory" in r]
     report.update(model=source, machine=report_out.machine(), pareto=report_out.pareto(report),
                   peak_rss_bytes=max(measured, default=0), saved=None)
-    chosen = variant_named(report["chosen"], task) if report["chosen"] else None
+    chosen = variant_named(report["chosen"], task, source or None) if report["chosen"] else None
     if chosen is not None:  # a speculative or float32 choice is saved as float32; the report says how to run it
-        saved = model.quantize(chosen.quant or QuantConfig(mode="float32"))
+        saved = (build(model, chosen, source=source) if chosen.gguf_as_stored
+                 else model.quantize(chosen.quant or QuantConfig(mode="float32")))
         report["saved"] = {"folder": "model", "quant": json.loads(saved.quant.to_json()),
                            "speculative": chosen.speculative, "mesh": chosen.mesh_text}
     with atomic_folder(out, overwrite=True) as tmp:  # check_out refused anything but an earlier output

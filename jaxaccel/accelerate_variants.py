@@ -8,17 +8,24 @@ device mesh its params are sharded over (`mesh`, only when more than one device 
 The kernels-off row is measured for the fastest integer variant measured before it
 (`kernels_off_twin`), so the report shows what the kernels buy; it is never chosen.
 
-Not here yet: the GGUF file's own quantized tensors served as stored. That variant is made from
-the source file rather than from the loaded model (`jaxaccel.load(gguf, gguf_weights="as_stored")`,
-being written beside quant_ggml.py), so it needs `variants_for` to know the source and `build` to
-load it; the saved folder would then be that model's serving folder.
+When the source is a GGUF file (or the embedded Gemma, whose source is one), "GGUF as stored"
+serves the file's own quantized tensors as its blocks store them: it is made from the source, not
+from the loaded model (`jaxaccel.load(gguf, gguf_weights="as_stored")`, quant_ggml.py), and saved
+as that model's serving folder when chosen.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
+import jax
+
+from . import sharding
+from .default_models import GEMMA
+from .kernels import KernelChoice
+from .model import load
 from .quant import QuantConfig
 
 BASELINE = "float32 jit"
@@ -38,6 +45,7 @@ class Variant:
     kernels_off: bool = False  # generation through XLA's ops instead of the CPU kernels (a comparison row)
     mesh: tuple[int, int, int] | None = None  # (data, fsdp, tensor): params sharded over that mesh
     same_as: str | None = None  # a kernels-off row: the variant it repeats with XLA's ops
+    gguf_as_stored: bool = False  # the source GGUF's quantized tensors as stored (loaded from the source)
 
     @property
     def mesh_text(self) -> str | None:
@@ -46,8 +54,6 @@ class Variant:
 
     def identity(self) -> dict:
         """The fields every report row of this variant starts with."""
-        import json
-
         row = {"variant": self.name, "kind": "variant", "quant": None if self.quant is None else json.loads(
             self.quant.to_json()), "speculative": self.speculative}
         if self.kernels_off:
@@ -90,18 +96,25 @@ def mesh_variants(n_devices: int) -> list[Variant]:
             for axis, shape in zip(MESH_AXES, layouts)]
 
 
-def variants_for(task: str, n_devices: int | None = None) -> list[Variant]:
-    """The task's variants, and the mesh layouts when more than one device is present
-    (`n_devices`; None: jax's device count)."""
+GGUF_AS_STORED = Variant("GGUF as stored", gguf_as_stored=True, cost=1.2)
+
+
+def is_gguf(source: str | None) -> bool:
+    """Whether the --model argument is a GGUF file (the embedded Gemma's source is one)."""
+    return source == GEMMA or (source is not None and str(source).lower().endswith(".gguf"))
+
+
+def variants_for(task: str, n_devices: int | None = None, source: str | None = None) -> list[Variant]:
+    """The task's variants; "GGUF as stored" when `source` (the --model argument) is a GGUF file;
+    the mesh layouts when more than one device is present (`n_devices`; None: jax's device count)."""
     if n_devices is None:
-        import jax
-
         n_devices = jax.device_count()
-    return (lm_variants() if task == "generate" else encoder_variants()) + mesh_variants(n_devices)
+    gguf = [GGUF_AS_STORED] if task == "generate" and is_gguf(source) else []
+    return (lm_variants() if task == "generate" else encoder_variants()) + gguf + mesh_variants(n_devices)
 
 
-def variant_named(name: str, task: str) -> Variant:
-    return next(v for v in variants_for(task) if v.name == name)
+def variant_named(name: str, task: str, source: str | None = None) -> Variant:
+    return next(v for v in variants_for(task, source=source) if v.name == name)
 
 
 def kernels_off_twin(rows: list[dict], jobs: list, rate) -> Variant | None:
@@ -119,19 +132,18 @@ def kernels_off_twin(rows: list[dict], jobs: list, rate) -> Variant | None:
     return dataclasses.replace(v, name=f"{v.name}, {KERNELS_OFF}", kernels_off=True, same_as=v.name)
 
 
-def build(model, v: Variant, step=lambda text: None):
-    """The Model that serves `v`, made from the loaded (float) `model`."""
+def build(model, v: Variant, step=lambda text: None, source: str | None = None):
+    """The Model that serves `v`, made from the loaded (float) `model` (GGUF as stored: from `source`)."""
+    if v.gguf_as_stored:
+        step("loading the GGUF's tensors as stored")
+        return load(source, gguf_weights="as_stored")
     m = model
     if v.quant is not None:
         step(f"quantizing ({v.quant.mode})")
         m = m.quantize(v.quant)
     if v.kernels_off:
-        from .kernels import KernelChoice
-
         m = dataclasses.replace(m, kernels=KernelChoice())  # XLA's ops in generation's programs too
     if v.mesh is not None:
-        from . import sharding
-
         step(f"sharding over {v.mesh_text}")
         m = sharding.shard(m, sharding.MeshConfig(*v.mesh))
     return m

@@ -736,3 +736,37 @@ def test_mesh_layouts_are_rows_and_the_chosen_folder_reloads(tiny, tmp_path):
     assert report["saved"]["mesh"] == chosen.get("mesh") and report["saved"]["quant"]["mode"] == "float32"
     reloaded = json.loads(dest.read_text())
     assert reloaded == {name: r["greedy_text"] for name, r in rows.items()}
+
+
+def test_gguf_as_stored_applies_to_a_gguf_source_only():
+    gguf = accelerate_variants.GGUF_AS_STORED
+    assert gguf in acc.variants_for("generate", 1, source="model.GGUF") and gguf in acc.variants_for("generate", 1,
+                                                                                                     source="gemma3-270m")
+    assert gguf not in acc.variants_for("generate", 1, source="some/hf_folder") and gguf not in acc.variants_for("generate", 1)
+    assert gguf not in acc.variants_for("embed", 1, source="model.gguf")
+
+
+@pytest.mark.slow
+def test_gguf_as_stored_is_a_variant_of_a_gguf_source(tmp_path):
+    """A GGUF source gets "GGUF as stored" (its Q8_0 blocks served as the file keeps them): measured
+    against float32 (the same file dequantized), its QuantConfig the file's, and when chosen the
+    saved folder serves those blocks and decodes the text its row recorded."""
+    from gguf_util import write_tiny_gguf
+
+    cfg = tiny_hf_config("gemma3")
+    cfg.num_hidden_layers, cfg.layer_types, cfg.intermediate_size = 2, cfg.layer_types[:2], 128  # Q8_0: 32 | inputs
+    gguf_path = write_tiny_gguf(random_hf_model(cfg), tmp_path / "tiny.gguf", "Q8_0")
+    out = tmp_path / "acc"
+    report = acc.accelerate(jaxaccel.load(gguf_path), out, "generate", acc.Budget("kl", 0.05), new_tokens=4,
+                            windows=1, repeats=1, source=str(gguf_path), external=False, log=lambda s: None,
+                            variants=[acc.Variant(acc.BASELINE), accelerate_variants.GGUF_AS_STORED])
+    validate(strict_json((out / "report.json").read_text()))
+    rows = {r["variant"]: r for r in report["rows"]}
+    row = rows["GGUF as stored"]
+    assert "skipped" not in row and row["quant"]["mode"] == "gguf" and row["quant"]["gguf_types"], row
+    assert row["params_bytes"] < rows[acc.BASELINE]["params_bytes"] / 3  # 8.5 bits a weight (the norms stay float)
+    assert row["quality"]["kl_mean"] < 1e-6  # Model.logits dequantizes the blocks: the float32 model's weights
+    saved = jaxaccel.load(out / "model")
+    assert (saved.quant.mode if saved.quant else "float32") == ("gguf" if report["chosen"] == "GGUF as stored" else "float32")
+    text = jaxaccel.generate(saved, [report["eval"]["prompt"]], max_new_tokens=4)[0]
+    assert text == rows[report["chosen"]]["greedy_text"]
