@@ -178,16 +178,25 @@ def _runnable_tiers():
     return tiers
 
 
-@pytest.mark.slow  # rebuilds the kernels per tier (about a minute each on 2 cores)
-@pytest.mark.parametrize("tier", [t for t in _runnable_tiers() if t != "native"])
-def test_w8a8_kernel_tests_pass_on_every_isa_tier_this_cpu_runs(tmp_path, tier):
-    """The equality tests above, rerun in a process whose kernels are built for a lower ISA tier:
-    the AVX2 and portable paths are checked on an AVX-512 machine too."""
+def _builds():
+    """(ISA tier, extra compiler flags, the w8a8 path that build must take) below native, and
+    native without AMX where this CPU has it (the AVX-512 VNNI tiles)."""
+    builds = [(t, "", "avx2" if t == "avx2" else "portable") for t in _runnable_tiers() if t != "native"]
+    if {"amx_int8", "amx_tile"} <= kernels.cpu_flags() and "avx512_vnni" in kernels.cpu_flags():
+        builds.append(("native", "-DJAXACCEL_NO_AMX", "vnni"))
+    return builds
+
+
+@pytest.mark.slow  # rebuilds the kernels per build (about a minute each on 2 cores)
+@pytest.mark.parametrize("tier,flags,path", _builds())
+def test_w8a8_kernel_tests_pass_on_every_isa_tier_this_cpu_runs(tmp_path, tier, flags, path):
+    """The equality tests above, rerun in a process whose kernels are built for a lower ISA tier
+    (or without AMX): the AVX2, portable and VNNI paths are checked on an AMX machine too."""
     from mesh_util import run_python
 
-    env = {kernels.ISA_ENV: tier, "JAXACCEL_CACHE": str(tmp_path)}
+    env = {kernels.ISA_ENV: tier, kernels.FLAGS_ENV: flags, "JAXACCEL_CACHE": str(tmp_path)}
     proc = run_python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "equal or falls_back",
                       str(Path(__file__)), devices=1, env=env, timeout=1200)
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
-    path = run_python("-c", "from jaxaccel.kernels import w8a8; print('w8a8 path', w8a8.path())", devices=1, env=env)
-    assert f"w8a8 path {'avx2' if tier == 'avx2' else 'portable'}" in path.stdout
+    got = run_python("-c", "from jaxaccel.kernels import w8a8; print('w8a8 path', w8a8.path())", devices=1, env=env)
+    assert f"w8a8 path {path}" in got.stdout

@@ -17,6 +17,11 @@
 // against the block.
 //  - AVX-512 VNNI: vpdpbusd multiplies unsigned by signed bytes, so x's codes are stored + 128
 //    (uint8) and 128 * sum_k W[n, k] is taken off each output afterwards (exact in int32).
+//  - AMX (AVX-512 builds on CPUs with AMX-INT8, where Linux grants the tile registers): the same
+//    packed blocks are AMX B tiles (16 input groups x 16 outputs, rows 256 bytes apart), x's codes
+//    A tiles of 16 rows x 64 inputs (K padded to 64, rows to 16 with zero codes); tdpbusd sums
+//    32 rows x 32 outputs per step into four int32 tiles. Build with -DJAXACCEL_NO_AMX
+//    ($JAXACCEL_CPU_KERNEL_FLAGS) to run the VNNI tiles there instead.
 //  - AVX2: codes widened to int16 pairs meet vpmaddwd, which sums each pair of products into
 //    int32 (vpmaddubsw on the bytes would saturate its int16 sums).
 //  - portable: one int32 dot product per output, on W as stored.
@@ -81,6 +86,7 @@ using Lane = int8_t;      // packed W
 constexpr int kMR = 6, kNR = 64, kKU = 4;
 inline Code code(int8_t q) { return Code(int(q) + 128); }
 constexpr int32_t kOffset = 128;
+constexpr int64_t kKAlign = 64, kRowAlign = 16;  // whole AMX tiles: 64 inputs, 16 rows (zero codes past them)
 
 template <int R>
 void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t* off, const float* sx, const float* sw, float* y,
@@ -120,6 +126,83 @@ void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t* off, const fl
     }
   }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && !defined(JAXACCEL_NO_AMX)
+#define JAXACCEL_W8A8_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Linux gives a process AMX's tile registers only once it asks (arch_prctl); a kernel that
+// refuses leaves the VNNI tiles in use.
+bool amx_usable() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes: tiles 0-3 the int32 sums of 32 rows x 32 outputs, 4-5 x's codes
+// of rows r..r+15 and r+16..r+31 (64 inputs), 6-7 the packed W of 16 input groups x 16 outputs.
+void amx_configure() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// The int32 sums of rows [m, m + 16 * A) (x padded to whole tiles) x the 32 outputs of half h of
+// block `b`, stored to c (row stride ldc int32).
+template <int A>
+void amx_tile(const Code* x, int64_t Kp, const Lane* b, int h, int32_t* c, int64_t ldc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (A == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const Lane* bk = b + (k / kKU) * kNR * kKU + 2 * h * 16 * kKU;
+    _tile_loadd(4, x + k, Kp);
+    _tile_loadd(6, bk, kNR * kKU);
+    _tile_loadd(7, bk + 16 * kKU, kNR * kKU);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    if (A == 2) {
+      _tile_loadd(5, x + 16 * Kp + k, Kp);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(1, c + 16, ldc * 4);
+  if (A == 2) {
+    _tile_stored(2, c + 16 * ldc, ldc * 4);
+    _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+  }
+}
+
+// y for `rows` rows x the outputs [n0, n0 + kNR) of one block from their int32 sums c [rows, kNR].
+void amx_outputs(const int32_t* c, int64_t rows, const int32_t* off, const float* sx, const float* sw, float* y,
+                 int64_t N, int64_t n0) {
+  for (int p = 0; p < kNR / 16; ++p) {
+    const int64_t n = n0 + 16 * p;
+    if (n >= N) continue;
+    const __mmask16 mask = N - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
+    const __m512i o = _mm512_loadu_si512(off + n);
+    const __m512 s = _mm512_loadu_ps(sw + n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(c + r * kNR + 16 * p), o));
+      _mm512_mask_storeu_ps(y + r * N + n, mask, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[r])), s));
+    }
+  }
+}
+#endif
 #elif defined(__AVX2__) && !defined(JAXACCEL_GENERIC)
 #define JAXACCEL_W8A8_PATH 1
 using Code = int16_t;
@@ -127,6 +210,7 @@ using Lane = int16_t;
 constexpr int kMR = 6, kNR = 16, kKU = 2;
 inline Code code(int8_t q) { return Code(q); }
 constexpr int32_t kOffset = 0;
+constexpr int64_t kKAlign = kKU, kRowAlign = 1;
 
 template <int R>
 void tile(const Code* x, int64_t Kp, const Lane* b, const int32_t*, const float* sx, const float* sw, float* y,
@@ -166,6 +250,7 @@ using Lane = int8_t;
 constexpr int kMR = 6, kNR = 16, kKU = 1;
 inline Code code(int8_t q) { return q; }
 constexpr int32_t kOffset = 0;
+constexpr int64_t kKAlign = kKU, kRowAlign = 1;
 
 // Portable: W's block packed as kNR rows of Kp inputs (its own layout), one int32 dot per output.
 template <int R>
@@ -190,10 +275,11 @@ struct Operands {
   std::vector<Lane> b;
   std::vector<int32_t> off;
 
-  Operands(int64_t M_, int64_t K_, int64_t N_) : M(M_), K(K_), Kp((K_ + kKU - 1) / kKU * kKU), N(N_) {
+  Operands(int64_t M_, int64_t K_, int64_t N_) : M(M_), K(K_), Kp((K_ + kKAlign - 1) / kKAlign * kKAlign), N(N_) {
     blocks = (N + kNR - 1) / kNR;
-    x.assign(size_t(M * Kp), code(0));
-    sx.assign(size_t(M), 0.0f);
+    const int64_t rows = (M + kRowAlign - 1) / kRowAlign * kRowAlign;
+    x.assign(size_t(rows * Kp), code(0));
+    sx.assign(size_t(rows), 0.0f);
     sw.assign(size_t(blocks * kNR), 0.0f);
     b.assign(size_t(blocks * kNR * Kp), Lane(0));
     off.assign(size_t(blocks * kNR), 0);
@@ -221,22 +307,43 @@ struct Operands {
 
   // rows [m0, m1) x output blocks [j0, j1)
   void multiply(float* y, int64_t m0, int64_t m1, int64_t j0, int64_t j1) const {
-    for (int64_t j = j0; j < j1; ++j) {
-      const Lane* bj = b.data() + j * kNR * Kp;
-      for (int64_t m = m0; m < m1; m += kMR) {
-        const Code* xm = x.data() + m * Kp;
-        float* ym = y + m * N;
-        const int32_t* o = off.data();
-        switch (std::min<int64_t>(kMR, m1 - m)) {
-          case 1: tile<1>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
-          case 2: tile<2>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
-          case 3: tile<3>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
-          case 4: tile<4>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
-          case 5: tile<5>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
-          default: tile<kMR>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+#ifdef JAXACCEL_W8A8_AMX
+    if (amx_usable()) {
+      alignas(64) int32_t c[32 * kNR];  // the sums of 32 rows x one block
+      amx_configure();
+      for (int64_t m = m0; m < m1; m += 32)
+        for (int64_t j = j0; j < j1; ++j) {
+          const Lane* bj = b.data() + j * kNR * Kp;
+          for (int h = 0; h < 2; ++h) {
+            if (m1 - m > 16) amx_tile<2>(x.data() + m * Kp, Kp, bj, h, c + 32 * h, kNR);
+            else amx_tile<1>(x.data() + m * Kp, Kp, bj, h, c + 32 * h, kNR);
+          }
+          amx_outputs(c, std::min<int64_t>(32, m1 - m), off.data(), sx.data() + m, sw.data(), y + m * N, N, j * kNR);
         }
-      }
+      _tile_release();
+      return;
     }
+#endif
+    // a few tiles of rows at a time against every block: y's rows are written front to back (a
+    // block's columns of all the chunk's rows, 6 KB apart, wrote several times slower once y
+    // outgrew the caches), and a block is read for several tiles.
+    constexpr int64_t kRowGroup = 4 * kMR;
+    for (int64_t mg = m0; mg < m1; mg += kRowGroup)
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t m = mg; m < std::min(m1, mg + kRowGroup); m += kMR) {
+          const Code* xm = x.data() + m * Kp;
+          const Lane* bj = b.data() + j * kNR * Kp;
+          const int32_t* o = off.data();
+          float* ym = y + m * N;
+          switch (std::min<int64_t>(kMR, m1 - m)) {
+            case 1: tile<1>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+            case 2: tile<2>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+            case 3: tile<3>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+            case 4: tile<4>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+            case 5: tile<5>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+            default: tile<kMR>(xm, Kp, bj, o, sx.data() + m, sw.data(), ym, N, j * kNR); break;
+          }
+        }
   }
 };
 
@@ -277,8 +384,13 @@ ffi::Error W8a8(ffi::ThreadPool pool, Matrix x, Codes w, Matrix scale, MatrixOut
 
 }  // namespace
 
-// How this build multiplies w8a8: 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable
-extern "C" int JaxaccelW8a8Path() { return JAXACCEL_W8A8_PATH; }
+// How this build multiplies w8a8: 3 = AMX, 2 = AVX-512 VNNI, 1 = AVX2, 0 = portable
+extern "C" int JaxaccelW8a8Path() {
+#ifdef JAXACCEL_W8A8_AMX
+  if (amx_usable()) return 3;
+#endif
+  return JAXACCEL_W8A8_PATH;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelW8a8, W8a8,
                               ffi::Ffi::Bind()

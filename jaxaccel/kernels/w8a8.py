@@ -16,12 +16,12 @@ import jax.numpy as jnp
 from . import build
 
 MAX_K = 65536  # inputs per output: the int32 sums (codes + 128 on the VNNI path) cannot overflow below it
-PATHS = {0: "portable", 1: "avx2", 2: "vnni"}
+PATHS = {0: "portable", 1: "avx2", 2: "vnni", 3: "amx"}
 
 
 def path() -> str:
-    """How this build multiplies: "vnni" (AVX-512 VNNI), "avx2" (int16 pairs, vpmaddwd),
-    "portable" (one int32 dot product per output), or "none" without the kernels."""
+    """How this build multiplies: "amx" (AMX-INT8 tiles), "vnni" (AVX-512 VNNI), "avx2" (int16
+    pairs, vpmaddwd), "portable" (one int32 dot product per output), or "none" without the kernels."""
     return PATHS[int(build._loaded["lib"].JaxaccelW8a8Path())] if build.load() else "none"
 
 
