@@ -26,7 +26,7 @@ generate call would write the whole table once. It also writes the KV cache in p
 
 `w8a8.cc` (wrapper `w8a8.py`) is the int8 x int8 GEMM of w8a8 encoders: the activation rows are
 quantized per token in the call exactly as AQT's serving dot quantizes them, and summed in int32
-with VNNI / AVX2 integer dot products (XLA's CPU backend has no tuned int8 GEMM).
+with AMX tiles, VNNI or AVX2 integer dot products, in one call (XLA runs AQT's dot as three passes).
 
 The kernels are compiled on first use with the system C++ compiler (`$CXX`, else `c++`) against
 jaxlib's FFI headers, for an ISA tier of this machine's CPU (`ISA_TIERS`: `native`, the default,
@@ -106,7 +106,7 @@ class KernelChoice:
       see `int8_prefill`), bfloat16 embedding rows, in-place KV cache writes, one-query attention.
     segment_attention: the encoders' bidirectional attention within segments.
     int8_gemm: w8a8 dots (int8 weights x activations quantized per token) through `w8a8.cc`
-      (the encoders' programs); otherwise AQT's dot, which XLA's CPU backend runs without a tuned int8 GEMM.
+      (the encoders' programs); otherwise AQT's dot as XLA compiles it (same numerics).
     The default (all off) is XLA's ops everywhere: training, scoring, sharded models."""
 
     decode: bool = False

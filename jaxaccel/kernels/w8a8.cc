@@ -8,8 +8,8 @@
 // The sums are exact int32 (K <= kMaxK), so y equals AQT's dot as XLA computes it. A row holding
 // a NaN or an infinity gives NaN outputs.
 //
-// Why: AQT's dot runs on XLA's CPU backend, which has no tuned int8 GEMM; this one multiplies in
-// the CPU's integer dot-product instructions.
+// Why: XLA compiles AQT's dot into a quantizing pass over x, an int8 GEMM (YNNPACK's in current
+// jaxlib) and a scaling pass; this call does all three, on AMX tiles where the CPU has them.
 //
 // How: W is packed per call into blocks of kNR outputs, kKU inputs of one output side by side,
 // so one vector load holds kKU inputs of 16 (AVX-512) or 8 (AVX2) outputs; a tile of kMR rows x

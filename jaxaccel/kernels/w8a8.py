@@ -1,8 +1,9 @@
 """The w8a8 int8 GEMM (`w8a8.cc`): many activation rows (an encoder's sentences x tokens) times an
 int8 weight [out, in] with one scale per output channel, the rows quantized to int8 per token in
 the call exactly as AQT's serving dot (`quant._aqt_dot`) quantizes them, the products summed in
-int32 with the CPU's integer dot-product instructions (XLA's CPU backend, which AQT's dot runs
-on, has no tuned int8 GEMM).
+int32 with the CPU's integer dot-product instructions (AMX tiles where the CPU has them). XLA
+compiles AQT's dot into a quantizing pass, an int8 GEMM and a scaling pass; whether this call is
+the faster one on a given CPU is what `python -m bench.encoder --scenarios gemm` measures.
 
 Programs ask for it with `KernelChoice(int8_gemm=True)` (the encoders' programs on the CPU
 backend); `quant._serve_dot` calls `dot` and falls back to AQT's dot where it returns None.
