@@ -746,7 +746,6 @@ def test_gguf_as_stored_applies_to_a_gguf_source_only():
     assert gguf not in acc.variants_for("embed", 1, source="model.gguf")
 
 
-@pytest.mark.slow
 def test_gguf_as_stored_is_a_variant_of_a_gguf_source(tmp_path):
     """A GGUF source gets "GGUF as stored" (its Q8_0 blocks served as the file keeps them): measured
     against float32 (the same file dequantized), its QuantConfig the file's, and when chosen the
