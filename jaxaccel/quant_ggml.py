@@ -3,8 +3,9 @@ or an embedding lookup reads them.
 
 A weight of one of `TYPES` is held as the GGUF file's bytes, uint8 [out, bytes per row]
 (`kernels.ggml.byte_shape`), never re-quantized into our own int8 / int4 layout. Decode programs
-multiply their rows through `kernels/ggml_blocks.cc` (`kernels.ggml.dot`); every other dot (the
-prefill, `Model.logits`, programs without kernels) dequantizes the blocks inside the program
+multiply their rows through `kernels/ggml_blocks.cc` (`kernels.ggml.dot`: the decode steps, and
+the prefill's rows on the SIMD builds); every other dot (`Model.logits`, programs without
+kernels, prompts past `kernels.ggml.PREFILL_MAX_ROWS`) dequantizes the blocks inside the program
 (`dequantize`: exact, equal bit for bit to `gguf.quants.dequantize`) for XLA's dot, and an
 embedding lookup dequantizes only the rows it takes. `quant.QuantConfig(mode="gguf")` names each
 weight's type; `checkpoints/gguf_stored.py` loads a file this way.
@@ -77,8 +78,9 @@ def dequantize(ggml_type: str, q: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 def serve_dot(ggml_type: str, x: jax.Array, q: jax.Array, preferred_element_type=None,
               choice: KernelChoice = XLA) -> jax.Array:
-    """x [..., in] . the stored weight [out, in] -> [..., out]: decode rows through the kernel
-    (`KernelChoice.decode`), else the blocks dequantized in the program for XLA's dot."""
+    """x [..., in] . the stored weight [out, in] -> [..., out]: in decode programs
+    (`KernelChoice.decode`) through the kernel where it takes the rows (`kernels.ggml.wants`),
+    else the blocks dequantized in the program for XLA's dot."""
     if choice.decode:
         x2 = x.reshape(-1, x.shape[-1])
         y = ggml.dot(x2, q, ggml_type, preferred_element_type or x.dtype)

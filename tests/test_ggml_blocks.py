@@ -109,9 +109,10 @@ def _bound(x, w):
     return 0.5 * step @ np.abs(w).T + 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
 
 
-# odd N (scalar tails of the row chunks), N large enough for the pool threads to join, 1-8 rows
+# odd N (scalar tails of the row chunks and tiles), N large enough for the pool threads to join,
+# decode rows (1-8) and prefill rows
 @pytest.mark.parametrize("ggml_type", TYPES)
-@pytest.mark.parametrize("M,K,N", [(1, 256, 7), (3, 512, 33), (8, 768, 1001), (5, 1024, 77)])
+@pytest.mark.parametrize("M,K,N", [(1, 256, 7), (3, 512, 33), (8, 768, 1001), (5, 1024, 77), (37, 512, 45)])
 def test_kernel_equals_gguf_dequantized_dot(built, ggml_type, M, K, N):
     rng = np.random.default_rng(M * K + N)
     q, w = quantized(rng, ggml_type, N, K)
@@ -135,10 +136,12 @@ def test_kernel_same_input_same_bits_and_nan_propagates(built, ggml_type):
     assert np.isnan(b[1]).all() and np.isfinite(b[0]).all()
 
 
-def test_kernel_takes_decode_rows_of_the_layout_only_and_refuses_bad_shapes(built):
+def test_kernel_takes_rows_of_the_layout_only_and_refuses_bad_shapes(built):
     q = jnp.zeros((10, 256 // 32 * 34), jnp.uint8)
     assert ggml.wants(jnp.zeros((8, 256)), q, "Q8_0")
-    assert not ggml.wants(jnp.zeros((9, 256)), q, "Q8_0")  # the prefill: dequantized in XLA
+    # the prefill's rows on the SIMD builds; the portable one's go to XLA (one code at a time)
+    assert ggml.wants(jnp.zeros((9, 256)), q, "Q8_0") == (ggml.path() in ("vnni", "avx2"))
+    assert not ggml.wants(jnp.zeros((ggml.PREFILL_MAX_ROWS + 1, 256)), q, "Q8_0")
     assert not ggml.wants(jnp.zeros((1, 288)), q, "Q8_0")  # bytes do not match K
     assert not ggml.wants(jnp.zeros((1, 256)), q, "Q4_K")
     assert not ggml.wants(jnp.zeros((1, 256)), q, "Q5_K")
@@ -148,15 +151,16 @@ def test_kernel_takes_decode_rows_of_the_layout_only_and_refuses_bad_shapes(buil
         ggml.byte_shape("Q4_K", 4, 640)
 
 
-def test_decode_rows_use_the_kernel_and_prefill_rows_the_dequantized_dot(built):
+def test_decode_programs_route_rows_to_the_kernel_or_the_dequantized_dot(built):
     """serve_dot routes by row count in a decode program; both routes agree with gguf."""
     rng = np.random.default_rng(3)
     q, w = quantized(rng, "Q4_K", 40, 512)
-    for rows in (2, 12):
+    simd = ggml.path() in ("vnni", "avx2")
+    for rows in (2, 12, ggml.PREFILL_MAX_ROWS + 1):
         x = rng.standard_normal((1, rows, 512)).astype(np.float32)
         f = jax.jit(lambda x, q: quant_ggml.serve_dot("Q4_K", x, q, None, kernels.KernelChoice(decode=True)))
         hlo = f.lower(jnp.asarray(x), jnp.asarray(q)).as_text()
-        assert ("jaxaccel_ggml_dot" in hlo) == (rows <= kernels.MAX_ROWS)
+        assert ("jaxaccel_ggml_dot" in hlo) == (rows <= kernels.MAX_ROWS or (simd and rows <= ggml.PREFILL_MAX_ROWS))
         want = x[0].astype(np.float64) @ w.astype(np.float64).T
         got = np.asarray(f(jnp.asarray(x), jnp.asarray(q)))[0]
         np.testing.assert_allclose(got, want, rtol=0, atol=float(_bound(x[0], w).max()))

@@ -2,11 +2,13 @@
 them (`ggml_blocks.cc`), and the table of those layouts.
 
 A weight [out, in] of one of `BLOCKS`' types is held as the file's bytes, one row of `out` per
-row: uint8 [out, in / inputs * bytes] (`byte_shape`). `dot` multiplies a decode program's rows
-(at most `MAX_ROWS`) by it without a float copy: the codes are widened in registers and meet x
-rounded to int16 per block of 32 inputs (within 2^-16 of the block's largest |x|, as int4.cc
-does). Other row counts (the prefill) get None: the caller dequantizes the blocks in the program
-(`jaxaccel.quant_ggml`). The build, tiers and registration are build.py's.
+row: uint8 [out, in / inputs * bytes] (`byte_shape`). `dot` multiplies a decode program's rows by
+it without a float copy: the codes are widened in registers and meet x rounded to int16 per block
+of 32 inputs (within 2^-16 of the block's largest |x|, as int4.cc does). It takes the decode
+steps' rows (at most `MAX_ROWS`) and, on the AVX-512 VNNI and AVX2 builds, the prefill's (up to
+`PREFILL_MAX_ROWS`, the same rounding, so prefill and decode agree); other row counts get None:
+the caller dequantizes the blocks in the program (`jaxaccel.quant_ggml`), writing a float32 copy
+of every weight on each call. The build, tiers and registration are build.py's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import MAX_ROWS, build, load
+
+PREFILL_MAX_ROWS = 512  # as kernels.INT8_PREFILL_MAX_ROWS: past it XLA's GEMM on the dequantized weight
 
 # ggml type name -> (ggml type id, inputs per block, bytes per block); ggml-common.h's block_* structs
 BLOCKS = {
@@ -43,12 +47,14 @@ def path() -> str:
 
 def wants(x2: jax.Array, q: jax.Array, ggml_type: str) -> bool:
     """Would `x2 [M, K]` times the stored weight q (uint8 [N, bytes]) go to the kernel in a decode
-    program? At most MAX_ROWS rows, K a multiple of the type's block, q of the type's byte shape."""
+    program? At most MAX_ROWS rows (PREFILL_MAX_ROWS on the SIMD builds), K a multiple of the
+    type's block, q of the type's byte shape."""
     if ggml_type not in BLOCKS or x2.ndim != 2 or q.ndim != 2 or q.dtype != jnp.uint8:
         return False
     M, K = x2.shape
     _, inputs, nbytes = BLOCKS[ggml_type]
-    return 1 <= M <= MAX_ROWS and K % inputs == 0 and q.shape[1] == K // inputs * nbytes
+    rows = 1 <= M <= MAX_ROWS or (MAX_ROWS < M <= PREFILL_MAX_ROWS and path() in ("vnni", "avx2"))
+    return rows and K % inputs == 0 and q.shape[1] == K // inputs * nbytes
 
 
 def matvec(x2: jax.Array, q: jax.Array, ggml_type: str) -> jax.Array:

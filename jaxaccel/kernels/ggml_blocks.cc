@@ -1,5 +1,6 @@
 // jaxaccel CPU matvec for weights kept in llama.cpp's (ggml's) own block layouts, as a GGUF file
-// stores them: y[M, N] = x[M, K] . W^T, M <= 8 decode rows, W given as the file's bytes, one row
+// stores them: y[M, N] = x[M, K] . W^T for decode rows (M <= 8) and prefill rows (M <= 512, the
+// SIMD builds; kernels.ggml.wants), W given as the file's bytes, one row
 // of `out` per row: uint8 [N, K / QK * block_bytes]. Types (their ggml ids):
 //   Q4_0 (2), Q5_0 (6), Q8_0 (8): blocks of 32 inputs, one float16 scale d:  W = d * (q - offset)
 //   Q4_K (12): super-blocks of 256: float16 d, dmin, 12 bytes of 6-bit scales and mins for 8
@@ -19,6 +20,10 @@
 //   y[m, n] = sum_s xs[m, s] * (sa * dot(q, xq)[0:16] + sb * dot(q, xq)[16:32]) - mn * xsum[m, s]
 // with xsum the float sum of x over the sub-block. Overflow: an int32 lane sums 2 products of at
 // most 128 * 32767 per sub-block.
+//
+// Prefill rows: a tile of kTile weight rows meets 4 rows of x at a time, so both stay in L1; the
+// codes are widened once per 4 rows of x, and no float32 copy of the weight is ever written (XLA's
+// route dequantizes every weight in every prefill).
 //
 // Threads: rows of W are cut into chunks shared by the calling thread and XLA's pool (parallel.h).
 #include <algorithm>
@@ -40,7 +45,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kSub = 32;        // inputs per sub-block (and per int16 block of x)
-constexpr int64_t kMaxRows = 8;     // decode rows (kernels.MAX_ROWS)
+constexpr int64_t kMaxRows = 512;   // prefill rows (kernels.ggml.PREFILL_MAX_ROWS); decode: <= 8
+constexpr int64_t kTile = 16;       // weight rows per tile against each group of rows of x
 constexpr int64_t kRowGroup = 4;    // rows of x multiplied together against one weight row
 constexpr int64_t kAheadBytes = 8192;  // how far ahead the weight rows are prefetched
 
@@ -308,16 +314,21 @@ template <int64_t T>
 void rows(const PreparedX& xq, int64_t M, const uint8_t* w, int64_t row_bytes, float* y, int64_t N, int64_t n0,
           int64_t n1) {
   const Layout lay = layout(T);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    const int64_t ahead = std::max<int64_t>(1, kAheadBytes / row_bytes);
-    if (n + ahead < N)
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + ahead * row_bytes + off, 0, 3);
-    for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) switch (std::min(kRowGroup, M - m0)) {
-        case 1: row_kernel<T, 1>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
-        case 2: row_kernel<T, 2>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
-        case 3: row_kernel<T, 3>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
-        default: row_kernel<T, 4>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / row_bytes);
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int64_t t1 = std::min(n1, t0 + kTile);
+    for (int64_t n = t0; n < t1; ++n)
+      if (n + ahead < N)
+        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(w + (n + ahead) * row_bytes + off, 0, 3);
+    for (int64_t m0 = 0; m0 < M; m0 += kRowGroup)
+      for (int64_t n = t0; n < t1; ++n) {
+        const uint8_t* row = w + n * row_bytes;
+        switch (std::min(kRowGroup, M - m0)) {
+          case 1: row_kernel<T, 1>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+          case 2: row_kernel<T, 2>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+          case 3: row_kernel<T, 3>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+          default: row_kernel<T, 4>(xq, m0, row, lay.inputs, lay.bytes, y, N, n); break;
+        }
       }
   }
 }
@@ -333,7 +344,7 @@ ffi::Error GgmlDot(ffi::ThreadPool pool, Matrix x, Bytes w, MatrixOut y, int64_t
   if (!lay.inputs)
     return ffi::Error::InvalidArgument("jaxaccel ggml matvec: unsupported ggml type (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)");
   if (M < 1 || M > kMaxRows || K < 1 || K % lay.inputs || wd[1] != K / lay.inputs * lay.bytes)
-    return ffi::Error::InvalidArgument("jaxaccel ggml matvec: needs x [M <= 8, K] with K a multiple of the type's "
+    return ffi::Error::InvalidArgument("jaxaccel ggml matvec: needs x [M <= 512, K] with K a multiple of the type's "
                                        "block and w [N, K / block * block bytes] (kernels.ggml.wants)");
   PreparedX xq;
   xq.prepare(x.typed_data(), M, K);
