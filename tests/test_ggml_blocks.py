@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType
 import jaxaccel
 from conftest import TINY, random_hf_model, transformers
 from gguf_util import write_tiny_gguf
+from test_kernels import _runnable_tiers
 from jaxaccel import kernels, quant_ggml
 from jaxaccel.checkpoints import CheckpointError
 from jaxaccel.checkpoints.gguf import GGUFError
@@ -244,21 +245,8 @@ def test_bad_gguf_weights_choices_are_refused(tiny_gguf, tmp_path):
 
 
 # --- every ISA tier ---------------------------------------------------------------------------
-def _lower_tiers():
-    tiers, before = [], os.environ.get(kernels.ISA_ENV)
-    for tier in kernels.ISA_TIERS:
-        try:
-            os.environ[kernels.ISA_ENV] = tier
-            kernels.isa_tier()
-            tiers.append(tier)
-        except ValueError:
-            pass
-    os.environ.pop(kernels.ISA_ENV, None) if before is None else os.environ.__setitem__(kernels.ISA_ENV, before)
-    return [t for t in tiers if t != "native"]
-
-
 @pytest.mark.slow  # rebuilds the kernels per tier
-@pytest.mark.parametrize("tier", _lower_tiers())
+@pytest.mark.parametrize("tier", [t for t in _runnable_tiers() if t != "native"])
 def test_kernel_tests_pass_on_every_isa_tier_this_cpu_runs(tmp_path, tier):
     """The kernel tests above in a process whose kernels are built for a lower tier: the AVX2 and
     portable paths, checked on an AVX-512 machine too."""
