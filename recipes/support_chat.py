@@ -56,7 +56,7 @@ class Config:
     encoder: str = "minilm"
     answerer: str = "gemma3-270m"
     k: int = 3  # entries retrieved per question, all shown to the answerer
-    steps: int = 40  # packed rows of 512 tokens hold about 2 prompts + answers: about 1.7 passes over the dialogues
+    steps: int = 16  # packed rows of 512 tokens hold about 2 prompts + answers: about 70 dialogues in all
     batch_size: int = 2
     max_length: int = 512
     lr: float = 1e-3
@@ -64,7 +64,7 @@ class Config:
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     max_new_tokens: int = 64
-    generate_batch: int = 16
+    generate_batch: int = 8
     dialogues: int | None = None  # None: every training dialogue
     questions: int | None = None  # None: every held-out question
 
@@ -209,13 +209,19 @@ def main(args) -> dict:
     train_file = common.write_jsonl(out / "data" / "train_sft.jsonl", training_rows(dialogues, retriever, index, cfg.k))
 
     base = tiny_decoder() if cfg.answerer == "tiny" else jaxaccel.load(cfg.answerer, fast_tokenizer=True)
-    answers = {"top retrieved entry's answer (no generation)": [e[0]["answer"] for e in entries],
-               "base model": answer(base, questions, entries, cfg)}
+    answers = {"top retrieved entry's answer (no generation)": [e[0]["answer"] for e in entries]}
+
+    def report(name: str, texts: list[str]) -> None:  # each figure as soon as it is known (the run is long)
+        answers[name] = texts
+        print(f"{name}: {overlap(texts, heldout)}", file=sys.stderr, flush=True)
+
+    print(f"retrieval: {retrieval}", file=sys.stderr, flush=True)
+    report("base model", answer(base, questions, entries, cfg))
     tuned = jaxaccel.finetune(base, train_file, task="sft", steps=cfg.steps, out=out / "finetuned",
                               batch_size=cfg.batch_size, max_length=cfg.max_length, lr=cfg.lr, warmup=cfg.warmup,
                               lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, save_every=cfg.steps, keep=1,
                               progress=not args.quick, tensorboard=False)
-    answers["LoRA-tuned, float32"] = answer(tuned, questions, entries, cfg)
+    report("LoRA-tuned, float32", answer(tuned, questions, entries, cfg))
     del base, tuned
 
     # serving: int8, with the chat template the base model lacks
@@ -223,8 +229,8 @@ def main(args) -> dict:
     (out / "served" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     served = jaxaccel.load(out / "served", fast_tokenizer=True)
     chunks: dict[int, list[str]] = {}
-    answers["LoRA-tuned, served int8"] = answer(served, questions, entries, cfg,
-                                                stream=lambda i, text: chunks.setdefault(i, []).append(text))
+    report("LoRA-tuned, served int8", answer(served, questions, entries, cfg,
+                                             stream=lambda i, text: chunks.setdefault(i, []).append(text)))
     print(f"streamed: {questions[0]}\n  -> {''.join(chunks.get(0, []))}", file=sys.stderr)
 
     common.write_jsonl(out / "answers.jsonl", [
