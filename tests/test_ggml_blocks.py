@@ -278,22 +278,27 @@ def test_embedded_gemma_as_stored_gives_the_dequantized_greedy_text(built):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_embedded_gemma_as_stored_equals_llama_cpp_greedy(built):
-    """llama.cpp (llama-cpp-python) on the same file, greedy: the same tokens. Runs where
-    llama-cpp-python is installed."""
+def test_embedded_gemma_as_stored_agrees_with_llama_cpp(built):
+    """llama.cpp (llama-cpp-python, where installed) on the same file, teacher-forced over the shipped
+    held-out text: its next-token argmax and ours (the blocks as stored) agree at >= 90 % of the
+    positions. Not token-for-token greedy equality: llama.cpp rounds activations to int8 blocks and
+    keeps a float16 KV cache, and its greedy text leaves float32's (and ours) within a few tokens on
+    most prompts (bench/gguf_llama_check.py measures how far)."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    from pathlib import Path
+
     from jaxaccel import default_models
 
     path = default_models.gemma_gguf_path()
     stored = jaxaccel.load(path, gguf_weights="as_stored")
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=os.cpu_count() or 1, n_ctx=256, logits_all=False, verbose=False)
-    for prompt in README_PROMPTS:
-        ids = list(stored.tokenizer(prompt)["input_ids"])
-        theirs = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
-            if token == llm.token_eos() or len(theirs) == 32:
-                break
-            theirs.append(int(token))
-        ours = [t for t in generate_tokens(stored, [ids], max_new_tokens=len(theirs))[0]]
-        assert ours == theirs, (prompt, stored.tokenizer.decode(ours), stored.tokenizer.decode(theirs))
+    text = (Path(jaxaccel.__file__).parent / "eval_data" / "heldout.txt").read_text()
+    ids = list(stored.tokenizer(text)["input_ids"])[:256]
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=os.cpu_count() or 1, n_ctx=512, logits_all=True,
+                          verbose=False)
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:len(ids)]).argmax(-1)
+    ours = np.asarray(stored.logits(np.asarray([ids], np.int32))[0]).argmax(-1)
+    agree = float((theirs == ours).mean())
+    assert agree >= 0.90, f"next-token argmax agrees with llama.cpp at {agree:.1%} of {len(ids)} positions"
 
