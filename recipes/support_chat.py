@@ -26,15 +26,14 @@
 
 from __future__ import annotations
 
-import re
 import sys
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import common
+from .text_metrics import token_f1  # lora_sft's: the same token-F1 in every LM recipe
 
 SYSTEM_HEADER = "Kestrel Mobile customer service. Answer the customer's question from these FAQ entries.\n"
 # What prompt_text writes, for the server (jinja, rendered with trim_blocks / lstrip_blocks: no
@@ -97,18 +96,6 @@ def hit_rate(retrieved: list[list[str]], wanted: list[str], k: int) -> float:
     return round(sum(w in r[:k] for r, w in zip(retrieved, wanted, strict=True)) / len(wanted), 4)
 
 
-def token_f1(predicted: str, reference: str) -> float:
-    """SQuAD-style overlap: F1 of the lowercase word (letter / digit run) multisets."""
-    p, r = re.findall(r"[a-z0-9]+", predicted.lower()), re.findall(r"[a-z0-9]+", reference.lower())
-    if not p or not r:
-        return float(p == r)
-    same = sum((Counter(p) & Counter(r)).values())
-    if not same:
-        return 0.0
-    precision, recall = same / len(p), same / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
 # --- prompts -----------------------------------------------------------------------------------
 def system_message(entries: list[dict]) -> str:
     return SYSTEM_HEADER + "".join(f"FAQ: {e['question']}\nAnswer: {e['answer']}\n" for e in entries)
@@ -167,7 +154,7 @@ def answer(model, questions: list[str], entries: list[list[dict]], cfg: Config, 
 
 
 def overlap(answers: list[str], heldout: list[dict]) -> dict:
-    """Mean token-F1 against the reference answers: all questions, and those about entries no
+    """Mean token-F1 (text_metrics: normalized words, articles and punctuation dropped) against the reference answers: all questions, and those about entries no
     training dialogue covers."""
     f1 = [token_f1(a, q["reference"]) for a, q in zip(answers, heldout, strict=True)]
     unseen = [f for f, q in zip(f1, heldout) if not q["entry_in_train"]]
