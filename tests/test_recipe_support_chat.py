@@ -120,7 +120,7 @@ def quick(tmp_path_factory):
 SERVED = "LoRA-tuned, served int8"
 
 
-@pytest.mark.slow  # the recipe's every step (embed, generate x3, tune, export, quantize): over a minute on 2 cores
+@pytest.mark.slow  # the recipe end to end: embed, generate three times, tune, export, quantize
 def test_quick_run_scores_the_held_out_questions(quick):
     out, res = quick
     train, heldout = common.read_jsonl(out / "data" / "train.jsonl"), common.read_jsonl(out / "data" / "heldout.jsonl")
