@@ -162,19 +162,6 @@ def overlap(answers: list[str], heldout: list[dict]) -> dict:
             "token_f1_unseen_entries": round(float(np.mean(unseen)), 4) if unseen else None}
 
 
-def tiny_decoder(seed: int = 0):
-    """--quick's stand-in for Gemma 3 270M: a two-layer random Gemma 3 with Gemma's tokenizer."""
-    import jaxaccel
-
-    gemma = jaxaccel.load("gemma3-270m", fast_tokenizer=True)
-    cfg = gemma.config.replace(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
-                               head_dim=32, query_pre_attn_scalar=32, layer_types=("sliding", "full"),
-                               sliding_window=64, max_position_embeddings=1024)
-    model = jaxaccel.init_random(cfg, seed)
-    model.tokenizer = gemma.tokenizer
-    return model
-
-
 def main(args) -> dict:
     import jaxaccel
 
@@ -195,7 +182,7 @@ def main(args) -> dict:
     retrieval = {"hit_rate@1": hit_rate(found, wanted, 1), f"hit_rate@{cfg.k}": hit_rate(found, wanted, cfg.k)}
     train_file = common.write_jsonl(out / "data" / "train_sft.jsonl", training_rows(dialogues, retriever, index, cfg.k))
 
-    base = tiny_decoder() if cfg.answerer == "tiny" else jaxaccel.load(cfg.answerer, fast_tokenizer=True)
+    base = common.decoder(cfg.answerer)
     answers = {"top retrieved entry's answer (no generation)": [e[0]["answer"] for e in entries]}
 
     def report(name: str, texts: list[str]) -> None:  # each figure as soon as it is known (the run is long)
