@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxaccel import kernels, quant
+from test_kernels import _runnable_tiers
 from jaxaccel.kernels import KernelChoice, w8a8
 from jaxaccel.quant_math import quantize
 
@@ -160,22 +161,6 @@ def test_minilm_w8a8_embeddings_close_to_float32():
     ref, got = m.embed(texts, truncate=True), mq.embed(texts, truncate=True)
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert cos.mean() >= 0.995 and cos.min() >= 0.97, (cos.min(), cos.mean())
-
-
-def _runnable_tiers():
-    tiers, before = [], os.environ.get(kernels.ISA_ENV)
-    for tier in kernels.ISA_TIERS:
-        try:
-            os.environ[kernels.ISA_ENV] = tier
-            kernels.isa_tier()
-            tiers.append(tier)
-        except ValueError:
-            pass
-    if before is None:
-        os.environ.pop(kernels.ISA_ENV, None)
-    else:
-        os.environ[kernels.ISA_ENV] = before
-    return tiers
 
 
 def _builds():
