@@ -11,6 +11,9 @@ weight / time per product / that bandwidth.
 
   python -m bench.matvec                       # Gemma 3 270M float32 shapes
   python -m bench.matvec --dtype bfloat16 --rows 8
+  python -m bench.matvec --dtype int8          # as QuantConfig("int8") stores them: [out, in] codes,
+                                               # a scale per output (per 32 inputs for the embedding)
+  python -m bench.matvec --dtype int4          # codes + scale + zero per 32 inputs, two codes a byte
   python -m bench.matvec --model random        # the ~56M Llama's shapes
 
 The kernel is what `jaxaccel.generate` uses on the CPU for decode steps (`jaxaccel.kernels`):
@@ -29,6 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 OUT = HERE / "results" / "matvec.json"
+DTYPES = ("float32", "bfloat16", "int8", "int4")
 
 
 def model_shapes(config) -> list[tuple[str, int, int, int]]:
@@ -42,27 +46,67 @@ def model_shapes(config) -> list[tuple[str, int, int, int]]:
     return shapes + [lm_head]
 
 
-def time_shape(K: int, N: int, axis: int, rows: int, dtype, budget: int, repeats: int, kernel: bool) -> dict:
+# the int8 embedding's inputs per scale (QuantConfig.embedding_group_size); the int8 layers have one
+# scale per output (int8_group_size None); int4 weights take QuantConfig.group_size
+EMBEDDING_GROUP, INT4_GROUP = 32, 32
+
+
+def random_weight(K: int, N: int, axis: int, dtype: str, rng):
+    """(mode, stored arrays) of a random weight as the serving program holds it: float [K, N] / [N, K]
+    for float dtypes, else QuantConfig's [out, in] codes with float32 scales (and zeros for int4)."""
+    import jax.numpy as jnp
+
+    if dtype in ("float32", "bfloat16"):
+        shape = (K, N) if axis == 0 else (N, K)
+        return dtype, (jnp.asarray(rng.standard_normal(shape, np.float32), dtype),)
+    groups = K // INT4_GROUP if dtype == "int4" else K // EMBEDDING_GROUP if axis == 1 else 1
+    scale = jnp.asarray(rng.random((N, groups), np.float32) * 0.01 + 0.001)
+    if dtype == "int8":
+        return dtype, (jnp.asarray(rng.integers(-127, 128, (N, K), dtype=np.int8)), scale)
+    zero = jnp.asarray(-8 * scale)
+    return dtype, (jnp.asarray(rng.integers(0, 256, (N, K // 2), dtype=np.uint8)), scale, zero)
+
+
+def product(x, mode: str, stored: tuple, axis: int, kernel: bool):
+    """x [rows, K] times the stored weight: through jaxaccel's CPU kernel, or XLA's ops (for
+    integer weights: what the serving program does without the kernels, dequantize then dot)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel import kernels, quant
+
+    if mode in ("float32", "bfloat16"):
+        w = stored[0]
+        if kernel:
+            return kernels.matvec(x, w, axis)
+        return jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (axis,)), ((), ())), preferred_element_type=jnp.float32)
+    if kernel:
+        y = kernels.dot(x, stored[0], 1, jnp.float32, stored[1]) if mode == "int8" else \
+            kernels.dot_int4(x, *stored, jnp.float32)
+        if y is None:
+            raise SystemExit(f"the {mode} kernel does not take this shape ({x.shape[1]} inputs)")
+        return y
+    return quant._serve_dot(mode, x, (*stored, None)[:3], jnp.float32)
+
+
+def time_shape(K: int, N: int, axis: int, rows: int, dtype: str, budget: int, repeats: int, kernel: bool) -> dict:
     """Seconds per product x [rows, K] . w for `copies` distinct w (see the module doc)."""
     import jax
     import jax.numpy as jnp
 
     from bench.common import best_of
-    from jaxaccel import kernels
 
-    shape = (K, N) if axis == 0 else (N, K)
-    nbytes = K * N * jnp.dtype(dtype).itemsize
-    copies = max(1, min(400, budget // nbytes))
     rng = np.random.default_rng(0)
-    ws = [jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(copies)]
+    mode, first = random_weight(K, N, axis, dtype, rng)
+    nbytes = sum(a.nbytes for a in first)  # the codes and their scales / zeros: all read per product
+    copies = max(1, min(400, budget // nbytes))
+    ws = [first] + [random_weight(K, N, axis, dtype, rng)[1] for _ in range(copies - 1)]
     x = jnp.asarray(rng.standard_normal((rows, K), np.float32))
-    dims = (((1,), (axis,)), ((), ()))
 
     @jax.jit
     def chain(x, ws):
         for w in ws:
-            y = kernels.matvec(x, w, axis) if kernel else jax.lax.dot_general(
-                x.astype(w.dtype), w, dims, preferred_element_type=jnp.float32)
+            y = product(x, mode, w, axis, kernel)
             x = x + 0 * y[:, :1]  # the next product waits for this one
         return x
 
@@ -75,7 +119,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-random", choices=["gemma-random", "random"],
                    help="whose weight shapes: Gemma 3 270M's (default) or the ~56M random Llama's")
-    p.add_argument("--dtype", default="float32", help="weights: float32 or bfloat16")
+    p.add_argument("--dtype", default="float32", help="weights: float32, bfloat16, int8 or int4")
     p.add_argument("--rows", type=int, default=1, help="rows of x (the batch), 1..8")
     p.add_argument("--mib", type=int, default=256, help="bytes of weight copies per shape (MiB)")
     p.add_argument("--repeats", type=int, default=5)
@@ -83,15 +127,14 @@ def main(argv=None) -> dict:
     p.add_argument("--shapes", default=None, help="only these shape names (comma-separated prefixes)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
-    if args.dtype not in ("float32", "bfloat16"):
-        p.error(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
+    if args.dtype not in DTYPES:
+        p.error(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if not 1 <= args.rows <= 8:
         p.error(f"--rows must be in 1..8 (decode batches), got {args.rows}")
     if args.mib < 1 or args.repeats < 1 or args.probe_mib < 1:
         p.error("--mib, --repeats and --probe-mib must be >= 1")
 
     import jax
-    import jax.numpy as jnp
 
     from bench.common import BandwidthProbe, flags_text, format_table, machine_info, random_config, write_json
     from jaxaccel import kernels
@@ -107,7 +150,7 @@ def main(argv=None) -> dict:
         shapes = [s for s in shapes if any(s[0].startswith(w) for w in wanted)]
         if not shapes:
             p.error(f"--shapes {args.shapes!r} matches none of {[s[0] for s in model_shapes(config)]}")
-    dtype = jnp.dtype(args.dtype)
+    dtype = args.dtype
     machine = machine_info()
     print(f"{machine.get('cpu', '?')} ({flags_text(machine)}): {args.model} shapes, {args.dtype} weights, "
           f"{args.rows} row(s); best of {args.repeats}, >= {args.mib} MiB of copies per shape", flush=True)

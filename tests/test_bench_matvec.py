@@ -39,9 +39,23 @@ def test_tiny_run_reports_kernel_and_xla_against_the_read_bandwidth(tmp_path, ca
     assert "kernel / XLA speed" in table and "down_proj" in table
 
 
+@pytest.mark.parametrize("dtype,per_weight", [("int8", 1.0), ("int4", 0.5)])
+def test_integer_weights_are_timed_as_stored_with_their_scales(dtype, per_weight, tmp_path):
+    """int8 / int4 shapes go through the integer kernels and XLA's dequantize-then-dot, and their
+    bytes count the codes and the float32 scales (and int4's zeros) that each product reads."""
+    doc = matvec.main(["--model", "random", "--shapes", "k_proj,lm_head", "--mib", "1", "--repeats", "1",
+                       "--probe-mib", "8", "--dtype", dtype, "--out", str(tmp_path / "m.json")])
+    for r in doc["results"]:
+        K, N = r["K"], r["N"]
+        groups = K // 32 if dtype == "int4" else 1
+        extra = N * groups * 4 * (2 if dtype == "int4" else 1)
+        assert r["kernel"]["bytes"] == int(K * N * per_weight) + extra
+        assert r["kernel"]["s"] > 0 and r["xla"]["s"] > 0
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--rows", "9"], "--rows must be in 1..8"),
-    (["--dtype", "int8"], "--dtype must be float32 or bfloat16, got 'int8'"),
+    (["--dtype", "int3"], "--dtype must be one of float32, bfloat16, int8, int4, got 'int3'"),
     (["--mib", "0"], "--mib, --repeats and --probe-mib must be >= 1"),
     (["--shapes", "nonsense"], "--shapes 'nonsense' matches none of"),
 ])

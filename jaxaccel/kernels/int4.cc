@@ -142,6 +142,42 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* 
   for (int m = 0; m < M; ++m)
     y[(m0 + m) * N + n] = hsum(acc[m]) + zero_term(zero + n * G, xq.sum.data() + (m0 + m) * G, G);
 }
+
+// One row of x against S weight rows (decode at batch 1): the rows come from S far-apart places
+// of the thread's chunk, so S read streams are in flight (see `rows`), and the zero terms are
+// summed in vectors into the same accumulator, leaving one horizontal sum per output.
+template <int S>
+void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, const float* zero, float* y,
+                   int64_t N, const int64_t* rows) {
+  const int64_t K = xq.K, G = xq.G, nb = K / kBlock, gs = K / G, bytes = K / 2;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m512 acc[S];
+  for (int i = 0; i < S; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 16) {  // the zero terms: zero[n, g] * xsum[g]
+    const __mmask16 mask = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1);
+    const __m512 xsum = _mm512_maskz_loadu_ps(mask, xq.sum.data() + g);
+    for (int i = 0; i < S; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, zero + rows[i] * G + g), xsum, acc[i]);
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const int16_t* xv = xq.q.data() + b * kBlock;
+    const __m512i xa = _mm512_loadu_si512((const void*)xv), xb = _mm512_loadu_si512((const void*)(xv + kBlock / 2));
+    const float xs = xq.s[b];
+    const int64_t ga = b * kBlock / gs, gb = (b * kBlock + kBlock / 2) / gs;
+    for (int i = 0; i < S; ++i) {
+      const __m256i p = _mm256_loadu_si256((const __m256i*)(w + rows[i] * bytes + b * (kBlock / 2)));
+      const __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(p, low4));
+      const __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), low4));
+      __m512i t = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, xa);
+      t = _mm512_dpwssd_epi32(t, hi, xb);
+      const float* sw = scale + rows[i] * G;
+      const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sw[ga] * xs), _mm512_set1_ps(sw[gb] * xs));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, acc[i]);
+    }
+  }
+  for (int i = 0; i < S; ++i) y[rows[i]] = hsum(acc[i]);
+}
+#define JAXACCEL_INT4_STREAMS 4
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(JAXACCEL_GENERIC)
 #define JAXACCEL_INT4_PATH 1
 inline float hsum(__m256 v) {
@@ -184,6 +220,44 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* 
   for (int m = 0; m < M; ++m)
     y[(m0 + m) * N + n] = hsum(acc[m]) + zero_term(zero + n * G, xq.sum.data() + (m0 + m) * G, G);
 }
+
+// As the AVX-512 stream_kernel: one row of x against S far-apart weight rows.
+template <int S>
+void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, const float* zero, float* y,
+                   int64_t N, const int64_t* rows) {
+  const int64_t K = xq.K, G = xq.G, nb = K / kBlock, gs = K / G, bytes = K / 2;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[S];
+  float tail[S];
+  for (int i = 0; i < S; ++i) acc[i] = _mm256_setzero_ps(), tail[i] = 0.0f;
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {  // the zero terms: zero[n, g] * xsum[g]
+    const __m256 xsum = _mm256_loadu_ps(xq.sum.data() + g);
+    for (int i = 0; i < S; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(zero + rows[i] * G + g), xsum, acc[i]);
+  }
+  for (; g < G; ++g)
+    for (int i = 0; i < S; ++i) tail[i] += zero[rows[i] * G + g] * xq.sum[g];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int16_t* xv = xq.q.data() + b * kBlock;
+    const __m256i x0 = _mm256_loadu_si256((const __m256i*)xv), x1 = _mm256_loadu_si256((const __m256i*)(xv + 16));
+    const __m256i x2 = _mm256_loadu_si256((const __m256i*)(xv + 32)), x3 = _mm256_loadu_si256((const __m256i*)(xv + 48));
+    const float xs = xq.s[b];
+    const int64_t ga = b * kBlock / gs, gb = (b * kBlock + kBlock / 2) / gs;
+    for (int i = 0; i < S; ++i) {
+      const __m256i p = _mm256_loadu_si256((const __m256i*)(w + rows[i] * bytes + b * (kBlock / 2)));
+      const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
+      const __m256i ta = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)), x0),
+                                          _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)), x2));
+      const __m256i tb = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)), x1),
+                                          _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1)), x3));
+      const float* sw = scale + rows[i] * G;
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ta), _mm256_set1_ps(sw[ga] * xs), acc[i]);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tb), _mm256_set1_ps(sw[gb] * xs), acc[i]);
+    }
+  }
+  for (int i = 0; i < S; ++i) y[rows[i]] = hsum(acc[i]) + tail[i];
+}
+#define JAXACCEL_INT4_STREAMS 4
 #else
 #define JAXACCEL_INT4_PATH 0
 // Portable: the same integer sums, one code at a time (x's permuted int16 layout undone by index).
@@ -212,6 +286,18 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* 
 
 void rows(const PreparedX& xq, int64_t M, const uint8_t* w, const float* scale, const float* zero, float* y,
           int64_t N, int64_t n0, int64_t n1) {
+#ifdef JAXACCEL_INT4_STREAMS
+  if (M == 1) {  // S streams over S equal parts of [n0, n1); measured faster than one prefetched row at a time
+    constexpr int S = JAXACCEL_INT4_STREAMS;
+    const int64_t part = (n1 - n0) / S;
+    for (int64_t i = 0; i < part; ++i) {
+      int64_t r[S];
+      for (int j = 0; j < S; ++j) r[j] = n0 + j * part + i;
+      stream_kernel<S>(xq, w, scale, zero, y, N, r);
+    }
+    n0 += S * part;
+  }
+#endif
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m0 = 0; m0 < M; m0 += kRowGroup) switch (std::min(kRowGroup, M - m0)) {
         case 1: row_kernel<1>(xq, m0, w, scale, zero, y, N, n); break;

@@ -282,58 +282,83 @@ void nk_vnni_row(const int16_t* xv, const float* xs, const int8_t* w, const floa
   for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
 }
 
-// Two weight rows n, n + 1 against M rows of x (the prefill's groups): each x vector feeds both rows'
-// sums, so the loads of x, the larger operand there, are shared.
-template <int M, int PER>
-void nk_vnni_2rows(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
-                   int64_t K, int64_t N, int64_t n) {
+// S weight rows rows[0..S) against M rows of x. The prefill's groups take two neighbouring rows:
+// each x vector feeds both rows' sums, so the loads of x, the larger operand there, are shared.
+// Decode steps take rows from S far-apart places of the chunk: S read streams keep more of the
+// weight bytes in flight than one (measured faster than one row at a time, `bench/matvec.py`).
+template <int M, int PER, int S>
+void nk_vnni_srows(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
+                   int64_t K, int64_t N, const int64_t* rows) {
   constexpr int64_t XB = 32 * PER;
-  const int8_t* r0 = w + n * K;
-  const int8_t* r1 = r0 + K;
-  const float* s0 = scale + n * G;
-  const float* s1 = s0 + G;
+  const int8_t* r[S];
+  const float* sr[S];
+  for (int i = 0; i < S; ++i) r[i] = w + rows[i] * K, sr[i] = scale + rows[i] * G;
   const int64_t nb = K / XB, blocks_per_group = K / G / XB;
-  __m512 acc0[M], acc1[M];
-  for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  __m512 acc[S][M];
+  for (int i = 0; i < S; ++i)
+    for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
   int64_t g = 0, in_group = 0;
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i t0[M], t1[M];
-    for (int m = 0; m < M; ++m) t0[m] = t1[m] = _mm512_setzero_si512();
+    __m512i t[S][M];
+    for (int i = 0; i < S; ++i)
+      for (int m = 0; m < M; ++m) t[i][m] = _mm512_setzero_si512();
     for (int j = 0; j < PER; ++j) {
       const int64_t k = b * XB + j * 32;
-      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r0 + k)));
-      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r1 + k)));
+      __m512i wv[S];
+      for (int i = 0; i < S; ++i) wv[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r[i] + k)));
       for (int m = 0; m < M; ++m) {
         const __m512i xm = _mm512_loadu_si512((const void*)(xv + m * K + k));
-        t0[m] = _mm512_dpwssd_epi32(t0[m], w0, xm);
-        t1[m] = _mm512_dpwssd_epi32(t1[m], w1, xm);
+        for (int i = 0; i < S; ++i) t[i][m] = _mm512_dpwssd_epi32(t[i][m], wv[i], xm);
       }
     }
     for (int m = 0; m < M; ++m) {
       const float xb = xs[m * nb + b];
-      acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0[m]), _mm512_set1_ps(s0[g] * xb), acc0[m]);
-      acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1[m]), _mm512_set1_ps(s1[g] * xb), acc1[m]);
+      for (int i = 0; i < S; ++i)
+        acc[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i][m]), _mm512_set1_ps(sr[i][g] * xb), acc[i][m]);
     }
     if (++in_group == blocks_per_group) in_group = 0, ++g;
   }
-  for (int m = 0; m < M; ++m) {
-    y[m * N + n] = _mm512_reduce_add_ps(acc0[m]);
-    y[m * N + n + 1] = _mm512_reduce_add_ps(acc1[m]);
+  for (int i = 0; i < S; ++i)
+    for (int m = 0; m < M; ++m) y[m * N + rows[i]] = _mm512_reduce_add_ps(acc[i][m]);
+}
+
+template <int M, int PER>
+void nk_vnni_2rows(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
+                   int64_t K, int64_t N, int64_t n, int64_t n2) {
+  const int64_t rows[2] = {n, n2};
+  nk_vnni_srows<M, PER, 2>(xv, xs, w, scale, G, y, K, N, rows);
+}
+
+// Decode rows (M of x, 1 or 2) against weight rows [n0, n1) in S streams: the rows of each call come
+// from S equal parts of the range, without software prefetch. Measured faster than one prefetched
+// row at a time for every Gemma 3 shape, the tied lm_head most (`python -m bench.matvec --dtype int8`;
+// figures in docs/performance.md).
+template <int M, int PER, int S>
+void nk_vnni_streams(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y,
+                     int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t part = (n1 - n0) / S;
+  for (int64_t i = 0; i < part; ++i) {
+    int64_t rows[S];
+    for (int j = 0; j < S; ++j) rows[j] = n0 + j * part + i;
+    nk_vnni_srows<M, PER, S>(xq.q.data(), xq.s.data(), w, scale, G, y, K, N, rows);
   }
+  for (int64_t n = n0 + S * part; n < n1; ++n) nk_vnni_row<M, PER>(xq.q.data(), xq.s.data(), w, scale, G, y, K, N, n);
 }
 
 template <int PER>
 void nk_vnni_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M,
                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  if (M == 1) return nk_vnni_streams<1, PER, 4>(xq, w, scale, G, y, K, N, n0, n1);
+  if (M == 2) return nk_vnni_streams<2, PER, 2>(xq, w, scale, G, y, K, N, n0, n1);
   int16_tiles<PER>(xq, y, M, K, N, n0, n1, [&](const int16_t* xv, const float* xs, float* ym, int64_t rows,
                                                int64_t b0, int64_t end) {
       int64_t n = b0;
       if (M > kVnniMaxRows)  // the prefill: two weight rows at a time
         for (; n + 2 <= end; n += 2) switch (rows) {
-            case 1: nk_vnni_2rows<1, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
-            case 2: nk_vnni_2rows<2, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
-            case 3: nk_vnni_2rows<3, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
-            default: nk_vnni_2rows<4, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
+            case 1: nk_vnni_2rows<1, PER>(xv, xs, w, scale, G, ym, K, N, n, n + 1); break;
+            case 2: nk_vnni_2rows<2, PER>(xv, xs, w, scale, G, ym, K, N, n, n + 1); break;
+            case 3: nk_vnni_2rows<3, PER>(xv, xs, w, scale, G, ym, K, N, n, n + 1); break;
+            default: nk_vnni_2rows<4, PER>(xv, xs, w, scale, G, ym, K, N, n, n + 1); break;
           }
       for (; n < end; ++n) switch (rows) {
           case 1: nk_vnni_row<1, PER>(xv, xs, w, scale, G, ym, K, N, n); break;
@@ -414,9 +439,47 @@ void nk_avx2_row(const int16_t* xv, const float* xs, const int8_t* w, const floa
   for (int m = 0; m < M; ++m) y[m * N + n] = hsum256(_mm256_add_ps(acc[0][m], acc[1][m]));
 }
 
+// One row of x against S weight rows from S far-apart places of the chunk (decode at batch 1),
+// without software prefetch: as nk_vnni_streams on the VNNI path.
+template <int PER, int S>
+void nk_avx2_srows(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
+                   int64_t K, const int64_t* rows) {
+  constexpr int64_t XB = 32 * PER;
+  const int64_t nb = K / XB, blocks_per_group = K / G / XB;
+  __m256 acc[S];
+  for (int i = 0; i < S; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t g = 0, in_group = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i t[S];
+    for (int i = 0; i < S; ++i) t[i] = _mm256_setzero_si256();
+    for (int j = 0; j < 2 * PER; ++j) {
+      const int64_t k = b * XB + j * 16;
+      const __m256i xm = _mm256_loadu_si256((const __m256i*)(xv + k));
+      for (int i = 0; i < S; ++i) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + rows[i] * K + k)));
+        t[i] = _mm256_add_epi32(t[i], _mm256_madd_epi16(wv, xm));
+      }
+    }
+    for (int i = 0; i < S; ++i)
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i]), _mm256_set1_ps(scale[rows[i] * G + g] * xs[b]), acc[i]);
+    if (++in_group == blocks_per_group) in_group = 0, ++g;
+  }
+  for (int i = 0; i < S; ++i) y[rows[i]] = hsum256(acc[i]);
+}
+
 template <int PER>
 void nk_avx2_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M,
                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  if (M == 1) {  // S streams over S equal parts of [n0, n1)
+    constexpr int S = 4;
+    const int64_t part = (n1 - n0) / S;
+    for (int64_t i = 0; i < part; ++i) {
+      int64_t r[S];
+      for (int j = 0; j < S; ++j) r[j] = n0 + j * part + i;
+      nk_avx2_srows<PER, S>(xq.q.data(), xq.s.data(), w, scale, G, y, K, r);
+    }
+    n0 += S * part;
+  }
   int16_tiles<PER>(xq, y, M, K, N, n0, n1, [&](const int16_t* xv, const float* xs, float* ym, int64_t rows,
                                                int64_t b0, int64_t end) {
       for (int64_t n = b0; n < end; ++n) switch (rows) {
