@@ -288,14 +288,9 @@ void rows(const PreparedX& xq, int64_t M, const uint8_t* w, const float* scale, 
           int64_t N, int64_t n0, int64_t n1) {
 #ifdef JAXACCEL_INT4_STREAMS
   if (M == 1) {  // S streams over S equal parts of [n0, n1); measured faster than one prefetched row at a time
-    constexpr int S = JAXACCEL_INT4_STREAMS;
-    const int64_t part = (n1 - n0) / S;
-    for (int64_t i = 0; i < part; ++i) {
-      int64_t r[S];
-      for (int j = 0; j < S; ++j) r[j] = n0 + j * part + i;
-      stream_kernel<S>(xq, w, scale, zero, y, N, r);
-    }
-    n0 += S * part;
+    n0 = jaxaccel::stream_rows<JAXACCEL_INT4_STREAMS>(n0, n1, [&](const int64_t* r) {
+      stream_kernel<JAXACCEL_INT4_STREAMS>(xq, w, scale, zero, y, N, r);
+    });
   }
 #endif
   for (int64_t n = n0; n < n1; ++n)

@@ -336,13 +336,10 @@ void nk_vnni_2rows(const int16_t* xv, const float* xs, const int8_t* w, const fl
 template <int M, int PER, int S>
 void nk_vnni_streams(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y,
                      int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t part = (n1 - n0) / S;
-  for (int64_t i = 0; i < part; ++i) {
-    int64_t rows[S];
-    for (int j = 0; j < S; ++j) rows[j] = n0 + j * part + i;
+  const int64_t rest = jaxaccel::stream_rows<S>(n0, n1, [&](const int64_t* rows) {
     nk_vnni_srows<M, PER, S>(xq.q.data(), xq.s.data(), w, scale, G, y, K, N, rows);
-  }
-  for (int64_t n = n0 + S * part; n < n1; ++n) nk_vnni_row<M, PER>(xq.q.data(), xq.s.data(), w, scale, G, y, K, N, n);
+  });
+  for (int64_t n = rest; n < n1; ++n) nk_vnni_row<M, PER>(xq.q.data(), xq.s.data(), w, scale, G, y, K, N, n);
 }
 
 template <int PER>
@@ -471,14 +468,9 @@ template <int PER>
 void nk_avx2_rows(const QuantizedX& xq, const int8_t* w, const float* scale, int64_t G, float* y, int64_t M,
                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
   if (M == 1) {  // S streams over S equal parts of [n0, n1)
-    constexpr int S = 4;
-    const int64_t part = (n1 - n0) / S;
-    for (int64_t i = 0; i < part; ++i) {
-      int64_t r[S];
-      for (int j = 0; j < S; ++j) r[j] = n0 + j * part + i;
-      nk_avx2_srows<PER, S>(xq.q.data(), xq.s.data(), w, scale, G, y, K, r);
-    }
-    n0 += S * part;
+    n0 = jaxaccel::stream_rows<4>(n0, n1, [&](const int64_t* rows) {
+      nk_avx2_srows<PER, 4>(xq.q.data(), xq.s.data(), w, scale, G, y, K, rows);
+    });
   }
   int16_tiles<PER>(xq, y, M, K, N, n0, n1, [&](const int16_t* xv, const float* xs, float* ym, int64_t rows,
                                                int64_t b0, int64_t end) {

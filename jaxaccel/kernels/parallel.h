@@ -53,4 +53,18 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, int64_t helpers, const 
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// The decode kernels' read streams: calls body(rows) with S weight rows, one from each of S equal
+// parts of [n0, n1), for every position in a part (several read streams in flight, see
+// docs/cpu-kernels.md); returns the first row left over (n1 - n0 not a multiple of S).
+template <int S, typename Body>
+int64_t stream_rows(int64_t n0, int64_t n1, const Body& body) {
+  const int64_t part = (n1 - n0) / S;
+  for (int64_t i = 0; i < part; ++i) {
+    int64_t rows[S];
+    for (int j = 0; j < S; ++j) rows[j] = n0 + j * part + i;
+    body(rows);
+  }
+  return n0 + S * part;
+}
+
 }  // namespace jaxaccel
