@@ -462,6 +462,27 @@ def test_decode_attention_equals_xla_attention(built, dtype, N, K, H, window, so
     assert np.isnan(out[1, 0, 0]).all() and np.isfinite(out[1, 0, 1:]).all() and np.isfinite(out[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("B,window,softcap", [(1, None, None), (1, 300, 50.0), (2, None, None)])
+def test_long_decode_attention_split_over_slots_equals_xla_attention(built, dtype, B, window, softcap):
+    """Gemma 3 270M's decode attention shape (4 query heads on one KV head of 256) at a long
+    context: with fewer (row, KV head) tasks than threads the kernel splits the slots into parts
+    (scores per part, one softmax, values per part summed); equal to XLA's attention, and a NaN
+    query still gives a NaN row."""
+    rng = np.random.default_rng(B + (window or 0))
+    N, K, H, S = 4, 1, 256, 700
+    q = jnp.asarray(rng.standard_normal((B, 1, N, H)), dtype)
+    keys, values = (jnp.asarray(rng.standard_normal((B, S, K, H)), dtype) for _ in range(2))
+    index = jnp.asarray([S - 1, 411][:B], jnp.int32)
+    f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, 0.0625, window, softcap))
+    got = np.asarray(f(q, keys, values, index))
+    ref = np.asarray(_decode_attention_reference(q, keys, values, index, 0.0625, window, softcap))
+    tol = 1e-5 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    out = np.asarray(f(q.at[0, 0, 2, 7].set(jnp.nan), keys, values, index))
+    assert np.isnan(out[0, 0, 2]).all() and np.isfinite(np.delete(out[0, 0], 2, axis=0)).all()
+
+
 def test_decode_attention_refuses_bad_shapes(built):
     q = jnp.ones((2, 1, 4, 8), jnp.float32)
     k = jnp.ones((2, 5, 3, 8), jnp.float32)  # 3 KV heads do not divide 4 query heads

@@ -27,6 +27,7 @@
 #endif
 
 #include "parallel.h"
+#include "softmax.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,28 +35,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kLanes = 16;     // float32 lanes of one AVX-512 register
-
-// e^x for x <= 0 (softmax scores minus their max): 2^n * e^r with |r| <= ln2 / 2 and a degree-6
-// Taylor polynomial (relative error ~2e-7), written so that a loop of it vectorizes.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // e^-87 ~ 1.6e-38: 2^n stays a normal float; NaN stays NaN
-  // n = round(x / ln2): adding and subtracting 1.5 * 2^23 rounds to an integer (|x / ln2| < 2^22),
-  // and unlike std::floor it lets GCC vectorize the loop
-  constexpr float kLog2e = 1.44269504088896341f;  // 1 / ln2
-  const float n = (x * kLog2e + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // ln2 in two parts
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
 
 constexpr int64_t kBlock = 8;  // queries scored together (8 independent sums hide the FMA latency)
 
@@ -98,7 +77,7 @@ float softmax_row(float* __restrict s, int64_t L, int64_t Lp) {
   for (int64_t j = kLanes; j < Lp; j += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > s[j + l] ? lanes[l] : s[j + l];
   const float top = *std::max_element(lanes, lanes + kLanes);
-  for (int64_t j = 0; j < Lp; ++j) s[j] = exp_nonpositive(s[j] - top);
+  for (int64_t j = 0; j < Lp; ++j) s[j] = jaxaccel::exp_nonpositive(s[j] - top);
   std::fill(s + L, s + Lp, 0.0f);
   std::fill(lanes, lanes + kLanes, 0.0f);
   for (int64_t j = 0; j < Lp; j += kLanes)
@@ -247,130 +226,6 @@ ffi::Error Attend(ffi::ThreadPool pool, Heads q, Heads k, Heads v, Segments segm
   return ffi::Error::Success();
 }
 
-// ---- decode attention: one query per row against the KV cache ---------------------------------
-//
-//   out[b, n, :] = sum_s softmax_s(c(scale * q[b, n, :] . k[b, s, h(n), :])) v[b, s, h(n), :]
-//
-// over the cache slots s in [index[b] - window + 1, index[b]] (all s <= index[b] without a
-// window), c = softcap * tanh(. / softcap) when softcap > 0. The cache is read in its stored
-// [B, S, KH, H] layout (float32 or bfloat16) and only up to the current slot; XLA transposed each
-// layer's cache to [B, KH, S, H] every step and scored every preallocated slot (masked). An
-// index outside [0, S) is clamped to it first (the engine never passes one).
-// With round_probs the probabilities are rounded to bfloat16 before the values are summed, as a
-// bfloat16 model's XLA attention does. Work: one task per (row, KV head), its G = N / KH query
-// heads together, so each key and value row is read once.
-inline float round_bf16(float x) {  // nearest even, as XLA's float32 -> bfloat16 (NaN stays NaN)
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return x;
-  bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
-
-template <typename T>
-struct DecodeAttention {
-  const float* q = nullptr;  // [B, N, H]
-  const T *k = nullptr, *v = nullptr;  // [B, S, KH, H]
-  const int32_t* index = nullptr;
-  float* out = nullptr;  // [B, N, H]
-  int64_t S = 0, N = 0, KH = 0, H = 0, window = 0;
-  float scale = 1, softcap = 0;
-  bool round_probs = false;
-
-  void operator()(int64_t task) const {
-    const int64_t b = task / KH, kh = task % KH, G = N / KH;
-    const int64_t last = std::min<int64_t>(std::max<int64_t>(index[b], 0), S - 1);
-    const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-    const int64_t L = last - first + 1;
-    std::vector<float> p(size_t(G * L));  // scores, then probabilities [G, L]
-    const float* qb = q + (b * N + kh * G) * H;
-    for (int64_t s = 0; s < L; ++s) {  // each key row read once for the G heads
-      const T* kr = k + ((b * S + first + s) * KH + kh) * H;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qn = qb + g * H;
-        float lanes[kLanes] = {0}, tail = 0;
-        int64_t i = 0;
-        for (; i + kLanes <= H; i += kLanes)
-          for (int64_t l = 0; l < kLanes; ++l) lanes[l] += qn[i + l] * jaxaccel::widen(kr[i + l]);
-        for (; i < H; ++i) tail += qn[i] * jaxaccel::widen(kr[i]);
-        for (int64_t l = 0; l < kLanes; ++l) tail += lanes[l];
-        float x = tail * scale;
-        if (softcap > 0) x = std::tanh(x / softcap) * softcap;
-        p[g * L + s] = x;
-      }
-    }
-    float* ob = out + (b * N + kh * G) * H;
-    std::fill(ob, ob + G * H, 0.0f);
-    std::vector<char> bad(size_t(G), 0);
-    for (int64_t g = 0; g < G; ++g) {
-      float* pg = p.data() + g * L;
-      float top = -INFINITY;
-      for (int64_t s = 0; s < L; ++s) top = std::isnan(pg[s]) || pg[s] > top ? pg[s] : top;
-      bad[g] = std::isnan(top) || top == INFINITY;  // as XLA's softmax: a NaN / +inf score -> NaN
-      float total = 0;
-      for (int64_t s = 0; s < L; ++s) total += pg[s] = exp_nonpositive(pg[s] - top);
-      const float inv = 1.0f / total;
-      for (int64_t s = 0; s < L; ++s) pg[s] = round_probs ? round_bf16(pg[s] * inv) : pg[s] * inv;
-    }
-    for (int64_t s = 0; s < L; ++s) {  // each value row read once for the G heads
-      const T* vr = v + ((b * S + first + s) * KH + kh) * H;
-      for (int64_t g = 0; g < G; ++g) {
-        const float ps = p[g * L + s];
-        float* o = ob + g * H;
-        for (int64_t i = 0; i < H; ++i) o[i] += ps * jaxaccel::widen(vr[i]);
-      }
-    }
-    for (int64_t g = 0; g < G; ++g)
-      if (bad[g]) std::fill(ob + g * H, ob + (g + 1) * H, NAN);
-  }
-};
-
-using Query = ffi::Buffer<ffi::F32, 3>;  // float32 [B, N, H]
-using QueryOut = ffi::ResultBuffer<ffi::F32, 3>;
-using Index = ffi::Buffer<ffi::S32, 1>;
-
-template <typename T>
-ffi::Error RunDecode(ffi::ThreadPool& pool, DecodeAttention<T> job, int64_t B) {
-  const int64_t work = B * job.N * job.H * std::min<int64_t>(job.S, job.window > 0 ? job.window : job.S);
-  const int64_t workers = std::min<int64_t>(pool.num_threads(), jaxaccel::kMaxHelpers + 1);
-  jaxaccel::parallel_for(pool, B * job.KH, work < (1 << 17) ? 0 : workers - 1, job);
-  return ffi::Error::Success();
-}
-
-ffi::Error AttendDecode(ffi::ThreadPool pool, Query q, ffi::AnyBuffer k, ffi::AnyBuffer v, Index index,
-                        QueryOut out, float scale, int64_t window, float softcap, bool round_probs) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  const int64_t B = qd[0], N = qd[1], H = qd[2];
-  if (kd.size() != 4 || kd[0] != B || kd[3] != H || kd[2] < 1 || N % kd[2] != 0 || kd[1] < 1 ||
-      !std::equal(kd.begin(), kd.end(), vd.begin()) || k.element_type() != v.element_type() ||
-      index.dimensions()[0] != B || !std::equal(qd.begin(), qd.end(), out->dimensions().begin()))
-    return ffi::Error::InvalidArgument(
-        "jaxaccel decode attention: q must be [B, N, H], k and v [B, S, KH, H] with KH dividing N, "
-        "index [B], out like q");
-  auto fill = [&](auto& job) {
-    job.q = q.typed_data(); job.index = index.typed_data(); job.out = out->typed_data();
-    job.S = kd[1]; job.N = N; job.KH = kd[2]; job.H = H; job.window = window;
-    job.scale = scale; job.softcap = softcap; job.round_probs = round_probs;
-  };
-  switch (k.element_type()) {
-    case ffi::DataType::F32: {
-      DecodeAttention<float> job;
-      fill(job);
-      job.k = static_cast<const float*>(k.untyped_data()); job.v = static_cast<const float*>(v.untyped_data());
-      return RunDecode(pool, job, B);
-    }
-    case ffi::DataType::BF16: {
-      DecodeAttention<uint16_t> job;
-      fill(job);
-      job.k = static_cast<const uint16_t*>(k.untyped_data()); job.v = static_cast<const uint16_t*>(v.untyped_data());
-      return RunDecode(pool, job, B);
-    }
-    default:
-      return ffi::Error::InvalidArgument("jaxaccel decode attention: the cache must be float32 or bfloat16");
-  }
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelSegmentAttention, Attend,
@@ -382,16 +237,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelSegmentAttention, Attend,
                                   .Arg<Segments>()
                                   .Ret<Heads>()
                                   .Attr<float>("scale"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelDecodeAttention, AttendDecode,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Query>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<Index>()
-                                  .Ret<Query>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Attr<float>("softcap")
-                                  .Attr<bool>("round_probs"));
