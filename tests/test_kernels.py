@@ -213,6 +213,7 @@ print("int8 path", kernels.int8_path())
 
 
 @pytest.mark.skipif(not kernels.int8_int16(), reason="needs an AVX-512 VNNI or AVX2 CPU to build the two kinds")
+@pytest.mark.slow  # tens of seconds: CI's slow run
 def test_saved_generation_programs_are_kept_apart_per_kernel_build(tmp_path):
     """An int16-path build (VNNI, AVX2) sends the int8 prefill's rows to the kernel, which a portable build refuses:
     a generation program saved by the one must not be reused by the other (a shared cache folder,
@@ -279,6 +280,7 @@ def test_unknown_or_unrunnable_isa_tier_is_refused(monkeypatch):
         kernels.isa_tier()
 
 
+@pytest.mark.slow  # tens of seconds: CI's slow run
 def test_damaged_cached_library_is_rebuilt_not_loaded(tmp_path):
     """A truncated or emptied cached library (it crashed every run with SIGBUS) is rebuilt, with
     a warning, and the next process loads the good one."""

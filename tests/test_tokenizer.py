@@ -59,6 +59,7 @@ def test_fast_tokenizer_matches_transformers_on_gemma3(tmp_path, monkeypatch):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # tens of seconds: CI's slow run
 def test_gguf_tokenizer_equals_transformers_own_and_needs_no_torch():
     """Our GGUF tokenizer (own metadata reader + transformers' builders) equals AutoTokenizer(gguf_file=...),
     and builds with torch unavailable, as on a fresh machine with only the runtime dependencies."""

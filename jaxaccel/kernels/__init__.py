@@ -15,9 +15,11 @@ memory: the nibbles are widened in registers and meet x rounded to int16 per blo
 
 `attention.cc` is bidirectional softmax attention within segments (the encoders): it scores only
 the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
-so padding and several texts packed in one row cost nothing (see `attention`). It also holds the
-decode steps' attention (`decode_attention`): one query per row against the KV cache as stored,
-up to the row's current slot (XLA transposes every layer's cache each step and scores all slots).
+so padding and several texts packed in one row cost nothing (see `attention`).
+`decode_attention.cc` is the decode steps' attention (`decode_attention`): one query per row
+against the KV cache as stored, up to the row's current slot (XLA transposes every layer's cache
+each step and scores all slots), its slots split over threads when a batch has fewer (row, KV
+head) pairs than threads.
 
 `take.cc` copies the rows of a bfloat16 embedding table for the decode loop (`take_rows`): XLA
 gathers bfloat16 rows from a float32 copy of the whole table, hoisted out of the loop, so every
