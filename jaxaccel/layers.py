@@ -325,7 +325,7 @@ class Attention(LayerModule):
             if not cfg.causal:
                 raise ValueError("a KV cache needs causal attention; encoders score full sequences (cache=None)")
             new_cache, keys, values = cache_update(cache, k, v, index, self.kernels)
-            if T == 1 and self.kernels.decode and kernels.wants_decode_attention(q, keys, self.dtype):
+            if self.kernels.decode and kernels.wants_decode_attention(q, keys, self.dtype):
                 out = kernels.decode_attention(q, keys, values, index, cfg.attn_scale, cfg.window(self.layer),
                                                cfg.attn_logit_softcap)
                 return out.astype(self.dtype), new_cache

@@ -421,21 +421,22 @@ def test_write_rows_equals_dynamic_update_slice(built, dtype):
 
 
 def _decode_attention_reference(q, keys, values, index, scale, window, softcap):
-    """layers.Attention._attend's math for one query per row (jnp, every slot scored and masked)."""
-    B, _, N, H = q.shape
+    """layers.Attention._attend's math for T queries per row at slots index[b] + t (jnp, every
+    slot scored and masked)."""
+    B, T, N, H = q.shape
     S, K = keys.shape[1], keys.shape[2]
-    qg = q.reshape(B, 1, K, N // K, H)
+    qg = q.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    slot = jnp.arange(S)[None, :]
-    mask = slot <= index[:, None]
+    slot, q_slot = jnp.arange(S)[None, None, :], (index[:, None] + jnp.arange(T)[None, :])[:, :, None]
+    mask = slot <= q_slot
     if window:
-        mask &= slot > index[:, None] - window
-    scores = jnp.where(mask[:, None, None, None, :], scores, np.finfo(np.float32).min)
+        mask &= slot > q_slot - window
+    scores = jnp.where(mask[:, None, None, :, :], scores, np.finfo(np.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(keys.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values, preferred_element_type=jnp.float32)
-    return out.reshape(B, 1, N, H)
+    return out.reshape(B, T, N, H)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -483,6 +484,29 @@ def test_long_decode_attention_split_over_slots_equals_xla_attention(built, dtyp
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
     out = np.asarray(f(q.at[0, 0, 2, 7].set(jnp.nan), keys, values, index))
     assert np.isnan(out[0, 0, 2]).all() and np.isfinite(np.delete(out[0, 0], 2, axis=0)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("N,K,H,window,softcap", [(4, 1, 256, None, None), (8, 4, 32, 5, None), (6, 2, 20, 9, 30.0)])
+def test_prefill_attention_through_the_cache_kernel_equals_xla_attention(built, dtype, N, K, H, window, softcap):
+    """Several queries per row (a prefill from slot 0, a speculative check or chunked prefill from
+    a later slot): query t at slot index[b] + t attends to its window of slots up to its own, as
+    XLA's masked attention over the whole cache; a NaN query gives a NaN row."""
+    rng = np.random.default_rng(N + H)
+    B, T, S = 2, 13, 40
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
+    keys, values = (jnp.asarray(rng.standard_normal((B, S, K, H)) * 2, dtype) for _ in range(2))
+    index = jnp.asarray([0, 21], jnp.int32)
+    f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, 0.3, window, softcap))
+    got = np.asarray(f(q, keys, values, index))
+    ref = np.asarray(_decode_attention_reference(q, keys, values, index, 0.3, window, softcap))
+    # float32: dots of 256 terms summed in another order than XLA's, through a peaked softmax (a
+    # wrong slot attended to would be off by O(1))
+    tol = 1e-4 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    out = np.asarray(f(q.at[1, 4, 0, 0].set(jnp.nan), keys, values, index))
+    assert np.isnan(out[1, 4, 0]).all() and np.isfinite(out[1, 4, 1:]).all() and np.isfinite(out[0]).all()
+    assert np.isfinite(np.delete(out[1], 4, axis=0)).all()
 
 
 def test_decode_attention_refuses_bad_shapes(built):

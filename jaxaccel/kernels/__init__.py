@@ -16,10 +16,10 @@ memory: the nibbles are widened in registers and meet x rounded to int16 per blo
 `attention.cc` is bidirectional softmax attention within segments (the encoders): it scores only
 the (query, key) pairs of one text, reading q, k, v in the projections' [B, T, heads, H] layout,
 so padding and several texts packed in one row cost nothing (see `attention`).
-`decode_attention.cc` is the decode steps' attention (`decode_attention`): one query per row
-against the KV cache as stored, up to the row's current slot (XLA transposes every layer's cache
-each step and scores all slots), its slots split over threads when a batch has fewer (row, KV
-head) pairs than threads.
+`decode_attention.cc` is the generation programs' attention (`decode_attention`): the queries
+of a decode step (one per row) or a prefill against the KV cache as stored, each up to its own
+slot (XLA transposes every layer's cache and scores all slots), a decode step's slots split over
+threads when a batch has fewer (row, KV head) pairs than threads.
 
 `take.cc` copies the rows of a bfloat16 embedding table for the decode loop (`take_rows`): XLA
 gathers bfloat16 rows from a float32 copy of the whole table, hoisted out of the loop, so every
@@ -45,7 +45,7 @@ Which programs use them is an argument, never a global switch: a module is built
 `KernelChoice` (`registry.build(..., kernels=...)`), which every layer carries. The generation
 engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
 (dots of at most `MAX_ROWS` rows, int8 and int4 dots of up to 512 rows on int16-path builds,
-bfloat16 table rows, the KV cache writes, one-query attention); the encoders' programs with
+bfloat16 table rows, the KV cache writes, attention against the cache); the encoders' programs with
 `KernelChoice(segment_attention=True, int8_gemm=True)`. Training and scoring build theirs without: the kernels
 have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
 differently from XLA's, so decode logits agree with `Model.logits` to float rounding (int8
@@ -105,7 +105,7 @@ class KernelChoice:
     (`registry.build(..., kernels=...)`) and carried by every layer.
 
     decode: the generation loop's kernels: dots of at most MAX_ROWS rows (and int8 prefill rows,
-      see `int8_prefill`), bfloat16 embedding rows, in-place KV cache writes, one-query attention.
+      see `int8_prefill`), bfloat16 embedding rows, in-place KV cache writes, attention against the cache.
     segment_attention: the encoders' bidirectional attention within segments.
     int8_gemm: w8a8 dots (int8 weights x activations quantized per token) through `w8a8.cc`
       (the encoders' programs); otherwise AQT's dot as XLA compiles it (same numerics).
@@ -214,26 +214,25 @@ def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array) -> jax.Array |
 
 
 def wants_decode_attention(q: jax.Array, keys: jax.Array, dtype) -> bool:
-    """Would this attention go to the decode kernel in a decode program? (one query per row, a
-    float32 / bfloat16 cache in the model's dtype)"""
-    return (q.ndim == 4 and q.shape[1] == 1 and keys.ndim == 4 and keys.dtype == jnp.dtype(dtype)
+    """Would this attention go to the cache-attention kernel in a generation program? (queries
+    [B, T, N, H] against a float32 / bfloat16 cache in the model's dtype: decode steps, T = 1, and
+    prefills)"""
+    return (q.ndim == 4 and keys.ndim == 4 and keys.dtype == jnp.dtype(dtype)
             and any(keys.dtype == d for d in (jnp.float32, jnp.bfloat16)))
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, index: jax.Array, scale: float,
                      window: int | None, softcap: float | None) -> jax.Array:
-    """float32 [B, 1, N, H]: each row's one query q [B, 1, N, H] against its cache slots
-    [index[b] - window + 1, index[b]] (all up to index[b] without a window) of keys / values
-    [B, S, KH, H] (float32 or bfloat16, read as stored): softmax(softcap(scale * q . k)) v, as
-    `layers.Attention._attend` computes it (bfloat16 caches: probabilities rounded to bfloat16
-    before the values, as there). Only the slots attended to are read; XLA read all S slots of a
-    transposed copy of the cache."""
-    B, _, N, H = q.shape
-    call = jax.ffi.ffi_call("jaxaccel_decode_attention", jax.ShapeDtypeStruct((B, N, H), jnp.float32))
-    out = call(q.reshape(B, N, H).astype(jnp.float32), keys, values, index.astype(jnp.int32),
-               scale=np.float32(scale), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0),
-               round_probs=bool(keys.dtype == jnp.bfloat16))
-    return out.reshape(B, 1, N, H)
+    """float32 [B, T, N, H]: each row's queries q [B, T, N, H], query t at cache slot index[b] + t,
+    against its cache slots [slot - window + 1, slot] (all up to its slot without a window) of
+    keys / values [B, S, KH, H] (float32 or bfloat16, read as stored): softmax(softcap(scale *
+    q . k)) v, as `layers.Attention._attend` computes it (bfloat16 caches: probabilities rounded
+    to bfloat16 before the values, as there). Only the slots attended to are read; XLA read all S
+    slots of a transposed copy of the cache."""
+    call = jax.ffi.ffi_call("jaxaccel_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), keys, values, index.astype(jnp.int32),
+                scale=np.float32(scale), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0),
+                round_probs=bool(keys.dtype == jnp.bfloat16))
 
 
 def wants_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:

@@ -1,19 +1,21 @@
-// jaxaccel CPU attention for decode steps: one query per row against the KV cache.
+// jaxaccel CPU attention for the generation programs (KernelChoice.decode): queries against the
+// KV cache, one per row in a decode step, T per row in a prefill (or a speculative check).
 //
-//   out[b, n, :] = sum_s softmax_s(c(scale * q[b, n, :] . k[b, s, h(n), :])) v[b, s, h(n), :]
+//   out[b, t, n, :] = sum_s softmax_s(c(scale * q[b, t, n, :] . k[b, s, h(n), :])) v[b, s, h(n), :]
 //
-// over the cache slots s in [index[b] - window + 1, index[b]] (all s <= index[b] without a
-// window), c = softcap * tanh(. / softcap) when softcap > 0. The cache is read in its stored
-// [B, S, KH, H] layout (float32 or bfloat16) and only up to the current slot; XLA transposed each
-// layer's cache to [B, KH, S, H] every step and scored every preallocated slot (masked). An
-// index outside [0, S) is clamped to it first (the engine never passes one).
-// With round_probs the probabilities are rounded to bfloat16 before the values are summed, as a
-// bfloat16 model's XLA attention does.
+// over the cache slots s in [i - window + 1, i] (all s <= i without a window) with i =
+// index[b] + t, the query's own slot; c = softcap * tanh(. / softcap) when softcap > 0. The cache
+// is read in its stored [B, S, KH, H] layout (float32 or bfloat16) and only up to each query's
+// slot; XLA transposed each layer's cache to [B, KH, S, H] every step and scored every
+// preallocated slot (masked). A slot outside [0, S) is clamped to it first (the engine never
+// passes one). With round_probs the probabilities are rounded to bfloat16 before the values are
+// summed, as a bfloat16 model's XLA attention does.
 //
-// Work: one task per (row, KV head), its G = N / KH query heads together, so each key and value
-// row is read once; with fewer tasks than threads (batch 1 of a model with one KV head) each
-// task's slots are split into parts as well (RunDecode). The products are SIMD loops with
-// several independent sums (decode_scores, decode_values) on AVX-512 and AVX2 builds.
+// Work: one task per (query row, KV head), its G = N / KH query heads together, so each key and
+// value row is read once per query; with fewer tasks than threads (a decode step at batch 1 of a
+// model with one KV head) each task's slots are split into parts as well (RunDecode). The
+// products are SIMD loops with several independent sums (decode_scores, decode_values) on
+// AVX-512 and AVX2 builds.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -175,26 +177,27 @@ void decode_values(const T* v0, int64_t stride, int64_t H, int64_t G, int64_t s0
 // values, summed part by part.
 template <typename T>
 struct DecodeAttention {
-  const float* q = nullptr;  // [B, N, H]
+  const float* q = nullptr;  // [B, TQ, N, H]: query rows row = b * TQ + t
   const T *k = nullptr, *v = nullptr;  // [B, S, KH, H]
-  const int32_t* index = nullptr;
-  float* out = nullptr;  // [B, N, H]
-  int64_t S = 0, N = 0, KH = 0, H = 0, window = 0;
+  const int32_t* index = nullptr;  // [B]: the slot of each row's first query
+  float* out = nullptr;  // [B, TQ, N, H]
+  int64_t TQ = 1, S = 0, N = 0, KH = 0, H = 0, window = 0;
   float scale = 1, softcap = 0;
   bool round_probs = false;
 
   int64_t G() const { return N / KH; }
-  // the attended slots [first, first + L) of row b
-  void range(int64_t b, int64_t& first, int64_t& L) const {
-    const int64_t last = std::min<int64_t>(std::max<int64_t>(index[b], 0), S - 1);
+  // the attended slots [first, first + L) of query row `row` (query t of batch row b sits at slot
+  // index[b] + t and attends to it and the slots before it)
+  void range(int64_t row, int64_t& first, int64_t& L) const {
+    const int64_t last = std::min<int64_t>(std::max<int64_t>(index[row / TQ] + row % TQ, 0), S - 1);
     first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
     L = last - first + 1;
   }
-  // scores p[g * ld + s] for the slots s in [s0, s1) (relative to `first`) of task bk = b * KH + kh
+  // scores p[g * ld + s] for the slots s in [s0, s1) (relative to `first`) of task bk = row * KH + kh
   void score(int64_t bk, int64_t first, int64_t s0, int64_t s1, float* p, int64_t ld) const {
-    const int64_t b = bk / KH, kh = bk % KH;
+    const int64_t row = bk / KH, kh = bk % KH, b = row / TQ;
     const T* k0 = k + ((b * S + first) * KH + kh) * H;
-    decode_scores(q + (b * N + kh * G()) * H, k0, KH * H, H, G(), s0, s1, p, ld);
+    decode_scores(q + (row * N + kh * G()) * H, k0, KH * H, H, G(), s0, s1, p, ld);
     if (scale != 1.0f || softcap > 0)
       for (int64_t g = 0; g < G(); ++g)
         for (int64_t s = s0; s < s1; ++s) {
@@ -219,7 +222,7 @@ struct DecodeAttention {
   }
   // o[g * H + i] = sum over the slots s in [s0, s1) of p[g * ld + s] * v[slot s]
   void values(int64_t bk, int64_t first, int64_t s0, int64_t s1, const float* p, int64_t ld, float* o) const {
-    const int64_t b = bk / KH, kh = bk % KH;
+    const int64_t kh = bk % KH, b = bk / KH / TQ;
     decode_values(v + ((b * S + first) * KH + kh) * H, KH * H, H, G(), s0, s1, p, ld, o);
   }
   void poison(int64_t bk, const char* bad) const {
@@ -241,18 +244,18 @@ struct DecodeAttention {
   }
 };
 
-using Query = ffi::Buffer<ffi::F32, 3>;  // float32 [B, N, H]
-using QueryOut = ffi::ResultBuffer<ffi::F32, 3>;
+using Query = ffi::Buffer<ffi::F32, 4>;  // float32 [B, T, N, H]
+using QueryOut = ffi::ResultBuffer<ffi::F32, 4>;
 using Index = ffi::Buffer<ffi::S32, 1>;
 
 constexpr int64_t kMinPartSlots = 64;  // a part of fewer slots costs more in hand-offs than it saves
 
 template <typename T>
-ffi::Error RunDecode(ffi::ThreadPool& pool, DecodeAttention<T> job, int64_t B) {
+ffi::Error RunDecode(ffi::ThreadPool& pool, DecodeAttention<T> job, int64_t rows) {
   const int64_t span = std::min<int64_t>(job.S, job.window > 0 ? job.window : job.S);
-  const int64_t work = B * job.N * job.H * span;
+  const int64_t work = rows * job.N * job.H * span;
   const int64_t workers = work < (1 << 17) ? 1 : std::min<int64_t>(pool.num_threads(), jaxaccel::kMaxHelpers + 1);
-  const int64_t tasks = B * job.KH;
+  const int64_t tasks = rows * job.KH;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((workers + tasks - 1) / tasks, span / kMinPartSlots));
   if (parts == 1) {
     jaxaccel::parallel_for(pool, tasks, workers - 1, job);
@@ -297,16 +300,16 @@ ffi::Error RunDecode(ffi::ThreadPool& pool, DecodeAttention<T> job, int64_t B) {
 ffi::Error AttendDecode(ffi::ThreadPool pool, Query q, ffi::AnyBuffer k, ffi::AnyBuffer v, Index index,
                         QueryOut out, float scale, int64_t window, float softcap, bool round_probs) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  const int64_t B = qd[0], N = qd[1], H = qd[2];
+  const int64_t B = qd[0], TQ = qd[1], N = qd[2], H = qd[3];
   if (kd.size() != 4 || kd[0] != B || kd[3] != H || kd[2] < 1 || N % kd[2] != 0 || kd[1] < 1 ||
       !std::equal(kd.begin(), kd.end(), vd.begin()) || k.element_type() != v.element_type() ||
       index.dimensions()[0] != B || !std::equal(qd.begin(), qd.end(), out->dimensions().begin()))
     return ffi::Error::InvalidArgument(
-        "jaxaccel decode attention: q must be [B, N, H], k and v [B, S, KH, H] with KH dividing N, "
+        "jaxaccel decode attention: q must be [B, T, N, H], k and v [B, S, KH, H] with KH dividing N, "
         "index [B], out like q");
   auto fill = [&](auto& job) {
     job.q = q.typed_data(); job.index = index.typed_data(); job.out = out->typed_data();
-    job.S = kd[1]; job.N = N; job.KH = kd[2]; job.H = H; job.window = window;
+    job.TQ = TQ; job.S = kd[1]; job.N = N; job.KH = kd[2]; job.H = H; job.window = window;
     job.scale = scale; job.softcap = softcap; job.round_probs = round_probs;
   };
   switch (k.element_type()) {
@@ -314,13 +317,13 @@ ffi::Error AttendDecode(ffi::ThreadPool pool, Query q, ffi::AnyBuffer k, ffi::An
       DecodeAttention<float> job;
       fill(job);
       job.k = static_cast<const float*>(k.untyped_data()); job.v = static_cast<const float*>(v.untyped_data());
-      return RunDecode(pool, job, B);
+      return RunDecode(pool, job, B * TQ);
     }
     case ffi::DataType::BF16: {
       DecodeAttention<uint16_t> job;
       fill(job);
       job.k = static_cast<const uint16_t*>(k.untyped_data()); job.v = static_cast<const uint16_t*>(v.untyped_data());
-      return RunDecode(pool, job, B);
+      return RunDecode(pool, job, B * TQ);
     }
     default:
       return ffi::Error::InvalidArgument("jaxaccel decode attention: the cache must be float32 or bfloat16");
