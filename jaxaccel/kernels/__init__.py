@@ -69,6 +69,7 @@ _REEXPORTED = (ENV, FLAGS_ENV, ISA_ENV, ISA_TIERS, SOURCES, TARGETS, _verified, 
 
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better (but int8)
 INT8_PREFILL_MAX_ROWS = 512  # int8 weights (VNNI): the kernel takes up to this many rows (`int8_prefill`)
+AVX2_INT8_PREFILL_MAX_ROWS = 64  # the same on AVX2 builds, whose int16 products XLA's float32 GEMM outruns beyond
 INT4_PREFILL_MAX_ROWS = 512  # int4 weights on the int16 paths: int4.cc's blocked GEMM takes up to this many rows
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
@@ -133,8 +134,13 @@ def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
     it rounds x to int16 per block as the decode steps do and multiplies in integers, reading
     each weight row once for all rows. XLA instead dequantizes every weight to a float32 temporary
     on one thread, which also page-faults fresh memory on every call. Past INT8_PREFILL_MAX_ROWS
-    rows the two take the same time (measured: `python -m bench.decode`), so XLA keeps those."""
-    if scale is None or w.dtype != jnp.int8 or scale.ndim != 2 or not MAX_ROWS < x2.shape[0] <= INT8_PREFILL_MAX_ROWS:
+    rows the two take the same time (measured: `python -m bench.decode`), so XLA keeps those.
+    On AVX2 builds (no VNNI) the kernel's int16 products are slower per row than XLA's float32
+    GEMM, which wins once its dequantization is spread over more than AVX2_INT8_PREFILL_MAX_ROWS
+    rows (`python -m bench.profile_decode --weights int8` with JAXACCEL_CPU_ISA=avx2;
+    docs/performance.md)."""
+    limit = INT8_PREFILL_MAX_ROWS if int8_path() == "vnni" else AVX2_INT8_PREFILL_MAX_ROWS
+    if scale is None or w.dtype != jnp.int8 or scale.ndim != 2 or not MAX_ROWS < x2.shape[0] <= limit:
         return False
     K, G = x2.shape[1], scale.shape[1]
     return G > 0 and K % G == 0 and (K // G) % 32 == 0 and w.shape[1] == K and int8_int16()
