@@ -44,8 +44,9 @@ process. Without a compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and at
 Which programs use them is an argument, never a global switch: a module is built with a
 `KernelChoice` (`registry.build(..., kernels=...)`), which every layer carries. The generation
 engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
-(dots of at most `MAX_ROWS` rows, int8 and int4 dots of up to 512 rows on int16-path builds,
-bfloat16 table rows, the KV cache writes, attention against the cache); the encoders' programs with
+(dots of at most `MAX_ROWS` rows, int8 dots of up to 512 rows on VNNI builds and 64 on AVX2, int4
+dots of up to 512 rows on both, bfloat16 table rows, the KV cache writes, attention against the
+cache); the encoders' programs with
 `KernelChoice(segment_attention=True, int8_gemm=True)`. Training and scoring build theirs without: the kernels
 have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
 differently from XLA's, so decode logits agree with `Model.logits` to float rounding (int8
