@@ -467,6 +467,16 @@ def test_decode_attention_equals_xla_attention(built, dtype, N, K, H, window, so
     assert np.isnan(out[1, 0, 0]).all() and np.isfinite(out[1, 0, 1:]).all() and np.isfinite(out[[0, 2]]).all()
 
 
+def _cache_attention_like_xla(q, keys, values, index, scale, window, softcap, tol):
+    """The kernel's output for q against the cache, asserted equal to XLA's masked attention
+    (`_decode_attention_reference`) within tol; returns the jitted kernel call for more checks."""
+    f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, scale, window, softcap))
+    got = np.asarray(f(q, keys, values, index))
+    ref = np.asarray(_decode_attention_reference(q, keys, values, index, scale, window, softcap))
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    return f
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("B,window,softcap", [(1, None, None), (1, 300, 50.0), (2, None, None)])
 def test_long_decode_attention_split_over_slots_equals_xla_attention(built, dtype, B, window, softcap):
@@ -479,11 +489,8 @@ def test_long_decode_attention_split_over_slots_equals_xla_attention(built, dtyp
     q = jnp.asarray(rng.standard_normal((B, 1, N, H)), dtype)
     keys, values = (jnp.asarray(rng.standard_normal((B, S, K, H)), dtype) for _ in range(2))
     index = jnp.asarray([S - 1, 411][:B], jnp.int32)
-    f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, 0.0625, window, softcap))
-    got = np.asarray(f(q, keys, values, index))
-    ref = np.asarray(_decode_attention_reference(q, keys, values, index, 0.0625, window, softcap))
-    tol = 1e-5 if dtype == "float32" else 2e-3
-    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    f = _cache_attention_like_xla(q, keys, values, index, 0.0625, window, softcap,
+                                  tol=1e-5 if dtype == "float32" else 2e-3)
     out = np.asarray(f(q.at[0, 0, 2, 7].set(jnp.nan), keys, values, index))
     assert np.isnan(out[0, 0, 2]).all() and np.isfinite(np.delete(out[0, 0], 2, axis=0)).all()
 
@@ -499,13 +506,10 @@ def test_prefill_attention_through_the_cache_kernel_equals_xla_attention(built, 
     q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
     keys, values = (jnp.asarray(rng.standard_normal((B, S, K, H)) * 2, dtype) for _ in range(2))
     index = jnp.asarray([0, 21], jnp.int32)
-    f = jax.jit(lambda q, k, v, i: kernels.decode_attention(q, k, v, i, 0.3, window, softcap))
-    got = np.asarray(f(q, keys, values, index))
-    ref = np.asarray(_decode_attention_reference(q, keys, values, index, 0.3, window, softcap))
     # float32: dots of 256 terms summed in another order than XLA's, through a peaked softmax (a
     # wrong slot attended to would be off by O(1))
-    tol = 1e-4 if dtype == "float32" else 2e-3
-    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    f = _cache_attention_like_xla(q, keys, values, index, 0.3, window, softcap,
+                                  tol=1e-4 if dtype == "float32" else 2e-3)
     out = np.asarray(f(q.at[1, 4, 0, 0].set(jnp.nan), keys, values, index))
     assert np.isnan(out[1, 4, 0]).all() and np.isfinite(out[1, 4, 1:]).all() and np.isfinite(out[0]).all()
     assert np.isfinite(np.delete(out[1], 4, axis=0)).all()

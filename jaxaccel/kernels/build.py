@@ -22,7 +22,7 @@ from ..paths import cache_dir, cache_writable
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "int4.cc", "attention.cc", "decode_attention.cc",
                                                        "take.cc", "w8a8.cc"))
 SOURCES += (Path(__file__).with_name("ggml_blocks.cc"),)  # GGUF blocks as stored (kernels/ggml.py)
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("parallel.h", "softmax.h"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("parallel.h", "simd.h", "softmax.h"))
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
            "jaxaccel_matvec_int4": "JaxaccelMatvecInt4",
            "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows",

@@ -22,11 +22,8 @@
 #include <cstring>
 #include <vector>
 
-#if (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))) && !defined(JAXACCEL_GENERIC)
-#include <immintrin.h>
-#endif
-
 #include "parallel.h"
+#include "simd.h"
 #include "softmax.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -52,7 +49,6 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vset(float x) { return _mm512_set1_ps(x); }
 inline void vstore(float* p, Vec x) { _mm512_storeu_ps(p, x); }
-inline float vsum(Vec x) { return _mm512_reduce_add_ps(x); }
 #define JAXACCEL_DECODE_SIMD 1
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(JAXACCEL_GENERIC)
 using Vec = __m256;
@@ -65,11 +61,6 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vset(float x) { return _mm256_set1_ps(x); }
 inline void vstore(float* p, Vec x) { _mm256_storeu_ps(p, x); }
-inline float vsum(Vec x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 #define JAXACCEL_DECODE_SIMD 1
 #endif
 
@@ -84,7 +75,7 @@ inline void dot_rows(const float* qn, const T* kr, int64_t stride, int64_t H, fl
     for (int r = 0; r < R; ++r) acc[r] = vfma(qv, vload(kr + r * stride + i), acc[r]);
   }
   for (int r = 0; r < R; ++r) {
-    float x = vsum(acc[r]);
+    float x = jaxaccel::hsum(acc[r]);
     for (int64_t j = i; j < H; ++j) x += qn[j] * jaxaccel::widen(kr[r * stride + j]);
     out[r] = x;
   }

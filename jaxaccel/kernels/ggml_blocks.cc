@@ -38,6 +38,7 @@
 #endif
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -241,11 +242,7 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* row, int64_t QK,
 }
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(JAXACCEL_GENERIC)
 #define JAXACCEL_GGML_PATH 1
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+using jaxaccel::hsum;
 
 // As the AVX-512 one, with vpmaddwd on two halves of 16 int16 lanes (inputs 0-15 and 16-31).
 template <int64_t T, int M>

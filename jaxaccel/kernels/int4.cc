@@ -31,6 +31,7 @@
 #endif
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -110,7 +111,7 @@ inline float zero_term(const float* zero_row, const float* xsum_row, int64_t G) 
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(JAXACCEL_GENERIC)
 #define JAXACCEL_INT4_PATH 2
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+using jaxaccel::hsum;
 
 // M rows of x (from xq's row m0) against weight row n: one 32-byte load of codes per block, its
 // low and high nibbles zero-extended to 32 int16 lanes each, two vpdpwssd per row of x.
@@ -180,11 +181,7 @@ void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, co
 #define JAXACCEL_INT4_STREAMS 4
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(JAXACCEL_GENERIC)
 #define JAXACCEL_INT4_PATH 1
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+using jaxaccel::hsum;
 
 // As the AVX-512 one, with vpmaddwd + vpaddd on 16 int16 lanes: the block's first 32 inputs sum
 // into one int32 vector (scale sa), its last 32 into another (sb).

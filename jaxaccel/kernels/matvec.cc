@@ -35,6 +35,7 @@
 #endif
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -403,11 +404,6 @@ void nk_chunk(const float* x, const QuantizedX& xq, const T* w, const float* sca
 // multiply-add per block with scale[n, g] * x's block scale. Overflow: an int32 lane sums XB / 8
 // <= 16 products of at most 127 * 32767 per block, far below 2^31.
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 template <int M, int PER>  // PER = XB / 32; xv, xs, y: M rows from the group's first
 void nk_avx2_row(const int16_t* xv, const float* xs, const int8_t* w, const float* scale, int64_t G, float* y,
@@ -433,7 +429,7 @@ void nk_avx2_row(const int16_t* xv, const float* xs, const int8_t* w, const floa
       acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[m]), _mm256_set1_ps(sw[g] * xs[m * nb + b]), acc[b & 1][m]);
     if (++in_group == blocks_per_group) in_group = 0, ++g;
   }
-  for (int m = 0; m < M; ++m) y[m * N + n] = hsum256(_mm256_add_ps(acc[0][m], acc[1][m]));
+  for (int m = 0; m < M; ++m) y[m * N + n] = jaxaccel::hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
 }
 
 // One row of x against S weight rows from S far-apart places of the chunk (decode at batch 1),
@@ -461,7 +457,7 @@ void nk_avx2_srows(const int16_t* xv, const float* xs, const int8_t* w, const fl
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i]), _mm256_set1_ps(scale[rows[i] * G + g] * xs[b]), acc[i]);
     if (++in_group == blocks_per_group) in_group = 0, ++g;
   }
-  for (int i = 0; i < S; ++i) y[rows[i]] = hsum256(acc[i]);
+  for (int i = 0; i < S; ++i) y[rows[i]] = jaxaccel::hsum(acc[i]);
 }
 
 template <int PER>
