@@ -76,11 +76,15 @@ def test_int4_prefill_kernel_propagates_nan_to_its_own_row_only(built):
 
 
 def test_int4_prefill_rows_go_to_the_kernel_on_int16_builds_only(built):
+    """Up to INT4_PREFILL_MAX_ROWS rows on VNNI builds, AVX2_PREFILL_MAX_ROWS on AVX2 (XLA's
+    float32 GEMM on the dequantized weight takes more), none past MAX_ROWS on the portable build."""
     packed, s = jnp.zeros((10, 64), jnp.uint8), jnp.ones((10, 4))
     int16 = kernels.int4_path() in ("vnni", "avx2")
-    for M in (kernels.MAX_ROWS + 1, 40, kernels.INT4_PREFILL_MAX_ROWS):
+    limit = kernels.INT4_PREFILL_MAX_ROWS if kernels.int4_path() == "vnni" else kernels.AVX2_PREFILL_MAX_ROWS
+    for M in (kernels.MAX_ROWS + 1, 40, limit):
         assert kernels.int4_wants(jnp.ones((M, 128)), packed, s, s) == int16
-    assert not kernels.int4_wants(jnp.ones((kernels.INT4_PREFILL_MAX_ROWS + 1, 128)), packed, s, s)  # XLA's GEMM
+    assert not kernels.int4_wants(jnp.ones((limit + 1, 128)), packed, s, s)  # XLA's GEMM
+    assert kernels.int4_wants(jnp.ones((kernels.MAX_ROWS, 128)), packed, s, s)  # decode rows: every build
     assert not kernels.int4_wants(jnp.ones((40, 128)), packed, jnp.ones((10, 8)), jnp.ones((10, 8)))  # groups of 16
     with pytest.raises(Exception, match=r"needs x \[M <= 512, K\]"):
         _kernel(np.ones((513, 128), np.float32), packed, np.ones((10, 4), np.float32), np.ones((10, 4), np.float32))
@@ -98,12 +102,12 @@ def int4_model(built):
 
 
 def test_int4_model_prefill_logits_through_the_kernel_equal_xla(int4_model):
-    """Prefill logits (45 tokens x 2 rows: 90-row dots) through the kernels agree with XLA's
-    dequantized dots to 1e-3 of the logits' range: they differ by x's int16 rounding only
-    (2^-16 of a block's largest |x| per input)."""
+    """Prefill logits (31 tokens x 2 rows: 62-row dots, within every int16 build's row limit)
+    through the kernels agree with XLA's dequantized dots to 1e-3 of the logits' range: they
+    differ by x's int16 rounding only (2^-16 of a block's largest |x| per input)."""
     from jaxaccel.models import registry
 
-    ids = jnp.asarray(np.random.default_rng(0).integers(1, 211, (2, 45)), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 211, (2, 31)), jnp.int32)
 
     def prefill_logits(choice):
         module = registry.build(int4_model.config, int4_model.dtype, dot_general_cls=int4_model.dot_general_cls,
@@ -118,7 +122,8 @@ def test_int4_model_prefill_logits_through_the_kernel_equal_xla(int4_model):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
 
 
-# 2 rows of prompts bucketed to 32 tokens (64-row dots), and to 256 (512 rows: INT4_PREFILL_MAX_ROWS)
+# 2 rows of prompts bucketed to 32 tokens (64-row dots), and to 256 (512 rows: INT4_PREFILL_MAX_ROWS on
+# VNNI builds; XLA's GEMM on AVX2 ones)
 @pytest.mark.parametrize("lengths", [(20, 30), pytest.param((40, 200), marks=pytest.mark.slow)])
 def test_int4_model_greedy_tokens_through_the_kernel_equal_xla(int4_model, lengths, monkeypatch):
     rng = np.random.default_rng(sum(lengths))

@@ -352,11 +352,11 @@ def test_only_modules_built_for_decoding_call_the_kernels(built):
 def test_int8_prefill_rows_go_to_the_kernel_on_int16_builds_only(built):
     """More than MAX_ROWS rows reach the kernel only for int8 weights with scales whose groups are
     a multiple of 32 inputs, on an int16-path build: up to INT8_PREFILL_MAX_ROWS rows on VNNI, up
-    to AVX2_INT8_PREFILL_MAX_ROWS on AVX2 (XLA's float32 GEMM takes more)."""
+    to AVX2_PREFILL_MAX_ROWS on AVX2 (XLA's float32 GEMM takes more)."""
     q, s = jnp.ones((48, 64), jnp.int8), jnp.ones((48, 2), jnp.float32)
     x = lambda m, k=64: jnp.ones((m, k))
     int16 = kernels.int8_int16()
-    limit = kernels.INT8_PREFILL_MAX_ROWS if kernels.int8_path() == "vnni" else kernels.AVX2_INT8_PREFILL_MAX_ROWS
+    limit = kernels.INT8_PREFILL_MAX_ROWS if kernels.int8_path() == "vnni" else kernels.AVX2_PREFILL_MAX_ROWS
     assert kernels.wants(x(32), q, s) == int16 and kernels.wants(x(limit), q, s) == int16
     assert not kernels.wants(x(limit + 1), q, s)
     assert not kernels.wants(x(32), q.astype(jnp.float32)) and not kernels.wants(x(32), q)  # no scales

@@ -44,8 +44,8 @@ process. Without a compiler, or with `JAXACCEL_CPU_KERNELS=0`, XLA's dots and at
 Which programs use them is an argument, never a global switch: a module is built with a
 `KernelChoice` (`registry.build(..., kernels=...)`), which every layer carries. The generation
 engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
-(dots of at most `MAX_ROWS` rows, int8 dots of up to 512 rows on VNNI builds and 64 on AVX2, int4
-dots of up to 512 rows on both, bfloat16 table rows, the KV cache writes, attention against the
+(dots of at most `MAX_ROWS` rows, int8 and int4 dots of up to 512 rows on VNNI builds and 64 on
+AVX2, bfloat16 table rows, the KV cache writes, attention against the
 cache); the encoders' programs with
 `KernelChoice(segment_attention=True, int8_gemm=True)`. Training and scoring build theirs without: the kernels
 have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
@@ -70,8 +70,8 @@ _REEXPORTED = (ENV, FLAGS_ENV, ISA_ENV, ISA_TIERS, SOURCES, TARGETS, _verified, 
 
 MAX_ROWS = 8  # larger row counts (prefill, big batches) are compute-bound: XLA's GEMM is better (but int8)
 INT8_PREFILL_MAX_ROWS = 512  # int8 weights (VNNI): the kernel takes up to this many rows (`int8_prefill`)
-AVX2_INT8_PREFILL_MAX_ROWS = 64  # the same on AVX2 builds, whose int16 products XLA's float32 GEMM outruns beyond
-INT4_PREFILL_MAX_ROWS = 512  # int4 weights on the int16 paths: int4.cc's blocked GEMM takes up to this many rows
+INT4_PREFILL_MAX_ROWS = 512  # int4 weights (VNNI): int4.cc's blocked GEMM takes up to this many rows
+AVX2_PREFILL_MAX_ROWS = 64  # both on AVX2 builds, whose int16 products XLA's float32 GEMM outruns beyond
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
 INT8_PATHS = {0: "float", 1: "avx2", 2: "vnni"}
@@ -88,6 +88,12 @@ def int4_path() -> str:
     """How this build multiplies int4 weights (`int4.cc`): "vnni" (AVX-512 VNNI), "avx2", or
     "portable" (one code at a time); "none" without the kernels (XLA dequantizes them)."""
     return {0: "portable", 1: "avx2", 2: "vnni"}[int(build._loaded["lib"].JaxaccelInt4Path())] if load() else "none"
+
+
+def _prefill_max_rows(path: str, vnni_max: int) -> int:
+    """How many prefill rows the int8 / int4 kernel takes on a build whose int8_path / int4_path is
+    `path` (0: none, XLA's GEMM takes them all)."""
+    return {"vnni": vnni_max, "avx2": AVX2_PREFILL_MAX_ROWS}.get(path, 0)
 
 
 def int8_int16() -> bool:
@@ -137,10 +143,10 @@ def int8_prefill(x2: jax.Array, w: jax.Array, scale: jax.Array | None) -> bool:
     on one thread, which also page-faults fresh memory on every call. Past INT8_PREFILL_MAX_ROWS
     rows the two take the same time (measured: `python -m bench.decode`), so XLA keeps those.
     On AVX2 builds (no VNNI) the kernel's int16 products are slower per row than XLA's float32
-    GEMM, which wins once its dequantization is spread over more than AVX2_INT8_PREFILL_MAX_ROWS
+    GEMM, which wins once its dequantization is spread over more than AVX2_PREFILL_MAX_ROWS
     rows (`python -m bench.profile_decode --weights int8` with JAXACCEL_CPU_ISA=avx2;
     docs/performance.md)."""
-    limit = INT8_PREFILL_MAX_ROWS if int8_path() == "vnni" else AVX2_INT8_PREFILL_MAX_ROWS
+    limit = _prefill_max_rows(int8_path(), INT8_PREFILL_MAX_ROWS)
     if scale is None or w.dtype != jnp.int8 or scale.ndim != 2 or not MAX_ROWS < x2.shape[0] <= limit:
         return False
     K, G = x2.shape[1], scale.shape[1]
@@ -159,16 +165,17 @@ def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array
 def int4_wants(x2: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array | None) -> bool:
     """Would `x2 [M, K]` times the int4 weight (packed uint8 [N, K / 2], scale and zero [N, G]) go
     to `int4.cc` in a decode program? K a multiple of 64, groups of a multiple of 32, and at most
-    MAX_ROWS rows, or up to INT4_PREFILL_MAX_ROWS (the prefill) on the AVX-512 VNNI and AVX2
-    builds: there a blocked GEMM unpacks each tile of weight rows once for all rows, with x
-    rounded to int16 per block exactly as in the decode steps (so prefill and decode agree).
-    XLA instead dequantizes every weight to float32 on each call; the portable build's kernel
-    (one code at a time) leaves the prefill to it."""
+    MAX_ROWS rows, or more (the prefill) up to INT4_PREFILL_MAX_ROWS on the AVX-512 VNNI builds and
+    AVX2_PREFILL_MAX_ROWS on AVX2: there a blocked GEMM unpacks each tile of weight rows once for
+    all rows, with x rounded to int16 per block exactly as in the decode steps (so prefill and
+    decode agree). XLA instead dequantizes every weight to float32 on each call, which pays off
+    on AVX2 past its row limit as for int8 (`int8_prefill`); the portable build's kernel (one
+    code at a time) leaves the prefill to it."""
     if zero is None or x2.ndim != 2 or packed.ndim != 2 or packed.dtype != jnp.uint8 or scale.ndim != 2:
         return False
     M, K = x2.shape
     G = scale.shape[1]
-    rows = 1 <= M <= MAX_ROWS or (MAX_ROWS < M <= INT4_PREFILL_MAX_ROWS and int4_path() in ("vnni", "avx2"))
+    rows = 1 <= M <= MAX_ROWS or MAX_ROWS < M <= _prefill_max_rows(int4_path(), INT4_PREFILL_MAX_ROWS)
     return (rows and packed.shape[1] * 2 == K and K % 64 == 0 and G > 0 and K % G == 0
             and (K // G) % 32 == 0 and zero.shape == scale.shape == (packed.shape[0], G))
 
