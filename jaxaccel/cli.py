@@ -271,6 +271,11 @@ def cmd_quantize(args) -> int:
     cfg = quant.QuantConfig(mode=args.mode, group_size=args.group_size, kv_cache_int8=args.kv_cache_int8,
                             quantize_embedding=not args.float_embedding,
                             **({"int4_keeps_int8": ()} if args.all_int4 else {}))  # bad flags fail before loading
+    calibration = False if args.no_calibration else None
+    if args.calibration:
+        calibration = Path(args.calibration).read_text(encoding="utf-8")  # a missing file fails before loading
+        if not calibration.strip():
+            raise ValueError(f"--calibration {args.calibration} is empty: pass a text file (or --no-calibration)")
     if args.out:
         from .checkpoints.folders import check_target
 
@@ -280,7 +285,7 @@ def cmd_quantize(args) -> int:
         _print_table(*quant.memory_report(m, args.group_size))
     if args.out:
         t = time.perf_counter()
-        q = m.quantize(cfg)
+        q = m.quantize(cfg, calibration=calibration)
         out = save(q, args.out, overwrite=args.overwrite)
         _err(f"wrote {out}: {cfg.mode} params {q.params_bytes / 2**20:.1f} MiB (float32 {m.params_bytes / 2**20:.1f} MiB) "
              f"in {time.perf_counter() - t:.1f}s; `jaxaccel.load('{out}')` serves it")
@@ -396,6 +401,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--all-int4", action="store_true", help="int4: quantize v_proj and down_proj to int4 too "
                    "(by default they stay int8, which keeps greedy text far closer to float32)")
     q.add_argument("--float-embedding", action="store_true", help="keep the token embedding / lm_head in float")
+    cal = q.add_mutually_exclusive_group()
+    cal.add_argument("--calibration", metavar="TEXT_FILE", help="int4: weigh each scale search by the activations "
+                     "on this text (default: the text shipped for it, jaxaccel/eval_data/calibration.txt)")
+    cal.add_argument("--no-calibration", action="store_true", help="int4: unweighted scale search")
     q.add_argument("--kv-cache-int8", action="store_true", help="serve with an int8 KV cache")
     q.add_argument("--report", action="store_true", help="print a table of measured params bytes per mode")
     q.set_defaults(fn=cmd_quantize)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
-from . import checkpoints, default_models, encoder_tasks, quant, sharding
+from . import checkpoints, default_models, encoder_tasks, quant, quant_calibration, sharding
 from .checkpoints.hf import save_folder
 from .config import ModelConfig
 from .models import registry
@@ -129,10 +129,13 @@ class Model:
                 for k, v in traverse_util.flatten_dict(fresh).items()}
         return Model(cfg, traverse_util.unflatten_dict(kept), self.tokenizer, self.dtype, mesh=self.mesh)
 
-    def quantize(self, cfg) -> "Model":
+    def quantize(self, cfg, calibration=None) -> "Model":
         """A new Model serving `cfg` (a jaxaccel.QuantConfig): int8 / int4 / w8a8 params become
-        int values + scales (no float copy); float modes recast the params. See quant.py."""
-        return quant.quantize_model(self, cfg)
+        int values + scales (no float copy); float modes recast the params. See quant.py.
+        calibration (int4 weights only): the text (str) or token ids [rows, T] whose activations
+        weigh each int4 scale search; None: the text shipped for it (models with a tokenizer);
+        False: unweighted. See quant_calibration.py."""
+        return quant.quantize_model(self, cfg, quant_calibration.importance_for(self, cfg, calibration))
 
     def save_hf(self, out_dir, overwrite: bool = True) -> Path:
         """Export as an HF folder (model.safetensors + config.json + tokenizer) that transformers loads."""

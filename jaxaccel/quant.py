@@ -4,7 +4,8 @@ Modes (backend in brackets; the README has the same table):
   float32 / bfloat16 / float16  params stored and computed in that dtype; norms, softmax and
                                 logits stay float32 (layers.py) [plain XLA, no factory]
   int8   weight-only, one scale per output channel (MSE-searched)             [our jnp ops]
-  int4   weight-only, scale + zero per `group_size` inputs (MSE-searched), 2 a byte [our jnp ops]
+  int4   weight-only, scale + zero per `group_size` inputs (MSE-searched, weighted by calibration:
+         quant_calibration.py), 2 a byte [our jnp ops]
   w8a8   int8 weights x dynamic per-token int8 activations, int32 dot         [AQT aqt.jax.v2]
   qat    training: the w8a8 forward on float weights, straight-through gradients; serves as w8a8
   gguf   a GGUF file's quantized weights as stored, in llama.cpp's block layouts (only made by
@@ -153,6 +154,11 @@ class QuantConfig:
                       "gguf_types": tuple(tuple(t) for t in d.get("gguf_types", ()))})
 
 
+def int4_paths(params, cfg: QuantConfig) -> list[str]:
+    """The "/"-joined paths of the weights `cfg` stores as int4 (those calibration weighs)."""
+    return [p for p in traverse_util.flatten_dict(params, sep="/") if cfg.plan(p)[0] == "int4"]
+
+
 def quantizable(path: str) -> bool:
     """Matmul weights: Dense kernels and the token embedding (position embeddings are not)."""
     return path.endswith("/kernel") or path == "kernel" or bool(
@@ -160,12 +166,12 @@ def quantizable(path: str) -> bool:
 
 
 # --- numerics (our own: int8 / int4 weight-only) ----------------------------------------------
-def _stored(mode: str, w: jax.Array, group: int | None):
+def _stored(mode: str, w: jax.Array, group: int | None, importance: jax.Array | None = None):
     """Float [out, in] -> (stored values, float32 scale [out, G], zero [out, G] or None) of `mode`:
-    int4 asymmetric (scale + zero, MSE-searched) and packed, int8 symmetric MSE-searched, w8a8
-    symmetric min/max (AQT's per-channel weight scale)."""
+    int4 asymmetric (scale + zero, MSE-searched, weighted by the inputs' `importance` when given)
+    and packed, int8 symmetric MSE-searched, w8a8 symmetric min/max (AQT's per-channel weight scale)."""
     if mode == "int4":
-        q, s, z = quantize_asymmetric_mse(w, 4, group)
+        q, s, z = quantize_asymmetric_mse(w, 4, group, importance=importance)
         return pack_int4(q), s, z
     if mode == "int8":
         return (*quantize_mse(w, 8, group), None)
@@ -321,11 +327,13 @@ def is_quantized(params) -> bool:
     return any(str(k[-1]).endswith(("_q", "_scale", "_zero")) for k in traverse_util.flatten_dict(params))
 
 
-def convert(params, cfg: QuantConfig, progress: bool = False):
+def convert(params, cfg: QuantConfig, progress: bool = False, importance: dict | None = None):
     """CONVERT: a float param tree -> the serving tree of `cfg`: each quantized weight "w" becomes
     "w_q" (int8 [out, in], or uint8 [out, in / 2] for int4) + "w_scale" (float32 [out, G]) (+
     "w_zero" for int4; int8 / int4 scales are searched for the smallest squared error, see
-    `quantize_mse`); no float copy is kept. Float modes cast every leaf to that dtype."""
+    `quantize_mse`); no float copy is kept. Float modes cast every leaf to that dtype.
+    importance: {weight path: float32 [in]} (quant_calibration.input_importance): int4 weights
+    found there minimise the error weighted by their inputs' mean squares instead."""
     if cfg.mode == "gguf":
         raise ValueError("mode 'gguf' holds a GGUF file's weights as its blocks store them: load the file with "
                          "jaxaccel.load(path, gguf_weights='as_stored'); float params cannot be converted to it")
@@ -348,7 +356,7 @@ def convert(params, cfg: QuantConfig, progress: bool = False):
             raise ValueError(f"{mode} group size {group} does not divide the input dim {w.shape[1]} of {path} "
                              f"([out, in] = {list(w.shape)}); pick a group size that divides it, or a rule "
                              "keeping this weight in another mode")
-        q, scale, zero = _stored_jit(mode, w, group)
+        q, scale, zero = _stored_jit(mode, w, group, (importance or {}).get(path) if mode == "int4" else None)
         out[f"{path}_q"], out[f"{path}_scale"] = q, scale
         if zero is not None:
             out[f"{path}_zero"] = zero
@@ -358,14 +366,15 @@ def convert(params, cfg: QuantConfig, progress: bool = False):
 _stored_jit = jax.jit(_stored, static_argnums=(0, 2))
 
 
-def quantize_model(model, cfg: QuantConfig):
-    """`Model.quantize`: a new Model whose params are `convert`ed and whose matmuls serve `cfg`."""
+def quantize_model(model, cfg: QuantConfig, importance: dict | None = None):
+    """`Model.quantize`: a new Model whose params are `convert`ed (with `importance`, see
+    `convert`) and whose matmuls serve `cfg`."""
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"quantize() takes a jaxaccel.QuantConfig, got {type(cfg).__name__}")
     if model.quant is not None:
         raise ValueError(f"this model is already quantized ({model.quant.mode}); quantize the float model "
                          "(jaxaccel.load the original checkpoint) instead")
-    params = convert(model.params, cfg, progress=True)
+    params = convert(model.params, cfg, progress=True, importance=importance)
     dtype = cfg.dtype if not cfg.integer else model.dtype
     return dataclasses.replace(model, params=params, dtype=dtype, quant=cfg,
                                dot_general_cls=dot_general_cls(cfg, serving=True))

@@ -129,27 +129,35 @@ def quantize_mse(w: jax.Array, bits: int, group: int | None = None, name: str = 
 
 
 def quantize_asymmetric_mse(w: jax.Array, bits: int, group: int | None = None, name: str = "weight",
-                            shrink=INT4_SHRINK, steps: int = ALS_STEPS):
+                            shrink=INT4_SHRINK, steps: int = ALS_STEPS, importance: jax.Array | None = None):
     """Like `quantize_asymmetric` (same outputs, w ~= q * scale + zero), with scale and zero
     searched per group for the smallest sum((w - q * scale - zero)^2): each candidate range is
     centred in [min, max], then refined by least squares of (scale, zero) given the codes.
-    Never worse than min/max (candidate 0)."""
+    Never worse than min/max (candidate 0). importance (float32 [in], >= 0; quant_calibration):
+    each input's weight in that sum, sum(importance * (w - q * scale - zero)^2), searched and
+    refitted the same way (weighted least squares); None weighs all alike."""
     qmax = 2 ** bits - 1
     wg = _groups(w, bits, group, name)
-    n = np.float32(wg.shape[-1])
+    if importance is None:  # the unweighted graph exactly (QAT traces it and must match CONVERT)
+        wsum = _tree_sum
+        n = np.float32(wg.shape[-1])
+    else:
+        a = jnp.broadcast_to(jnp.asarray(importance, jnp.float32).reshape(1, *wg.shape[1:]), wg.shape)
+        wsum = lambda v: _tree_sum(a * v)
+        n = wsum(jnp.ones_like(wg))  # [out, G]: a group whose inputs all weigh 0 keeps min/max
     lo = lax.reduce(wg, np.float32(np.inf), lax.min, (2,))
     wc = wg - lo[..., None]  # >= 0; min/max is scale = max / qmax, offset 0 on wc
     base = lax.reduce(wc * np.float32(1 / qmax), TINY, lax.max, (2,))  # = quantize_asymmetric's scale
-    sw = _tree_sum(wc)
+    sw = wsum(wc)
     codes = lambda s, z: jnp.clip(jnp.round((wc - z[..., None]) / s[..., None]), 0, qmax)
-    err = lambda q, s, z: _tree_sum(jnp.square(wc - (q * s[..., None] + z[..., None])))
+    err = lambda q, s, z: wsum(jnp.square(wc - (q * s[..., None] + z[..., None])))
 
-    def refit(s, z):  # least-squares (scale, offset) for the codes of (s, z)
+    def refit(s, z):  # (weighted) least-squares (scale, offset) for the codes of (s, z)
         q = codes(s, z)
-        sq, sqq, sqw = _tree_sum(q), _tree_sum(q * q), _tree_sum(q * wc)
+        sq, sqq, sqw = wsum(q), wsum(q * q), wsum(q * wc)
         den = n * sqq - sq * sq
         s1 = (n * sqw - sq * sw) / jnp.where(den > 0, den, np.float32(1))
-        z1 = (sw - s1 * sq) / n
+        z1 = (sw - s1 * sq) / jnp.where(n > 0, n, np.float32(1))
         ok = (den > 0) & (s1 >= TINY) & jnp.isfinite(s1) & jnp.isfinite(z1)
         return jnp.where(ok, s1, s), jnp.where(ok, z1, z)
 

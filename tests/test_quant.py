@@ -93,6 +93,78 @@ def test_int4_search_recovers_weights_already_on_a_4_bit_grid():
     assert np.abs(deq - w).max() <= 1e-5 * np.abs(w).max() < np.abs(ref - w).max() / 100
 
 
+def test_importance_weighted_int4_search():
+    """quant_calibration's weighting: weights of 1 give the unweighted search (to float rounding:
+    XLA fuses the two graphs differently); the weighted error is never above min/max's (candidate 0) per group and is clearly below what the
+    unweighted search leaves where a few inputs carry most of the weight; a group whose inputs all
+    weigh 0 keeps min/max, finite."""
+    w = jnp.asarray((RNG.standard_t(3, size=(24, 128)) * RNG.uniform(0.01, 3, size=(24, 1))).astype(np.float32))
+    plain = quant_math.quantize_asymmetric_mse(w, 4, 32)
+    ones = quant_math.quantize_asymmetric_mse(w, 4, 32, importance=jnp.ones(128))
+    assert (np.asarray(plain[0]) == np.asarray(ones[0])).mean() > 0.999
+    for a, b in zip(plain[1:], ones[1:]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    imp = RNG.uniform(0.01, 0.1, 128).astype(np.float32)
+    imp[RNG.choice(128, 12, replace=False)] = 30.0  # a few inputs that are usually large
+    imp[64:96] = 0.0  # a group nobody feeds
+    weighted = quant_math.quantize_asymmetric_mse(w, 4, 32, importance=jnp.asarray(imp))
+    werr = lambda q: (imp * (np.asarray(quant_math.dequantize(*q)) - np.asarray(w)) ** 2).reshape(24, 4, 32).sum(-1)
+    minmax = quant_math.quantize_asymmetric(w, 4, 32)
+    assert (werr(weighted) <= werr(minmax) * (1 + 1e-5) + 1e-30).all()
+    assert werr(weighted).sum() < 0.7 * werr(plain).sum()
+    for a, b in zip(weighted, minmax):  # the unfed group: min/max
+        np.testing.assert_array_equal(np.asarray(a).reshape(24, 4, -1)[:, 2], np.asarray(b).reshape(24, 4, -1)[:, 2])
+    assert all(np.isfinite(np.asarray(x)).all() for x in weighted[1:])
+
+
+def test_calibration_importance_is_each_dense_inputs_mean_square():
+    """input_importance: one vector per Dense kernel of the model (every projection of every
+    layer), each its inputs' mean square over all tokens to a power, scaled to mean 1: layer 0's
+    q/k/v_proj all read input_layernorm's output, whose mean square is taken here from Flax's
+    own record."""
+    from jaxaccel import quant_calibration
+
+    m = tiny("llama3")
+    rows = np.asarray(RNG.integers(0, 97, size=(3, 9)), np.int32)
+    imp = quant_calibration.input_importance(m, rows, power=1.0)
+    kernels = {p for p in traverse_util.flatten_dict(m.params, sep="/") if p.endswith("kernel")}
+    assert set(imp) == kernels
+    _, state = m.module.apply({"params": m.params}, jnp.asarray(rows), jnp.broadcast_to(jnp.arange(9), rows.shape),
+                              capture_intermediates=True, mutable=["intermediates"])
+    h = np.asarray(state["intermediates"]["layers_0"]["input_layernorm"]["__call__"][0], np.float64)
+    ms = np.mean(h.reshape(-1, h.shape[-1]) ** 2, axis=0)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        np.testing.assert_allclose(np.asarray(imp[f"layers_0/self_attn/{proj}/kernel"]), ms / ms.mean(), rtol=1e-4)
+    assert all(abs(float(v.mean()) - 1) < 1e-5 for v in imp.values())
+    soft = quant_calibration.input_importance(m, rows)["layers_0/self_attn/q_proj/kernel"]  # the default power
+    p = quant_calibration.POWER
+    np.testing.assert_allclose(np.asarray(soft), ms ** p / (ms ** p).mean(), rtol=1e-4)
+
+
+def test_quantize_with_calibration_weighs_int4_only_and_refuses_bad_input(gemma):
+    """Model.quantize(cfg, calibration): token ids weigh the int4 searches (other values than
+    without); False and a model without a tokenizer leave them unweighted (= convert's own); int8
+    needs no calibration; bad calibration input is a clear error."""
+    from jaxaccel import quant_calibration
+
+    cfg = QuantConfig(mode="int4", group_size=16)
+    rows = RNG.integers(0, 97, size=(2, 12))
+    calibrated, plain = gemma.quantize(cfg, calibration=rows), gemma.quantize(cfg, calibration=False)
+    unweighted = quant.convert(gemma.params, cfg)
+    flat = lambda t: traverse_util.flatten_dict(t, sep="/")
+    for path, v in flat(plain.params).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(flat(unweighted)[path]))
+    differs = [p for p, v in flat(calibrated.params).items() if p.endswith("_scale") and cfg.plan(p[:-6])[0] == "int4"
+               and not np.array_equal(np.asarray(v), np.asarray(flat(plain.params)[p]))]
+    assert differs  # the weighting changed the int4 scales
+    assert gemma.tokenizer is None and quant_calibration.importance_for(gemma, cfg, None) is None
+    assert quant_calibration.importance_for(gemma, QuantConfig(mode="int8"), rows) is None
+    for bad, match in [(np.ones((2, 3)), "calibration must be text, token ids"), (np.zeros((0, 4), int), "calibration"),
+                       (np.full((1, 4), 10**6), "outside the vocabulary"), ("some text", "needs a model with a tokenizer")]:
+        with pytest.raises(ValueError, match=match):
+            gemma.quantize(cfg, calibration=bad)
+
+
 def test_int4_pack_unpack_round_trip():
     q = jnp.asarray(RNG.integers(0, 16, size=(5, 64)), jnp.uint8)
     q = q.at[0, :16].set(jnp.arange(16, dtype=jnp.uint8))  # every nibble value, even and odd slots
@@ -122,7 +194,7 @@ def test_wytiwys_qat_forward_equals_served_forward_bit_for_bit(kind, mode, gemma
     m = gemma if kind == "gemma3" else tiny(kind)
     cfg = QuantConfig(mode=mode, group_size=16)
     trained = dataclasses.replace(m, dot_general_cls=quant.dot_general_cls(cfg))  # float params, fake quant
-    served = m.quantize(cfg)
+    served = m.quantize(cfg, calibration=False)  # the training graph has no calibration
     np.testing.assert_array_equal(np.asarray(trained.logits(IDS)), np.asarray(served.logits(IDS)))
     # and quantization really happened: close to float, not equal
     diff = np.abs(np.asarray(served.logits(IDS)) - np.asarray(m.logits(IDS))).max()
@@ -228,6 +300,24 @@ def test_cli_quantize_writes_a_loadable_checkpoint_and_reports_bytes(hf_folder, 
     assert loaded.quant.mode == "int8"
     np.testing.assert_array_equal(np.asarray(loaded.logits(IDS)),
                                   np.asarray(m.quantize(QuantConfig(mode="int8")).logits(IDS)))
+
+
+def test_cli_quantize_calibration_flags(hf_folder, tmp_path, capsys):
+    """--no-calibration writes the unweighted int4 model; a missing or empty --calibration file
+    is refused before anything is loaded or written."""
+    folder, _ = hf_folder("llama3")
+    out = tmp_path / "q4"
+    assert cli.main(["quantize", "--model", str(folder), "--mode", "int4", "--group-size", "16",
+                     "--no-calibration", "--out", str(out)]) == 0
+    want = jaxaccel.load(folder).quantize(QuantConfig(mode="int4", group_size=16), calibration=False)
+    np.testing.assert_array_equal(np.asarray(jaxaccel.load(out).logits(IDS)), np.asarray(want.logits(IDS)))
+    (tmp_path / "empty.txt").write_text("  \n")
+    for name, match in [("missing.txt", "missing.txt"), ("empty.txt", "empty.txt is empty")]:
+        capsys.readouterr()
+        assert cli.main(["quantize", "--model", str(folder), "--mode", "int4", "--calibration",
+                         str(tmp_path / name), "--out", str(tmp_path / "never")]) != 0
+        assert match in capsys.readouterr().err
+        assert not (tmp_path / "never").exists()
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -176,10 +176,11 @@ def test_generate_text(m):
 
 
 def test_default_int4_keeps_the_readme_prompt_sensible(m):
-    """The default int4 recipe (groups of 32; v_proj and down_proj int8) on the README's prompt:
-    its greedy text starts as float32's does (int4 in groups of 128 everywhere answered "the
-    capital of the United States of America"), and top-1 agrees with float32 on most positions
-    of a held-out passage (bench/quant_quality.py has the full figures)."""
+    """The default int4 recipe (groups of 32; v_proj and down_proj int8; calibrated on the
+    shipped text) on the README's prompt: its greedy text starts as float32's does (int4 in
+    groups of 128 everywhere answered "the capital of the United States of America"), and top-1
+    agrees with float32 on most positions of a held-out passage, more often than the same int4
+    searched without calibration (bench/quant_quality.py has the full figures)."""
     from pathlib import Path
 
     q = m.quantize(jaxaccel.QuantConfig(mode="int4"))
@@ -188,5 +189,8 @@ def test_default_int4_keeps_the_readme_prompt_sensible(m):
     assert got == want, (m.tokenizer.decode(want[0]), m.tokenizer.decode(got[0]))
     corpus = (Path(__file__).resolve().parent.parent / "bench" / "data" / "corpus.txt").read_text()[:4000]
     ids = np.asarray(m.tokenizer(corpus)["input_ids"][:256])[None]
-    agree = (np.asarray(q.logits(ids)).argmax(-1) == np.asarray(m.logits(ids)).argmax(-1)).mean()
-    assert agree > 0.75, agree
+    ref = np.asarray(m.logits(ids)).argmax(-1)
+    agree = (np.asarray(q.logits(ids)).argmax(-1) == ref).mean()
+    plain = m.quantize(jaxaccel.QuantConfig(mode="int4"), calibration=False)
+    agree_plain = (np.asarray(plain.logits(ids)).argmax(-1) == ref).mean()
+    assert agree > max(0.8, agree_plain), (agree, agree_plain)
