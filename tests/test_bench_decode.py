@@ -70,3 +70,20 @@ def test_device_bandwidth_probe_measures_the_backend_memory():
     assert bw["copy"] > 0 and bw["read"] > 0 and bw["calls_per_timing"] == 10
     assert decode.datasheet_bandwidth({"accelerator": {"kind": "NVIDIA H200"}}) == 4.8e12
     assert decode.datasheet_bandwidth({"accelerator": None}) is None
+
+
+def test_llama_cpp_is_built_per_isa_tier_as_the_kernels_are():
+    """bench/llama_server.py: one binary per ISA tier of jaxaccel.kernels (JAXACCEL_CPU_ISA picks
+    both sides' code): the avx2 build has AVX2 and no AVX-512, the generic one neither; an
+    unknown tier is refused before anything is downloaded or built."""
+    from bench import llama_server
+    from jaxaccel import kernels
+
+    assert set(llama_server.TIER_FLAGS) == set(kernels.ISA_TIERS)
+    avx2, generic = llama_server.TIER_FLAGS["avx2"], llama_server.TIER_FLAGS["generic"]
+    assert "-DGGML_AVX2=ON" in avx2 and "-DGGML_AVX512=OFF" in avx2 and "-DGGML_NATIVE=OFF" in avx2
+    assert "-DGGML_AVX2=OFF" in generic and "-DGGML_AVX=OFF" in generic
+    paths = {llama_server.binary_path(tier=t) for t in llama_server.TIER_FLAGS}
+    assert len(paths) == 3 and llama_server.binary_path() == llama_server.binary_path(tier="native")
+    with pytest.raises(ValueError, match="no llama.cpp build for ISA tier 'avx512'"):
+        llama_server.build(tier="avx512", log=lambda *_: pytest.fail("must not start a build"))
