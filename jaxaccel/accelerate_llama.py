@@ -95,10 +95,12 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError(f"llama-server did not answer /health within {timeout:.0f} s")
 
-    def complete(self, ids: list[int], n: int, n_probs: int = 0) -> dict:
-        """Greedy `n` tokens after the token ids `ids` (no BOS added: the ids carry their own)."""
+    def complete(self, ids: list[int], n: int, n_probs: int = 0, cache_prompt: bool = True) -> dict:
+        """Greedy `n` tokens after the token ids `ids` (no BOS added: the ids carry their own).
+        cache_prompt: let the server reuse the KV of a previous request's common prefix (the
+        quality pass asks for every prefix of a window in turn); timed requests must not."""
         body = {"prompt": [int(i) for i in ids], "n_predict": n, "temperature": 0.0, "top_k": 1, "ignore_eos": True,
-                "cache_prompt": True, "return_tokens": True, "n_probs": n_probs, "stream": False}
+                "cache_prompt": cache_prompt, "return_tokens": True, "n_probs": n_probs, "stream": False}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -149,7 +151,13 @@ def start(binary: Path, gguf: Path, context: int, threads: int) -> Server:
 
 
 def _speed(server: Server, prompt: list[int], new_tokens: int, repeats: int) -> dict:
-    timings = [server.complete(prompt, new_tokens)["timings"] for _ in range(repeats + 1)][1:]  # the first warms up
+    """llama.cpp's own timings of `repeats` completions after a warm-up one, each evaluating the
+    whole prompt (a reused prompt cache would time one token's prefill as the first token's)."""
+    timings = [server.complete(prompt, new_tokens, cache_prompt=False)["timings"]
+               for _ in range(repeats + 1)][1:]  # the first warms up
+    if any(t.get("prompt_n") != len(prompt) for t in timings):
+        raise RuntimeError(f"llama-server evaluated {[t.get('prompt_n') for t in timings]} of the {len(prompt)} "
+                           "prompt tokens: it reused a cached prompt, so its time to first token is not comparable")
     totals = [(t["prompt_ms"] + t["predicted_ms"]) / 1e3 for t in timings]
     return {"compile_s": 0.0, "ttft_s": float(np.median([t["prompt_ms"] / 1e3 for t in timings])),
             "decode_tok_s": max(t["predicted_per_second"] for t in timings),

@@ -482,6 +482,26 @@ def test_llama_cpp_row_says_why_it_is_absent(tiny, tmp_path, monkeypatch):
         accelerate_llama.source_gguf(str(tiny))
 
 
+def test_llama_cpp_speed_evaluates_the_whole_prompt_every_time():
+    """The timed llama.cpp completions ask for no prompt cache, and a reply that evaluated fewer
+    prompt tokens than sent (a reused cache: its time to first token would be one token's) is an
+    error, not a figure."""
+    class FakeServer:
+        def __init__(self, evaluated):
+            self.evaluated, self.asked = evaluated, []
+
+        def complete(self, ids, n, n_probs=0, cache_prompt=True):
+            self.asked.append(cache_prompt)
+            t = {"prompt_n": self.evaluated(len(ids)), "prompt_ms": 40.0, "predicted_ms": 100.0, "predicted_per_second": 50.0}
+            return {"timings": t}
+
+    whole = FakeServer(lambda n: n)
+    speed = accelerate_llama._speed(whole, list(range(9)), 4, repeats=2)
+    assert whole.asked == [False] * 3 and speed["ttft_s"] == pytest.approx(0.04) and speed["decode_tok_s"] == 50.0
+    with pytest.raises(RuntimeError, match="evaluated \\[1, 1\\] of the 9 prompt tokens: it reused a cached prompt"):
+        accelerate_llama._speed(FakeServer(lambda n: 1), list(range(9)), 4, repeats=2)
+
+
 def _llama_server_built() -> bool:
     try:
         accelerate_llama.find_binary()
