@@ -3,11 +3,11 @@
 A plain scale search spends int4's 16 levels to make every weight of a group equally exact. But
 an error on a weight whose input is usually near zero costs the output nothing, while one on an
 input that is often large costs a lot. So `Model.quantize` runs the float model on calibration
-text first and records, for every Dense, the mean square of each of its inputs over all tokens;
-the int4 search (quant_math.quantize_asymmetric_mse) then minimises the error weighted by it,
-sum_i importance_i (w_i - q_i s - z)^2: with importance = the mean square that is the expected
-squared error of the output for inputs of those magnitudes (the idea of llama.cpp's importance
-matrix); we use its POWER-th power. The default text is
+text first and records, for every Dense, the mean square of each of its inputs over all tokens.
+The int4 search (quant_math.quantize_asymmetric_mse) then minimises the weighted error
+sum_i importance_i (w_i - q_i s - z)^2. With importance = the mean square, that is the expected
+squared error of the output for inputs of those sizes (the idea of llama.cpp's importance
+matrix); we use the mean square to the power POWER. The default text is
 jaxaccel/eval_data/calibration.txt, written for this and kept apart from every text we score
 quality on (bench/data/corpus.txt, eval_data/heldout.txt).
 """
