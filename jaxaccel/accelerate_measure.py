@@ -89,7 +89,9 @@ class PeakMemory:
             self._thread.join()
             self.peak = max(self._max, int(self._proc.memory_info().rss))
         else:
-            self.peak = 1024 * _status_kib("VmHWM")
+            # never below the start: the kernel's per-CPU RSS counters are approximate, so VmHWM
+            # and the start's RSS (two reads) can disagree by a few dozen pages (seen in CI)
+            self.peak = max(1024 * _status_kib("VmHWM"), self.start)
 
     def as_dict(self) -> dict:
         return {"peak_rss_bytes": self.peak, "start_rss_bytes": self.start, "method": self.method}
