@@ -165,6 +165,24 @@ def test_quantize_with_calibration_weighs_int4_only_and_refuses_bad_input(gemma)
             gemma.quantize(cfg, calibration=bad)
 
 
+def test_calibration_that_cannot_measure_anything_is_a_clear_error():
+    """Text with no tokens, and a float model that overflows on the calibration rows (non-finite
+    activations), are refused with what to do, not turned into NaN importance."""
+    from types import SimpleNamespace
+
+    from jaxaccel import quant_calibration
+
+    m = tiny("llama3")
+    with pytest.raises(ValueError, match="the calibration text has no tokens"):
+        quant_calibration._windows(SimpleNamespace(tokenizer=None, config=m.config), [])
+    flat = traverse_util.flatten_dict(m.params, sep="/")
+    emb = next(p for p in flat if p.endswith("embedding"))
+    flat[emb] = jnp.full_like(flat[emb], jnp.inf)
+    broken = dataclasses.replace(m, params=traverse_util.unflatten_dict(flat, sep="/"))
+    with pytest.raises(ValueError, match="non-finite activations .* quantize with calibration=False"):
+        quant_calibration.input_importance(broken, np.asarray(RNG.integers(0, 97, size=(1, 6)), np.int32))
+
+
 def test_int4_pack_unpack_round_trip():
     q = jnp.asarray(RNG.integers(0, 16, size=(5, 64)), jnp.uint8)
     q = q.at[0, :16].set(jnp.arange(16, dtype=jnp.uint8))  # every nibble value, even and odd slots
