@@ -2,8 +2,14 @@
 gguf_weights="as_stored")`: its Q4_K / Q6_K / Q5_0 / Q8_0 blocks read by kernels/ggml_blocks.cc)
 against llama.cpp's `llama-server` on the same file (bench/llama_server.py), and against the same
 file dequantized to float32. Prompts: the README's and the opening sentences of the held-out
-passages (jaxaccel/eval_data/heldout.txt). Never pass / fail: it prints, per prompt, the common
-greedy prefix of each pair and where they part. EOS is ignored on both sides.
+passages (jaxaccel/eval_data/heldout.txt). EOS is ignored on every side.
+
+llama.cpp runs under several of its own settings (`SETTINGS`: its defaults, a float32 KV cache,
+flash attention off and on), because its greedy text is not one thing: it rounds activations to
+int8 blocks before every product and the KV cache to float16, and which kernels (and so which
+roundings) a product takes depends on these settings. The table counts, for every pair of runs,
+the prompts whose `--new-tokens` greedy tokens are identical, so "ours against llama.cpp" reads
+next to "llama.cpp against itself". Never pass / fail.
 
     python -m bench.gguf_llama_check [--new-tokens 32] [--prompts 8]
 """
@@ -17,6 +23,13 @@ import os
 from pathlib import Path
 
 README_PROMPTS = ["The capital of France is", "Once upon a time"]
+# llama.cpp settings compared (name -> llama-server options); the first is llama-server as started
+SETTINGS = {
+    "llama.cpp defaults": (),
+    "llama.cpp f32 KV": ("-ctk", "f32", "-ctv", "f32"),
+    "llama.cpp FA off": ("-fa", "off"),
+    "llama.cpp FA on": ("-fa", "on"),
+}
 HELDOUT = Path(__file__).resolve().parent.parent / "jaxaccel" / "eval_data" / "heldout.txt"
 
 
@@ -56,29 +69,34 @@ def main(argv=None) -> int:
     ids = [list(stored.tokenizer(t)["input_ids"]) for t in texts]
     ours = [generate_tokens(stored, [p], max_new_tokens=args.new_tokens)[0] for p in ids]
     dequantized = [generate_tokens(plain, [p], max_new_tokens=args.new_tokens)[0] for p in ids]
-    server = start(path, args.threads, 1, max(map(len, ids)) + args.new_tokens + 16)
-    try:
-        theirs = [timed_completion(server, p, args.new_tokens)["tokens"] for p in ids]
-    finally:
-        server.stop()
+    runs = {"jaxaccel as stored": ours, "jaxaccel float32": dequantized}
+    for name, extra in SETTINGS.items():
+        server = start(path, args.threads, 1, max(map(len, ids)) + args.new_tokens + 16, extra_args=extra)
+        try:
+            runs[name] = [timed_completion(server, p, args.new_tokens)["tokens"] for p in ids]
+        finally:
+            server.stop()
 
+    from rich.console import Console
+    from rich.table import Table
+
+    same = lambda a, b: sum(common_prefix(x, y) == args.new_tokens for x, y in zip(runs[a], runs[b]))
+    table = Table(title=f"prompts (of {len(ids)}) whose {args.new_tokens} greedy tokens are identical")
+    table.add_column("")
+    for name in runs:
+        table.add_column(name, justify="right")
+    for a in runs:
+        table.add_row(a, *(str(same(a, b)) for b in runs))
+    Console(width=200).print(table)
+    default = next(iter(SETTINGS))
+    print(f"common greedy prefix per prompt (of {args.new_tokens}): as stored / float32 / each llama.cpp setting "
+          f"against {default!r}")
     rows = []
-    print(f"{'prompt':42s} | as_stored = llama.cpp | as_stored = float32 | float32 = llama.cpp  (common greedy prefix "
-          f"of {args.new_tokens})")
-    for text, o, d, t in zip(texts, ours, dequantized, theirs):
-        row = {"prompt": text, "as_stored": o, "float32": d, "llama_cpp": t,
-               "as_stored_vs_llama_cpp": common_prefix(o, t), "as_stored_vs_float32": common_prefix(o, d),
-               "float32_vs_llama_cpp": common_prefix(d, t)}
-        rows.append(row)
-        print(f"{text[:42]:42s} | {row['as_stored_vs_llama_cpp']:21d} | {row['as_stored_vs_float32']:19d} | "
-              f"{row['float32_vs_llama_cpp']:d}")
-        if row["as_stored_vs_llama_cpp"] < args.new_tokens:
-            k = row["as_stored_vs_llama_cpp"]
-            print(f"    parts at token {k}: ours {stored.tokenizer.decode(o[k:k + 6])!r} vs llama.cpp "
-                  f"{stored.tokenizer.decode(t[k:k + 6])!r}")
-    same = sum(r["as_stored_vs_llama_cpp"] == args.new_tokens for r in rows)
-    print(f"identical to llama.cpp: {same} of {len(rows)} prompts; to the dequantized file: "
-          f"{sum(r['as_stored_vs_float32'] == args.new_tokens for r in rows)} of {len(rows)}")
+    for i, text in enumerate(texts):
+        prefix = {name: common_prefix(runs[name][i], runs[default][i]) for name in runs if name != default}
+        rows.append({"prompt": text, "tokens": {name: runs[name][i] for name in runs},
+                     f"common_prefix_with_{default}": prefix})
+        print(f"  {text[:42]:42s} " + " ".join(f"{k:3d}" for k in prefix.values()))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

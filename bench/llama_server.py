@@ -77,9 +77,10 @@ class LlamaServer:
     """`llama-server -m GGUF -t THREADS -np SLOTS -c CTX` on 127.0.0.1 (continuous batching)."""
 
     def __init__(self, gguf: Path, threads: int, slots: int, context: int, binary: Path | None = None,
-                 repack: bool = True, http_threads: int = 80):
+                 repack: bool = True, http_threads: int = 80, extra_args: tuple[str, ...] = ()):
         """repack=False: `--no-repack` (no AMX / interleaved weight copies; llama.cpp's AMX path
-        crashes on some VMs that list AMX flags, see `start`)."""
+        crashes on some VMs that list AMX flags, see `start`). extra_args: more llama-server
+        options (bench/gguf_llama_check.py runs its KV cache types and flash-attention choices)."""
         self.repack = repack
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -91,6 +92,7 @@ class LlamaServer:
                "--threads-http", str(http_threads)]
         if not repack:
             cmd.append("--no-repack")
+        cmd += list(extra_args)
         # its log goes to a file: a pipe nobody reads fills up and stalls the server mid-run
         self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
@@ -119,17 +121,18 @@ class LlamaServer:
                 self.proc.kill()
 
 
-def start(gguf: Path, threads: int, slots: int, context: int, log=print, tier: str = "native") -> LlamaServer:
+def start(gguf: Path, threads: int, slots: int, context: int, log=print, tier: str = "native",
+          extra_args: tuple[str, ...] = ()) -> LlamaServer:
     """LlamaServer built for ISA `tier`; if it dies at start-up by a signal (its AMX matmul
     crashes on some VMs whose CPU flags list AMX), again with --no-repack, saying so."""
     binary = build(log=log, tier=tier)
     try:
-        return LlamaServer(gguf, threads, slots, context, binary=binary)
+        return LlamaServer(gguf, threads, slots, context, binary=binary, extra_args=extra_args)
     except RuntimeError as e:
         if "exited with -" not in str(e):
             raise
         log(f"llama-server crashed at start-up ({str(e).splitlines()[0][:80]}); retrying with --no-repack")
-        return LlamaServer(gguf, threads, slots, context, binary=binary, repack=False)
+        return LlamaServer(gguf, threads, slots, context, binary=binary, repack=False, extra_args=extra_args)
 
 
 def timed_completion(server: LlamaServer, prompt_ids: list[int], new_tokens: int) -> dict:

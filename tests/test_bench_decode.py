@@ -87,3 +87,20 @@ def test_llama_cpp_is_built_per_isa_tier_as_the_kernels_are():
     assert len(paths) == 3 and llama_server.binary_path() == llama_server.binary_path(tier="native")
     with pytest.raises(ValueError, match="no llama.cpp build for ISA tier 'avx512'"):
         llama_server.build(tier="avx512", log=lambda *_: pytest.fail("must not start a build"))
+
+
+def test_one_llama_cpp_version_for_the_binding_and_the_server():
+    """The llama-cpp-python that the bench extra and CI's slow run install (the Python binding
+    tests/test_ggml_blocks.py compares with) is the release whose sources bench/llama_server.py
+    builds llama-server from, so the tests and the benches measure the same llama.cpp."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from bench import llama_server
+
+    root = Path(__file__).resolve().parent.parent
+    bench_extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
+    assert f"llama-cpp-python=={llama_server.VERSION}" in bench_extra
+    assert re.search(rf"pip install llama-cpp-python=={re.escape(llama_server.VERSION)}\n",
+                     (root / ".ci" / "run").read_text())

@@ -282,8 +282,10 @@ def test_embedded_gemma_as_stored_agrees_with_llama_cpp(built):
     """llama.cpp (llama-cpp-python, where installed) on the same file, teacher-forced over the shipped
     held-out text: its next-token argmax and ours (the blocks as stored) agree at >= 90 % of the
     positions. Not token-for-token greedy equality: llama.cpp rounds activations to int8 blocks and
-    keeps a float16 KV cache, and its greedy text leaves float32's (and ours) within a few tokens on
-    most prompts (bench/gguf_llama_check.py measures how far)."""
+    keeps a float16 KV cache, and which roundings a product gets depends on its settings, so its
+    greedy text is not one thing: with flash attention on and off it parts from itself within a
+    few tokens on most prompts, as it parts from ours (bench/gguf_llama_check.py counts both; CI's
+    slow run installs llama-cpp-python, so this runs there)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from pathlib import Path
 
