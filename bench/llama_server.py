@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxaccel.accelerate_llama import binary_name
 from jaxaccel.paths import cache_dir
 
 VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp is built
@@ -35,8 +36,7 @@ TIER_FLAGS = {  # cmake flags per ISA tier (the tiers of jaxaccel.kernels.ISA_TI
 
 
 def binary_path(version: str = VERSION, tier: str = "native") -> Path:
-    name = "llama-server" if tier == "native" else f"llama-server-{tier}"
-    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}" / name
+    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}" / binary_name(tier)
 
 
 def build(version: str = VERSION, log=print, tier: str = "native") -> Path:

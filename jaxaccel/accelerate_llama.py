@@ -2,8 +2,11 @@
 file (the embedded Gemma 3 270M is one), an external baseline that is never chosen.
 
 jaxaccel builds nothing here: it runs a binary that is already built, found in this order:
-$JAXACCEL_LLAMA_SERVER, the jaxaccel cache (where `python -m bench.llama_server` builds one),
-`llama-server` on PATH. Without one, or when the source is not a GGUF file, the row says why.
+$JAXACCEL_LLAMA_SERVER, the jaxaccel cache (where `python -m bench.llama_server [--tier T]`
+builds one per ISA tier, named by `binary_name`), `llama-server` on PATH. The cache's binary is
+the one built for the tier the kernels run (`kernels.isa_tier()`, $JAXACCEL_CPU_ISA), so with
+JAXACCEL_CPU_ISA=avx2 both sides run AVX2 code; PATH's is taken for the native tier only.
+Without one, or when the source is not a GGUF file, the row says why.
 
 Speed: one warm-up completion, then greedy completions of the speed prompt's token ids, timed by
 llama.cpp itself (prompt evaluation = time to first token; its decode tokens/s). Quality: the
@@ -42,13 +45,25 @@ def find_binary() -> Path:
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise NotMeasured(f"not measured: ${BINARY_ENV} is {path}, which is not an executable llama-server")
         return path
-    built = [p for p in sorted(cache_dir().glob("llama.cpp/*/llama-server")) if os.access(p, os.X_OK)]
+    from . import kernels  # the tier is the kernels' (their build is loaded only when a program needs it)
+
+    tier = kernels.isa_tier()
+    built = [p for p in sorted(cache_dir().glob(f"llama.cpp/*/{binary_name(tier)}")) if os.access(p, os.X_OK)]
     if built:
         return built[-1]  # the newest version bench built
-    if shutil.which("llama-server"):
+    if tier == "native" and shutil.which("llama-server"):
         return Path(shutil.which("llama-server"))
+    if tier != "native":
+        raise NotMeasured(f"not measured: no llama-server built for the {tier} ISA tier the kernels run "
+                          f"(${kernels.ISA_ENV}); build one with `python -m bench.llama_server --tier {tier}` from a "
+                          f"source checkout, or set ${BINARY_ENV}")
     raise NotMeasured(f"not measured: no llama-server binary (set ${BINARY_ENV}, put llama-server on PATH, or build "
                       "one into the jaxaccel cache with `python -m bench.llama_server` from a source checkout)")
+
+
+def binary_name(tier: str) -> str:
+    """The file name of the llama-server built for ISA `tier` in the jaxaccel cache."""
+    return "llama-server" if tier == "native" else f"llama-server-{tier}"
 
 
 def source_gguf(source: str | None) -> Path:

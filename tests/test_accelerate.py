@@ -482,6 +482,30 @@ def test_llama_cpp_row_says_why_it_is_absent(tiny, tmp_path, monkeypatch):
         accelerate_llama.source_gguf(str(tiny))
 
 
+def test_llama_cpp_row_runs_the_build_of_the_kernels_isa_tier(tmp_path, monkeypatch):
+    """With JAXACCEL_CPU_ISA=avx2 the row runs the llama-server built for avx2 (bench/llama_server.py
+    names it), never the native build beside it nor one on PATH: both sides then run AVX2 code."""
+    from bench import llama_server
+
+    monkeypatch.delenv(accelerate_llama.BINARY_ENV, raising=False)
+    monkeypatch.setenv("JAXACCEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    (tmp_path / "bin").mkdir()
+    for path in (llama_server.binary_path(tier="native"), tmp_path / "bin" / "llama-server"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+    assert accelerate_llama.find_binary() == llama_server.binary_path(tier="native")
+    monkeypatch.setenv("JAXACCEL_CPU_ISA", "avx2")
+    with pytest.raises(accelerate_baseline.NotMeasured, match="no llama-server built for the avx2 ISA tier .*"
+                                                              "`python -m bench.llama_server --tier avx2`"):
+        accelerate_llama.find_binary()
+    avx2 = llama_server.binary_path(tier="avx2")
+    avx2.write_text("#!/bin/sh\n")
+    avx2.chmod(0o755)
+    assert accelerate_llama.find_binary() == avx2
+
+
 def test_llama_cpp_speed_evaluates_the_whole_prompt_every_time():
     """The timed llama.cpp completions ask for no prompt cache, and a reply that evaluated fewer
     prompt tokens than sent (a reused cache: its time to first token would be one token's) is an
