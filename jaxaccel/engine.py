@@ -56,6 +56,15 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << max(math.ceil(math.log2(max(n, 1))), math.ceil(math.log2(minimum)))
 
 
+def prompt_bucket(n: int) -> int:
+    """The prompt length a program is compiled for: the smallest of 16, 24, 32, 48, 64, 96, ...
+    (powers of two and 1.5x them) >= n. The prefill's cost grows with it, so half-octave steps
+    pad a prompt by at most 1.5x where powers of two pad by up to 2x (a 33-token prompt: 48 rows,
+    not 64), for at most twice as many prefill programs."""
+    b = bucket(n, MIN_PROMPT_BUCKET)
+    return b * 3 // 4 if b > MIN_PROMPT_BUCKET and n <= b * 3 // 4 else b
+
+
 @flax.struct.dataclass
 class LoopState:
     cache: dict
@@ -121,7 +130,7 @@ class Engine:
     @staticmethod
     def shapes(n_prompts: int, longest_prompt: int, max_new_tokens: int) -> tuple[int, int, int, int]:
         """(batch bucket B, prompt bucket T, new-token capacity, cache length S) of a request."""
-        B, T = bucket(n_prompts), bucket(longest_prompt, MIN_PROMPT_BUCKET)
+        B, T = bucket(n_prompts), prompt_bucket(longest_prompt)
         new_cap = NEW_TOKENS_QUANTUM * math.ceil(max_new_tokens / NEW_TOKENS_QUANTUM)
         return B, T, new_cap, T + new_cap
 

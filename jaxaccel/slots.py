@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernels, program_cache
-from .engine import MIN_PROMPT_BUCKET, bucket, decode_step, eos_array, prefill
+from .engine import MIN_PROMPT_BUCKET, decode_step, eos_array, prefill, prompt_bucket
 from .kernels import KernelChoice
 from .models import registry
 from .sampling import TOP_LOGPROBS, RowSampling, argmax, logprobs, row_keys, sample, speculative_accept
@@ -106,7 +106,7 @@ class SlotEngine:
         return len(self._prefills) + len(self._programs)
 
     def prompt_bucket(self, n: int) -> int:
-        return min(bucket(n, MIN_PROMPT_BUCKET), self.context)
+        return min(prompt_bucket(n), self.context)
 
     # -- programs -------------------------------------------------------------------------------
 

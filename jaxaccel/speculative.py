@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernels
-from .engine import MIN_PROMPT_BUCKET, NEW_TOKENS_QUANTUM, bucket, prefill
+from .engine import NEW_TOKENS_QUANTUM, bucket, prefill, prompt_bucket
 from .kernels import KernelChoice
 from .models import registry
 from .quant import QuantConfig
@@ -263,7 +263,7 @@ class Speculator:
         per-row sampling settings (engine's arrays; None: greedy) and seeds."""
         stats = stats if stats is not None else SpeculativeStats()
         n, eos = len(prompts), set(eos)
-        B, T = bucket(n), bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+        B, T = bucket(n), prompt_bucket(max(len(p) for p in prompts))
         S = T + NEW_TOKENS_QUANTUM * -(-max_new_tokens // NEW_TOKENS_QUANTUM) + max(K_CHOICES[-1] + 1, AdaptiveK.REST)
         tokens, lengths = np.zeros((B, T), np.int32), np.ones((B,), np.int32)
         for i, p in enumerate(prompts):

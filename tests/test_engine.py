@@ -8,7 +8,7 @@ import torch
 
 import jaxaccel
 from jaxaccel import engine, generation, sampling, streaming
-from jaxaccel.engine import MIN_PROMPT_BUCKET, bucket
+from jaxaccel.engine import MIN_PROMPT_BUCKET, bucket, prompt_bucket
 from jaxaccel.generation import _engine, _eos_ids, generate_tokens
 from conftest import FAMILY_KINDS
 
@@ -112,12 +112,22 @@ def test_sampling_frequencies_match_truncated_softmax(top_k, top_p, candidates, 
     assert pvalue > 1e-3, (stat, pvalue)
 
 
+def test_prompt_buckets_step_by_half_octaves():
+    """Prompts pad to 16, 24, 32, 48, 64, 96, ...: never more than 1.5x their length past 16 (a
+    33-token prompt prefills 48 rows, not 64), each bucket the smallest that holds the prompt."""
+    got = [prompt_bucket(n) for n in range(1, 1100)]
+    assert sorted(set(got)) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536]
+    for n, b in zip(range(1, 1100), got):
+        assert b >= n and (b == MIN_PROMPT_BUCKET or b < 1.5 * n) and b % 8 == 0, (n, b)
+    assert prompt_bucket(33) == 48 and prompt_bucket(32) == 32 and bucket(33) == 64
+
+
 def test_compiles_at_most_one_program_per_bucket(hf_folder):
     folder, _ = hf_folder("mistral")
     m = jaxaccel.load(folder)
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 90, size=20)
-    buckets = {bucket(int(n), MIN_PROMPT_BUCKET) for n in lengths}
+    buckets = {prompt_bucket(int(n)) for n in lengths}
     for n in lengths:
         generate_tokens(m, [rng.integers(0, 97, size=int(n)).tolist()], max_new_tokens=12)
     assert len(buckets) >= 3
