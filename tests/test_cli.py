@@ -84,6 +84,7 @@ def test_cli_info_and_convert(hf_folder, tmp_path, capsys):
     assert jaxaccel.load(tmp_path / "out").config == jaxaccel.load(folder).config
 
 
+@pytest.mark.slow  # two CLI processes on the real model, about a minute; CI's slow run
 @pytest.mark.real_model
 def test_generate_cli_on_embedded_model_twice(tmp_path):
     """The README's main job: first run converts and caches, the second loads the cache."""

@@ -125,6 +125,7 @@ def test_notebook_is_valid_nbformat4():
             compile("".join(c["source"]), "cell", "exec")
 
 
+@pytest.mark.slow  # every cell on 8 CPU devices in a fresh process, about 30 s; CI's slow run
 def test_notebook_cells_run_on_cpu(tmp_path):
     """Every code cell, in order, on 8 CPU devices with a tiny model (the install cell sees
     jaxaccel importable and skips pip): mesh, sharded load, generate, a 2-step fine-tune."""
