@@ -51,12 +51,12 @@ def find_binary() -> Path:
     built = [p for p in sorted(cache_dir().glob(f"llama.cpp/*/{binary_name(tier)}")) if os.access(p, os.X_OK)]
     if built:
         return built[-1]  # the newest version bench built
-    if tier == "native" and shutil.which("llama-server"):
-        return Path(shutil.which("llama-server"))
-    if tier != "native":
+    if tier != "native":  # a llama-server on PATH was built for an unknown ISA: only the native tier takes it
         raise NotMeasured(f"not measured: no llama-server built for the {tier} ISA tier the kernels run "
                           f"(${kernels.ISA_ENV}); build one with `python -m bench.llama_server --tier {tier}` from a "
                           f"source checkout, or set ${BINARY_ENV}")
+    if shutil.which("llama-server"):
+        return Path(shutil.which("llama-server"))
     raise NotMeasured(f"not measured: no llama-server binary (set ${BINARY_ENV}, put llama-server on PATH, or build "
                       "one into the jaxaccel cache with `python -m bench.llama_server` from a source checkout)")
 

@@ -29,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernels
+from .engine import prompt_bucket
 from .kernels import KernelChoice
 from .models import registry
 
-LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # ~1.4x steps: <= ~30% padding
+# 16, 24, 32, 48, ..., 512: the half-octave steps decoder prompts pad to too (<= ~30% padding on average)
+LENGTH_BUCKETS = tuple(sorted({prompt_bucket(n) for n in range(1, 513)}))
 DEFAULT_BATCH = 32
 PACK_WIDTH = 64  # embed packs texts of up to this many tokens into rows this long (bench.encoder: best of 48-128)
 KERNEL_PACK_WIDTH = 512  # ... and up to this many (capped at the max length) with the CPU attention kernel
