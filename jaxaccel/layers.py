@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import kernels
+from . import kernels, quant
 from .config import ModelConfig, RopeConfig
 from .kernels import XLA, KernelChoice
 from .kv_cache import cache_update
@@ -113,22 +113,50 @@ class Dense(nn.Module):
     dot_general_cls: DotGeneralCls = None
     kernels: KernelChoice = XLA
 
-    @nn.compact
     def __call__(self, x: Array) -> Array:
-        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
         x = x.astype(self.dtype)
+        w, bias = self.weights(x.shape[-1])
+        y = self.multiply(x, w)
+        return y if bias is None else y + bias.astype(self.dtype)
+
+    @nn.compact
+    def weights(self, in_features: int):
+        """(weight, bias or None) for inputs of `in_features`: the float kernel [in, out], or the
+        `quant.Weight` the factory stores (int values + scales when serving, quant.py)."""
+        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
         init = logical(_kernel_init, self.axes)
-        if hasattr(dot_general, "weight"):  # quant.py chooses the storage (int values + scales when serving)
-            y = dot_general.weight(self, "kernel", init, (x.shape[-1], self.features), self.axes, True).dot(x)
+        if hasattr(dot_general, "weight"):  # quant.py chooses the storage
+            w = dot_general.weight(self, "kernel", init, (in_features, self.features), self.axes, True)
         else:
-            kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
-            y = _flat_dot(dot_general, x, kernel.astype(self.dtype), 0, self.kernels)
+            w = self.param("kernel", init, (in_features, self.features), self.param_dtype)
+        bias = None
         if self.use_bias:
-            bias = self.param(
-                "bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype
-            )
-            y = y + bias.astype(self.dtype)
-        return y
+            bias = self.param("bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
+        return w, bias
+
+    def multiply(self, x: Array, w) -> Array:
+        """x [..., in] (in this layer's dtype) times `w` from `weights`, without the bias."""
+        if isinstance(w, quant.Weight):
+            return w.dot(x)
+        dot_general = self.dot_general_cls() if self.dot_general_cls else lax.dot_general
+        return _flat_dot(dot_general, x, w.astype(self.dtype), 0, self.kernels)
+
+
+def project(x: Array, denses) -> list[Array]:
+    """The outputs of several `Dense` layers (one dtype, factory and kernel choice) on the same x:
+    a layer's q / k / v or gate / up projections. In decode programs (`KernelChoice.decode` and
+    `fuse_projections`) their int8 weights are multiplied in one kernel call (`quant.dot_many`):
+    each call costs a hand-off to the thread pool and a wait for its slowest thread, and a
+    decode step is a chain of such calls. The outputs are those of one call per layer, bit for bit. Otherwise each layer is called (`Dense.__call__`,
+    which lora.py and quant_calibration.py intercept; they run no decode programs)."""
+    first = denses[0]
+    if len(denses) > 1 and first.kernels.decode and first.kernels.fuse_projections:
+        xc = x.astype(first.dtype)
+        parts = [d.weights(xc.shape[-1]) for d in denses]  # a second call below reuses these params
+        ys = quant.dot_many(xc, [w for w, _ in parts])
+        if ys is not None:
+            return [y if b is None else y + b.astype(d.dtype) for d, y, (_, b) in zip(denses, ys, parts)]
+    return [d(x) for d in denses]
 
 
 class Embed(nn.Module):
@@ -291,9 +319,10 @@ class Attention(LayerModule):
         cfg = self.cfg
         B, T, _ = x.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self._dense(N * H, ("embed", "heads"), cfg.attention_bias, "q_proj")(x).reshape(B, T, N, H)
-        k = self._dense(K * H, ("embed", "kv_heads"), cfg.attention_bias, "k_proj")(x).reshape(B, T, K, H)
-        v = self._dense(K * H, ("embed", "kv_heads"), cfg.attention_bias, "v_proj")(x).reshape(B, T, K, H)
+        q, k, v = project(x, (self._dense(N * H, ("embed", "heads"), cfg.attention_bias, "q_proj"),
+                              self._dense(K * H, ("embed", "kv_heads"), cfg.attention_bias, "k_proj"),
+                              self._dense(K * H, ("embed", "kv_heads"), cfg.attention_bias, "v_proj")))
+        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         if cfg.qk_norm:
             q, k = self._norm("q_norm")(q), self._norm("k_norm")(k)
         if not cfg.absolute_positions:  # encoders add learned positions to the embeddings instead
@@ -363,8 +392,8 @@ class MLP(nn.Module):
         dense = lambda f, axes, name: Dense(f, axes, use_bias=cfg.mlp_bias, dtype=self.dtype,
                                             param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls,
                                             kernels=self.kernels, name=name)
-        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        gate, up = project(x, (dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj"),
+                               dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")))
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         h = nn.with_logical_constraint(act * up, ("batch", "length", "mlp"))
         return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)

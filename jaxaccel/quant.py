@@ -245,6 +245,18 @@ class Weight:
         return _ste(lambda w, ids: _serve_rows(self.mode, self._frozen(w), ids), exact)(self.value, ids)
 
 
+def dot_many(x: jax.Array, weights) -> list[jax.Array] | None:
+    """x [..., in] times several `Weight`s sharing that input (`layers.project`) in one kernel call,
+    when each is served from int8 values with scales and no zero in a decode program
+    (`kernels.dot_many`); else None: the caller multiplies them one at a time."""
+    if not all(isinstance(w, Weight) and w.mode == "int8" and w.stored is not None and w.stored[2] is None
+               and w.kernels.decode for w in weights):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    ys = kernels.dot_many(x2, [w.stored[:2] for w in weights], x.dtype)
+    return None if ys is None else [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
 def _ste(serve, exact):
     """serve(*args) in the forward pass, the gradient of exact(*args) in the backward pass."""
     f = jax.custom_vjp(serve)

@@ -143,6 +143,68 @@ def test_int8_matvec_with_scales_equals_dequantized_dot(built, M, K, N, G):
     assert np.abs(got - exact).max() > 10 * np.abs(got - _reference(rounded, q, 1, scale)).max()
 
 
+@pytest.mark.parametrize("M", [1, 3, 8, 37])
+def test_int8_matvec_many_equals_one_call_per_weight(built, M):
+    """One call for several int8 weights on the same x (a layer's q / k / v): each output equals
+    the kernel's call for that weight alone bit for bit, whatever the weights' row counts, group
+    counts and sizes on either side of the 128 KB hand-off threshold (each is cut into the chunks
+    its own call would cut). 37 rows: the prefill's, on builds that take them."""
+    rng = np.random.default_rng(M)
+    K = 640
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    weights = [(jnp.asarray(rng.integers(-127, 128, (n, K)), jnp.int8), jnp.asarray(rng.random((n, g)) * 0.02, jnp.float32))
+               for n, g in [(1024, 1), (7, 20), (256, 5), (333, 1), (2048, 20)]]
+    if not all(kernels.wants(x, w, s) for w, s in weights):
+        assert M > kernels.MAX_ROWS and kernels.dot_many(x, weights, jnp.float32) is None
+        return
+    many = jax.jit(kernels.matvec_many)(x, weights)
+    one = jax.jit(lambda x, w, s: kernels.matvec(x, w, 1, s))
+    for (w, s), got in zip(weights, many):
+        assert got.shape == (M, w.shape[0])
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(one(x, w, s)))
+
+
+def test_int8_matvec_many_refused_for_other_weights(built):
+    """dot_many takes only int8 weights with scales that the kernel takes one by one; the kernel
+    refuses anything else with a message."""
+    x = jnp.ones((1, 64), jnp.float32)
+    q, s = jnp.ones((48, 64), jnp.int8), jnp.ones((48, 2), jnp.float32)
+    assert kernels.dot_many(x, [(q, s)], jnp.float32) is None  # one weight: the plain call
+    assert kernels.dot_many(x, [(q, s), (q.astype(jnp.float32), s)], jnp.float32) is None
+    call = lambda outs: jax.ffi.ffi_call("jaxaccel_matvec_scaled_many", [jax.ShapeDtypeStruct((1, 48), jnp.float32)] * outs)
+    with pytest.raises(Exception, match=r"\(weight, scale\) pairs"):
+        jax.jit(lambda x, q, s: call(2)(x, q, s))(x, q, s)[0].block_until_ready()
+    with pytest.raises(Exception, match=r"int8 \[N, K\] with scales \[N, G\]"):
+        jax.jit(lambda x, q, s: call(1)(x, q, s))(x, q.astype(jnp.float32), s)[0].block_until_ready()
+    with pytest.raises(Exception, match="do not match"):
+        jax.jit(lambda x, q, s: call(1)(x, q, s))(jnp.ones((1, 32)), q, s)[0].block_until_ready()
+
+
+def test_fused_projections_give_the_same_decode_logits(built):
+    """With int8 weights, a decode program multiplies q / k / v and gate / up in one kernel call
+    each (`KernelChoice.fuse_projections`), and its logits equal one call per projection bit for bit."""
+    from jaxaccel.kv_cache import init_cache
+    from jaxaccel.models import registry
+    from jaxaccel import quant
+
+    model = _tiny().quantize(jaxaccel.QuantConfig(mode="int8"))
+    cfg, qcfg = model.config, model.quant
+    params = model.params
+    cache = init_cache(cfg, 2, 16, jnp.float32)
+    tokens = jnp.asarray([[3], [7]], jnp.int32)
+    texts, logits = {}, {}
+    for fuse in (True, False):
+        module = registry.build(cfg, "float32", dot_general_cls=quant.dot_general_cls(qcfg, serving=True),
+                                kernels=kernels.KernelChoice(decode=True, fuse_projections=fuse))
+        step = jax.jit(lambda p, t, c: module.apply({"params": p}, t, cache=c).logits)
+        texts[fuse] = step.lower(params, tokens, cache).as_text()
+        logits[fuse] = np.asarray(step(params, tokens, cache))
+    # per layer: q / k / v in one call and gate / up in one
+    assert texts[True].count("jaxaccel_matvec_scaled_many") == 2 * cfg.num_layers
+    assert "jaxaccel_matvec_scaled_many" not in texts[False]
+    np.testing.assert_array_equal(logits[True], logits[False])
+
+
 def test_int8_matvec_propagates_nan_and_infinity(built):
     """A NaN / infinite input makes its row NaN on the rounded path too (never a finite guess)."""
     q = jnp.asarray(np.random.default_rng(0).integers(-127, 128, (300, 256)), jnp.int8)

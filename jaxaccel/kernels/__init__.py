@@ -6,7 +6,8 @@ reading the weight as stored (XLA's CPU dot widens a bfloat16 or int8 weight to 
 first, so fewer bytes buy nothing there) and spreading the rows of the weight over XLA's
 intra-op threads. With int8 weights on AVX-512 VNNI and AVX2 CPUs it rounds x to int16 per block of 32-128
 inputs, within 2^-16 of the block's largest |x| (far below int8's own weight error), and
-multiplies in integers; it also takes the prefill's rows of int8 weights (`int8_prefill`).
+multiplies in integers; it also takes the prefill's rows of int8 weights (`int8_prefill`), and
+several int8 weights on one input in one call (`dot_many`: a layer's q / k / v, gate / up).
 
 `int4.cc` multiplies decode rows, and on VNNI / AVX2 builds the prefill's rows, by int4 weights as
 quant_math packs them (two codes a byte, a scale and a zero per group) without unpacking them in
@@ -117,11 +118,15 @@ class KernelChoice:
     segment_attention: the encoders' bidirectional attention within segments.
     int8_gemm: w8a8 dots (int8 weights x activations quantized per token) through `w8a8.cc`
       (the encoders' programs); otherwise AQT's dot as XLA compiles it (same numerics).
+    fuse_projections: with decode, the projections of one input (q / k / v, gate / up) with int8
+      weights multiply in one kernel call (`dot_many`; same outputs, one hand-off to the threads);
+      False keeps one call each (to compare the two).
     The default (all off) is XLA's ops everywhere: training, scoring, sharded models."""
 
     decode: bool = False
     segment_attention: bool = False
     int8_gemm: bool = False
+    fuse_projections: bool = True
 
 
 XLA = KernelChoice()
@@ -160,6 +165,25 @@ def dot(x2: jax.Array, w: jax.Array, w_in_axis: int, out_dtype, scale: jax.Array
     if wants(x2, w, scale):
         return matvec(x2, w, w_in_axis, scale).astype(out_dtype)
     return None
+
+
+def dot_many(x2: jax.Array, weights, out_dtype) -> list[jax.Array] | None:
+    """In a decode program, `x2 [M, K]` times several int8 weights [N_i, K] with scales [N_i, G_i]
+    (`weights`: (w, scale) pairs; a layer's q / k / v or gate / up projections) in one kernel call
+    (`matvec_many`) when the kernel takes each of them (`wants`), else None: the caller multiplies
+    them one at a time. The outputs equal one `dot` per weight bit for bit."""
+    if len(weights) < 2 or not all(w.dtype == jnp.int8 and s is not None and wants(x2, w, s) for w, s in weights):
+        return None
+    return [y.astype(out_dtype) for y in matvec_many(x2, weights)]
+
+
+def matvec_many(x2: jax.Array, weights) -> list[jax.Array]:
+    """float32 [M, N_i] = x2 [M, K] . w_i for int8 w_i [N_i, K] times scale_i [N_i, G_i] (as `matvec`
+    with `w_in_axis` 1), one kernel call for all: the pool threads get the rows of every weight
+    at once, where one call per weight hands work to them and waits for them once per weight."""
+    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32) for w, _ in weights)
+    args = [a for w, s in weights for a in (w, s.astype(jnp.float32))]
+    return list(jax.ffi.ffi_call("jaxaccel_matvec_scaled_many", outs)(x2.astype(jnp.float32), *args))
 
 
 def int4_wants(x2: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array | None) -> bool:

@@ -24,6 +24,7 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "int4.cc", "a
 SOURCES += (Path(__file__).with_name("ggml_blocks.cc"),)  # GGUF blocks as stored (kernels/ggml.py)
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("parallel.h", "simd.h", "softmax.h"))
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
+           "jaxaccel_matvec_scaled_many": "JaxaccelMatvecScaledMany",
            "jaxaccel_matvec_int4": "JaxaccelMatvecInt4",
            "jaxaccel_segment_attention": "JaxaccelSegmentAttention", "jaxaccel_take_rows": "JaxaccelTakeRows",
            "jaxaccel_write_rows": "JaxaccelWriteRows", "jaxaccel_decode_attention": "JaxaccelDecodeAttention",

@@ -14,7 +14,8 @@
 // int8 decode there no faster than float32.
 //
 // Threads: the weight rows are cut into chunks shared by the calling thread and XLA's intra-op
-// pool threads (parallel.h).
+// pool threads (parallel.h). MatvecScaledMany hands the chunks of several int8 weights on one x
+// to the threads at once (a layer's q / k / v, gate / up).
 //
 // Layouts (w_in_axis):
 //   0: W is [K, N] (Dense kernels [in, out]), float32 or bfloat16. Chunks split K; chunk c
@@ -536,12 +537,12 @@ struct Job {
   }
 };
 
-ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi::AnyBuffer& w,
-               const float* scale, int64_t G, float* y, int64_t w_in_axis) {
+// Checks w (and scale [N, G]) against x [M, K] and fills job's shape, type and pointers (not its chunks).
+ffi::Error Describe(Job& job, const float* x, int64_t M, int64_t K, ffi::AnyBuffer& w, const float* scale,
+                    int64_t G, float* y, int64_t w_in_axis) {
   auto wd = w.dimensions();
   if (wd.size() != 2 || (w_in_axis != 0 && w_in_axis != 1))
     return ffi::Error::InvalidArgument("jaxaccel matvec: w must be 2-D and w_in_axis 0 or 1");
-  Job job;
   job.kn = w_in_axis == 0;
   const int64_t N = job.kn ? wd[1] : wd[0];
   if ((job.kn ? wd[0] : wd[1]) != K || M < 1)
@@ -556,42 +557,119 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi:
     return ffi::Error::InvalidArgument("jaxaccel matvec: int8 weights need [N, K] layout and scales [N, G], G | K");
   job.x = x; job.w = w.untyped_data(); job.scale = scale; job.G = G; job.y = y;
   job.M = M; job.K = K; job.N = N;
-  int64_t block = 0;  // x rounded to int16 in blocks of this many inputs (0: the float paths)
+  return ffi::Error::Success();
+}
+
+// The block of inputs x is rounded to int16 in for job (0: the float paths).
+int64_t BlockFor(const Job& job) {
+  int64_t block = 0;
 #if defined(JAXACCEL_VNNI) || defined(JAXACCEL_AVX2_INT16)
-  if (job.type == WType::kI8) block = QuantizedX::block_for(K / G);
+  if (job.type == WType::kI8) block = QuantizedX::block_for(job.K / job.G);
 #endif
 #ifdef JAXACCEL_VNNI
   // 5..8 rows (batched decode): widening measured faster for short rows or blocks of 32
   // (Gemma 3's grouped lm_head), the VNNI path for rows of 1024+ inputs in blocks of 64+
   // (its 2048-input down_proj)
-  if (job.type == WType::kI8 && M > kVnniMaxRows && M <= kWidenMaxRows && (K < 1024 || block < 64)) block = 0;
+  if (job.type == WType::kI8 && job.M > kVnniMaxRows && job.M <= kWidenMaxRows && (job.K < 1024 || block < 64))
+    block = 0;
 #endif
-  if (M > kMaxRows && block == 0)
-    return ffi::Error::InvalidArgument("jaxaccel matvec: more than 16 rows need int8 weights, K / G a multiple of 32 "
-                                       "and an AVX-512 VNNI or AVX2 build (kernels.int8_path())");
+  return block;
+}
+
+// Pool threads besides the caller for weights of `bytes` in all against M rows of x.
+int64_t HelpersFor(ffi::ThreadPool& pool, size_t bytes, int64_t M) {
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
-  if (w.size_bytes() < (128 << 10) && M <= kMaxRows) helpers = 0;  // too small to pay for a hand-off
-  QuantizedX xq;
+  if (bytes < (128 << 10) && M <= kMaxRows) helpers = 0;  // too small to pay for a hand-off
+  return helpers;
+}
+
+// x rounded to int16 in blocks of `block` (block 0: nothing to do).
+void QuantizeX(ffi::ThreadPool& pool, QuantizedX& xq, const float* x, int64_t M, int64_t K, int64_t block,
+               int64_t helpers) {
   xq.prepare(M, K, block);
   if (block && M <= kVnniMaxRows)
     for (int64_t m = 0; m < M; ++m) xq.quantize_row(x, K, m);
   else if (block)  // prefill's rows
     jaxaccel::parallel_for(pool, M, helpers, [&](int64_t m) { xq.quantize_row(x, K, m); });
-  job.xq = &xq;
+}
 
-  const int64_t extent = job.kn ? K : N;
-  // nk: several chunks per participant, so a late starter still helps. kn: each chunk costs a
-  // partial [M, N] to zero and add, so about two per participant.
+// Cuts job's extent into chunks for helpers + 1 participants. nk: several chunks per participant,
+// so a late starter still helps. kn: each chunk costs a partial [M, N] to zero and add, so about
+// two per participant.
+void SetChunks(Job& job, int64_t helpers) {
+  const int64_t extent = job.kn ? job.K : job.N;
   const int64_t parts = (std::max<int64_t>(helpers, 0) + 1) * (job.kn ? 2 : 8);
   job.chunk = std::max<int64_t>(job.kn ? 8 : 32, (extent + parts - 1) / parts);
   job.n_chunks = (extent + job.chunk - 1) / job.chunk;
-  std::vector<float> partial(job.kn && job.n_chunks > 1 ? size_t(job.n_chunks - 1) * M * N : 0);
+}
+
+ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, ffi::AnyBuffer& w,
+               const float* scale, int64_t G, float* y, int64_t w_in_axis) {
+  Job job;
+  if (auto e = Describe(job, x, M, K, w, scale, G, y, w_in_axis); e.failure()) return e;
+  const int64_t block = BlockFor(job);
+  if (M > kMaxRows && block == 0)
+    return ffi::Error::InvalidArgument("jaxaccel matvec: more than 16 rows need int8 weights, K / G a multiple of 32 "
+                                       "and an AVX-512 VNNI or AVX2 build (kernels.int8_path())");
+  const int64_t helpers = HelpersFor(pool, w.size_bytes(), M);
+  QuantizedX xq;
+  QuantizeX(pool, xq, x, M, K, block, helpers);
+  job.xq = &xq;
+  SetChunks(job, helpers);
+  std::vector<float> partial(job.kn && job.n_chunks > 1 ? size_t(job.n_chunks - 1) * M * job.N : 0);
   job.partial = partial.data();
   jaxaccel::parallel_for(pool, job.n_chunks, helpers, job);
   for (int64_t c = 1; job.kn && c < job.n_chunks; ++c) {  // fixed order: deterministic sums
-    const float* p = partial.data() + (c - 1) * M * N;
-    for (int64_t i = 0; i < M * N; ++i) y[i] += p[i];
+    const float* p = partial.data() + (c - 1) * M * job.N;
+    for (int64_t i = 0; i < M * job.N; ++i) y[i] += p[i];
   }
+  return ffi::Error::Success();
+}
+
+// Several int8 weights [N_i, K] (scales [N_i, G_i]) times the same x [M, K], in one call: a
+// layer's q / k / v or gate / up projections. Each output is what Run computes for its weight,
+// bit for bit (same blocks of x, same chunks' code); the pool is handed the chunks of all the
+// weights at once, where separate calls each paid a hand-off and a wait for the slowest thread.
+ffi::Error MatvecScaledMany(ffi::ThreadPool pool, Matrix x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], n = int64_t(rets.size());
+  if (n < 1 || int64_t(args.size()) != 2 * n)
+    return ffi::Error::InvalidArgument("jaxaccel matvec_many: needs (weight, scale) pairs and one result each");
+  std::vector<Job> jobs(static_cast<size_t>(n));
+  std::vector<size_t> sizes(static_cast<size_t>(n));
+  size_t bytes = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    auto w = args.get<ffi::AnyBuffer>(2 * i);
+    auto s = args.get<Matrix>(2 * i + 1);
+    auto y = rets.get<Matrix>(i);
+    if (w.has_error() || s.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument("jaxaccel matvec_many: arguments must be int8 weights with float32 scales");
+    if (w->element_type() != ffi::DataType::S8 || s->dimensions()[0] != w->dimensions()[0])
+      return ffi::Error::InvalidArgument("jaxaccel matvec_many: weights must be int8 [N, K] with scales [N, G]");
+    if (auto e = Describe(jobs[i], x.typed_data(), M, K, *w, s->typed_data(), s->dimensions()[1],
+                          (*y)->typed_data(), 1); e.failure())
+      return e;
+    if (M > kMaxRows && BlockFor(jobs[i]) == 0)
+      return ffi::Error::InvalidArgument("jaxaccel matvec_many: more than 16 rows need K / G a multiple of 32 and "
+                                         "an AVX-512 VNNI or AVX2 build (kernels.int8_path())");
+    sizes[i] = w->size_bytes();
+    bytes += sizes[i];
+  }
+  const int64_t helpers = HelpersFor(pool, bytes, M);
+  QuantizedX xq[4];  // x rounded once per block size in use: none (float path), 32, 64, 128
+  bool rounded[4] = {false, false, false, false};
+  std::vector<int64_t> first(size_t(n) + 1, 0);  // chunks of jobs before job i
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t block = BlockFor(jobs[i]), slot = block == 0 ? 0 : block == 32 ? 1 : block == 64 ? 2 : 3;
+    if (!rounded[slot]) QuantizeX(pool, xq[slot], x.typed_data(), M, K, block, helpers);
+    rounded[slot] = true;
+    jobs[i].xq = &xq[slot];
+    SetChunks(jobs[i], HelpersFor(pool, sizes[i], M));  // cut as a call of its own would cut it: same sums
+    first[i + 1] = first[i] + jobs[i].n_chunks;
+  }
+  jaxaccel::parallel_for(pool, first[n], helpers, [&](int64_t c) {
+    const int64_t i = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    jobs[i](c - first[i]);
+  });
   return ffi::Error::Success();
 }
 
@@ -637,3 +715,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelMatvecScaled, MatvecScaled,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<Matrix>()
                                   .Ret<Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelMatvecScaledMany, MatvecScaledMany,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+
