@@ -250,6 +250,8 @@ class Engine:
         fixed = (tokens, lengths, np.arange(B) < n, seed_arr, np.int32(max_new_tokens), pad_rows(rs, B),
                  eos_array(eos))
         program = self._program(B, T, new_cap, n_eos=fixed[-1].size).result()
+        if getattr(self.model, "mesh", None) is None:  # on the device once, not at every streamed call
+            fixed = jax.device_put(fixed)
         state, done_at, host_done = self._fresh_state(B, S, new_cap), 0, np.zeros((B,), bool)
         stop_len = np.full((B,), max_new_tokens)  # where the host stopped a row
         k, sizes = chunk or 1, StreamChunks()

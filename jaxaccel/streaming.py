@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-STREAM_INTERVAL_S = 0.025  # streaming: each program call after the first decodes for about this long
+STREAM_INTERVAL_S = 0.05  # streaming: each program call after the first decodes for about this long
 MAX_STREAM_CHUNK = 64  # ... but at most this many tokens
 
 
