@@ -193,13 +193,13 @@ class Engine:
 
         def start(s: LoopState):
             logits, cache = prefill(apply, params, tokens, lengths, s.cache)
-            first = jnp.where(active, sample(logits, row_keys(seeds, 0), rs), 0)
+            first = jnp.where(active, sample(logits, row_keys(seeds, 0), rs, self.kernels), 0)
             return LoopState(cache, first, s.out.at[:, 0].set(first), jnp.int32(1),
                              stopped(first, 0, ~active))
 
         def body(s: LoopState):
             logits, cache = decode_step(apply, params, s.token, s.cache)
-            tok = sample(logits, row_keys(seeds, s.step), rs)
+            tok = sample(logits, row_keys(seeds, s.step), rs, self.kernels)
             tok = jnp.where(s.done, 0, tok)
             return LoopState(cache, tok, s.out.at[:, s.step].set(tok), s.step + 1,
                              stopped(tok, s.step, s.done))

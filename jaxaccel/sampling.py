@@ -12,11 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-def argmax(x):
+from . import kernels
+from .kernels import XLA, KernelChoice
+
+def argmax(x, choice: KernelChoice = XLA):
     """jnp.argmax over the last axis (the first maximum; the first NaN if any) as plain
     reductions: XLA's CPU backend runs argmax's (value, index) reduction element by element, about
     ten times slower than two plain reductions over a large vocabulary. NaN is looked for on its
-    own: XLA's CPU max drops NaN for long rows."""
+    own: XLA's CPU max drops NaN for long rows. Decode programs on CPU (`choice.decode`) call
+    the argmax kernel instead (`kernels.argmax`: the same index, one pass fewer, no small loops)."""
+    if choice.decode:
+        token = kernels.argmax(x)
+        if token is not None:
+            return token
     top = jnp.max(x, axis=-1, keepdims=True)
     hit = jnp.where(jnp.any(jnp.isnan(x), axis=-1, keepdims=True), jnp.isnan(x), x == top)
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
@@ -55,7 +63,7 @@ def pad_rows(rs: RowSampling, n: int) -> RowSampling:
     return RowSampling(fill(rs.temperature, 0.0), fill(rs.top_k, 0), fill(rs.top_p, 1.0))
 
 
-def sample(logits, keys, rs: RowSampling):
+def sample(logits, keys, rs: RowSampling, choice: KernelChoice = XLA):
     """logits [B, V] float32, keys [B] PRNG keys, per-row settings -> tokens [B] int32.
 
     Order as in transformers: temperature, then top-k, then top-p (smallest set of tokens
@@ -67,7 +75,8 @@ def sample(logits, keys, rs: RowSampling):
     is the first n of a longer run's (jax_threefry_partitionable), so a row draws the same token
     whichever count its batch needed (tested): a row's token depends only on its logits, its
     settings and its key. Costly parts run only when some row needs them (lax.cond): a batch of
-    greedy rows costs one argmax. Rows with NaN / +inf logits give argmax's token.
+    greedy rows costs one argmax (the kernel's in decode programs on CPU: `choice`, see `argmax`).
+    Rows with NaN / +inf logits give argmax's token.
     """
     greedy = rs.temperature <= 0
     truncated = (rs.top_k > 0) | (rs.top_p < 1)
@@ -81,10 +90,10 @@ def sample(logits, keys, rs: RowSampling):
         cut = jax.lax.cond(jnp.any(need), lambda: _truncated(keys, z, rs.top_k, rs.top_p,
                                                              jax.nn.logsumexp(z, axis=-1, keepdims=True), need, counts),
                            zeros)
-        token = jnp.where(greedy, argmax(logits), jnp.where(truncated, cut, plain))
+        token = jnp.where(greedy, argmax(logits, choice), jnp.where(truncated, cut, plain))
         return _argmax_where_no_softmax(logits, token, jnp.max(logits, axis=-1))
 
-    return jax.lax.cond(jnp.any(~greedy), sampled, lambda: argmax(logits))
+    return jax.lax.cond(jnp.any(~greedy), sampled, lambda: argmax(logits, choice))
 
 
 def _truncated(keys, z, top_k, top_p, lse, need, counts):

@@ -122,7 +122,7 @@ class SlotEngine:
         T = tokens.shape[1]
         layers = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=0)[:, :T], state.cache["layers"])
         logits, row = prefill(self.module.apply, params, tokens, length[None], {"index": length[None], "layers": layers})
-        first = sample(logits, row_keys(seed[None], 0), RowSampling(*(x[None] for x in rs)))
+        first = sample(logits, row_keys(seed[None], 0), RowSampling(*(x[None] for x in rs)), self.module.kernels)
         lp, top_ids, top_lp = self._logprobs(want_lp[None], logits, first)
         zero = jnp.zeros((), jnp.int32)
         cache = {"index": state.cache["index"].at[slot].set(length),
@@ -148,7 +148,7 @@ class SlotEngine:
             s, out, i = carry
             logits, cache = decode_step(self.module.apply, params, s.token, s.cache)
             live = ~s.done & (i < limit)
-            tok = jnp.where(live, sample(logits, row_keys(s.seeds, s.produced), s.rs), s.token)
+            tok = jnp.where(live, sample(logits, row_keys(s.seeds, s.produced), s.rs, self.module.kernels), s.token)
             lp, top_ids, top_lp = self._logprobs(s.want_lp & live, logits, tok)
             produced = s.produced + live
             # finished rows keep writing at slot 0 of their own (free) rows: never past the cache
@@ -179,14 +179,14 @@ class SlotEngine:
         fwd = self.module.apply({"params": params}, block, cache={**state.cache, "index": index})
         logits, keys, greedy = fwd.logits, row_keys(state.seeds, state.produced), state.rs.temperature <= 0
         j = jnp.arange(K + 1)[None, :]
-        pred = argmax(logits)  # greedy: the model's token after each position
+        pred = argmax(logits, self.module.kernels)  # greedy: the model's token after each position
         ok = (pred[:, :K] == drafts) & (j[:, :K] < n_drafts[:, None])
         greedy_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
         drawing = ~greedy & (n_drafts > 0)
         none = lambda: (jnp.zeros((B, K + 1), jnp.int32), jnp.zeros((B,), jnp.int32))
         drawn, drawn_accepted = jax.lax.cond(
             jnp.any(drawing), lambda: speculative_accept(logits, drafts, n_drafts, keys, state.rs), none)
-        plain = sample(logits[:, 0], keys, state.rs)  # what a decode step samples: rows without drafts
+        plain = sample(logits[:, 0], keys, state.rs, self.module.kernels)  # as a decode step samples: rows without drafts
         tokens = jnp.where((n_drafts == 0)[:, None], plain[:, None], jnp.where(greedy[:, None], pred, drawn))
         accepted = jnp.where(n_drafts == 0, 0, jnp.where(greedy, greedy_accepted, drawn_accepted))
         eos = jnp.any(tokens[..., None] == self.eos, axis=-1)

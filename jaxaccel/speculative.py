@@ -99,12 +99,12 @@ class ModelDrafter:
         if k not in self._draft:
             def draft(params, cache, last2, lengths):
                 out = self.module.apply({"params": params}, last2, cache={**cache, "index": lengths - 2})
-                token = argmax(out.logits[:, -1])
+                token = argmax(out.logits[:, -1], self.module.kernels)
 
                 def body(i, carry):
                     cache, token, drafts = carry
                     o = self.module.apply({"params": params}, token[:, None], cache=cache)
-                    token = argmax(o.logits[:, 0])
+                    token = argmax(o.logits[:, 0], self.module.kernels)
                     return o.cache, token, drafts.at[:, i].set(token)
 
                 drafts = jnp.zeros((last2.shape[0], k), jnp.int32).at[:, 0].set(token)
@@ -218,7 +218,7 @@ class Speculator:
 
         def first(params, tokens, lengths, cache, seeds, rs):
             logits, cache = prefill(module.apply, params, tokens, lengths, cache)
-            return sample(logits, row_keys(seeds, 0), rs), cache
+            return sample(logits, row_keys(seeds, 0), rs, module.kernels), cache
 
         self._prefill = jax.jit(first, donate_argnums=3)
         self._verify: dict[tuple[int, bool], Callable] = {}
@@ -229,7 +229,7 @@ class Speculator:
         def body(i, carry):
             cache, token, out = carry
             out_ = self.module.apply({"params": params}, token[:, None], cache=cache)
-            token = sample(out_.logits[:, 0], row_keys(seeds, steps + i), rs)
+            token = sample(out_.logits[:, 0], row_keys(seeds, steps + i), rs, self.module.kernels)
             return out_.cache, token, out.at[:, i].set(token)
 
         out = jnp.zeros((token.shape[0], AdaptiveK.REST), jnp.int32)
@@ -244,7 +244,7 @@ class Speculator:
             def verify(params, cache, tokens, n_drafts, seeds, steps, rs):
                 out = self.module.apply({"params": params}, tokens, cache=cache)
                 if greedy:
-                    pred = argmax(out.logits)  # [B, k + 1]: the model's token after each position
+                    pred = argmax(out.logits, self.module.kernels)  # [B, k + 1]: the model's token after each position
                     ok = (pred[:, :k] == tokens[:, 1:]) & (jnp.arange(k)[None, :] < n_drafts[:, None])
                     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
                 else:

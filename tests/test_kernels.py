@@ -443,6 +443,31 @@ def test_dot_routes_only_decode_sized_dots_to_the_kernel(built):
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("V", [1, 7, 16, 33, 1000, 262144])
+def test_argmax_kernel_equals_jnp_argmax(built, V):
+    """The greedy token: the first maximum, the first NaN where a row has one, index 0 for a row
+    of -inf; any vocabulary length (vector blocks and a scalar tail), leading axes kept; and
+    sampling.argmax calls it in decode programs only."""
+    from jaxaccel import sampling
+
+    rng = np.random.default_rng(V)
+    x = rng.standard_normal((2, 4, V)).astype(np.float32)
+    x[0, 1, :] = -np.inf
+    x[0, 2, V // 3] = x[0, 2, V - 1] = np.inf  # tied maxima: the first
+    x[1, 0, V - 1] = np.nan
+    x[1, 1, V // 2] = np.nan
+    x[1, 1, 0] = np.inf  # a NaN wins over an earlier +inf, as in jnp.argmax
+    x[1, 2, :] = 0.0
+    got = jax.jit(kernels.argmax)(x)
+    assert got.dtype == jnp.int32 and got.shape == (2, 4)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))
+    decode = jax.jit(lambda x: sampling.argmax(x, kernels.KernelChoice(decode=True)))
+    assert "jaxaccel_argmax" in decode.lower(x).as_text()
+    assert "jaxaccel_argmax" not in jax.jit(sampling.argmax).lower(x).as_text()
+    np.testing.assert_array_equal(np.asarray(decode(x)), np.asarray(got))
+    assert kernels.argmax(x.astype(jnp.bfloat16)) is None  # other dtypes: the caller's reductions
+
+
 def test_take_rows_equals_take_and_fills_bad_ids_with_nan(built):
     """kernels.take_rows (bfloat16 tables, decode programs) = jnp.take bit for bit: negative ids
     count from the end, ids still outside the table give NaN rows (jnp.take's fill); other

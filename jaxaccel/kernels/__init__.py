@@ -22,6 +22,8 @@ of a decode step (one per row) or a prefill against the KV cache as stored, each
 slot (XLA transposes every layer's cache and scores all slots), a decode step's slots split over
 threads when a batch has fewer (row, KV head) pairs than threads.
 
+`argmax.cc` gives a greedy step's tokens (`argmax`): jnp.argmax of the logits in two vector passes.
+
 `take.cc` copies the rows of a bfloat16 embedding table for the decode loop (`take_rows`): XLA
 gathers bfloat16 rows from a float32 copy of the whole table, hoisted out of the loop, so every
 generate call would write the whole table once. It also writes the KV cache in place
@@ -47,7 +49,7 @@ Which programs use them is an argument, never a global switch: a module is built
 engine builds its module with `KernelChoice(decode=True)` on the CPU backend for unsharded models
 (dots of at most `MAX_ROWS` rows, int8 and int4 dots of up to 512 rows on VNNI builds and 64 on
 AVX2, bfloat16 table rows, the KV cache writes, attention against the
-cache); the encoders' programs with
+cache, the greedy token: the generation programs pass the choice to `sampling.sample`); the encoders' programs with
 `KernelChoice(segment_attention=True, int8_gemm=True)`. Training and scoring build theirs without: the kernels
 have no gradient. The matvec's sums are deterministic (same input, same bits) but ordered
 differently from XLA's, so decode logits agree with `Model.logits` to float rounding (int8
@@ -114,7 +116,8 @@ class KernelChoice:
     (`registry.build(..., kernels=...)`) and carried by every layer.
 
     decode: the generation loop's kernels: dots of at most MAX_ROWS rows (and int8 prefill rows,
-      see `int8_prefill`), bfloat16 embedding rows, in-place KV cache writes, attention against the cache.
+      see `int8_prefill`), bfloat16 embedding rows, in-place KV cache writes, attention against the
+      cache, the greedy token (`argmax`).
     segment_attention: the encoders' bidirectional attention within segments.
     int8_gemm: w8a8 dots (int8 weights x activations quantized per token) through `w8a8.cc`
       (the encoders' programs); otherwise AQT's dot as XLA compiles it (same numerics).
@@ -225,6 +228,18 @@ def matvec(x2: jax.Array, w: jax.Array, w_in_axis: int, scale: jax.Array | None 
     if scale is not None:
         return jax.ffi.ffi_call("jaxaccel_matvec_scaled", out)(x2, w, scale.astype(jnp.float32))
     return jax.ffi.ffi_call("jaxaccel_matvec", out)(x2, w, w_in_axis=np.int64(w_in_axis))
+
+
+def argmax(x: jax.Array) -> jax.Array | None:
+    """In a decode program, int32 [...] = jnp.argmax of float32 logits [..., V] over the last axis
+    (the first maximum; the first NaN where a row has one) through `argmax.cc`: two vector passes
+    over each row, where XLA runs the reductions of sampling.argmax as several passes of small
+    loops. None for other arrays (the caller's reductions)."""
+    if x.dtype != jnp.float32 or x.ndim < 1 or x.shape[-1] < 1:
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    out = jax.ffi.ffi_call("jaxaccel_argmax", jax.ShapeDtypeStruct(flat.shape[:1], jnp.int32))(flat)
+    return out.reshape(x.shape[:-1])
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array | None:

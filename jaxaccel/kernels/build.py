@@ -22,6 +22,7 @@ from ..paths import cache_dir, cache_writable
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("matvec.cc", "int4.cc", "attention.cc", "decode_attention.cc",
                                                        "take.cc", "w8a8.cc"))
 SOURCES += (Path(__file__).with_name("ggml_blocks.cc"),)  # GGUF blocks as stored (kernels/ggml.py)
+SOURCES += (Path(__file__).with_name("argmax.cc"),)
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("parallel.h", "simd.h", "softmax.h"))
 TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "JaxaccelMatvecScaled",
            "jaxaccel_matvec_scaled_many": "JaxaccelMatvecScaledMany",
@@ -30,6 +31,7 @@ TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "Jaxac
            "jaxaccel_write_rows": "JaxaccelWriteRows", "jaxaccel_decode_attention": "JaxaccelDecodeAttention",
            "jaxaccel_w8a8": "JaxaccelW8a8"}
 TARGETS["jaxaccel_ggml_dot"] = "JaxaccelGgmlDot"  # kernels/ggml.py
+TARGETS["jaxaccel_argmax"] = "JaxaccelArgmax"
 ENV = "JAXACCEL_CPU_KERNELS"
 FLAGS_ENV = "JAXACCEL_CPU_KERNEL_FLAGS"
 ISA_ENV = "JAXACCEL_CPU_ISA"
