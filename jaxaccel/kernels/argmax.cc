@@ -8,46 +8,54 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(__AVX2__) && !defined(JAXACCEL_GENERIC)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;  // independent lanes: GCC turns each loop below into vector code
-
-// The first index in [0, V) whose value `hit` accepts, scanning kLanes values at a time.
-template <typename Hit>
-int64_t FirstHit(const float* x, int64_t V, const Hit& hit) {
+#if defined(__AVX2__) && !defined(JAXACCEL_GENERIC)
+// 8 lanes at a time. _mm256_max_ps(v, top) returns top where v is NaN, so a NaN never becomes
+// the maximum; NaNs are noted apart (an unordered compare of v with itself).
+int64_t RowArgmax(const float* x, int64_t V) {
+  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes) {
-    int any = 0;
-    for (int j = 0; j < kLanes; ++j) any |= hit(x[i + j]);
-    if (any) break;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    top = _mm256_max_ps(v, top);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  float best = lanes[0];
+  for (int j = 1; j < 8; ++j) best = lanes[j] > best ? lanes[j] : best;
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (int64_t k = i; k < V; ++k) best = x[k] > best ? x[k] : best, any_nan |= x[k] != x[k];
+  // the first index holding a NaN (if any) or the maximum (all -inf: index 0)
+  const __m256 b = _mm256_set1_ps(best);
+  for (i = 0; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const int hits = _mm256_movemask_ps(any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, b, _CMP_EQ_OQ));
+    if (hits) return i + __builtin_ctz(hits);
   }
   for (; i < V; ++i)
-    if (hit(x[i])) return i;
-  return 0;  // unreachable for the values RowArgmax looks for
+    if (any_nan ? x[i] != x[i] : x[i] == best) return i;
+  return 0;
 }
-
-int64_t RowArgmax(const float* x, int64_t V) {
-  float top[kLanes];
-  int nan[kLanes];
-  for (int j = 0; j < kLanes; ++j) top[j] = -std::numeric_limits<float>::infinity(), nan[j] = 0;
-  int64_t i = 0;
-  for (; i + kLanes <= V; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const float v = x[i + j];
-      top[j] = v > top[j] ? v : top[j];  // a NaN never wins a comparison: counted apart
-      nan[j] |= v != v;
-    }
+#else
+int64_t RowArgmax(const float* x, int64_t V) {  // one value at a time
   float best = -std::numeric_limits<float>::infinity();
-  int any_nan = 0;
-  for (int j = 0; j < kLanes; ++j) best = top[j] > best ? top[j] : best, any_nan |= nan[j];
-  for (; i < V; ++i) best = x[i] > best ? x[i] : best, any_nan |= x[i] != x[i];
-  if (any_nan) return FirstHit(x, V, [](float v) { return int(v != v); });
-  return FirstHit(x, V, [best](float v) { return int(v == best); });  // all -inf: index 0
+  bool any_nan = false;
+  for (int64_t i = 0; i < V; ++i) best = x[i] > best ? x[i] : best, any_nan |= x[i] != x[i];
+  for (int64_t i = 0; i < V; ++i)
+    if (any_nan ? x[i] != x[i] : x[i] == best) return i;
+  return 0;
 }
+#endif
 
 using Logits = ffi::Buffer<ffi::F32, 2>;  // (aliases: a comma inside the handler macro splits its arguments)
 using TokenIds = ffi::Buffer<ffi::S32, 1>;
