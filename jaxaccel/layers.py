@@ -147,8 +147,9 @@ def project(x: Array, denses) -> list[Array]:
     a layer's q / k / v or gate / up projections. In decode programs (`KernelChoice.decode` and
     `fuse_projections`) their int8 weights are multiplied in one kernel call (`quant.dot_many`):
     each call costs a hand-off to the thread pool and a wait for its slowest thread, and a
-    decode step is a chain of such calls. The outputs are those of one call per layer, bit for bit. Otherwise each layer is called (`Dense.__call__`,
-    which lora.py and quant_calibration.py intercept; they run no decode programs)."""
+    decode step is a chain of such calls. The outputs are those of one call per layer, bit for
+    bit. Otherwise each layer is called (`Dense.__call__`, which lora.py and
+    quant_calibration.py intercept; they run no decode programs)."""
     first = denses[0]
     if len(denses) > 1 and first.kernels.decode and first.kernels.fuse_projections:
         xc = x.astype(first.dtype)
