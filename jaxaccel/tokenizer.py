@@ -95,7 +95,8 @@ class FastTokenizer:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
     def save_pretrained(self, out_dir) -> None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        # chat_template.jinja: where transformers 5 keeps the chat template (`jaxaccel serve`'s chat)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (self.folder / name).is_file():
                 shutil.copy(self.folder / name, Path(out_dir) / name)
 

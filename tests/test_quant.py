@@ -407,3 +407,26 @@ def test_real_gemma_int8_and_minilm_quality():
     texts = [ln for ln in text.splitlines() if len(ln.split()) > 5][:16]
     ref, emb = enc.embed(texts), enc.quantize(QuantConfig(mode="int8")).embed(texts)
     assert (np.sum(ref * emb, -1) > 0.99).all()
+
+
+def test_saved_folders_keep_a_chat_template_file(tmp_path):
+    """A chat template kept as chat_template.jinja (transformers 5's place for it) is copied by
+    save_hf and by a quantized folder's save also from a model loaded with the fast tokenizer
+    (as `jaxaccel finetune --task sft` loads it), so `jaxaccel serve` of the saved folder still
+    answers chat requests."""
+    from conftest import random_hf_model, tiny_hf_config
+    from serve_util import CHAT_TEMPLATE, write_char_tokenizer
+
+    from jaxaccel.checkpoints.serving import save
+    from jaxaccel.openai_api import find_chat_template
+
+    src = tmp_path / "src"
+    random_hf_model(tiny_hf_config("gemma3")).save_pretrained(src)
+    write_char_tokenizer(src, chat_template=False)
+    (src / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    model = jaxaccel.load(src, fast_tokenizer=True)
+    model.save_hf(tmp_path / "hf")
+    save(model.quantize(QuantConfig(mode="int8")), tmp_path / "int8")
+    for out in ("hf", "int8"):
+        assert find_chat_template(tmp_path / out, None) == CHAT_TEMPLATE
+        assert jaxaccel.load(tmp_path / out).tokenizer("hi")["input_ids"] == model.tokenizer("hi")["input_ids"]
