@@ -15,6 +15,7 @@ import numpy as np
 from . import kernels
 from .kernels import XLA, KernelChoice
 
+
 def argmax(x, choice: KernelChoice = XLA):
     """jnp.argmax over the last axis (the first maximum; the first NaN if any) as plain
     reductions: XLA's CPU backend runs argmax's (value, index) reduction element by element, about
