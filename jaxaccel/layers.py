@@ -33,9 +33,10 @@ import numpy as np
 from jax import lax
 
 from . import kernels, quant
-from .config import ModelConfig, RopeConfig
+from .config import ModelConfig
 from .kernels import XLA, KernelChoice
 from .kv_cache import cache_update
+from .positions import apply_rope, attention_mask, rope_inv_freq
 
 Array = jax.Array
 DotGeneralCls = Callable[[], Callable] | None
@@ -148,16 +149,17 @@ def project(x: Array, denses) -> list[Array]:
     `fuse_projections`) their int8 weights are multiplied in one kernel call (`quant.dot_many`):
     each call costs a hand-off to the thread pool and a wait for its slowest thread, and a
     decode step is a chain of such calls. The outputs are those of one call per layer, bit for
-    bit. Otherwise each layer is called (`Dense.__call__`, which lora.py and
+    bit. Outside decode programs each layer is called (`Dense.__call__`, which lora.py and
     quant_calibration.py intercept; they run no decode programs)."""
     first = denses[0]
-    if len(denses) > 1 and first.kernels.decode and first.kernels.fuse_projections:
-        xc = x.astype(first.dtype)
-        parts = [d.weights(xc.shape[-1]) for d in denses]  # a second call below reuses these params
-        ys = quant.dot_many(xc, [w for w, _ in parts])
-        if ys is not None:
-            return [y if b is None else y + b.astype(d.dtype) for d, y, (_, b) in zip(denses, ys, parts)]
-    return [d(x) for d in denses]
+    if not (len(denses) > 1 and first.kernels.decode and first.kernels.fuse_projections):
+        return [d(x) for d in denses]
+    x = x.astype(first.dtype)
+    parts = [d.weights(x.shape[-1]) for d in denses]
+    ys = quant.dot_many(x, [w for w, _ in parts])
+    if ys is None:  # not all int8: one call each, with the weights already in hand
+        ys = [d.multiply(x, w) for d, (w, _) in zip(denses, parts)]
+    return [y if b is None else y + b.astype(d.dtype) for d, y, (_, b) in zip(denses, ys, parts)]
 
 
 class Embed(nn.Module):
@@ -236,54 +238,6 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
-
-
-# --- rotary position embedding ------------------------------------------------------------
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
-    """Inverse frequencies [H/2] (float32), with linear or Llama 3 scaling applied."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
-    if rope.kind == "linear":
-        inv_freq = inv_freq / np.float32(rope.factor)
-    elif rope.kind == "llama3":
-        low_wavelen = rope.original_max_position / rope.low_freq_factor
-        high_wavelen = rope.original_max_position / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
-            rope.high_freq_factor - rope.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
-    return inv_freq
-
-
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate-half RoPE. x [B, T, N, H], positions [B, T] -> [B, T, N, H]."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-def attention_mask(q_slot: Array, k_slot: Array, window: int | None,
-                   q_seg: Array | None = None, k_seg: Array | None = None, causal: bool = True) -> Array:
-    """Boolean [B, T, S]: causal over slots (bidirectional when not `causal`), optional
-    sliding window and segment equality.
-
-    q_slot [B, T], k_slot [B, S]; segments (0 = padding) [B, T] / [B, S].
-    """
-    q, k = q_slot[:, :, None], k_slot[:, None, :]
-    mask = k <= q if causal else jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
-    if window is not None:
-        mask &= k > q - window  # a window of W sees the current token and W - 1 before it
-    if q_seg is not None:
-        mask &= (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
-    return mask
 
 
 class LayerModule(nn.Module):
