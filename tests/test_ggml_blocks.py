@@ -111,9 +111,11 @@ def _bound(x, w):
 
 
 # odd N (scalar tails of the row chunks and tiles), N large enough for the pool threads to join,
-# decode rows (1-8) and prefill rows
+# decode rows (1-8) and prefill rows; one row of x with N past the streams' 4 parts and their
+# leftover rows (the AVX2 build's stream kernel), with and without the pool's threads
 @pytest.mark.parametrize("ggml_type", TYPES)
-@pytest.mark.parametrize("M,K,N", [(1, 256, 7), (3, 512, 33), (8, 768, 1001), (5, 1024, 77), (37, 512, 45)])
+@pytest.mark.parametrize("M,K,N", [(1, 256, 7), (1, 512, 203), (1, 768, 1001), (3, 512, 33), (8, 768, 1001),
+                                   (5, 1024, 77), (37, 512, 45)])
 def test_kernel_equals_gguf_dequantized_dot(built, ggml_type, M, K, N):
     rng = np.random.default_rng(M * K + N)
     q, w = quantized(rng, ggml_type, N, K)

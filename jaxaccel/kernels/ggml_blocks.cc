@@ -66,8 +66,14 @@ Layout layout(int64_t type) {
   }
 }
 
-// IEEE float16 bits -> float32 (exact; every CPU tier, no F16C needed)
+// IEEE float16 bits -> float32, exact (F16C's instruction where the tier has it; the bit
+// arithmetic below, which gives the same floats, on the portable tier)
 inline float half(const uint8_t* p) {
+#if defined(__F16C__) && !defined(JAXACCEL_GENERIC)
+  uint16_t bits16;
+  std::memcpy(&bits16, p, 2);
+  return _cvtsh_ss(bits16);
+#endif
   const uint32_t h = uint32_t(p[0]) | (uint32_t(p[1]) << 8);
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
   uint32_t bits;
@@ -206,6 +212,23 @@ inline __m256i code_bytes(const uint8_t* block, int64_t j) {
 
 template <int64_t T>
 constexpr int16_t offset() { return T == kQ4_0 ? 8 : T == kQ5_0 ? 16 : T == kQ6_K ? 32 : 0; }
+
+// The 32 codes of sub-block j widened to int16, offset removed: inputs 0-15 in a, 16-31 in b
+template <int64_t T>
+inline void codes16(const uint8_t* block, int64_t j, __m256i& a, __m256i& b) {
+  if constexpr (T == kQ8_0) {  // signed bytes as stored: widened straight from memory
+    a = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 2)));
+    b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 18)));
+  } else {
+    const __m256i u = code_bytes<T>(block, j);
+    a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u));
+    b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1));
+    if constexpr (offset<T>() != 0) {
+      a = _mm256_sub_epi16(a, _mm256_set1_epi16(offset<T>()));
+      b = _mm256_sub_epi16(b, _mm256_set1_epi16(offset<T>()));
+    }
+  }
+}
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(JAXACCEL_GENERIC)
@@ -278,6 +301,42 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* row, int64_t QK,
   }
   for (int m = 0; m < M; ++m) y[(m0 + m) * N + n] = hsum(acc[m]) - mins[m];
 }
+
+// A decode step's one row of x against S far-apart weight rows, so S read streams are in flight
+// (as in the int8 and int4 kernels, see docs/cpu-kernels.md) and the S rows' float sums are
+// independent chains that overlap, where row_kernel<T, 1> waits on one chain per sub-block.
+// Types with one scale per sub-block add its two int32 halves before the one float multiply-add.
+template <int64_t T, int S>
+void stream_kernel(const PreparedX& xq, const uint8_t* w, int64_t row_bytes, float* y, const int64_t* rows) {
+  const Layout lay = layout(T);
+  const int64_t K = xq.K, subs = lay.inputs / kSub;
+  __m256 acc[S], acc_b[S];
+  float mins[S];
+  for (int i = 0; i < S; ++i) acc[i] = acc_b[i] = _mm256_setzero_ps(), mins[i] = 0.0f;
+  for (int64_t blk = 0; blk < K / lay.inputs; ++blk)
+    for (int64_t j = 0; j < subs; ++j) {
+      const int64_t b = blk * subs + j;
+      const int16_t* xv = xq.q.data() + b * kSub;
+      const __m256i x0 = _mm256_loadu_si256((const __m256i*)xv), x1 = _mm256_loadu_si256((const __m256i*)(xv + 16));
+      const float xs = xq.s[b];
+      for (int i = 0; i < S; ++i) {
+        const uint8_t* block = w + rows[i] * row_bytes + blk * lay.bytes;
+        __m256i ca, cb;
+        codes16<T>(block, j, ca, cb);
+        const __m256i ta = _mm256_madd_epi16(ca, x0), tb = _mm256_madd_epi16(cb, x1);
+        const Scales sc = scales<T>(block, j);
+        if constexpr (T == kQ6_K) {  // a scale per 16 inputs
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ta), _mm256_set1_ps(sc.sa * xs), acc[i]);
+          acc_b[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tb), _mm256_set1_ps(sc.sb * xs), acc_b[i]);
+        } else {  // a lane sums 4 products of at most 128 * 32767: no int32 overflow
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(ta, tb)), _mm256_set1_ps(sc.sa * xs), acc[i]);
+        }
+        if constexpr (T == kQ4_K) mins[i] += sc.mn * xq.sum[b];
+      }
+    }
+  for (int i = 0; i < S; ++i) y[rows[i]] = hsum(_mm256_add_ps(acc[i], acc_b[i])) - mins[i];
+}
+#define JAXACCEL_GGML_STREAMS 4
 #else
 #define JAXACCEL_GGML_PATH 0
 // Portable: the same integer sums, one code at a time.
@@ -311,6 +370,12 @@ template <int64_t T>
 void rows(const PreparedX& xq, int64_t M, const uint8_t* w, int64_t row_bytes, float* y, int64_t N, int64_t n0,
           int64_t n1) {
   const Layout lay = layout(T);
+#ifdef JAXACCEL_GGML_STREAMS
+  if (M == 1)  // S streams over S equal parts of [n0, n1); the rows left over go one at a time below
+    n0 = jaxaccel::stream_rows<JAXACCEL_GGML_STREAMS>(n0, n1, [&](const int64_t* r) {
+      stream_kernel<T, JAXACCEL_GGML_STREAMS>(xq, w, row_bytes, y, r);
+    });
+#endif
   const int64_t ahead = std::max<int64_t>(1, kAheadBytes / row_bytes);
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t t1 = std::min(n1, t0 + kTile);
