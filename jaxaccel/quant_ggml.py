@@ -5,7 +5,7 @@ A weight of one of `TYPES` is held as the GGUF file's bytes, uint8 [out, bytes p
 (`kernels.ggml.byte_shape`), never re-quantized into our own int8 / int4 layout. Decode programs
 multiply their rows through `kernels/ggml_blocks.cc` (`kernels.ggml.dot`: the decode steps, and
 the prefill's rows on the SIMD builds); every other dot (`Model.logits`, programs without
-kernels, prompts past `kernels.ggml.PREFILL_MAX_ROWS`) dequantizes the blocks inside the program
+kernels, prompts past `kernels.ggml.max_rows()`) dequantizes the blocks inside the program
 (`dequantize`: exact, equal bit for bit to `gguf.quants.dequantize`) for XLA's dot, and an
 embedding lookup dequantizes only the rows it takes. `quant.QuantConfig(mode="gguf")` names each
 weight's type; `checkpoints/gguf_stored.py` loads a file this way.

@@ -5,10 +5,10 @@ A weight [out, in] of one of `BLOCKS`' types is held as the file's bytes, one ro
 row: uint8 [out, in / inputs * bytes] (`byte_shape`). `dot` multiplies a decode program's rows by
 it without a float copy: the codes are widened in registers and meet x rounded to int16 per block
 of 32 inputs (within 2^-16 of the block's largest |x|, as int4.cc does). It takes the decode
-steps' rows (at most `MAX_ROWS`) and, on the AVX-512 VNNI and AVX2 builds, the prefill's (up to
-`PREFILL_MAX_ROWS`, the same rounding, so prefill and decode agree); other row counts get None:
-the caller dequantizes the blocks in the program (`jaxaccel.quant_ggml`), writing a float32 copy
-of every weight on each call. The build, tiers and registration are build.py's.
+steps' rows (at most `MAX_ROWS`) and the prefill's (up to `PREFILL_MAX_ROWS` on the AVX-512 VNNI
+build, `kernels.AVX2_PREFILL_MAX_ROWS` on the AVX2 one; the same rounding, so prefill and decode
+agree); other row counts get None: the caller dequantizes the blocks in the program
+(`jaxaccel.quant_ggml`), writing a float32 copy of every weight on each call. The build, tiers and registration are build.py's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import MAX_ROWS, build, load
+from . import MAX_ROWS, _prefill_max_rows, build, load
 
 PREFILL_MAX_ROWS = 512  # as kernels.INT8_PREFILL_MAX_ROWS: past it XLA's GEMM on the dequantized weight
 
@@ -45,15 +45,21 @@ def path() -> str:
     return {0: "portable", 1: "avx2", 2: "vnni"}[int(build._loaded["lib"].JaxaccelGgmlPath())] if load() else "none"
 
 
+def max_rows() -> int:
+    """The most rows of x the kernel takes: PREFILL_MAX_ROWS on the VNNI build,
+    kernels.AVX2_PREFILL_MAX_ROWS on the AVX2 one (past it, as for int8 and int4 there, XLA's
+    float32 GEMM on the dequantized blocks outruns int16 products), MAX_ROWS (decode) otherwise."""
+    return max(MAX_ROWS, _prefill_max_rows(path(), PREFILL_MAX_ROWS))
+
+
 def wants(x2: jax.Array, q: jax.Array, ggml_type: str) -> bool:
     """Would `x2 [M, K]` times the stored weight q (uint8 [N, bytes]) go to the kernel in a decode
-    program? At most MAX_ROWS rows (PREFILL_MAX_ROWS on the SIMD builds), K a multiple of the
-    type's block, q of the type's byte shape."""
+    program? At most `max_rows()` rows, K a multiple of the type's block, q of the type's byte shape."""
     if ggml_type not in BLOCKS or x2.ndim != 2 or q.ndim != 2 or q.dtype != jnp.uint8:
         return False
     M, K = x2.shape
     _, inputs, nbytes = BLOCKS[ggml_type]
-    rows = 1 <= M <= MAX_ROWS or (MAX_ROWS < M <= PREFILL_MAX_ROWS and path() in ("vnni", "avx2"))
+    rows = 1 <= M <= max_rows()
     return rows and K % inputs == 0 and q.shape[1] == K // inputs * nbytes
 
 
