@@ -177,7 +177,7 @@ struct PreparedX {
 
 #if defined(__AVX2__) && !defined(JAXACCEL_GENERIC)
 // The 32 codes of sub-block j as bytes (AVX2 ops, shared by the AVX-512 and AVX2 paths): unsigned
-// with the offset still in (removed after widening), signed for Q8_0.
+// with the offset still in (the caller removes it), signed for Q8_0.
 template <int64_t T>
 inline __m256i code_bytes(const uint8_t* block, int64_t j) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -213,20 +213,19 @@ inline __m256i code_bytes(const uint8_t* block, int64_t j) {
 template <int64_t T>
 constexpr int16_t offset() { return T == kQ4_0 ? 8 : T == kQ5_0 ? 16 : T == kQ6_K ? 32 : 0; }
 
-// The 32 codes of sub-block j widened to int16, offset removed: inputs 0-15 in a, 16-31 in b
+// The 32 codes of sub-block j widened to int16, offset removed: inputs 0-15 in a, 16-31 in b.
+// The offset comes off the bytes (every type's codes minus its offset fit int8), one
+// subtraction for 32 codes.
 template <int64_t T>
 inline void codes16(const uint8_t* block, int64_t j, __m256i& a, __m256i& b) {
   if constexpr (T == kQ8_0) {  // signed bytes as stored: widened straight from memory
     a = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 2)));
     b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(block + 18)));
   } else {
-    const __m256i u = code_bytes<T>(block, j);
-    a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u));
-    b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1));
-    if constexpr (offset<T>() != 0) {
-      a = _mm256_sub_epi16(a, _mm256_set1_epi16(offset<T>()));
-      b = _mm256_sub_epi16(b, _mm256_set1_epi16(offset<T>()));
-    }
+    __m256i u = code_bytes<T>(block, j);
+    if constexpr (offset<T>() != 0) u = _mm256_sub_epi8(u, _mm256_set1_epi8(char(offset<T>())));
+    a = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(u));
+    b = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(u, 1));
   }
 }
 #endif
@@ -279,14 +278,8 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* row, int64_t QK,
     const uint8_t* block = row + blk * bytes;
     for (int64_t j = 0; j < subs; ++j) {
       const int64_t b = blk * subs + j;
-      const __m256i u = code_bytes<T>(block, j);
-      const __m128i ulo = _mm256_castsi256_si128(u), uhi = _mm256_extracti128_si256(u, 1);
-      __m256i ca = T == kQ8_0 ? _mm256_cvtepi8_epi16(ulo) : _mm256_cvtepu8_epi16(ulo);
-      __m256i cb = T == kQ8_0 ? _mm256_cvtepi8_epi16(uhi) : _mm256_cvtepu8_epi16(uhi);
-      if constexpr (offset<T>() != 0) {
-        ca = _mm256_sub_epi16(ca, _mm256_set1_epi16(offset<T>()));
-        cb = _mm256_sub_epi16(cb, _mm256_set1_epi16(offset<T>()));
-      }
+      __m256i ca, cb;
+      codes16<T>(block, j, ca, cb);
       const Scales sc = scales<T>(block, j);
       for (int m = 0; m < M; ++m) {
         const int16_t* xv = xq.q.data() + (m0 + m) * K + b * kSub;
