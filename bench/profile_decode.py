@@ -15,6 +15,10 @@ pages, as XLA allocates them, against a copy collapsed into 2 MiB transparent hu
 (madvise MADV_HUGEPAGE + MADV_COLLAPSE), alternating the two for ROUNDS rounds: the bandwidth
 probe of `bench.decode` (`bench.common.BandwidthProbe`) reads numpy arrays, which numpy puts in
 huge pages, and the weights are not.
+
+`--fused-projections-ab ROUNDS` times a layer's projections of one input (q / k / v, gate / up)
+in one kernel call, the default, against one call each, alternating in the same way.
+`--model gemma-gguf --weights gguf` profiles the embedded GGUF with its blocks as stored.
 """
 
 from __future__ import annotations
@@ -39,16 +43,24 @@ except ImportError:  # run as a script: python bench/profile_decode.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.common import flags_text, machine_info, random_config, random_model, write_json
 
-MODELS = ("random", "gemma-random")
+MODELS = ("random", "gemma-random", "gemma-gguf")
 
 
 def build(name: str, weights: str):
     """Random-weight model `name` (bench.common's, as bench.decode builds it) on the default
-    device, in `weights`."""
+    device, in `weights`; "gemma-gguf" is the embedded Gemma 3 270M Q4_K_M GGUF with its blocks
+    as stored (`weights` "gguf"), EOS off as for the random models."""
     import jaxaccel
 
     if name not in MODELS:
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if name == "gemma-gguf":
+        from jaxaccel import default_models
+
+        if weights != "gguf":
+            raise SystemExit("--model gemma-gguf serves the file's blocks as stored: pass --weights gguf")
+        model = jaxaccel.load(default_models.gemma_gguf_path(), gguf_weights="as_stored")
+        return dataclasses.replace(model, config=model.config.replace(eos_token_id=None), tokenizer=None)
     model = random_model(random_config(name).replace(eos_token_id=None))  # no EOS: every row runs the full length
     if weights != "float32":
         model = model.quantize(jaxaccel.QuantConfig(mode=weights))
@@ -129,14 +141,25 @@ def huge_page_ab(model, prompts, new_tokens: int, rounds: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel.generation import generate_tokens
-
     if jax.default_backend() != "cpu" or not Path("/proc/self/smaps").exists():
         raise SystemExit("--huge-pages: CPU backend on Linux only (transparent huge pages of host memory)")
     copy = jax.jit(lambda p: jax.tree.map(lambda x: x * jnp.ones((), x.dtype), p))  # fresh XLA buffers
     small = dataclasses.replace(model, params=copy(model.params))
     huge = dataclasses.replace(model, params=copy(model.params))
     collapsed = collapse_huge_pages(jax.tree.leaves(huge.params))
+
+    times = alternate({"4k": small, "huge": huge}, prompts, new_tokens, rounds)
+    ratios = [h / s for h, s in zip(times["huge"], times["4k"])]
+    return {"collapse": collapsed, "params_bytes": model.params_bytes, "ms_per_step": times,
+            "median_4k_ms": statistics.median(times["4k"]), "median_huge_ms": statistics.median(times["huge"]),
+            "median_ratio_huge_to_4k": statistics.median(ratios)}
+
+
+def alternate(models: dict, prompts, new_tokens: int, rounds: int) -> dict[str, list[float]]:
+    """Decode ms/step of each of `models` (a whole generation less its first token's time), timed
+    in turn `rounds` times after one compiling run each: a VM's bandwidth can drift within
+    minutes, so only neighbouring timings compare."""
+    from jaxaccel.generation import generate_tokens
 
     def step_ms(m):
         t0 = time.perf_counter()
@@ -145,16 +168,25 @@ def huge_page_ab(model, prompts, new_tokens: int, rounds: int) -> dict:
         generate_tokens(m, prompts, max_new_tokens=new_tokens, host_step=stop_after_first)
         return decode_ms_per_step(t1 - t0, time.perf_counter() - t1, new_tokens)
 
-    for m in (small, huge):
+    for m in models.values():
         step_ms(m)  # compiles
-    times = {"4k": [], "huge": []}
+    times = {name: [] for name in models}
     for _ in range(rounds):
-        times["4k"].append(step_ms(small))
-        times["huge"].append(step_ms(huge))
-    ratios = [h / s for h, s in zip(times["huge"], times["4k"])]
-    return {"collapse": collapsed, "params_bytes": model.params_bytes, "ms_per_step": times,
-            "median_4k_ms": statistics.median(times["4k"]), "median_huge_ms": statistics.median(times["huge"]),
-            "median_ratio_huge_to_4k": statistics.median(ratios)}
+        for name, m in models.items():
+            times[name].append(step_ms(m))
+    return times
+
+
+def fused_projections_ab(model, prompts, new_tokens: int, rounds: int) -> dict:
+    """Decode ms/step with a layer's projections of one input in one kernel call (the default)
+    against one call per projection (`KernelChoice(fuse_projections=False)`), alternating."""
+    from jaxaccel.kernels import KernelChoice
+
+    apart = dataclasses.replace(model, kernels=KernelChoice(decode=True, fuse_projections=False))
+    times = alternate({"fused": model, "apart": apart}, prompts, new_tokens, rounds)
+    ratios = [f / a for f, a in zip(times["fused"], times["apart"])]
+    return {"ms_per_step": times, "median_fused_ms": statistics.median(times["fused"]),
+            "median_apart_ms": statistics.median(times["apart"]), "median_ratio_fused_to_apart": statistics.median(ratios)}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -244,8 +276,10 @@ def print_summary(label: str, s: dict, lines: int = 8, top: int = 15) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gemma-random", help="random or gemma-random (random weights)")
-    ap.add_argument("--weights", default="bfloat16", help="float32, bfloat16 or int8 (QuantConfig modes)")
+    ap.add_argument("--model", default="gemma-random",
+                    help="random or gemma-random (random weights), or gemma-gguf (the embedded GGUF as stored)")
+    ap.add_argument("--weights", default="bfloat16",
+                    help="float32, bfloat16, int8 or int4 (QuantConfig modes); gguf with --model gemma-gguf")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -257,12 +291,15 @@ def main(argv=None):
     ap.add_argument("--huge-pages", type=int, default=0, metavar="ROUNDS",
                     help="also time the weights in 4 KiB against 2 MiB (transparent huge) pages, alternating "
                          "for ROUNDS rounds (CPU backend, Linux)")
+    ap.add_argument("--fused-projections-ab", type=int, default=0, metavar="ROUNDS",
+                    help="also time a layer's projections of one input in one kernel call (the default) against "
+                         "one call each (KernelChoice(fuse_projections=False)), alternating for ROUNDS rounds")
     ap.add_argument("--out", default=None, help="JSON output")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode excludes the first token)")
-    if args.huge_pages < 0:
-        raise SystemExit("--huge-pages must be >= 0 rounds")
+    if args.huge_pages < 0 or args.fused_projections_ab < 0:
+        raise SystemExit("--huge-pages and --fused-projections-ab must be >= 0 rounds")
     variants = [parse_variant(v) for v in args.variant]
     import jax
 
@@ -305,6 +342,11 @@ def main(argv=None):
               f"(median ratio {h['median_ratio_huge_to_4k']:.3f} over {args.huge_pages} alternating rounds); "
               f"collapsed {c['bytes'] / 2**20:.0f} of {h['params_bytes'] / 2**20:.0f} MiB in {c['seconds']:.1f} s"
               + (f", {c['failed']} pages of 2 MiB refused (errno {c['errno']})" if c["failed"] else ""), flush=True)
+    if args.fused_projections_ab:
+        doc["fused_projections"] = f = fused_projections_ab(model, prompts, args.new_tokens, args.fused_projections_ab)
+        print(f"  projections of one input in one call {f['median_fused_ms']:.3f} ms/step, one call each "
+              f"{f['median_apart_ms']:.3f} (median ratio {f['median_ratio_fused_to_apart']:.3f} over "
+              f"{args.fused_projections_ab} alternating rounds)", flush=True)
     if not args.no_trace:
         with tempfile.TemporaryDirectory(prefix="jaxaccel-prof-") as tmp:
             for label, kw in (("whole", {}), ("streamed", {"host_step": keep_going})):

@@ -146,7 +146,7 @@ class Dense(nn.Module):
 def project(x: Array, denses) -> list[Array]:
     """The outputs of several `Dense` layers (one dtype, factory and kernel choice) on the same x:
     a layer's q / k / v or gate / up projections. In decode programs (`KernelChoice.decode` and
-    `fuse_projections`) their int8 weights are multiplied in one kernel call (`quant.dot_many`):
+    `fuse_projections`) their int8 weights or GGUF blocks are multiplied in one kernel call (`quant.dot_many`):
     each call costs a hand-off to the thread pool and a wait for its slowest thread, and a
     decode step is a chain of such calls. The outputs are those of one call per layer, bit for
     bit. Outside decode programs each layer is called (`Dense.__call__`, which lora.py and
@@ -157,7 +157,7 @@ def project(x: Array, denses) -> list[Array]:
     x = x.astype(first.dtype)
     parts = [d.weights(x.shape[-1]) for d in denses]
     ys = quant.dot_many(x, [w for w, _ in parts])
-    if ys is None:  # not all int8: one call each, with the weights already in hand
+    if ys is None:  # not all int8 nor all GGUF blocks: one call each, with the weights already in hand
         ys = [d.multiply(x, w) for d, (w, _) in zip(denses, parts)]
     return [y if b is None else y + b.astype(d.dtype) for d, y, (_, b) in zip(denses, ys, parts)]
 

@@ -46,6 +46,7 @@ from jax import lax
 
 from . import kernels
 from .kernels import XLA, KernelChoice
+from .kernels import ggml
 from .kernels import w8a8 as w8a8_kernel
 from .quant_math import dequantize, pack_int4, quantize, quantize_asymmetric_mse, quantize_mse, unpack_int4
 from . import quant_ggml
@@ -247,13 +248,18 @@ class Weight:
 
 def dot_many(x: jax.Array, weights) -> list[jax.Array] | None:
     """x [..., in] times several `Weight`s sharing that input (`layers.project`) in one kernel call,
-    when each is served from int8 values with scales and no zero in a decode program
-    (`kernels.dot_many`); else None: the caller multiplies them one at a time."""
-    if not all(isinstance(w, Weight) and w.mode == "int8" and w.stored is not None and w.stored[2] is None
-               and w.kernels.decode for w in weights):
+    in a decode program, when each is served from int8 values with scales and no zero
+    (`kernels.dot_many`), or each from a GGUF file's blocks (`kernels.ggml.dot_many`, types may
+    differ); else None: the caller multiplies them one at a time."""
+    if not all(isinstance(w, Weight) and w.stored is not None and w.kernels.decode for w in weights):
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    ys = kernels.dot_many(x2, [w.stored[:2] for w in weights], x.dtype)
+    if all(w.mode == "int8" and w.stored[2] is None for w in weights):
+        ys = kernels.dot_many(x2, [w.stored[:2] for w in weights], x.dtype)
+    elif all(w.mode in quant_ggml.TYPES for w in weights):
+        ys = ggml.dot_many(x2, [(w.stored[0], w.mode) for w in weights], x.dtype)
+    else:
+        return None
     return None if ys is None else [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 

@@ -139,6 +139,58 @@ def test_kernel_same_input_same_bits_and_nan_propagates(built, ggml_type):
     assert np.isnan(b[1]).all() and np.isfinite(b[0]).all()
 
 
+# weights of mixed types on one x, each with and without the pool's threads (and an odd N)
+@pytest.mark.parametrize("M", [1, 3, 37])
+@pytest.mark.parametrize("Ns", [(7, 203), (1001, 33, 4099), (2048, 2048)])
+def test_kernel_many_equals_one_call_per_weight(built, M, Ns):
+    rng = np.random.default_rng(M + len(Ns))
+    weights = [(jnp.asarray(quantized(rng, TYPES[i % 5], n, 512)[0]), TYPES[i % 5]) for i, n in enumerate(Ns)]
+    x = jnp.asarray(rng.standard_normal((M, 512)).astype(np.float32))
+    many = ggml.matvec_many(x, weights)
+    for (q, t), y in zip(weights, many):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(ggml.matvec(x, q, t)))
+
+
+def test_kernel_many_refused_for_other_weights(built):
+    q8 = jnp.zeros((10, 256 // 32 * 34), jnp.uint8)
+    x = jnp.zeros((1, 256))
+    assert ggml.dot_many(x, [(q8, "Q8_0")], jnp.float32) is None  # one weight: the plain call
+    assert ggml.dot_many(x, [(q8, "Q8_0"), (q8, "Q4_K")], jnp.float32) is None  # bytes are not Q4_K's
+    assert len(ggml.dot_many(x, [(q8, "Q8_0"), (q8, "Q8_0")], jnp.float32)) == 2
+    call = lambda outs, args, types: jax.block_until_ready(jax.ffi.ffi_call("jaxaccel_ggml_dot_many", outs)(
+        x, *args, ggml_types=np.asarray(types, np.int64)))
+    out = jax.ShapeDtypeStruct((1, 10), jnp.float32)
+    with pytest.raises(Exception, match="one weight, one ggml type and one result each"):
+        call((out, out), [q8, q8], [8])
+    with pytest.raises(Exception, match="unsupported ggml type"):
+        call((out,), [q8], [13])
+    with pytest.raises(Exception, match="K a multiple of the type's block"):
+        call((out,), [q8], [12])
+
+
+def test_fused_projections_give_the_same_decode_logits(built, tiny_gguf):
+    """In a decode program a layer's q / k / v and gate / up blocks (of different types) go through
+    one kernel call each, and the logits equal one call per projection bit for bit."""
+    from jaxaccel import quant
+    from jaxaccel.kv_cache import init_cache
+    from jaxaccel.models import registry
+
+    model = jaxaccel.load(tiny_gguf, gguf_weights="as_stored")
+    cfg = model.config
+    cache = init_cache(cfg, 2, 16, jnp.float32)
+    tokens = jnp.asarray([[3], [7]], jnp.int32)
+    texts, logits = {}, {}
+    for fuse in (True, False):
+        module = registry.build(cfg, "float32", dot_general_cls=quant.dot_general_cls(model.quant, serving=True),
+                                kernels=kernels.KernelChoice(decode=True, fuse_projections=fuse))
+        step = jax.jit(lambda p, t, c: module.apply({"params": p}, t, cache=c).logits)
+        texts[fuse] = step.lower(model.params, tokens, cache).as_text()
+        logits[fuse] = np.asarray(step(model.params, tokens, cache))
+    assert texts[True].count("jaxaccel_ggml_dot_many") == 2 * cfg.num_layers
+    assert "jaxaccel_ggml_dot_many" not in texts[False]
+    np.testing.assert_array_equal(logits[True], logits[False])
+
+
 def test_kernel_takes_rows_of_the_layout_only_and_refuses_bad_shapes(built):
     q = jnp.zeros((10, 256 // 32 * 34), jnp.uint8)
     assert ggml.wants(jnp.zeros((8, 256)), q, "Q8_0")

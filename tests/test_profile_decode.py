@@ -37,7 +37,7 @@ def test_parse_variant():
 def test_small_run_reports_timings_variants_and_a_trace(tmp_path, capsys):
     doc = profile_decode.main(["--model", "random", "--weights", "float32", "--new-tokens", "4", "--repeats", "1",
                                "--variant", "bad:xla_no_such_option=1", "--huge-pages", "1",
-                               "--out", str(tmp_path / "p.json")])
+                               "--fused-projections-ab", "1", "--out", str(tmp_path / "p.json")])
     t = doc["timings"]["default"]
     for k in ("whole", "streamed", "per_token_calls"):
         assert t[f"{k}_decode_ms_per_step"] > 0
@@ -45,6 +45,8 @@ def test_small_run_reports_timings_variants_and_a_trace(tmp_path, capsys):
     h = doc["huge_pages"]
     assert len(h["ms_per_step"]["4k"]) == len(h["ms_per_step"]["huge"]) == 1 and h["median_huge_ms"] > 0
     assert h["collapse"]["bytes"] + h["collapse"]["failed"] > 0  # the embedding has whole 2 MiB pages
+    f = doc["fused_projections"]
+    assert len(f["ms_per_step"]["fused"]) == len(f["ms_per_step"]["apart"]) == 1 and f["median_apart_ms"] > 0
     lines = doc["trace_whole"]["lines"]
     assert any(x["thread"] == "python" for x in lines) and sum(x["events"] for x in lines) > 0
     assert "costliest on" in capsys.readouterr().out
@@ -78,8 +80,11 @@ def test_collapse_huge_pages_accounts_for_every_whole_page():
 def test_huge_pages_refusals(monkeypatch):
     import jax
 
-    with pytest.raises(SystemExit, match="--huge-pages must be >= 0 rounds"):
-        profile_decode.main(["--huge-pages", "-1"])
+    for flag in ("--huge-pages", "--fused-projections-ab"):
+        with pytest.raises(SystemExit, match="--huge-pages and --fused-projections-ab must be >= 0 rounds"):
+            profile_decode.main([flag, "-1"])
+    with pytest.raises(SystemExit, match="pass --weights gguf"):
+        profile_decode.main(["--model", "gemma-gguf", "--weights", "int8"])
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(SystemExit, match="--huge-pages: CPU backend on Linux only"):
         profile_decode.huge_page_ab(None, [[1, 2]], 4, 1)

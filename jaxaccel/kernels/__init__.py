@@ -122,8 +122,8 @@ class KernelChoice:
     int8_gemm: w8a8 dots (int8 weights x activations quantized per token) through `w8a8.cc`
       (the encoders' programs); otherwise AQT's dot as XLA compiles it (same numerics).
     fuse_projections: with decode, the projections of one input (q / k / v, gate / up) with int8
-      weights multiply in one kernel call (`dot_many`; same outputs, one hand-off to the threads);
-      False keeps one call each (to compare the two).
+      weights or GGUF blocks multiply in one kernel call (`dot_many`, `ggml.dot_many`; same
+      outputs, one hand-off to the threads); False keeps one call each (to compare the two).
     The default (all off) is XLA's ops everywhere: training, scoring, sharded models."""
 
     decode: bool = False

@@ -31,6 +31,7 @@ TARGETS = {"jaxaccel_matvec": "JaxaccelMatvec", "jaxaccel_matvec_scaled": "Jaxac
            "jaxaccel_write_rows": "JaxaccelWriteRows", "jaxaccel_decode_attention": "JaxaccelDecodeAttention",
            "jaxaccel_w8a8": "JaxaccelW8a8"}
 TARGETS["jaxaccel_ggml_dot"] = "JaxaccelGgmlDot"  # kernels/ggml.py
+TARGETS["jaxaccel_ggml_dot_many"] = "JaxaccelGgmlDotMany"
 TARGETS["jaxaccel_argmax"] = "JaxaccelArgmax"
 ENV = "JAXACCEL_CPU_KERNELS"
 FLAGS_ENV = "JAXACCEL_CPU_KERNEL_FLAGS"

@@ -76,3 +76,22 @@ def dot(x2: jax.Array, q: jax.Array, ggml_type: str, out_dtype) -> jax.Array | N
     if not wants(x2, q, ggml_type):
         return None
     return matvec(x2, q, ggml_type).astype(out_dtype)
+
+
+def matvec_many(x2: jax.Array, weights) -> list[jax.Array]:
+    """float32 [M, N_i] = x2 [M, K] . W_i^T for each (q_i, ggml_type_i) in `weights`, in one kernel
+    call: x is rounded once and the pool threads get the rows of every weight at once."""
+    outs = tuple(jax.ShapeDtypeStruct((x2.shape[0], q.shape[0]), jnp.float32) for q, _ in weights)
+    types = np.asarray([BLOCKS[t][0] for _, t in weights], np.int64)
+    return list(jax.ffi.ffi_call("jaxaccel_ggml_dot_many", outs)(x2.astype(jnp.float32), *[q for q, _ in weights],
+                                                                ggml_types=types))
+
+
+def dot_many(x2: jax.Array, weights, out_dtype) -> list[jax.Array] | None:
+    """In a decode program, `x2 [M, K]` times several stored weights ((q, ggml_type) pairs; a
+    layer's q / k / v or gate / up projections) in one call (`matvec_many`) when the kernel takes
+    each (`wants`), else None: the caller multiplies them one at a time. Each output equals
+    `dot`'s for its weight bit for bit."""
+    if len(weights) < 2 or not all(wants(x2, q, t) for q, t in weights):
+        return None
+    return [y.astype(out_dtype) for y in matvec_many(x2, weights)]

@@ -392,34 +392,84 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixOut = ffi::ResultBuffer<ffi::F32, 2>;
 using Bytes = ffi::Buffer<ffi::U8, 2>;
 
-ffi::Error GgmlDot(ffi::ThreadPool pool, Matrix x, Bytes w, MatrixOut y, int64_t type) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
+// One weight's share of a call: its rows cut into chunks for the pool's threads.
+struct Job {
+  int64_t type = 0, N = 0, row_bytes = 0, chunk = 0, n_chunks = 0;
+  const uint8_t* w = nullptr;
+  float* y = nullptr;
+
+  void operator()(const PreparedX& xq, int64_t M, int64_t c) const {
+    const int64_t n0 = c * chunk, n1 = std::min(N, (c + 1) * chunk);
+    switch (type) {
+      case kQ4_0: rows<kQ4_0>(xq, M, w, row_bytes, y, N, n0, n1); break;
+      case kQ5_0: rows<kQ5_0>(xq, M, w, row_bytes, y, N, n0, n1); break;
+      case kQ8_0: rows<kQ8_0>(xq, M, w, row_bytes, y, N, n0, n1); break;
+      case kQ4_K: rows<kQ4_K>(xq, M, w, row_bytes, y, N, n0, n1); break;
+      default: rows<kQ6_K>(xq, M, w, row_bytes, y, N, n0, n1); break;
+    }
+  }
+};
+
+// Helper threads worth handing `bytes` of weights to: none below 128 KiB (the hand-off costs more)
+int64_t helpers_for(ffi::ThreadPool& pool, int64_t bytes) {
+  return bytes < (128 << 10) ? 0 : std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
+}
+
+// Checks w [N, bytes] of ggml type `type` against x [M, K] and describes it as a Job for y [M, N];
+// chunks as a call for this weight alone cuts them (several per participant, so a late starter
+// still helps), so its rows' sums are the same whichever call computes them.
+ffi::Error describe(Job& job, ffi::ThreadPool& pool, int64_t M, int64_t K, const Bytes& w, float* y, int64_t type) {
+  const auto wd = w.dimensions();
   const Layout lay = layout(type);
   if (!lay.inputs)
     return ffi::Error::InvalidArgument("jaxaccel ggml matvec: unsupported ggml type (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)");
   if (M < 1 || M > kMaxRows || K < 1 || K % lay.inputs || wd[1] != K / lay.inputs * lay.bytes)
     return ffi::Error::InvalidArgument("jaxaccel ggml matvec: needs x [M <= 512, K] with K a multiple of the type's "
                                        "block and w [N, K / block * block bytes] (kernels.ggml.wants)");
+  job = {type, wd[0], wd[1], 0, 0, w.typed_data(), y};
+  const int64_t parts = (helpers_for(pool, job.N * job.row_bytes) + 1) * 8;
+  job.chunk = std::max<int64_t>(32, (job.N + parts - 1) / parts);
+  job.n_chunks = (job.N + job.chunk - 1) / job.chunk;
+  return ffi::Error::Success();
+}
+
+ffi::Error GgmlDot(ffi::ThreadPool pool, Matrix x, Bytes w, MatrixOut y, int64_t type) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  Job job;
+  if (auto e = describe(job, pool, M, K, w, y->typed_data(), type); e.failure()) return e;
   PreparedX xq;
   xq.prepare(x.typed_data(), M, K);
-  const uint8_t* wp = w.typed_data();
-  float* yp = y->typed_data();
-  const int64_t row_bytes = wd[1];
-  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, jaxaccel::kMaxHelpers);
-  if (N * row_bytes < (128 << 10)) helpers = 0;  // too small to pay for a hand-off
-  // several chunks per participant, so a late starter still helps
-  const int64_t parts = (helpers + 1) * 8, chunk = std::max<int64_t>(32, (N + parts - 1) / parts);
-  const int64_t n_chunks = (N + chunk - 1) / chunk;
-  jaxaccel::parallel_for(pool, n_chunks, helpers, [&](int64_t c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, (c + 1) * chunk);
-    switch (type) {
-      case kQ4_0: rows<kQ4_0>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
-      case kQ5_0: rows<kQ5_0>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
-      case kQ8_0: rows<kQ8_0>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
-      case kQ4_K: rows<kQ4_K>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
-      default: rows<kQ6_K>(xq, M, wp, row_bytes, yp, N, n0, n1); break;
-    }
+  jaxaccel::parallel_for(pool, job.n_chunks, helpers_for(pool, job.N * job.row_bytes),
+                         [&](int64_t c) { job(xq, M, c); });
+  return ffi::Error::Success();
+}
+
+// Several weights (each of its own ggml type, `types`) times the same x, in one call: a layer's
+// q / k / v or gate / up projections. x is rounded once, and the pool is handed the chunks of all
+// the weights at once, where separate calls each paid a hand-off and a wait for the slowest
+// thread. Each output equals GgmlDot's for its weight bit for bit (same rounding, same chunks).
+ffi::Error GgmlDotMany(ffi::ThreadPool pool, Matrix x, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                       ffi::Span<const int64_t> types) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], n = int64_t(rets.size());
+  if (n < 1 || int64_t(args.size()) != n || int64_t(types.size()) != n)
+    return ffi::Error::InvalidArgument("jaxaccel ggml matvec_many: needs one weight, one ggml type and one result each");
+  std::vector<Job> jobs(static_cast<size_t>(n));
+  std::vector<int64_t> first(size_t(n) + 1, 0);  // chunks of the jobs before job i
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    auto w = args.get<Bytes>(i);
+    auto y = rets.get<Matrix>(i);
+    if (w.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument("jaxaccel ggml matvec_many: weights must be uint8 [N, bytes], results float32");
+    if (auto e = describe(jobs[i], pool, M, K, *w, (*y)->typed_data(), types[i]); e.failure()) return e;
+    bytes += jobs[i].N * jobs[i].row_bytes;
+    first[i + 1] = first[i] + jobs[i].n_chunks;
+  }
+  PreparedX xq;
+  xq.prepare(x.typed_data(), M, K);
+  jaxaccel::parallel_for(pool, first[n], helpers_for(pool, bytes), [&](int64_t c) {
+    const int64_t i = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    jobs[i](xq, M, c - first[i]);
   });
   return ffi::Error::Success();
 }
@@ -436,3 +486,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelGgmlDot, GgmlDot,
                                   .Arg<Bytes>()
                                   .Ret<Matrix>()
                                   .Attr<int64_t>("ggml_type"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelGgmlDotMany, GgmlDotMany,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("ggml_types"));
