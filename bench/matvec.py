@@ -14,6 +14,8 @@ weight / time per product / that bandwidth.
   python -m bench.matvec --dtype int8          # as QuantConfig("int8") stores them: [out, in] codes,
                                                # a scale per output (per 32 inputs for the embedding)
   python -m bench.matvec --dtype int4          # codes + scale + zero per 32 inputs, two codes a byte
+  python -m bench.matvec --dtype Q5_0          # a GGUF file's blocks as stored (Q4_0, Q5_0, Q8_0, Q4_K,
+                                               # Q6_K; shapes whose inputs the block does not divide are skipped)
   python -m bench.matvec --model random        # the ~56M Llama's shapes
 
 The kernel is what `jaxaccel.generate` uses on the CPU for decode steps (`jaxaccel.kernels`):
@@ -32,7 +34,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 OUT = HERE / "results" / "matvec.json"
-DTYPES = ("float32", "bfloat16", "int8", "int4")
+GGML_DTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")  # kernels.ggml.BLOCKS: a GGUF file's blocks as stored
+DTYPES = ("float32", "bfloat16", "int8", "int4") + GGML_DTYPES
 
 
 def model_shapes(config) -> list[tuple[str, int, int, int]]:
@@ -41,7 +44,7 @@ def model_shapes(config) -> list[tuple[str, int, int, int]]:
         config.intermediate_size
     shapes = [("q_proj", h, q, 0), ("k_proj / v_proj", h, kv, 0), ("o_proj", q, h, 0),
               ("gate_proj / up_proj", h, f, 0), ("down_proj", f, h, 0)]
-    lm_head = ("embedding (tied lm_head)", config.vocab_size, h, 1) if config.tie_word_embeddings else \
+    lm_head = ("embedding (tied lm_head)", h, config.vocab_size, 1) if config.tie_word_embeddings else \
         ("lm_head", h, config.vocab_size, 0)
     return shapes + [lm_head]
 
@@ -59,6 +62,15 @@ def random_weight(K: int, N: int, axis: int, dtype: str, rng):
     if dtype in ("float32", "bfloat16"):
         shape = (K, N) if axis == 0 else (N, K)
         return dtype, (jnp.asarray(rng.standard_normal(shape, np.float32), dtype),)
+    if dtype in GGML_DTYPES:  # random codes; every float16 scale (d, and dmin in Q4_K) 0.01
+        from jaxaccel.kernels import ggml
+
+        _, inputs, nbytes = ggml.BLOCKS[dtype]
+        blocks = rng.integers(0, 256, (N, K // inputs, nbytes), dtype=np.uint8)
+        half = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        for at in {"Q4_K": (0, 2), "Q6_K": (208,)}.get(dtype, (0,)):
+            blocks[..., at:at + 2] = half
+        return dtype, (jnp.asarray(blocks.reshape(N, -1)),)
     groups = K // INT4_GROUP if dtype == "int4" else K // EMBEDDING_GROUP if axis == 1 else 1
     scale = jnp.asarray(rng.random((N, groups), np.float32) * 0.01 + 0.001)
     if dtype == "int8":
@@ -73,8 +85,11 @@ def product(x, mode: str, stored: tuple, axis: int, kernel: bool):
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel import kernels, quant
+    from jaxaccel import kernels, quant, quant_ggml
+    from jaxaccel.kernels import ggml
 
+    if mode in GGML_DTYPES:
+        return ggml.matvec(x, stored[0], mode) if kernel else quant_ggml.serve_dot(mode, x, stored[0], jnp.float32)
     if mode in ("float32", "bfloat16"):
         w = stored[0]
         if kernel:
@@ -153,6 +168,16 @@ def main(argv=None) -> dict:
         if not shapes:
             p.error(f"--shapes {args.shapes!r} matches none of {[s[0] for s in model_shapes(config)]}")
     dtype = args.dtype
+    if dtype in GGML_DTYPES:
+        from jaxaccel.kernels import ggml
+
+        inputs = ggml.BLOCKS[dtype][1]
+        skipped = [s[0] for s in shapes if s[1] % inputs]
+        shapes = [s for s in shapes if s[1] % inputs == 0]
+        if skipped:
+            print(f"skipped (inputs not a multiple of {dtype}'s {inputs}): {', '.join(skipped)}", flush=True)
+        if not shapes:
+            p.error(f"no shape of {args.model} has inputs a multiple of {dtype}'s block of {inputs}")
     machine = machine_info()
     print(f"{machine.get('cpu', '?')} ({flags_text(machine)}): {args.model} shapes, {args.dtype} weights, "
           f"{args.rows} row(s); best of {args.repeats}, >= {args.mib} MiB of copies per shape", flush=True)

@@ -22,7 +22,8 @@ def test_shapes_are_the_weights_a_decode_step_multiplies_by():
     assert got - {(lm_head[1], lm_head[2])} == dense
     assert lm_head[1:3] == (config.hidden_size, config.vocab_size)  # untied: [hidden, vocab]
     gemma = random_config("gemma-random")
-    assert matvec.model_shapes(gemma)[-1] == ("embedding (tied lm_head)", gemma.vocab_size, gemma.hidden_size, 1)
+    # the tied embedding [vocab, hidden] as attend multiplies it: hidden inputs, vocab outputs
+    assert matvec.model_shapes(gemma)[-1] == ("embedding (tied lm_head)", gemma.hidden_size, gemma.vocab_size, 1)
 
 
 def test_tiny_run_reports_kernel_and_xla_against_the_read_bandwidth(tmp_path, capsys):
@@ -54,9 +55,28 @@ def test_integer_weights_are_timed_as_stored_with_their_scales(dtype, per_weight
         assert r["kernel"]["s"] > 0 and (r["xla"] is None if dtype == "int4" else r["xla"]["s"] > 0)
 
 
+@pytest.mark.parametrize("dtype", ["Q8_0", "Q4_K"])
+def test_gguf_blocks_are_timed_as_stored(dtype, tmp_path, capsys):
+    """A GGUF type's shapes go through the block kernel and XLA's dequantize-then-dot, their bytes
+    are the blocks' (scales inside); shapes whose inputs the block does not divide are skipped."""
+    from jaxaccel.kernels import ggml
+
+    doc = matvec.main(["--shapes", "o_proj,gate", "--mib", "1", "--repeats", "1", "--probe-mib", "8",
+                       "--dtype", dtype, "--out", str(tmp_path / "m.json")])
+    _, inputs, nbytes = ggml.BLOCKS[dtype]
+    names = [r["weight"] for r in doc["results"]]
+    assert names == (["o_proj", "gate_proj / up_proj"] if dtype == "Q8_0" else ["o_proj"])
+    for r in doc["results"]:
+        assert r["kernel"]["bytes"] == r["N"] * r["K"] // inputs * nbytes
+        assert r["kernel"]["s"] > 0 and r["xla"]["s"] > 0
+    if dtype == "Q4_K":
+        assert "skipped (inputs not a multiple of Q4_K's 256): gate_proj / up_proj" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--rows", "9"], "--rows must be in 1..8"),
-    (["--dtype", "int3"], "--dtype must be one of float32, bfloat16, int8, int4, got 'int3'"),
+    (["--dtype", "int3"], "--dtype must be one of float32, bfloat16, int8, int4, Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, got 'int3'"),
+    (["--dtype", "Q4_K", "--shapes", "k_proj,gate"], "no shape of gemma-random has inputs a multiple of Q4_K's block of 256"),
     (["--mib", "0"], "--mib, --repeats and --probe-mib must be >= 1"),
     (["--shapes", "nonsense"], "--shapes 'nonsense' matches none of"),
 ])
