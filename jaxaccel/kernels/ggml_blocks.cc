@@ -25,7 +25,13 @@
 // codes are widened once per 4 rows of x, and no float32 copy of the weight is ever written (XLA's
 // route dequantizes every weight in every prefill).
 //
+// Batch 1 (AVX2 build): four weight rows from four distant parts of a chunk go through together
+// (stream_kernel), each with its own float sums, so four read streams and four chains of
+// multiply-adds are in flight (docs/cpu-kernels.md).
+//
 // Threads: rows of W are cut into chunks shared by the calling thread and XLA's pool (parallel.h).
+// GgmlDotMany hands the chunks of several weights on one x (a layer's q / k / v or gate / up) to
+// the pool at once, each weight cut as its own call would cut it, so the outputs are the same.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,11 +75,11 @@ Layout layout(int64_t type) {
 // IEEE float16 bits -> float32, exact (F16C's instruction where the tier has it; the bit
 // arithmetic below, which gives the same floats, on the portable tier)
 inline float half(const uint8_t* p) {
-#if defined(__F16C__) && !defined(JAXACCEL_GENERIC)
+#if defined(__F16C__) && defined(__AVX2__) && !defined(JAXACCEL_GENERIC)  // immintrin.h is included for AVX2
   uint16_t bits16;
   std::memcpy(&bits16, p, 2);
   return _cvtsh_ss(bits16);
-#endif
+#else
   const uint32_t h = uint32_t(p[0]) | (uint32_t(p[1]) << 8);
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
   uint32_t bits;
@@ -88,6 +94,7 @@ inline float half(const uint8_t* p) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+#endif
 }
 
 // The scales of sub-block j (0-7 in K types, 0 otherwise) of `block`: W = sa|sb * code - mn
