@@ -563,8 +563,11 @@ def test_ctrl_c_keeps_the_measured_rows(tiny, tmp_path):
     """SIGINT once float32 jit is measured: exit 130, the report holds the rows measured before it."""
     out = tmp_path / "int"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # a shell without job control starts background commands with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the child gets the default back, however pytest was started
     proc = subprocess.Popen([sys.executable, "-m", "jaxaccel.cli", "accelerate", "--model", str(tiny), "--out", str(out),
-                             "--new-tokens", "4"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--new-tokens", "4"], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)
