@@ -8,7 +8,8 @@ of 32 inputs (within 2^-16 of the block's largest |x|, as int4.cc does). It take
 steps' rows (at most `MAX_ROWS`) and the prefill's (up to `PREFILL_MAX_ROWS` on the AVX-512 VNNI
 build, `kernels.AVX2_PREFILL_MAX_ROWS` on the AVX2 one; the same rounding, so prefill and decode
 agree); other row counts get None: the caller dequantizes the blocks in the program
-(`jaxaccel.quant_ggml`), writing a float32 copy of every weight on each call. The build, tiers and registration are build.py's.
+(`jaxaccel.quant_ggml`), writing a float32 copy of every weight on each call. `dot_many` takes a
+layer's projections of one input in one call. The build, tiers and registration are build.py's.
 """
 
 from __future__ import annotations
