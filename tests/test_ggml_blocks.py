@@ -166,6 +166,8 @@ def test_kernel_many_refused_for_other_weights(built):
         call((out,), [q8], [13])
     with pytest.raises(Exception, match="K a multiple of the type's block"):
         call((out,), [q8], [12])
+    with pytest.raises(Exception, match="weights must be uint8"):
+        call((out,), [jnp.zeros((10, 256 // 32 * 34), jnp.float32)], [8])
 
 
 def test_fused_projections_give_the_same_decode_logits(built, tiny_gguf):

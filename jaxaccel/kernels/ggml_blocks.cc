@@ -401,7 +401,7 @@ using Bytes = ffi::Buffer<ffi::U8, 2>;
 
 // One weight's share of a call: its rows cut into chunks for the pool's threads.
 struct Job {
-  int64_t type = 0, N = 0, row_bytes = 0, chunk = 0, n_chunks = 0;
+  int64_t type = 0, N = 0, row_bytes = 0, helpers = 0, chunk = 0, n_chunks = 0;
   const uint8_t* w = nullptr;
   float* y = nullptr;
 
@@ -433,8 +433,8 @@ ffi::Error describe(Job& job, ffi::ThreadPool& pool, int64_t M, int64_t K, const
   if (M < 1 || M > kMaxRows || K < 1 || K % lay.inputs || wd[1] != K / lay.inputs * lay.bytes)
     return ffi::Error::InvalidArgument("jaxaccel ggml matvec: needs x [M <= 512, K] with K a multiple of the type's "
                                        "block and w [N, K / block * block bytes] (kernels.ggml.wants)");
-  job = {type, wd[0], wd[1], 0, 0, w.typed_data(), y};
-  const int64_t parts = (helpers_for(pool, job.N * job.row_bytes) + 1) * 8;
+  job = {type, wd[0], wd[1], helpers_for(pool, wd[0] * wd[1]), 0, 0, w.typed_data(), y};
+  const int64_t parts = (job.helpers + 1) * 8;
   job.chunk = std::max<int64_t>(32, (job.N + parts - 1) / parts);
   job.n_chunks = (job.N + job.chunk - 1) / job.chunk;
   return ffi::Error::Success();
@@ -446,8 +446,7 @@ ffi::Error GgmlDot(ffi::ThreadPool pool, Matrix x, Bytes w, MatrixOut y, int64_t
   if (auto e = describe(job, pool, M, K, w, y->typed_data(), type); e.failure()) return e;
   PreparedX xq;
   xq.prepare(x.typed_data(), M, K);
-  jaxaccel::parallel_for(pool, job.n_chunks, helpers_for(pool, job.N * job.row_bytes),
-                         [&](int64_t c) { job(xq, M, c); });
+  jaxaccel::parallel_for(pool, job.n_chunks, job.helpers, [&](int64_t c) { job(xq, M, c); });
   return ffi::Error::Success();
 }
 
