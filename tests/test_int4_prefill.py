@@ -38,13 +38,14 @@ def _case(M, K, N, gs, seed):
     return x, q, scale, zero
 
 
-def _rounded_reference(x, q, scale, zero):
-    """In float64: x rounded to int16 per 64-block (s = max |x| / 32767, ties to even) times the
-    codes' part of W, plus x itself times the zeros' part, as the kernel computes it."""
+def _rounded_reference(x, q, scale, zero, levels=32767):
+    """In float64: x rounded to int16 per 64-block (s = max |x| / 32767, ties to even; `levels`
+    instead of 32767 for other codes) times the codes' part of W, plus x itself times the zeros'
+    part, as the kernel computes it."""
     N, K = q.shape
     gs = K // scale.shape[1]
     xb = x.reshape(x.shape[0], -1, 64)
-    s = np.max(np.abs(xb), axis=2, keepdims=True) / np.float32(32767)
+    s = np.max(np.abs(xb), axis=2, keepdims=True) / np.float32(levels)
     r = (np.where(s > 0, np.rint(xb / np.where(s > 0, s, np.float32(1))), 0) * s.astype(np.float64)).reshape(x.shape)
     codes = (q.reshape(N, -1, gs) * scale[:, :, None].astype(np.float64)).reshape(N, K)
     return r @ codes.T + x.astype(np.float64) @ np.repeat(zero.astype(np.float64), gs, axis=1).T
@@ -63,9 +64,14 @@ def test_int4_prefill_kernel_equals_rounded_reference_and_decode_rows(built, M, 
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-4 * np.abs(ref).max())
     exact = x.astype(np.float64) @ np.asarray(dequantize(jnp.asarray(q), scale, zero), np.float64).T
     assert np.max(np.abs(got - exact)) <= 2e-4 * np.abs(exact).max()  # x's int16 rounding: ~2^-16 of a block's max
-    # the decode steps' path (8 rows a call) gives the same outputs up to float ordering
+    # the decode steps' path (8 rows a call): the same computation, with x rounded to int8 instead
+    # of int16 on the avx2 build (kernels.int4_decode_x_levels), so equal to its own reference
     decode = np.concatenate([_kernel(x[i:i + 8], packed, scale, zero) for i in range(0, M, 8)])
-    np.testing.assert_allclose(got, decode, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
+    levels = kernels.int4_decode_x_levels()
+    np.testing.assert_allclose(decode, _rounded_reference(x, q, scale, zero, levels), rtol=2e-5,
+                               atol=1e-4 * np.abs(ref).max())
+    if levels == 32767:  # the same rounding as the prefill's: equal up to float ordering
+        np.testing.assert_allclose(got, decode, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def test_int4_prefill_kernel_propagates_nan_to_its_own_row_only(built):

@@ -57,11 +57,12 @@ def _activation_block(M, K, G):
     return block
 
 
-def _int16_rounded(x, block):
-    """x as the kernel's VNNI path rounds it: per block, s = max |x| / 32767 (float32) and
-    x / s rounded to the nearest integer (ties to even); returns (s * q as float64, s per input)."""
+def _int16_rounded(x, block, levels=32767):
+    """x as the kernel's VNNI path rounds it: per block, s = max |x| / 32767 (float32; `levels`
+    instead of 32767 for other codes) and x / s rounded to the nearest integer (ties to even);
+    returns (s * q as float64, s per input)."""
     xb = np.asarray(x, np.float32).reshape(x.shape[0], -1, block)
-    s = np.max(np.abs(xb), axis=2, keepdims=True) / np.float32(32767)
+    s = np.max(np.abs(xb), axis=2, keepdims=True) / np.float32(levels)
     q = np.where(s > 0, np.rint(xb / np.where(s > 0, s, np.float32(1))), 0)
     return (q * s.astype(np.float64)).reshape(x.shape), np.broadcast_to(s, xb.shape).reshape(x.shape)
 
@@ -71,9 +72,10 @@ def _int16_rounded(x, block):
 @pytest.mark.parametrize("M,K,N,gs", [(1, 640, 1024, 32), (3, 2048, 640, 32), (8, 128, 70, 64), (5, 640, 33, 128),
                                       (2, 192, 5, 32), (4, 1024, 2049, 32), (7, 256, 300, 256)])
 def test_int4_matvec_equals_dequantized_dot(built, M, K, N, gs):
-    """The int4 kernel rounds x to int16 per block of 64 inputs for the codes' sums (as the int8
-    kernel does) and multiplies the zeros by x's float sums: equal to that computation in float64,
-    and within the bound the rounding allows of the dequantized float dot."""
+    """The int4 kernel rounds x per block of 64 inputs for the codes' sums (to int16 as the int8
+    kernel does, to int8 on the avx2 build: `kernels.int4_decode_x_levels`) and multiplies the
+    zeros by x's float sums: equal to that computation in float64, and within the bound the
+    rounding allows of the dequantized float dot."""
     from jaxaccel.quant_math import dequantize, pack_int4
 
     rng = np.random.default_rng(M + K + N + gs)
@@ -86,7 +88,7 @@ def test_int4_matvec_equals_dequantized_dot(built, M, K, N, gs):
     assert got.shape == (M, N) and got.dtype == np.float32
     codes = (q.reshape(N, G, gs) * scale[:, :, None].astype(np.float64)).reshape(N, K)  # q * scale
     zeros = np.repeat(zero.astype(np.float64), gs, axis=1)  # [N, K]
-    rounded, s = _int16_rounded(x, 64)
+    rounded, s = _int16_rounded(x, 64, kernels.int4_decode_x_levels())
     np.testing.assert_allclose(got, rounded @ codes.T + x.astype(np.float64) @ zeros.T, rtol=1e-5, atol=1e-4)
     exact = x.astype(np.float64) @ np.asarray(dequantize(jnp.asarray(q), scale, zero), np.float64).T
     bound = 0.5 * s.astype(np.float64) @ np.abs(codes).T  # the most x's rounding can move the sums

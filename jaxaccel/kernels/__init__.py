@@ -93,6 +93,13 @@ def int4_path() -> str:
     return {0: "portable", 1: "avx2", 2: "vnni"}[int(build._loaded["lib"].JaxaccelInt4Path())] if load() else "none"
 
 
+def int4_decode_x_levels() -> int:
+    """The largest code x's blocks of 64 inputs round to in int4.cc's decode rows (at most MAX_ROWS
+    rows): 127 (int8: vpmaddubsw takes the codes as they are) on the avx2 build, 32767 (int16) on
+    the others. The prefill's rows round to int16 on every build."""
+    return 127 if int4_path() == "avx2" else 32767
+
+
 def _prefill_max_rows(path: str, vnni_max: int) -> int:
     """How many prefill rows the int8 / int4 kernel takes on a build whose int8_path / int4_path is
     `path` (0: none, XLA's GEMM takes them all)."""

@@ -10,14 +10,15 @@
 //
 // How (decode): y[m, n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[m, k]  +  zero[n, g] * xsum[m, g],
 // with xsum[m, g] = sum_{k in g} x[m, k] (float, once per call). The first sum multiplies in
-// integers: x is rounded to int16 per block of 64 inputs (within 2^-16 of the block's largest
-// |x|, as the int8 kernel does) and the codes, zero-extended to int16, meet it in vpdpwssd
-// (AVX-512 VNNI) or vpmaddwd (AVX2). The 32 bytes of a block hold its even inputs in their low
+// integers: x is rounded per block of 64 inputs, to int16 on AVX-512 VNNI and the portable build
+// (within 2^-16 of the block's largest |x|, as the int8 kernel does; the codes, zero-extended to
+// int16, meet it in vpdpwssd) and to int8 on AVX2 (the codes meet it as bytes in vpmaddubsw; why:
+// at the AVX2 kernels below). The 32 bytes of a block hold its even inputs in their low
 // nibbles and its odd ones in their high nibbles, so x is stored permuted per block, even inputs
 // first: the low nibbles then meet x's first 32 values and the high nibbles its last 32, and the
 // weights need no shuffle. The int32 lanes of a block's first and second 32 inputs stay apart, so
 // each takes its own group's scale (groups of 32 inputs or any multiple of it).
-// Overflow: an int32 lane sums 4 products of at most 15 * 32767 per block.
+// Overflow: an int32 lane sums at most 4 products of 15 * 32767 (int16 x) or 8 of 15 * 127 (int8).
 //
 // Threads: rows of W are cut into chunks shared by the calling thread and XLA's pool (parallel.h).
 #include <algorithm>
@@ -43,21 +44,23 @@ constexpr int64_t kMaxRows = 8;     // decode rows (kernels.MAX_ROWS)
 constexpr int64_t kRowGroup = 4;    // rows of x multiplied together against one weight row
 constexpr int64_t kAheadBytes = 10240;  // how far ahead the weight rows are prefetched
 
-// x's block of 64 inputs rounded to int16 in input order: q[k] = round(x[k] / s) with
-// s = max |x| / 32767, returned (0 for an all-zero block; NaN, with q all 0, for a block holding
-// a NaN or infinity: the scale then makes the row's outputs NaN). The decode and prefill paths
-// both round through here, so they agree.
-inline float round_block(const float* xb, int16_t* q) {
+// x's block of 64 inputs rounded to T (int16, or int8 for the AVX2 decode rows) in input order:
+// q[k] = round(x[k] / s) with s = max |x| / L, L = T's largest value, returned (0 for an all-zero
+// block; NaN, with q all 0, for a block holding a NaN or infinity: the scale then makes the row's
+// outputs NaN). The decode and prefill paths both round through here.
+template <typename T>
+inline float round_block(const float* xb, T* q) {
+  constexpr float L = float(std::numeric_limits<T>::max());
   float top = 0.0f;
   bool finite = true;
   for (int64_t k = 0; k < kBlock; ++k) {
     finite &= std::isfinite(xb[k]);
     top = std::max(top, std::fabs(xb[k]));
   }
-  const float sc = finite ? top / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+  const float sc = finite ? top / L : std::numeric_limits<float>::quiet_NaN();
   const bool ok = finite && sc > 0.0f;
-  for (int64_t k = 0; k < kBlock; ++k)  // clamped: a subnormal scale can round past 32767
-    q[k] = ok ? int16_t(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(xb[k] / sc)))) : int16_t(0);
+  for (int64_t k = 0; k < kBlock; ++k)  // clamped: a subnormal scale can round past L
+    q[k] = ok ? T(std::min(L, std::max(-L, std::nearbyint(xb[k] / sc)))) : T(0);
   return sc;
 }
 
@@ -71,9 +74,11 @@ inline void group_sums(const float* xm, int64_t K, int64_t G, float* sum, int64_
   }
 }
 
-// x [M, K] prepared for one decode call: int16 codes permuted per block, their scales, group sums.
+// x [M, K] prepared for one decode call: codes (T: int16, or int8 on AVX2) permuted per block,
+// their scales, group sums.
+template <typename T>
 struct PreparedX {
-  std::vector<int16_t> q;   // [M, K]: block b holds x's even inputs of the block, then its odd ones
+  std::vector<T> q;         // [M, K]: block b holds x's even inputs of the block, then its odd ones
   std::vector<float> s;     // [M, K / kBlock]
   std::vector<float> sum;   // [M, G]
   int64_t K = 0, G = 0;
@@ -84,7 +89,7 @@ struct PreparedX {
     q.assign(size_t(M * K), 0);
     s.assign(size_t(M * nb), 0.0f);
     sum.assign(size_t(M * G), 0.0f);
-    int16_t qb[kBlock];
+    T qb[kBlock];
     for (int64_t m = 0; m < M; ++m) {
       group_sums(x + m * K, K, G, sum.data() + m * G, 1);
       for (int64_t b = 0; b < nb; ++b) {
@@ -112,11 +117,12 @@ inline float zero_term(const float* zero_row, const float* xsum_row, int64_t G) 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(JAXACCEL_GENERIC)
 #define JAXACCEL_INT4_PATH 2
 using jaxaccel::hsum;
+using DecodeX = PreparedX<int16_t>;
 
 // M rows of x (from xq's row m0) against weight row n: one 32-byte load of codes per block, its
 // low and high nibbles zero-extended to 32 int16 lanes each, two vpdpwssd per row of x.
 template <int M>
-void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* scale, const float* zero,
+void row_kernel(const DecodeX& xq, int64_t m0, const uint8_t* w, const float* scale, const float* zero,
                 float* y, int64_t N, int64_t n) {
   const int64_t K = xq.K, G = xq.G, nb = K / kBlock, gs = K / G, bytes = K / 2;
   const uint8_t* row = w + n * bytes;
@@ -148,7 +154,7 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* 
 // of the thread's chunk, so S read streams are in flight (see `rows`), and the zero terms are
 // summed in vectors into the same accumulator, leaving one horizontal sum per output.
 template <int S>
-void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, const float* zero, float* y,
+void stream_kernel(const DecodeX& xq, const uint8_t* w, const float* scale, const float* zero, float* y,
                    int64_t N, const int64_t* rows) {
   const int64_t K = xq.K, G = xq.G, nb = K / kBlock, gs = K / G, bytes = K / 2;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -182,11 +188,32 @@ void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, co
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(JAXACCEL_GENERIC)
 #define JAXACCEL_INT4_PATH 1
 using jaxaccel::hsum;
+// Decode rows on AVX2 round x to int8 per block (s = max |x| / 127), not int16: the codes are
+// unsigned bytes, so vpmaddubsw multiplies 32 code-x pairs per instruction with no widening of
+// the nibbles, where int16 x needed four vpmovzxbw and four vpmaddwd per block. That halves the
+// vector work per weight byte, and without AVX-512 that work, not memory, bounded int4 decode.
+// The rounding error (half a step of 1/127 of the block's largest |x|) is far below the int4
+// weights' own (16 levels per group); tests/test_kernels.py bounds it. VNNI and the portable build
+// keep int16, and the prefill tiles (more than kMaxRows rows) round to int16 on every build.
+using DecodeX = PreparedX<int8_t>;
 
-// As the AVX-512 one, with vpmaddwd + vpaddd on 16 int16 lanes: the block's first 32 inputs sum
-// into one int32 vector (scale sa), its last 32 into another (sb).
+// A block's 64 products, code (unsigned) times x (signed): byte j of lo / hi holds the code of
+// input 2j / 2j + 1, xe / xo the matching x. Pairs of products sum to int16 (at most 2 * 15 * 127
+// per pair and 4 of them per lane), and vpmaddwd by 1 adds neighbours into int32: lanes 0-3 hold
+// the block's first 32 inputs, lanes 4-7 its last 32.
+inline __m256i block_dot(__m256i lo, __m256i hi, __m256i xe, __m256i xo) {
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+// The weight scales of a block's first and second 32 inputs (lanes 0-3, 4-7) times x's block scale.
+inline __m256 half_scales(const float* sw, int64_t ga, int64_t gb, __m256 xs) {
+  return _mm256_mul_ps(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(sw[ga])), _mm_set1_ps(sw[gb]), 1), xs);
+}
+
+// M rows of x against weight row n: the nibbles are split once per block for all M rows.
 template <int M>
-void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* scale, const float* zero,
+void row_kernel(const DecodeX& xq, int64_t m0, const uint8_t* w, const float* scale, const float* zero,
                 float* y, int64_t N, int64_t n) {
   const int64_t K = xq.K, G = xq.G, nb = K / kBlock, gs = K / G, bytes = K / 2;
   const uint8_t* row = w + n * bytes;
@@ -198,20 +225,13 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* 
   for (int64_t b = 0; b < nb; ++b) {
     const __m256i p = _mm256_loadu_si256((const __m256i*)(row + b * (kBlock / 2)));
     const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
-    // codes of even inputs 0-30 / 32-62 and odd inputs 1-31 / 33-63, 16 int16 lanes each
-    const __m256i even_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
-    const __m256i even_b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
-    const __m256i odd_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
-    const __m256i odd_b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
-    const float sa = sw[b * kBlock / gs], sb = sw[(b * kBlock + kBlock / 2) / gs];
+    const int64_t ga = b * kBlock / gs, gb = (b * kBlock + kBlock / 2) / gs;
     for (int m = 0; m < M; ++m) {
-      const int16_t* xv = xq.q.data() + (m0 + m) * K + b * kBlock;
-      auto xload = [&](int i) { return _mm256_loadu_si256((const __m256i*)(xv + 16 * i)); };
-      const __m256i ta = _mm256_add_epi32(_mm256_madd_epi16(even_a, xload(0)), _mm256_madd_epi16(odd_a, xload(2)));
-      const __m256i tb = _mm256_add_epi32(_mm256_madd_epi16(even_b, xload(1)), _mm256_madd_epi16(odd_b, xload(3)));
-      const float xs = xq.s[(m0 + m) * nb + b];
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ta), _mm256_set1_ps(sa * xs), acc[m]);
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tb), _mm256_set1_ps(sb * xs), acc[m]);
+      const int8_t* xv = xq.q.data() + (m0 + m) * K + b * kBlock;
+      const __m256i t = block_dot(lo, hi, _mm256_loadu_si256((const __m256i*)xv),
+                                  _mm256_loadu_si256((const __m256i*)(xv + kBlock / 2)));
+      const __m256 sc = half_scales(sw, ga, gb, _mm256_set1_ps(xq.s[(m0 + m) * nb + b]));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc[m]);
     }
   }
   for (int m = 0; m < M; ++m)
@@ -220,7 +240,7 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* 
 
 // As the AVX-512 stream_kernel: one row of x against S far-apart weight rows.
 template <int S>
-void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, const float* zero, float* y,
+void stream_kernel(const DecodeX& xq, const uint8_t* w, const float* scale, const float* zero, float* y,
                    int64_t N, const int64_t* rows) {
   const int64_t K = xq.K, G = xq.G, nb = K / kBlock, gs = K / G, bytes = K / 2;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -235,21 +255,14 @@ void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, co
   for (; g < G; ++g)
     for (int i = 0; i < S; ++i) tail[i] += zero[rows[i] * G + g] * xq.sum[g];
   for (int64_t b = 0; b < nb; ++b) {
-    const int16_t* xv = xq.q.data() + b * kBlock;
-    const __m256i x0 = _mm256_loadu_si256((const __m256i*)xv), x1 = _mm256_loadu_si256((const __m256i*)(xv + 16));
-    const __m256i x2 = _mm256_loadu_si256((const __m256i*)(xv + 32)), x3 = _mm256_loadu_si256((const __m256i*)(xv + 48));
-    const float xs = xq.s[b];
+    const int8_t* xv = xq.q.data() + b * kBlock;
+    const __m256i xe = _mm256_loadu_si256((const __m256i*)xv), xo = _mm256_loadu_si256((const __m256i*)(xv + 32));
+    const __m256 xs = _mm256_set1_ps(xq.s[b]);
     const int64_t ga = b * kBlock / gs, gb = (b * kBlock + kBlock / 2) / gs;
     for (int i = 0; i < S; ++i) {
       const __m256i p = _mm256_loadu_si256((const __m256i*)(w + rows[i] * bytes + b * (kBlock / 2)));
-      const __m256i lo = _mm256_and_si256(p, low4), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low4);
-      const __m256i ta = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)), x0),
-                                          _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)), x2));
-      const __m256i tb = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)), x1),
-                                          _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1)), x3));
-      const float* sw = scale + rows[i] * G;
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ta), _mm256_set1_ps(sw[ga] * xs), acc[i]);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tb), _mm256_set1_ps(sw[gb] * xs), acc[i]);
+      const __m256i t = block_dot(_mm256_and_si256(p, low4), _mm256_and_si256(_mm256_srli_epi16(p, 4), low4), xe, xo);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), half_scales(scale + rows[i] * G, ga, gb, xs), acc[i]);
     }
   }
   for (int i = 0; i < S; ++i) y[rows[i]] = hsum(acc[i]) + tail[i];
@@ -257,9 +270,10 @@ void stream_kernel(const PreparedX& xq, const uint8_t* w, const float* scale, co
 #define JAXACCEL_INT4_STREAMS 4
 #else
 #define JAXACCEL_INT4_PATH 0
+using DecodeX = PreparedX<int16_t>;
 // Portable: the same integer sums, one code at a time (x's permuted int16 layout undone by index).
 template <int M>
-void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* scale, const float* zero,
+void row_kernel(const DecodeX& xq, int64_t m0, const uint8_t* w, const float* scale, const float* zero,
                 float* y, int64_t N, int64_t n) {
   const int64_t K = xq.K, G = xq.G, nb = K / kBlock, gs = K / G, bytes = K / 2;
   const uint8_t* row = w + n * bytes;
@@ -281,7 +295,7 @@ void row_kernel(const PreparedX& xq, int64_t m0, const uint8_t* w, const float* 
 }
 #endif
 
-void rows(const PreparedX& xq, int64_t M, const uint8_t* w, const float* scale, const float* zero, float* y,
+void rows(const DecodeX& xq, int64_t M, const uint8_t* w, const float* scale, const float* zero, float* y,
           int64_t N, int64_t n0, int64_t n1) {
 #ifdef JAXACCEL_INT4_STREAMS
   if (M == 1) {  // S streams over S equal parts of [n0, n1); measured faster than one prefetched row at a time
@@ -487,7 +501,7 @@ ffi::Error MatvecInt4(ffi::ThreadPool pool, Matrix x, Packed w, Matrix scale, Ma
     return ffi::Error::Success();
   }
 #endif
-  PreparedX xq;  // decode rows (and the portable build's every row count)
+  DecodeX xq;  // decode rows (and the portable build's every row count)
   xq.prepare(xp, M, K, G);
   // several chunks per participant, so a late starter still helps
   const int64_t parts = (helpers + 1) * 8, chunk = std::max<int64_t>(32, (N + parts - 1) / parts);
