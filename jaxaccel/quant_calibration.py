@@ -14,6 +14,7 @@ quality on (bench/data/corpus.txt, eval_data/heldout.txt).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import flax.linen as nn
@@ -23,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from . import quant
-from .layers import Dense
+from .layers import Dense, Embed
 
 CALIBRATION_TEXT = Path(__file__).with_name("eval_data") / "calibration.txt"
 WINDOW = 512  # tokens per calibration row (at most the model's positions)
@@ -79,12 +80,16 @@ def _windows(model, ids: list[int]) -> np.ndarray:
 
 
 def input_importance(model, rows: np.ndarray, power: float = POWER) -> dict[str, jax.Array]:
-    """The float model on `rows` -> {"<Dense path>/kernel": float32 [in]}: each input's mean
+    """The float model on `rows` -> {"<Dense path>/kernel": float32 [in]} (and, for a tied
+    embedding, {"<Embed path>/embedding": float32 [D]}: the lm_head's inputs): each input's mean
     square over all tokens to the power `power`, scaled to mean 1 per weight (only the ratios
     matter)."""
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, Dense) and context.method_name == "__call__":
+        # a Dense's inputs, and the tied embedding's as the lm_head (Embed.attend: its [V, D] rows
+        # are the lm_head's outputs, so the embedding's groups run over the same D inputs)
+        if (isinstance(context.module, Dense) and context.method_name == "__call__") or (
+                isinstance(context.module, Embed) and context.method_name == "attend"):
             x = args[0].astype(jnp.float32)
             context.module.sow("calibration", "sum_sq", jnp.sum(jnp.square(x).reshape(-1, x.shape[-1]), axis=0))
         return next_fun(*args, **kwargs)
@@ -110,6 +115,8 @@ def input_importance(model, rows: np.ndarray, power: float = POWER) -> dict[str,
                              "itself overflows on this text; quantize with calibration=False")
         s = s ** power
         mean = s.mean()
-        out[path.removesuffix("/sum_sq") + "/kernel"] = jnp.asarray(s / mean if mean > 0 else np.ones_like(s),
+        module = path.removesuffix("/sum_sq")
+        weight = "/embedding" if re.search(r"(^|/)(embed_tokens|word_embeddings)$", module) else "/kernel"
+        out[module + weight] = jnp.asarray(s / mean if mean > 0 else np.ones_like(s),
                                                                     jnp.float32)
     return out

@@ -141,6 +141,29 @@ def test_calibration_importance_is_each_dense_inputs_mean_square():
     np.testing.assert_allclose(np.asarray(soft), ms ** p / (ms ** p).mean(), rtol=1e-4)
 
 
+def test_calibration_importance_of_a_tied_embedding_is_the_lm_heads_inputs_mean_square(gemma):
+    """A tied embedding is also the lm_head: its importance is the final norm's output's mean
+    square (the lm_head's inputs), so an int4 embedding's scale search is weighted as a Dense's."""
+    from jaxaccel import quant_calibration
+
+    assert gemma.config.tie_word_embeddings
+    rows = np.asarray(RNG.integers(0, 97, size=(2, 10)), np.int32)
+    imp = quant_calibration.input_importance(gemma, rows, power=1.0)
+    kernels = {p for p in traverse_util.flatten_dict(gemma.params, sep="/") if p.endswith("kernel")}
+    assert set(imp) == kernels | {"embed_tokens/embedding"}
+    _, state = gemma.module.apply({"params": gemma.params}, jnp.asarray(rows),
+                                  jnp.broadcast_to(jnp.arange(10), rows.shape),
+                                  capture_intermediates=True, mutable=["intermediates"])
+    h = np.asarray(state["intermediates"]["norm"]["__call__"][0], np.float64)
+    ms = np.mean(h.reshape(-1, h.shape[-1]) ** 2, axis=0)
+    np.testing.assert_allclose(np.asarray(imp["embed_tokens/embedding"]), ms / ms.mean(), rtol=1e-4)
+    cfg = QuantConfig(mode="int4", group_size=16, rules=((r"embed_tokens/", "int4"),))
+    calibrated, plain = gemma.quantize(cfg, calibration=rows), gemma.quantize(cfg, calibration=False)
+    flat = lambda t: traverse_util.flatten_dict(t, sep="/")
+    assert not np.array_equal(np.asarray(flat(calibrated.params)["embed_tokens/embedding_scale"]),
+                              np.asarray(flat(plain.params)["embed_tokens/embedding_scale"]))
+
+
 def test_quantize_with_calibration_weighs_int4_only_and_refuses_bad_input(gemma):
     """Model.quantize(cfg, calibration): token ids weigh the int4 searches (other values than
     without); False and a model without a tokenizer leave them unweighted (= convert's own); int8
