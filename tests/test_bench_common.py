@@ -50,3 +50,13 @@ def test_write_json_and_best_of(tmp_path, capsys):
     assert json.loads(out.read_text()) == {"a": [1, 2]} and f"wrote {out}" in capsys.readouterr().out
     calls = []
     assert common.best_of(lambda: calls.append(1), 3) >= 0 and len(calls) == 3
+
+
+def test_quant_quality_modes_keep_labels_that_hold_a_comma():
+    from bench.quant_quality import LM_MODES, wanted_modes
+
+    labels = [label for label, *_ in LM_MODES]
+    assert "int4 g=32, float embedding" in labels and "int4 g=32, int4 embedding" in labels
+    assert wanted_modes("int8,int4 g=32, float embedding,int4 g=32, int4 embedding") == {
+        "int8", "int4 g=32, float embedding", "int4 g=32, int4 embedding"}
+    assert wanted_modes(",".join(labels)) == set(labels)
