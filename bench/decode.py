@@ -86,6 +86,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "decode_quick.json"
 
 MODELS = ("random", "gemma", "gemma-random")
+# --weights names that are not a QuantConfig mode -> its arguments. int4-all: every weight int4,
+# the tied embedding too, which is most of Gemma 3 270M's bytes (the default int4 keeps it, v_proj
+# and down_proj int8; what that costs in quality: bench/quant_quality.py's "all int4, int4 embedding")
+NAMED_WEIGHTS = {"int4-all": dict(mode="int4", int4_keeps_int8=(), rules=((r"embed_tokens/", "int4"),))}
 
 
 # --- bandwidth ------------------------------------------------------------------------------
@@ -449,8 +453,8 @@ def main(argv=None):
                          "(builds llama-server once, several minutes: python -m bench.llama_server); off: skip it")
     ap.add_argument("--weights", default=None,
                     help="comma list of extra jaxaccel weight formats to run beside float32: bfloat16, int8 "
-                         "(QuantConfig modes; default bfloat16,int8; 'none' for float32 only), gguf (--models "
-                         "gemma: the GGUF's blocks as stored)")
+                         "(QuantConfig modes; default bfloat16,int8; 'none' for float32 only), int4-all (every "
+                         "weight int4, the tied embedding too), gguf (--models gemma: the GGUF's blocks as stored)")
     ap.add_argument("--torch-dtypes", default=None,
                     help="extra transformers dtypes beside float32 (default bfloat16; 'none' to skip)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
@@ -482,6 +486,12 @@ def main(argv=None):
     out_path = Path(args.out) if args.out else (QUICK_OUT if q else DEFAULT_OUT)
     extra = lambda text, default: [w for w in (text or default).split(",") if w and w != "none"]
     weight_formats = extra(args.weights, "none" if q else "bfloat16,int8")
+    from jaxaccel.quant import MODES
+
+    unknown = [w for w in weight_formats if w not in MODES and w not in NAMED_WEIGHTS]
+    if unknown:
+        raise SystemExit(f"--weights: unknown format(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join((*MODES, *NAMED_WEIGHTS))}")
     if "gguf" in weight_formats and models != ["gemma"]:
         raise SystemExit(f"--weights gguf needs --models gemma (the GGUF file), not {','.join(models)}")
     greedy = args.temperature <= 0
@@ -543,7 +553,8 @@ def main(argv=None):
                   f"transformers load {info['transformers_load_s']:.1f}s)", flush=True)
             from jaxaccel import QuantConfig
 
-            variants = {f"jaxaccel {w}": jmodel.quantize(QuantConfig(mode=w)) for w in weight_formats if w != "gguf"}
+            variants = {f"jaxaccel {w}": jmodel.quantize(QuantConfig(**NAMED_WEIGHTS.get(w, {"mode": w})))
+                        for w in weight_formats if w != "gguf"}
             if "gguf" in weight_formats:
                 variants["jaxaccel gguf"] = gguf_as_stored(jmodel)
             torch_variants = {f"transformers {d}": load_torch(folder, d, torch_device)[0] for d in torch_dtypes}

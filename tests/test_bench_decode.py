@@ -104,3 +104,13 @@ def test_one_llama_cpp_version_for_the_binding_and_the_server():
     assert f"llama-cpp-python=={llama_server.VERSION}" in bench_extra
     assert re.search(rf"pip install llama-cpp-python=={re.escape(llama_server.VERSION)}\n",
                      (root / ".ci" / "run").read_text())
+
+
+def test_weights_int4_all_is_int4_everywhere_and_unknown_formats_are_refused():
+    from jaxaccel import QuantConfig
+
+    cfg = QuantConfig(**decode.NAMED_WEIGHTS["int4-all"])
+    for path in ("embed_tokens/embedding", "layers_0/mlp/down_proj/kernel", "layers_0/self_attn/v_proj/kernel"):
+        assert cfg.plan(path)[0] == "int4", path
+    with pytest.raises(SystemExit, match="unknown format.*int9.*int4-all"):
+        decode.main(["--quick", "--weights", "int8,int9"])
