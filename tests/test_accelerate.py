@@ -559,6 +559,7 @@ def test_llama_cpp_row_on_a_tiny_gguf(tmp_path):
     assert cells["KL mean"] == "n/a" and cells["top-1"] == f"{row['quality']['top1_agreement']:.1%}"
 
 
+@pytest.mark.slow  # about a minute (a whole accelerate run to interrupt): CI's slow run
 def test_ctrl_c_keeps_the_measured_rows(tiny, tmp_path):
     """SIGINT once float32 jit is measured: exit 130, the report holds the rows measured before it."""
     out = tmp_path / "int"

@@ -175,6 +175,7 @@ def test_generate_text(m):
     print(f"\n[real] {prompt!r} -> {text[0]!r}", flush=True)
 
 
+@pytest.mark.slow  # over a minute (int4 calibration and quantization of the real model): CI's slow run
 def test_default_int4_keeps_the_readme_prompt_sensible(m):
     """The default int4 recipe (groups of 32; v_proj and down_proj int8; calibrated on the
     shipped text) on the README's prompt: its greedy text starts as float32's does (int4 in
