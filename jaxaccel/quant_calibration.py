@@ -14,7 +14,6 @@ quality on (bench/data/corpus.txt, eval_data/heldout.txt).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import flax.linen as nn
@@ -86,12 +85,14 @@ def input_importance(model, rows: np.ndarray, power: float = POWER) -> dict[str,
     matter)."""
 
     def record(next_fun, args, kwargs, context):
-        # a Dense's inputs, and the tied embedding's as the lm_head (Embed.attend: its [V, D] rows
-        # are the lm_head's outputs, so the embedding's groups run over the same D inputs)
-        if (isinstance(context.module, Dense) and context.method_name == "__call__") or (
-                isinstance(context.module, Embed) and context.method_name == "attend"):
+        # recorded under the name of the weight they weigh: a Dense's inputs, and the tied
+        # embedding's as the lm_head (Embed.attend: its [V, D] rows are the lm_head's outputs, so
+        # the embedding's groups run over the same D inputs)
+        weight = ("kernel" if isinstance(context.module, Dense) and context.method_name == "__call__" else
+                  "embedding" if isinstance(context.module, Embed) and context.method_name == "attend" else None)
+        if weight:
             x = args[0].astype(jnp.float32)
-            context.module.sow("calibration", "sum_sq", jnp.sum(jnp.square(x).reshape(-1, x.shape[-1]), axis=0))
+            context.module.sow("calibration", weight, jnp.sum(jnp.square(x).reshape(-1, x.shape[-1]), axis=0))
         return next_fun(*args, **kwargs)
 
     @jax.jit
@@ -115,8 +116,5 @@ def input_importance(model, rows: np.ndarray, power: float = POWER) -> dict[str,
                              "itself overflows on this text; quantize with calibration=False")
         s = s ** power
         mean = s.mean()
-        module = path.removesuffix("/sum_sq")
-        weight = "/embedding" if re.search(r"(^|/)(embed_tokens|word_embeddings)$", module) else "/kernel"
-        out[module + weight] = jnp.asarray(s / mean if mean > 0 else np.ones_like(s),
-                                                                    jnp.float32)
+        out[path] = jnp.asarray(s / mean if mean > 0 else np.ones_like(s), jnp.float32)
     return out
