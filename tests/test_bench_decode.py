@@ -9,6 +9,7 @@ import pytest
 from bench import common, decode
 
 
+@pytest.mark.slow  # a whole quick benchmark run (20-45 s): CI's slow run
 def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
     out = tmp_path / "decode.json"
     doc = decode.main(["--quick", "--batch", "2", "--new-tokens", "4", "--repeats", "2", "--no-stream",
@@ -36,6 +37,7 @@ def test_quick_run_reports_rooflines_from_adjacent_bandwidth(tmp_path, capsys):
     assert doc["settings"]["peak_bandwidth_bytes_s"] == 100e9 and doc["settings"]["torch_device"] == "cpu"
 
 
+@pytest.mark.slow  # a whole quick benchmark run (20-45 s): CI's slow run
 def test_quick_run_samples_on_both_sides(tmp_path):
     """--temperature / --top-p: both implementations sample (no greedy agreement to check)."""
     doc = decode.main(["--quick", "--batch", "1", "--new-tokens", "4", "--repeats", "1", "--no-stream",
