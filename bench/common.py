@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 # "(a) ~56M Llama-style random model"
+# Every weight int4, the tied embedding too (QuantConfig arguments): the fewest bytes int4 reads on
+# Gemma 3 270M, whose embedding is most of them. bench.decode's --weights int4-all, and
+# bench.quant_quality's "all int4, int4 embedding" row (what it costs in quality).
+INT4_ALL = dict(mode="int4", int4_keeps_int8=(), rules=((r"embed_tokens/", "int4"),))
 RANDOM_CONFIG = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                      num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
                      max_position_embeddings=2048, rms_norm_eps=1e-5, eos_token_id=None)

@@ -75,21 +75,20 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from bench.common import (BandwidthProbe, DeviceBandwidthProbe, flags_text, format_table, machine_info,
-                              random_config, random_model, write_json)
+    from bench.common import (INT4_ALL, BandwidthProbe, DeviceBandwidthProbe, flags_text, format_table,
+                              machine_info, random_config, random_model, write_json)
 except ImportError:  # run as a script: python bench/decode.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.common import (BandwidthProbe, DeviceBandwidthProbe, flags_text, format_table, machine_info,
-                              random_config, random_model, write_json)
+    from bench.common import (INT4_ALL, BandwidthProbe, DeviceBandwidthProbe, flags_text, format_table,
+                              machine_info, random_config, random_model, write_json)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode.json"
 QUICK_OUT = Path(__file__).resolve().parent / "results" / "decode_quick.json"
 
 MODELS = ("random", "gemma", "gemma-random")
-# --weights names that are not a QuantConfig mode -> its arguments. int4-all: every weight int4,
-# the tied embedding too, which is most of Gemma 3 270M's bytes (the default int4 keeps it, v_proj
-# and down_proj int8; what that costs in quality: bench/quant_quality.py's "all int4, int4 embedding")
-NAMED_WEIGHTS = {"int4-all": dict(mode="int4", int4_keeps_int8=(), rules=((r"embed_tokens/", "int4"),))}
+# --weights names that are not a QuantConfig mode -> its arguments (the default int4 keeps the
+# embedding, v_proj and down_proj int8)
+NAMED_WEIGHTS = {"int4-all": INT4_ALL}
 
 
 # --- bandwidth ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from bench.common import flags_text, format_table, machine_info, write_json  # noqa: E402
+from bench.common import INT4_ALL, flags_text, format_table, machine_info, write_json  # noqa: E402
 
 CORPUS = HERE / "data" / "corpus.txt"
 OUT = HERE / "results" / "quant_quality.json"
@@ -58,8 +58,7 @@ LM_MODES = [
       for extra in (("o",), ("q", "k"), ("gate",), ("up",), ("gate", "up"))],
     # the tied embedding / lm_head int4 too (int8 in every other row): what int4 saves most bytes on
     ("int4 g=32, int4 embedding", dict(mode="int4", group_size=32, rules=((r"embed_tokens/", "int4"),)), 5.0, 90.0),
-    ("int4 g=32 all int4, int4 embedding", dict(mode="int4", group_size=32, int4_keeps_int8=(),
-                                                rules=((r"embed_tokens/", "int4"),)), 5.0, 90.0),
+    ("int4 g=32 all int4, int4 embedding", dict(INT4_ALL, group_size=32), 5.0, 90.0),
     ("int4 g=32, float embedding", dict(mode="int4", group_size=32, quantize_embedding=False), 8.0, None),
     ("int4 g=128", dict(mode="int4", group_size=128), 8.0, None),
     ("int4 g=128 uncalibrated", dict(mode="int4", group_size=128, calibration=False), 8.0, None),
